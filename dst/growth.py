@@ -1,0 +1,81 @@
+"""Growth criteria (Section 3.1): which inactive weights become active after pruning.
+
+A growth function returns the flat indices of ``k`` inactive positions of ``mask`` (the mask
+after pruning, so just-pruned positions are candidates, as in RigL). Grown weights start at
+zero; :mod:`dst.topology` zeroes them and resets their optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dst.criteria import lowest_k
+from dst.registry import Registry
+
+GrowFn = Callable[[torch.Tensor | None, torch.Tensor, int, torch.Generator], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Growth:
+    """A registered growth criterion."""
+
+    name: str
+    select: GrowFn  # (dense grad, mask after pruning, k, generator) -> flat indices [k]
+    needs_grad: bool
+    description: str
+
+
+GROWTH: Registry[Growth] = Registry("growth")
+
+
+def random_growth(
+    grad: torch.Tensor | None, mask: torch.Tensor, k: int, gen: torch.Generator
+) -> torch.Tensor:
+    """SET-style growth (Mocanu et al. 2018): k positions uniformly among the inactive ones.
+
+    Draws i.i.d. uniform positions until at least k distinct inactive ones are seen, then keeps
+    a uniformly random k of them. By symmetry the distinct set is a uniform subset of its size,
+    so the result is a uniform k-subset, without permuting all (millions of) inactive positions.
+    Mostly-active layers fall back to permuting the few inactive positions.
+    """
+    flat = mask.flatten().cpu()  # [n]
+    n, inactive = len(flat), len(flat) - int(flat.sum())
+    if k > inactive:
+        raise ValueError(f"cannot grow {k} weights: only {inactive} are inactive")
+    if inactive < 2 * k or inactive < n // 2:
+        inactive_idx = (~flat).nonzero().squeeze(1)  # [i]
+        picked = inactive_idx[torch.randperm(inactive, generator=gen)[:k]]
+        return picked.to(mask.device)
+    chosen = torch.empty(0, dtype=torch.long)
+    while len(chosen) < k:
+        draws = math.ceil(1.1 * (k - len(chosen)) * n / inactive) + 16
+        draw = torch.randint(0, n, (draws,), generator=gen)  # [draws]
+        chosen = torch.unique(torch.cat([chosen, draw[~flat[draw]]]))
+    keep = torch.randperm(len(chosen), generator=gen)[:k]
+    return torch.sort(chosen[keep]).values.to(mask.device)
+
+
+def gradient_growth(
+    grad: torch.Tensor | None, mask: torch.Tensor, k: int, gen: torch.Generator
+) -> torch.Tensor:
+    """RigL growth (Evci et al. 2020): the k inactive positions with the largest dense |∇θ|.
+
+    Ties go to the lowest flat index.
+    """
+    if grad is None:
+        raise ValueError("gradient growth needs the dense gradient of the masked weights")
+    inactive = mask.numel() - int(mask.sum())
+    if k > inactive:
+        raise ValueError(f"cannot grow {k} weights: only {inactive} are inactive")
+    g = grad.detach().flatten().abs()  # [n]
+    # lowest of -|∇θ| = largest |∇θ|; active positions and NaN gradients are never preferred
+    keys = torch.where(mask.flatten() | torch.isnan(g), math.inf, -g)  # [n]
+    return lowest_k(keys, k)
+
+
+GROWTH.add("random", Growth("random", random_growth, False, "uniform among inactive weights"))
+GROWTH.add("gradient", Growth("gradient", gradient_growth, True, "largest |∇θ| (RigL)"))

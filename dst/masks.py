@@ -1,0 +1,109 @@
+"""Binary masks over the prunable weights of a model (Section 3.1).
+
+A mask is one boolean tensor per prunable weight: the ``weight`` of every ``nn.Linear`` and
+``nn.Conv*`` layer. Biases and normalization layers stay dense. Densities are exact: a layer
+of ``n`` weights at density ``d`` has ``round(d * n)`` active weights, never sampled.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+Masks = dict[str, torch.Tensor]  # weight name -> bool tensor of the weight's shape
+PRUNABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights that carry masks, by parameter name (``"features.0.weight"``), in model order."""
+    weights: dict[str, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PRUNABLE_LAYERS):
+            weights[f"{name}.weight" if name else "weight"] = module.weight  # type: ignore[assignment]
+    return weights
+
+
+def active_count(density: float, size: int) -> int:
+    """``round(density * size)`` (half up), but at least one weight so no layer is cut off."""
+    return min(size, max(1, math.floor(density * size + 0.5)))
+
+
+def random_mask(
+    shape: torch.Size | tuple[int, ...], active: int, generator: torch.Generator
+) -> torch.Tensor:
+    """A bool mask with exactly ``active`` True entries at uniformly random positions."""
+    size = math.prod(shape)
+    flat = torch.zeros(size, dtype=torch.bool)
+    flat[torch.randperm(size, generator=generator)[:active]] = True
+    return flat.view(shape)
+
+
+def init_masks(
+    weights: dict[str, nn.Parameter], densities: dict[str, float], generator: torch.Generator
+) -> Masks:
+    """Random masks with the exact per-layer ``densities``, on each weight's device.
+
+    The draws use only ``generator`` (CPU), so the same seed gives the same initial masks on any
+    device and whatever pruning criterion will later be used (Appendix A.2).
+    """
+    return {
+        name: random_mask(w.shape, active_count(densities[name], w.numel()), generator).to(w.device)
+        for name, w in weights.items()
+    }
+
+
+def mask_factors(masks: Masks, weights: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The masks as 0/1 tensors of each weight's dtype, for :func:`apply_masks`.
+
+    Multiplying by a same-dtype factor is several times faster than by a bool mask (which
+    takes PyTorch's type-promotion path); it runs after every optimizer step, so it matters.
+    """
+    return {name: masks[name].to(w.dtype) for name, w in weights.items()}
+
+
+@torch.no_grad()
+def apply_masks(weights: dict[str, nn.Parameter], masks: dict[str, torch.Tensor]) -> None:
+    """Zero every inactive weight in place (called after each optimizer step).
+
+    ``masks`` may be bool masks or, faster, the factors of :func:`mask_factors`.
+    """
+    for name, w in weights.items():
+        w.mul_(masks[name])
+
+
+def density(masks: Masks) -> float:
+    """Overall density D = sum_l d_l n_l / sum_l n_l of the masked weights (Section 3.1)."""
+    active = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return active / total if total else 1.0
+
+
+def layer_densities(masks: Masks) -> dict[str, float]:
+    """Per-layer density d_l = ||m_l||_0 / n_l."""
+    return {name: int(m.sum()) / m.numel() for name, m in masks.items()}
+
+
+def save_masks(masks: Masks, path: str | Path) -> None:
+    """Write masks as a compressed ``.npz``: per layer, the packed bits and the shape."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, m in masks.items():
+        arrays[f"{name}::bits"] = np.packbits(m.detach().cpu().numpy().ravel())
+        arrays[f"{name}::shape"] = np.asarray(m.shape, dtype=np.int64)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
+
+
+def load_masks(path: str | Path) -> Masks:
+    """Read masks written by :func:`save_masks` (bool tensors on the CPU)."""
+    with np.load(path) as data:
+        names = [key[: -len("::bits")] for key in data.files if key.endswith("::bits")]
+        masks: Masks = {}
+        for name in names:
+            shape = tuple(int(s) for s in data[f"{name}::shape"])
+            bits = np.unpackbits(data[f"{name}::bits"], count=math.prod(shape))
+            masks[name] = torch.from_numpy(bits.astype(bool)).view(shape)
+    return masks

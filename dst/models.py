@@ -1,0 +1,453 @@
+"""Models of the paper (Appendix A.1, Table 2), in a registry.
+
+Each :class:`ModelEntry` knows how to build a fresh network for a dataset's static shape
+(:class:`~dst.datasets.DataInfo`), which sparse initialization and training regime the paper
+uses for it (Appendix A.2), and which inputs it can take, so a spec pairing a model with an
+incompatible dataset is rejected before any data is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+
+from dst.datasets import DataInfo
+from dst.registry import Registry
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Per-model training hyperparameters of Appendix A.2."""
+
+    batch_size: int
+    lr: float
+    weight_decay: float
+    epochs: int
+    lr_decay: float = 0.1  # multiplicative LR decay applied at 50% and 75% of the epochs
+
+
+class IncompatibleModelError(ValueError):
+    """A model that cannot be built for a dataset; the message names both and says why."""
+
+    def __init__(self, model: str, dataset: str, reason: str) -> None:
+        self.model, self.dataset, self.reason = model, dataset, reason
+        super().__init__(f"model {model!r} {reason}")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its builder, paper defaults (Appendix A.2) and input requirements."""
+
+    name: str
+    build: Callable[[DataInfo], nn.Module]
+    default_init: Literal["er", "erk"]
+    defaults: TrainingDefaults
+    requires_image: bool
+    min_size: int
+    description: str
+
+    def check(self, info: DataInfo) -> None:
+        """Raise :class:`IncompatibleModelError` if this model cannot be built for ``info``.
+
+        Checked before building so that a bad model/dataset pair in a spec fails fast, with a
+        message naming the model, the dataset and the reason.
+        """
+        reason = self.incompatibility(info)
+        if reason is not None:
+            raise IncompatibleModelError(self.name, info.name, reason)
+
+    def incompatibility(self, info: DataInfo) -> str | None:
+        """Why this model cannot take ``info``'s inputs (``None`` when it can)."""
+        if not self.requires_image:
+            return None
+        shape = info.input_shape
+        if info.kind != "image" or len(shape) != 3:
+            return (
+                f"needs (C, H, W) image input but dataset {info.name!r} is {info.kind} "
+                f"with shape {shape}"
+            )
+        height, width = shape[1], shape[2]
+        if min(height, width) < self.min_size:
+            return (
+                f"needs images of at least {self.min_size}x{self.min_size} but dataset "
+                f"{info.name!r} has {height}x{width} images (shape {shape})"
+            )
+        return None
+
+
+# --- shape helpers ----------------------------------------------------------------------------
+
+
+def _flat_features(info: DataInfo) -> int:
+    """Input width of an MLP: MLPs flatten any input (Table 2 uses 24 and 3*32*32)."""
+    return math.prod(info.input_shape)
+
+
+def _in_channels(info: DataInfo) -> int:
+    """Input channels of a conv model (C of the (C, H, W) image shape)."""
+    return info.input_shape[0]
+
+
+# --- MLPs (Table 2) ---------------------------------------------------------------------------
+
+
+def _mlp(in_features: int, hidden: tuple[int, int], out_features: int) -> nn.Sequential:
+    """Flatten, then two ReLU hidden layers and a linear output (Table 2, both MLPs)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_features, hidden[0]),
+        nn.ReLU(),
+        nn.Linear(hidden[0], hidden[1]),
+        nn.ReLU(),
+        nn.Linear(hidden[1], out_features),
+    )
+
+
+def build_small_mlp(info: DataInfo) -> nn.Module:
+    """Small-MLP: hidden sizes 256, 256 (Table 2; 72,449 parameters on Higgs)."""
+    return _mlp(_flat_features(info), (256, 256), info.num_outputs)
+
+
+def build_large_mlp(info: DataInfo) -> nn.Module:
+    """Large-MLP: hidden sizes 1024, 512 (Table 2; 3,676,682 parameters on CIFAR-10)."""
+    return _mlp(_flat_features(info), (1024, 512), info.num_outputs)
+
+
+# --- small-CNN (Table 2) and LeNet-5-Caffe (Appendix A.1) -------------------------------------
+
+
+def _conv_relu(in_channels: int, out_channels: int, kernel: int, padding: int) -> list[nn.Module]:
+    """A stride-1 conv followed by ReLU (the paper uses ReLU everywhere, Appendix A.1)."""
+    return [nn.Conv2d(in_channels, out_channels, kernel, 1, padding), nn.ReLU()]
+
+
+def build_small_cnn(info: DataInfo) -> nn.Module:
+    """Small-CNN: three 3x3 convs (32, 64, 128), two 2x2 max-pools, global average pool
+    and a linear head (Table 2; 94,538 parameters on CIFAR-10)."""
+    return nn.Sequential(
+        *_conv_relu(_in_channels(info), 32, 3, 1),
+        nn.MaxPool2d(2),
+        *_conv_relu(32, 64, 3, 1),
+        nn.MaxPool2d(2),
+        *_conv_relu(64, 128, 3, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, info.num_outputs),
+    )
+
+
+def _lenet_side(size: int) -> int:
+    """Spatial size after LeNet-5-Caffe's two (5x5 valid conv, 2x2 max-pool) stages."""
+    return ((size - 4) // 2 - 4) // 2
+
+
+def build_lenet5_caffe(info: DataInfo) -> nn.Module:
+    """LeNet-5-Caffe (Appendix A.1, after [34]): conv 20 and conv 50 (5x5) with max-pools,
+    then Linear(50*h*w, 500) and the output layer (431,080 parameters on FashionMNIST)."""
+    height, width = (_lenet_side(s) for s in info.input_shape[1:3])
+    return nn.Sequential(
+        *_conv_relu(_in_channels(info), 20, 5, 0),
+        nn.MaxPool2d(2),
+        *_conv_relu(20, 50, 5, 0),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(50 * height * width, 500),
+        nn.ReLU(),
+        nn.Linear(500, info.num_outputs),
+    )
+
+
+# --- ResNet-56 (He et al. 2016, CIFAR variant; Appendix A.1) ----------------------------------
+
+
+def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    """Bias-free 3x3 conv (followed by BatchNorm, so a bias would be redundant)."""
+    return nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+
+
+def _shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """Identity, or a 1x1 conv + BN projection when the shape changes (He et al. option B;
+    this gives the paper's 855,770 parameters for ResNet-56, Table 2 caption)."""
+    if stride == 1 and in_channels == out_channels:
+        return nn.Identity()
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection (He et al. 2016)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = _conv3x3(out_channels, out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = _shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _stage(in_channels: int, out_channels: int, blocks: int, stride: int) -> nn.Sequential:
+    """``blocks`` BasicBlocks; only the first one may downsample or change width."""
+    layers = [BasicBlock(in_channels, out_channels, stride)]
+    layers += [BasicBlock(out_channels, out_channels, 1) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016): 6n+2 layers in three stages of 16/32/64 channels."""
+
+    def __init__(self, in_channels: int, num_outputs: int, blocks_per_stage: int) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_channels, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = _stage(16, 16, blocks_per_stage, 1)
+        self.layer2 = _stage(16, 32, blocks_per_stage, 2)
+        self.layer3 = _stage(32, 64, blocks_per_stage, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_outputs)
+        _kaiming_init_convs(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, three residual stages, global average pool, linear head."""
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+def _kaiming_init_convs(model: nn.Module) -> None:
+    """He (kaiming normal) init for every conv, as in He et al. (2015, 2016)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+def build_resnet56(info: DataInfo) -> nn.Module:
+    """ResNet-56: 9 BasicBlocks per stage (He et al. 2016; 855,770 parameters on CIFAR-10)."""
+    return CifarResNet(_in_channels(info), info.num_outputs, blocks_per_stage=9)
+
+
+# --- VGG-16 with BatchNorm, for CIFAR (Appendix A.1, after [34]) ------------------------------
+
+
+def _vgg16_config() -> list[int | str]:
+    """VGG configuration D: conv widths, ``"M"`` for a 2x2 max-pool (Simonyan & Zisserman)."""
+    return [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+def _vgg_features(in_channels: int) -> nn.Sequential:
+    """Conv3x3-BN-ReLU stacks and max-pools of VGG-16 (BatchNorm variant, Appendix A.1)."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for item in _vgg16_config():
+        if item == "M":
+            layers.append(nn.MaxPool2d(2))
+            continue
+        width = int(item)
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        channels = width
+    return nn.Sequential(*layers)
+
+
+def _vgg_classifier(num_outputs: int) -> nn.Sequential:
+    """Two 512-wide ReLU-BN1d hidden layers and the output layer (CIFAR VGG of [34])."""
+    return nn.Sequential(
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.BatchNorm1d(512),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.BatchNorm1d(512),
+        nn.Linear(512, num_outputs),
+    )
+
+
+def build_vgg16(info: DataInfo) -> nn.Module:
+    """VGG-16 with BatchNorm for CIFAR; global average pooling lets it take inputs >= 32x32."""
+    return nn.Sequential(
+        OrderedDict(
+            features=_vgg_features(_in_channels(info)),
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            classifier=_vgg_classifier(info.num_outputs),
+        )
+    )
+
+
+# --- torchvision models: EfficientNet-B0 and ResNet-50 (Appendix A.1) -------------------------
+
+
+def _replace_stem(model: nn.Module, path: str, in_channels: int) -> None:
+    """Swap the stem conv at ``path`` for a fresh one taking ``in_channels`` channels.
+
+    The torchvision models assume RGB input; gray or multispectral datasets need a new stem.
+    """
+    old = model.get_submodule(path)
+    if not isinstance(old, nn.Conv2d):
+        raise TypeError(f"expected a Conv2d stem at {path!r}, found {type(old).__name__}")
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        old.kernel_size,  # type: ignore[arg-type]
+        old.stride,  # type: ignore[arg-type]
+        old.padding,  # type: ignore[arg-type]
+        bias=old.bias is not None,
+    )
+    nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+    model.set_submodule(path, new)
+
+
+def _with_channels(model: nn.Module, stem: str, in_channels: int) -> nn.Module:
+    """``model`` with its stem replaced when the input is not 3-channel."""
+    if in_channels != 3:
+        _replace_stem(model, stem, in_channels)
+    return model
+
+
+def build_efficientnet_b0(info: DataInfo) -> nn.Module:
+    """EfficientNet-B0 from torchvision, untrained (Appendix A.1; 64x64 Tiny-ImageNet in A.2)."""
+    model = tv_models.efficientnet_b0(weights=None, num_classes=info.num_outputs)
+    return _with_channels(model, "features.0.0", _in_channels(info))
+
+
+def build_resnet50(info: DataInfo) -> nn.Module:
+    """ResNet-50 from torchvision, untrained (He et al. 2016; 25,502,912 conv+linear weights)."""
+    model = tv_models.resnet50(weights=None, num_classes=info.num_outputs)
+    return _with_channels(model, "conv1", _in_channels(info))
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def _small_net_defaults() -> TrainingDefaults:
+    """Appendix A.2 regime shared by the MLPs, small-CNN and LeNet-5-Caffe."""
+    return TrainingDefaults(batch_size=128, lr=0.01, weight_decay=5e-4, epochs=100)
+
+
+def _mlp_entries() -> list[ModelEntry]:
+    """The two MLPs of Table 2: ER sparse init, any (flattened) input (Appendix A.2)."""
+    return [
+        ModelEntry(
+            name="small-mlp",
+            build=build_small_mlp,
+            default_init="er",
+            defaults=_small_net_defaults(),
+            requires_image=False,
+            min_size=0,
+            description="MLP 256-256, ReLU (Table 2; paper: Higgs)",
+        ),
+        ModelEntry(
+            name="large-mlp",
+            build=build_large_mlp,
+            default_init="er",
+            defaults=_small_net_defaults(),
+            requires_image=False,
+            min_size=0,
+            description="MLP 1024-512, ReLU (Table 2; paper: CIFAR-10)",
+        ),
+    ]
+
+
+def _small_conv_entries() -> list[ModelEntry]:
+    """Small-CNN and LeNet-5-Caffe: ERK sparse init, small-net regime (Appendix A.2)."""
+    return [
+        ModelEntry(
+            name="small-cnn",
+            build=build_small_cnn,
+            default_init="erk",
+            defaults=_small_net_defaults(),
+            requires_image=True,
+            min_size=4,
+            description="3-conv ConvNet with global average pool (Table 2; paper: CIFAR-10)",
+        ),
+        ModelEntry(
+            name="lenet5-caffe",
+            build=build_lenet5_caffe,
+            default_init="erk",
+            defaults=_small_net_defaults(),
+            requires_image=True,
+            min_size=16,
+            description="LeNet-5-Caffe, conv 20-50, fc 500 (A.1; paper: FashionMNIST)",
+        ),
+    ]
+
+
+def _large_conv_entries() -> list[ModelEntry]:
+    """ResNet-56, VGG-16, EfficientNet-B0, ResNet-50: ERK init, own regimes (Appendix A.2)."""
+    return [
+        ModelEntry(
+            name="resnet56",
+            build=build_resnet56,
+            default_init="erk",
+            defaults=TrainingDefaults(batch_size=128, lr=0.1, weight_decay=1e-4, epochs=200),
+            requires_image=True,
+            min_size=4,
+            description="CIFAR ResNet-56, 855,770 params (He et al. 2016; paper: CIFAR-10)",
+        ),
+        ModelEntry(
+            name="vgg16",
+            build=build_vgg16,
+            default_init="erk",
+            defaults=TrainingDefaults(batch_size=128, lr=0.01, weight_decay=1e-4, epochs=200),
+            requires_image=True,
+            min_size=32,
+            description="VGG-16 with BatchNorm for CIFAR (A.1; paper: CIFAR-100)",
+        ),
+        ModelEntry(
+            name="efficientnet-b0",
+            build=build_efficientnet_b0,
+            default_init="erk",
+            defaults=TrainingDefaults(
+                batch_size=128, lr=0.01, weight_decay=1e-4, epochs=100, lr_decay=0.001
+            ),
+            requires_image=True,
+            min_size=32,
+            description="torchvision EfficientNet-B0, untrained (A.1; paper: Tiny-ImageNet)",
+        ),
+        ModelEntry(
+            name="resnet50",
+            build=build_resnet50,
+            default_init="erk",
+            defaults=TrainingDefaults(batch_size=256, lr=0.1, weight_decay=1e-4, epochs=90),
+            requires_image=True,
+            min_size=32,
+            description="torchvision ResNet-50, untrained (He et al. 2016; paper: ImageNet)",
+        ),
+    ]
+
+
+def _register_all(registry: Registry[ModelEntry]) -> None:
+    """Register the paper's eight models, in the order of Appendix A.1/A.2."""
+    for entry in _mlp_entries() + _small_conv_entries() + _large_conv_entries():
+        registry.add(entry.name, entry)
+
+
+_register_all(MODELS)
+
+
+def get_model(name: str) -> ModelEntry:
+    """The registered model ``name``, or :class:`~dst.registry.UnknownNameError`."""
+    return MODELS.get(name)
+
+
+def build_model(name: str, info: DataInfo) -> nn.Module:
+    """A fresh ``name`` model for dataset ``info``, after checking they are compatible."""
+    entry = get_model(name)
+    entry.check(info)
+    return entry.build(info)

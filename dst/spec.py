@@ -1,0 +1,200 @@
+"""The run spec: everything that defines one training run, validated before anything runs.
+
+Names are checked against the registries (the same ones the REST API's enums come from), so
+an unknown model, dataset, criterion, growth, init or schedule is rejected with the list of
+valid names, and an incompatible model/dataset pair is rejected before data is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dst.criteria import CRITERIA
+from dst.datasets import DATASETS, get_dataset
+from dst.distributions import DISTRIBUTIONS
+from dst.growth import GROWTH
+from dst.models import MODELS, get_model
+from dst.schedules import SCHEDULES
+
+
+def _names(registry_names: list[str]) -> Any:
+    """A ``Literal`` type over a registry's names, so pydantic lists them on bad input."""
+    return Literal[tuple(registry_names)]
+
+
+if TYPE_CHECKING:  # static checkers see plain strings; pydantic sees the registries' names
+    ModelName: TypeAlias = str
+    DatasetName: TypeAlias = str
+    CriterionName: TypeAlias = str
+    GrowthName: TypeAlias = str
+    InitName: TypeAlias = str
+    ScheduleName: TypeAlias = str
+else:
+    ModelName = _names(MODELS.names())
+    DatasetName = _names(DATASETS.names())
+    CriterionName = _names(CRITERIA.names())
+    GrowthName = _names(GROWTH.names())
+    InitName = _names(DISTRIBUTIONS.names())
+    ScheduleName = _names(SCHEDULES.names())
+Mode = Literal["dense", "static", "dst"]
+Scope = Literal["local", "global"]
+
+_DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainingSpec(_Strict):
+    """Optimization settings (Appendix A.2). ``None`` takes the model's A.2 default."""
+
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    lr_decay: float | None = Field(None, gt=0, le=1, description="LR factor at 50% and 75%")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    max_steps_per_epoch: int | None = Field(
+        None, ge=1, description="cap on training batches per epoch (quick runs)"
+    )
+    eval_batch_size: int = Field(1024, ge=1)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+
+class SparsitySpec(_Strict):
+    """How the model is sparsified (Sections 3-5)."""
+
+    mode: Mode = "dst"
+    density: float = Field(0.1, gt=0, le=1, description="overall density D of prunable weights")
+    init: InitName | None = Field(None, description="None: ER for MLPs, ERK for conv nets")
+    criterion: CriterionName = "magnitude"
+    growth: GrowthName = "random"
+    prune_fraction: float = Field(0.5, gt=0, lt=1, description="initial prune fraction ρ")
+    schedule: ScheduleName = "cosine"
+    update_period: int = Field(800, ge=1, description="Δt, optimizer steps between updates")
+    stop_step: int | None = Field(None, ge=1, description="T; None: the end of training")
+    scope: Scope = "local"
+    mest_lambda: float = Field(1.0, ge=0, description="λ of the MEST criterion")
+
+
+class DataSpec(_Strict):
+    """Where the data lives and whether it may be downloaded."""
+
+    root: str | None = Field(None, description="None: $DST_DATA_DIR or ~/.cache/dst/data")
+    download: bool = True
+    augment: bool = True
+
+
+class RunSpec(_Strict):
+    """One training run."""
+
+    name: str | None = None
+    model: ModelName
+    dataset: DatasetName
+    training: TrainingSpec = TrainingSpec()
+    sparsity: SparsitySpec = SparsitySpec()
+    data: DataSpec = DataSpec()
+    seed: int = Field(0, ge=0)
+    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps or auto")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_compatible(self) -> RunSpec:
+        get_model(self.model).check(get_dataset(self.dataset).info)
+        return self
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Concrete optimization settings: the spec with the model's A.2 defaults filled in."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    lr_decay: float
+    momentum: float
+    nesterov: bool
+    max_steps_per_epoch: int | None
+    eval_batch_size: int
+    num_workers: int
+
+
+def resolve_training(spec: RunSpec) -> TrainingConfig:
+    """Fill unset training fields from the model's Appendix A.2 defaults."""
+    d, t = get_model(spec.model).defaults, spec.training
+    return TrainingConfig(
+        epochs=t.epochs if t.epochs is not None else d.epochs,
+        batch_size=t.batch_size if t.batch_size is not None else d.batch_size,
+        lr=t.lr if t.lr is not None else d.lr,
+        weight_decay=t.weight_decay if t.weight_decay is not None else d.weight_decay,
+        lr_decay=t.lr_decay if t.lr_decay is not None else d.lr_decay,
+        momentum=t.momentum,
+        nesterov=t.nesterov,
+        max_steps_per_epoch=t.max_steps_per_epoch,
+        eval_batch_size=t.eval_batch_size,
+        num_workers=t.num_workers,
+    )
+
+
+def resolve_init(spec: RunSpec) -> str:
+    """The sparse-init distribution: the spec's, or ER for MLPs and ERK for conv nets (A.2)."""
+    return spec.sparsity.init or get_model(spec.model).default_init
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``dotted == "a.b"`` (creating dicts on the way)."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"cannot set {dotted!r}: {key!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML: ``0.05``, ``true``, ``snip``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key.path=value")
+        set_path(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON spec file into a plain dict."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a spec must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (for logging parameters)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

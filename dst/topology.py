@@ -1,0 +1,127 @@
+"""One DST topology update (Section 3.1): prune a fraction ρ_t of the active weights by a
+criterion, then grow as many inactive weights back by a growth criterion.
+
+Per layer, grown = pruned, so every layer keeps its exact active count. Pruned and grown
+weights are set to zero and the optimizer state (momentum) of grown weights is reset.
+Local scope (the paper's choice, Section 3.2) scores and ranks each layer separately; global
+scope ranks all layers' active weights together and then grows per layer what it pruned there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dst.criteria import Criterion, select_pruned
+from dst.growth import Growth
+from dst.masks import Masks
+from dst.schedules import PruneSchedule
+
+Scope = Literal["local", "global"]
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """Flat indices pruned from and grown into one layer at one update."""
+
+    pruned: torch.Tensor  # [k] int64
+    grown: torch.Tensor  # [k] int64
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+class TopologyUpdater:
+    """Applies prune-and-grow updates to masks, weights and optimizer state."""
+
+    def __init__(
+        self,
+        criterion: Criterion,
+        growth: Growth,
+        schedule: PruneSchedule,
+        scope: Scope,
+        generator: torch.Generator,
+    ) -> None:
+        self.criterion, self.growth, self.schedule = criterion, growth, schedule
+        self.scope: Scope = scope
+        self.generator = generator  # CPU generator for random criterion / random growth
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.criterion.needs_grad or self.growth.needs_grad
+
+    def _grad(self, weight: nn.Parameter) -> torch.Tensor | None:
+        if self.needs_grad and weight.grad is None:
+            raise RuntimeError("topology update needs gradients: call it after backward()")
+        return weight.grad
+
+    @torch.no_grad()
+    def prune_sets(
+        self, weights: dict[str, nn.Parameter], masks: Masks, fraction: float
+    ) -> dict[str, torch.Tensor]:
+        """Flat indices each layer would prune at prune fraction ``fraction`` (no side effects
+        besides drawing from the generator for the random criterion)."""
+        score = self.criterion.score
+        if self.scope == "local":
+            out = {}
+            for name, w in weights.items():
+                k = _round_half_up(fraction * int(masks[name].sum()))
+                scores = score(w.detach(), self._grad(w), masks[name], self.generator)
+                out[name] = select_pruned(scores, masks[name], k)
+            return out
+        # global: score the concatenation of all layers, one threshold across layers
+        flat_w = torch.cat([w.detach().flatten() for w in weights.values()])  # [N]
+        grads = [self._grad(w) for w in weights.values()]
+        flat_g = (
+            torch.cat([g.flatten() for g in grads if g is not None])
+            if all(g is not None for g in grads)
+            else None
+        )
+        flat_m = torch.cat([masks[name].flatten() for name in weights])  # [N]
+        k = _round_half_up(fraction * int(flat_m.sum()))
+        chosen = select_pruned(score(flat_w, flat_g, flat_m, self.generator), flat_m, k)
+        out, offset = {}, 0
+        for name, w in weights.items():
+            n = w.numel()
+            inside = (chosen >= offset) & (chosen < offset + n)
+            out[name] = torch.sort(chosen[inside] - offset).values
+            offset += n
+        return out
+
+    @torch.no_grad()
+    def update(
+        self,
+        weights: dict[str, nn.Parameter],
+        masks: Masks,
+        optimizer: torch.optim.Optimizer | None,
+        step: int,
+    ) -> dict[str, LayerUpdate]:
+        """Prune ρ_step of the active weights and grow as many back, in place."""
+        pruned_sets = self.prune_sets(weights, masks, self.schedule.fraction(step))
+        updates = {}
+        for name, w in weights.items():
+            pruned = pruned_sets[name]
+            flat_mask, flat_w = masks[name].view(-1), w.detach().view(-1)
+            flat_mask[pruned] = False
+            grown = self.growth.select(w.grad, masks[name], len(pruned), self.generator)
+            flat_mask[grown] = True
+            flat_w[pruned] = 0.0
+            flat_w[grown] = 0.0
+            if optimizer is not None:
+                reset_optimizer_state(optimizer, w, grown)
+            updates[name] = LayerUpdate(pruned, grown)
+        return updates
+
+
+def reset_optimizer_state(
+    optimizer: torch.optim.Optimizer, param: nn.Parameter, idx: torch.Tensor
+) -> None:
+    """Zero every per-element state tensor (e.g. SGD momentum) of ``param`` at ``idx``."""
+    for value in optimizer.state.get(param, {}).values():
+        if isinstance(value, torch.Tensor) and value.shape == param.shape:
+            value.view(-1)[idx] = 0

@@ -1,0 +1,334 @@
+"""The training recipe of Appendix A.2: SGD (momentum 0.9, Nesterov), weight decay, LR x decay
+at 50% and 75% of the epochs, in dense, static-sparse or DST mode (Section 3.1).
+
+Per step: forward, backward, a topology update every Δt steps (using this batch's gradients,
+Section 5.1), the optimizer step, then the masks are enforced. Per epoch: train/val/test loss
+and accuracy, the loss gap (Fig. 4), density and ITOP ratio (Appendix E).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from dst.analysis import ItopTracker
+from dst.criteria import resolve_criterion
+from dst.datasets import DataConfig, DataInfo, default_data_root, load_dataset
+from dst.distributions import layer_densities
+from dst.growth import GROWTH
+from dst.masks import (
+    Masks,
+    apply_masks,
+    density,
+    init_masks,
+    mask_factors,
+    prunable_weights,
+)
+from dst.models import build_model
+from dst.schedules import PruneSchedule
+from dst.spec import RunSpec, TrainingConfig, resolve_init, resolve_training
+from dst.topology import TopologyUpdater
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, float]
+
+
+def seed_everything(seed: int) -> None:
+    """Fix every RNG the run touches and make cuDNN deterministic (Appendix A.2)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for a missing CUDA device is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available here")
+    return device
+
+
+def loss_and_correct(
+    logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (or BCE for one-logit binary models) and the number of correct predictions."""
+    if logits.shape[1] == 1:  # binary: one logit, as the paper's small-MLP on Higgs
+        logit = logits.squeeze(1)  # [B]
+        loss = nn.functional.binary_cross_entropy_with_logits(
+            logit, target.float(), reduction=reduction
+        )
+        correct = ((logit > 0).long() == target).sum()
+    else:
+        loss = nn.functional.cross_entropy(logits, target, reduction=reduction)
+        correct = (logits.argmax(1) == target).sum()
+    return loss, correct
+
+
+@dataclass
+class Sparsity:
+    """The sparse state of a run: masked weights, masks, the updater (DST only) and ITOP."""
+
+    weights: dict[str, nn.Parameter]
+    masks: Masks
+    updater: TopologyUpdater | None
+    itop: ItopTracker
+    factors: dict[str, torch.Tensor]  # masks in the weights' dtype, refreshed after updates
+
+    def refresh(self) -> None:
+        """Recompute the float factors after the masks changed."""
+        self.factors = mask_factors(self.masks, self.weights)
+
+
+class Trainer:
+    """One run of a :class:`RunSpec`: builds data, model, masks and optimizer, then trains."""
+
+    def __init__(self, spec: RunSpec, device: torch.device | None = None) -> None:
+        self.spec = spec
+        self.config: TrainingConfig = resolve_training(spec)
+        self.device = device or resolve_device(spec.device)
+        seed_everything(spec.seed)
+        data = load_dataset(spec.dataset, self._data_config())
+        self.info: DataInfo = data.info
+        self.loader_generator = torch.Generator().manual_seed(spec.seed)
+        self.train_loader = self._loader(data.train, shuffle=True)
+        self.val_loader = self._loader(data.val, shuffle=False)
+        self.test_loader = self._loader(data.test, shuffle=False)
+        torch.manual_seed(spec.seed)  # same initial weights whatever the data pipeline drew
+        self.model = build_model(spec.model, data.info).to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=self.config.lr,
+            momentum=self.config.momentum,
+            nesterov=self.config.nesterov,
+            weight_decay=self.config.weight_decay,
+        )
+        epochs = self.config.epochs
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer,
+            milestones=[math.ceil(0.5 * epochs), math.ceil(0.75 * epochs)],
+            gamma=self.config.lr_decay,
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        if self.config.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, self.config.max_steps_per_epoch)
+        self.total_steps = epochs * self.steps_per_epoch
+        self.mask_generator = torch.Generator().manual_seed(spec.seed + 1)
+        self.sparsity = self._build_sparsity()
+        self.initial_masks: Masks = (
+            {n: m.cpu().clone() for n, m in self.sparsity.masks.items()} if self.sparsity else {}
+        )
+        self.step = 0
+        self.epoch = 0
+        self.history: list[Metrics] = []
+
+    # -- construction -------------------------------------------------------------------
+    def _data_config(self) -> DataConfig:
+        d = self.spec.data
+        root = Path(d.root).expanduser() if d.root else default_data_root()
+        return DataConfig(root=root, download=d.download, augment=d.augment)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        batch = self.config.batch_size if shuffle else self.config.eval_batch_size
+        return DataLoader(
+            dataset,
+            batch_size=batch,
+            shuffle=shuffle,
+            generator=self.loader_generator if shuffle else None,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+        )
+
+    def _build_sparsity(self) -> Sparsity | None:
+        s = self.spec.sparsity
+        if s.mode == "dense":
+            return None
+        weights = prunable_weights(self.model)
+        shapes = {name: tuple(w.shape) for name, w in weights.items()}
+        densities = layer_densities(shapes, s.density, resolve_init(self.spec))
+        masks = init_masks(weights, densities, self.mask_generator)
+        apply_masks(weights, masks)
+        updater = None
+        if s.mode == "dst":
+            schedule = PruneSchedule(
+                s.schedule, s.prune_fraction, s.update_period, s.stop_step or self.total_steps
+            )
+            updater = TopologyUpdater(
+                resolve_criterion(s.criterion, mest_lambda=s.mest_lambda),
+                GROWTH.get(s.growth),
+                schedule,
+                s.scope,
+                self.mask_generator,
+            )
+        return Sparsity(weights, masks, updater, ItopTracker(masks), mask_factors(masks, weights))
+
+    # -- training -----------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        """One optimizer step; returns (summed loss, number correct) of the batch."""
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        logits = self.model(x)
+        loss, correct = loss_and_correct(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.step += 1
+        sp = self.sparsity
+        if sp and sp.updater and sp.updater.schedule.is_update_step(self.step):
+            sp.updater.update(sp.weights, sp.masks, self.optimizer, self.step)
+            sp.itop.update(sp.masks)
+            sp.refresh()
+        self.optimizer.step()
+        if sp is not None:
+            apply_masks(sp.weights, sp.factors)
+        return loss.item() * len(y), int(correct)
+
+    def train_epoch(self, progress: bool = False) -> tuple[float, float]:
+        """One pass over (at most ``max_steps_per_epoch`` batches of) the training set."""
+        self.model.train()
+        total_loss, total_correct, seen = 0.0, 0, 0
+        batches = tqdm(
+            self.train_loader,
+            total=self.steps_per_epoch,
+            desc=f"epoch {self.epoch + 1}",
+            leave=False,
+            disable=not progress,
+        )
+        for i, (x, y) in enumerate(batches):
+            if i >= self.steps_per_epoch:
+                break
+            loss_sum, correct = self.train_step(x, y)
+            total_loss += loss_sum
+            total_correct += correct
+            seen += len(y)
+        self.scheduler.step()
+        return total_loss / max(seen, 1), total_correct / max(seen, 1)
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> tuple[float, float]:
+        """Mean loss and accuracy over a whole split."""
+        self.model.eval()
+        total_loss, total_correct, seen = 0.0, 0, 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            loss, correct = loss_and_correct(self.model(x), y, reduction="sum")
+            total_loss += float(loss)
+            total_correct += int(correct)
+            seen += len(y)
+        return total_loss / max(seen, 1), total_correct / max(seen, 1)
+
+    def run_epoch(self, progress: bool = False) -> Metrics:
+        """Train one epoch, evaluate, and return the epoch's metrics."""
+        start = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = self.train_epoch(progress)
+        val_loss, val_acc = self.evaluate(self.val_loader)
+        test_loss, test_acc = self.evaluate(self.test_loader)
+        self.epoch += 1
+        sp = self.sparsity
+        metrics: Metrics = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": lr,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "loss_gap": val_loss - train_loss,
+            "density": density(sp.masks) if sp else 1.0,
+            "itop": sp.itop.ratio() if sp else 1.0,
+            "epoch_time_s": time.perf_counter() - start,
+        }
+        self.history.append(metrics)
+        return metrics
+
+    def fit(
+        self, on_epoch: Callable[[Metrics], None] | None = None, progress: bool = False
+    ) -> list[Metrics]:
+        """Train from the current epoch to the last one, calling ``on_epoch`` after each."""
+        epochs = tqdm(
+            range(self.epoch, self.config.epochs),
+            initial=self.epoch,
+            total=self.config.epochs,
+            desc=self.spec.name or f"{self.spec.model}/{self.spec.dataset}",
+            disable=not progress,
+        )
+        for _ in epochs:
+            metrics = self.run_epoch(progress)
+            epochs.set_postfix(
+                loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}"
+            )
+            log.info("epoch %d: %s", self.epoch, metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+        return self.history
+
+    @property
+    def masks(self) -> Masks:
+        """Current masks on the CPU (empty for a dense run)."""
+        return {n: m.cpu().clone() for n, m in self.sparsity.masks.items()} if self.sparsity else {}
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume at an epoch boundary: model, optimizer, LR schedule,
+        masks, ITOP, counters and every RNG state."""
+        sp = self.sparsity
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "masks": self.masks,
+            "itop": sp.itop.state_dict() if sp else {},
+            "step": self.step,
+            "epoch": self.epoch,
+            "history": list(self.history),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "loader": self.loader_generator.get_state(),
+                "mask": self.mask_generator.get_state(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` into this freshly built trainer."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        sp = self.sparsity
+        if sp is not None:
+            for name, m in state["masks"].items():
+                sp.masks[name].copy_(m.to(self.device))
+            sp.itop.load_state_dict(state["itop"])
+            sp.refresh()
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.history = list(state["history"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.loader_generator.set_state(rng["loader"])
+        self.mask_generator.set_state(rng["mask"])

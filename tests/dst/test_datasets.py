@@ -1,0 +1,186 @@
+"""Datasets: the paper's splits (Table 4), loaded from fixtures in their real on-disk formats."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dst.datasets import (
+    DATASETS,
+    DataConfig,
+    DatasetUnavailableError,
+    get_dataset,
+    load_dataset,
+)
+from dst.registry import UnknownNameError
+
+
+def indices_of(split: torch.utils.data.Dataset) -> set[bytes]:
+    return {x.numpy().tobytes() for x, _ in split}  # type: ignore[attr-defined]
+
+
+def check_items(name: str, splits, n: int = 2) -> None:
+    info = get_dataset(name).info
+    for split in (splits.train, splits.val, splits.test):
+        for i in range(min(n, len(split))):
+            x, y = split[i]
+            assert tuple(x.shape) == info.input_shape and x.dtype == torch.float32
+            assert y.dtype == torch.int64 and 0 <= int(y) < info.num_classes
+
+
+def test_digits_split_70_15_15_stratified_and_disjoint() -> None:
+    s = load_dataset("digits", DataConfig())
+    sizes = (len(s.train), len(s.val), len(s.test))
+    assert sum(sizes) == 1797
+    assert abs(len(s.val) - 0.15 * 1797) < 10 and abs(len(s.test) - 0.15 * 1797) < 10
+    train, val, test = indices_of(s.train), indices_of(s.val), indices_of(s.test)
+    assert not (train & test) and not (val & test)
+    check_items("digits", s)
+
+
+def test_splits_are_deterministic_for_a_split_seed() -> None:
+    a = load_dataset("breast_cancer", DataConfig(split_seed=0))
+    b = load_dataset("breast_cancer", DataConfig(split_seed=0))
+    c = load_dataset("breast_cancer", DataConfig(split_seed=1))
+    assert len(a.train) + len(a.val) + len(a.test) == 569
+    assert torch.equal(a.test.tensors[0], b.test.tensors[0])  # type: ignore[attr-defined]
+    assert not torch.equal(a.test.tensors[0], c.test.tensors[0])  # type: ignore[attr-defined]
+    check_items("breast_cancer", a)
+
+
+def write_cifar(root: Path, per_batch: int = 20) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+
+
+def test_cifar10_from_python_batches_holds_out_10_percent(tmp_path: Path) -> None:
+    write_cifar(tmp_path)
+    s = load_dataset("cifar10", DataConfig(root=tmp_path, download=False))
+    assert (len(s.train), len(s.val), len(s.test)) == (90, 10, 20)  # 45k/5k/10k scaled
+    check_items("cifar10", s)
+
+
+def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 50), ("test", 10)):
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"fine_labels": rng.integers(0, 100, n).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    s = load_dataset("cifar100", DataConfig(root=tmp_path, download=False))
+    assert (len(s.train), len(s.val), len(s.test)) == (45, 5, 10)
+    check_items("cifar100", s)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    dims = array.shape
+    header = bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_from_idx_files(tmp_path: Path) -> None:
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    write_idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (30, 28, 28)))
+    write_idx(raw / "train-labels-idx1-ubyte", rng.integers(0, 10, 30))
+    write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (10, 28, 28)))
+    write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 10))
+    s = load_dataset("fashion-mnist", DataConfig(root=tmp_path, download=False))
+    assert (len(s.train), len(s.val), len(s.test)) == (27, 3, 10)
+    check_items("fashion-mnist", s)
+
+
+def jpeg(path: Path, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(len(str(path))).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_tiny_imagenet_uses_val_as_test(tmp_path: Path) -> None:
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01", "n02"]
+    (root).mkdir()
+    (root / "wnids.txt").write_text("\n".join(wnids))
+    for w in wnids:
+        for i in range(5):
+            jpeg(root / "train" / w / "images" / f"{w}_{i}.JPEG", 64)
+    lines = []
+    for i, w in enumerate(wnids * 2):
+        jpeg(root / "val" / "images" / f"val_{i}.JPEG", 64)
+        lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines))
+    s = load_dataset("tiny-imagenet", DataConfig(root=tmp_path, download=False))
+    assert (len(s.train), len(s.val), len(s.test)) == (9, 1, 4)
+    assert [int(s.test[i][1]) for i in range(4)] == [0, 1, 0, 1]
+    check_items("tiny-imagenet", s)
+
+
+def test_imagenet_image_folder(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        for w in ("n01", "n02"):
+            jpeg(tmp_path / "imagenet" / split / w / "a.JPEG", 40)
+    s = load_dataset("imagenet", DataConfig(root=tmp_path, download=False))
+    assert len(s.train) == 2 and s.val is s.test
+    check_items("imagenet", s)
+
+
+def test_higgs_from_cache_70_15_15(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    (tmp_path / "higgs").mkdir()
+    np.savez(
+        tmp_path / "higgs" / "higgs.npz", X=rng.normal(size=(200, 24)), y=rng.integers(0, 2, 200)
+    )
+    s = load_dataset("higgs", DataConfig(root=tmp_path, download=False))
+    assert (len(s.train), len(s.val), len(s.test)) == (140, 30, 30)
+    train_x = s.train.tensors[0]  # type: ignore[attr-defined]
+    assert train_x.mean(0).abs().max() < 1e-5  # standardized with train statistics
+    check_items("higgs", s)
+
+
+@pytest.mark.parametrize(
+    ("name", "missing", "where"),
+    [
+        ("cifar10", "cifar-10-batches-py", "cs.toronto.edu"),
+        ("higgs", "higgs.npz", "openml.org/d/44129"),
+        ("tiny-imagenet", "tiny-imagenet-200", "cs231n.stanford.edu"),
+        ("fashion-mnist", "raw", "fashion-mnist"),
+        ("imagenet", "imagenet", "image-net.org"),
+    ],
+)
+def test_missing_data_says_what_and_where(
+    tmp_path: Path, name: str, missing: str, where: str
+) -> None:
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset(name, DataConfig(root=tmp_path, download=False))
+    assert missing in str(info.value) and where in str(info.value)
+
+
+def test_registry() -> None:
+    assert DATASETS.names() == [
+        "higgs",
+        "cifar10",
+        "cifar100",
+        "fashion-mnist",
+        "tiny-imagenet",
+        "imagenet",
+        "digits",
+        "breast_cancer",
+    ]
+    with pytest.raises(UnknownNameError, match="valid dataset names: higgs"):
+        get_dataset("mnist")

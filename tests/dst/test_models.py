@@ -1,0 +1,206 @@
+"""Models: paper parameter counts (Table 2), output shapes, compatibility checks, A.2 defaults."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dst.datasets import DataInfo
+from dst.models import (
+    MODELS,
+    IncompatibleModelError,
+    ModelEntry,
+    TrainingDefaults,
+    build_model,
+    get_model,
+)
+from dst.registry import UnknownNameError
+
+HIGGS = DataInfo("higgs", "tabular", (24,), 2)
+CIFAR10 = DataInfo("cifar10", "image", (3, 32, 32), 10)
+FASHION = DataInfo("fashion-mnist", "image", (1, 28, 28), 10)
+IMAGENET = DataInfo("imagenet", "image", (3, 224, 224), 1000)
+DIGITS = DataInfo("digits", "image", (1, 8, 8), 10)
+GRAY_BINARY = DataInfo("gray-binary", "image", (1, 32, 32), 2)
+TINY = DataInfo("tiny", "image", (3, 32, 32), 7)
+
+ALL_NAMES = [
+    "small-mlp",
+    "large-mlp",
+    "small-cnn",
+    "lenet5-caffe",
+    "resnet56",
+    "vgg16",
+    "efficientnet-b0",
+    "resnet50",
+]
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def n_prunable_weights(model: nn.Module) -> int:
+    """Conv and linear weights only: what the paper counts for ResNet-50."""
+    layers = (m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+    return sum(m.weight.numel() for m in layers)
+
+
+def output(name: str, info: DataInfo, batch: int = 2) -> torch.Tensor:
+    model = build_model(name, info).eval()
+    with torch.no_grad():
+        return model(torch.randn(batch, *info.input_shape))
+
+
+def test_registered_names_in_order() -> None:
+    assert MODELS.names() == ALL_NAMES
+    assert all(get_model(n).name == n for n in ALL_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("name", "info", "expected"),
+    [
+        ("small-mlp", HIGGS, 72_449),
+        ("large-mlp", CIFAR10, 3_676_682),
+        ("small-cnn", CIFAR10, 94_538),
+        ("lenet5-caffe", FASHION, 431_080),
+        ("resnet56", CIFAR10, 855_770),
+    ],
+)
+def test_parameter_counts_match_the_paper(name: str, info: DataInfo, expected: int) -> None:
+    assert n_params(build_model(name, info)) == expected
+
+
+def test_resnet50_counts_on_imagenet() -> None:
+    model = build_model("resnet50", IMAGENET)
+    assert n_params(model) == 25_557_032
+    assert n_prunable_weights(model) == 25_502_912  # Table 2 caption
+
+
+@pytest.mark.parametrize("name", ["small-mlp", "large-mlp", "small-cnn"])
+def test_small_models_work_on_digits(name: str) -> None:
+    assert output(name, DIGITS, batch=3).shape == (3, 10)
+
+
+def test_mlp_on_tabular_binary_has_one_logit() -> None:
+    assert output("small-mlp", HIGGS, batch=4).shape == (4, 1)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_model_outputs_num_classes_on_small_rgb(name: str) -> None:
+    assert output(name, TINY).shape == (2, 7)
+
+
+def first_layer_inputs(model: nn.Module) -> int:
+    """in_features of the first linear layer or in_channels of the first conv."""
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear))
+    return first.in_features if isinstance(first, nn.Linear) else first.in_channels
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_model_adapts_to_gray_binary_input_and_trains(name: str) -> None:
+    model = build_model(name, GRAY_BINARY).train()
+    assert first_layer_inputs(model) == (32 * 32 if name.endswith("mlp") else 1)
+    logits = model(torch.randn(2, 1, 32, 32))
+    assert logits.shape == (2, 1)
+    logits.sum().backward()
+
+
+def test_lenet_sizes_its_linear_layer_from_the_input() -> None:
+    model = build_model("lenet5-caffe", DataInfo("rect", "image", (3, 16, 40), 4))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears[0].in_features == 50 * 1 * 7
+    assert model(torch.randn(2, 3, 16, 40)).shape == (2, 4)
+
+
+def test_vgg16_works_above_32() -> None:
+    assert output("vgg16", DataInfo("big", "image", (3, 48, 48), 5)).shape == (2, 5)
+
+
+def test_conv_model_rejects_tabular_data() -> None:
+    with pytest.raises(IncompatibleModelError) as caught:
+        build_model("small-cnn", HIGGS)
+    message = str(caught.value)
+    assert "'small-cnn'" in message and "'higgs'" in message
+    assert "image" in message and "tabular" in message and "(24,)" in message
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(("name", "size"), [("lenet5-caffe", 16), ("vgg16", 32)])
+def test_too_small_images_are_rejected(name: str, size: int) -> None:
+    entry = get_model(name)
+    assert entry.min_size == size
+    with pytest.raises(IncompatibleModelError, match=rf"'{name}'.*'digits'.*8x8"):
+        entry.check(DIGITS)
+    entry.check(DataInfo("ok", "image", (1, size, size), 10))
+    small = DataInfo("narrow", "image", (1, size, size - 1), 10)
+    with pytest.raises(IncompatibleModelError, match="at least"):
+        build_model(name, small)
+
+
+@pytest.mark.parametrize("name", ["small-mlp", "large-mlp"])
+def test_mlps_accept_any_input(name: str) -> None:
+    entry = get_model(name)
+    assert not entry.requires_image and entry.min_size == 0
+    entry.check(HIGGS)
+    entry.check(DIGITS)
+
+
+def test_unknown_model_lists_valid_names() -> None:
+    with pytest.raises(UnknownNameError) as caught:
+        get_model("nope")
+    assert "nope" in str(caught.value)
+    assert all(n in str(caught.value) for n in ALL_NAMES)
+    with pytest.raises(UnknownNameError):
+        build_model("nope", CIFAR10)
+
+
+@pytest.mark.parametrize(("name", "info"), [("small-cnn", CIFAR10), ("resnet56", DIGITS)])
+def test_same_seed_gives_identical_weights(name: str, info: DataInfo) -> None:
+    torch.manual_seed(0)
+    first = build_model(name, info).state_dict()
+    torch.manual_seed(0)
+    second = build_model(name, info).state_dict()
+    torch.manual_seed(1)
+    third = build_model(name, info).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_builds_are_fresh_models() -> None:
+    entry = get_model("small-mlp")
+    assert entry.build(HIGGS) is not entry.build(HIGGS)
+
+
+SMALL = TrainingDefaults(batch_size=128, lr=0.01, weight_decay=5e-4, epochs=100, lr_decay=0.1)
+
+
+@pytest.mark.parametrize(
+    ("name", "defaults"),
+    [
+        ("small-mlp", SMALL),
+        ("large-mlp", SMALL),
+        ("small-cnn", SMALL),
+        ("lenet5-caffe", SMALL),
+        ("resnet56", TrainingDefaults(128, 0.1, 1e-4, 200, 0.1)),
+        ("resnet50", TrainingDefaults(256, 0.1, 1e-4, 90, 0.1)),
+        ("vgg16", TrainingDefaults(128, 0.01, 1e-4, 200, 0.1)),
+        ("efficientnet-b0", TrainingDefaults(128, 0.01, 1e-4, 100, 0.001)),
+    ],
+)
+def test_training_defaults_follow_appendix_a2(name: str, defaults: TrainingDefaults) -> None:
+    assert get_model(name).defaults == defaults
+
+
+def test_sparse_init_is_er_for_mlps_and_erk_for_conv_models() -> None:
+    inits = {n: get_model(n).default_init for n in ALL_NAMES}
+    assert inits == {n: "er" if n.endswith("mlp") else "erk" for n in ALL_NAMES}
+
+
+def test_entries_are_complete() -> None:
+    for name in ALL_NAMES:
+        entry = get_model(name)
+        assert isinstance(entry, ModelEntry)
+        assert entry.description
+        assert entry.requires_image == (not name.endswith("mlp"))
