@@ -1,0 +1,33 @@
+"""Liveness and readiness probes (no authentication)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+from sqlalchemy import text
+
+from service.api.deps import ServicesDep
+from service.schemas import Health, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> Health:
+    """The API process is alive."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", responses={503: {"model": Readiness}})
+def readyz(services: ServicesDep, response: Response) -> Readiness:
+    """The database, the Ray Jobs API and the MLflow server are all reachable."""
+    try:
+        with services.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        database = True
+    except Exception:
+        database = False
+    ray, mlflow = services.executor.ping(), services.tracker.ping()
+    ready = database and ray and mlflow
+    if not ready:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return Readiness(ready=ready, database=database, ray=ray, mlflow=mlflow)

@@ -1,0 +1,252 @@
+"""Service commands of the ``dst`` CLI: serve, submit, status, cancel, results, demo.
+
+``dst`` is one command: the engine's commands (run, inspect, models, ...) come from
+:mod:`dst.cli`; this module adds the ones that talk to (or start) the REST API.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from tqdm import tqdm
+
+from dst.cli import app, fail
+from service.client import TERMINAL, ApiClient, ApiError, default_token, write_token
+from service.core.config import Settings
+
+log = logging.getLogger("dst.service")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ApiUrl = Annotated[str, typer.Option("--api", envvar="DST_API_URL", help="REST API address")]
+Token = Annotated[str | None, typer.Option("--token", envvar="DST_API_TOKEN", help="API token")]
+
+
+def _client(api: str, token: str | None) -> ApiClient:
+    return ApiClient(api, token or default_token(Settings().storage_path))
+
+
+@contextmanager
+def running_api(settings: Settings) -> Iterator[str]:
+    """Start whatever the settings leave unconfigured (local Ray, local MLflow), then the API
+    in a background thread; yield its address; stop everything on exit."""
+    import uvicorn
+
+    from service.execution import RayExecutor
+    from service.local import LocalServices
+    from service.main import create_app
+    from service.tracking import MlflowTracker
+
+    with LocalServices() as local:
+        ray_address = settings.ray_address or local.start_ray()
+        mlflow_uri = settings.mlflow_tracking_uri or local.start_mlflow(
+            settings.storage_path / "mlflow"
+        )
+        settings = settings.model_copy(
+            update={"ray_address": ray_address, "mlflow_tracking_uri": mlflow_uri}
+        )
+        env = {
+            "DST_DATABASE_URL": settings.database_url,
+            "DST_STORAGE_PATH": str(settings.storage_path),
+            "DST_MLFLOW_TRACKING_URI": mlflow_uri,
+            "MLFLOW_TRACKING_URI": mlflow_uri,
+        }
+        executor = RayExecutor(ray_address, job_python=sys.executable, env=env)
+        api = create_app(settings, executor=executor, tracker=MlflowTracker(mlflow_uri))
+        server = uvicorn.Server(
+            uvicorn.Config(api, host=settings.host, port=settings.port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        url = f"http://{settings.host}:{settings.port}"
+        try:
+            client = ApiClient(url, None)
+            deadline = time.monotonic() + 60
+            while not client.healthy():
+                if time.monotonic() > deadline or not thread.is_alive():
+                    raise RuntimeError(f"the API did not start on {url}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (default: settings)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: settings)")] = None,
+) -> None:
+    """Run the REST API; start a local Ray and MLflow server if none is configured."""
+    settings = Settings()
+    updates: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v}
+    settings = settings.model_copy(update=updates)
+    settings.storage_path.mkdir(parents=True, exist_ok=True)
+    path = write_token(settings.storage_path, settings.api_token.get_secret_value())
+    with running_api(settings) as url:
+        typer.echo(f"DST Lab API on {url} (docs: {url}/docs); token in {path}")
+        typer.echo("Ctrl-C to stop")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            typer.echo("stopping")
+
+
+def wait_for(client: ApiClient, experiment_id: str, poll: float = 1.0) -> dict[str, Any]:
+    """Show a finished/total progress bar until the experiment ends; return its last state."""
+    experiment = client.experiment(experiment_id)
+    with tqdm(total=experiment["n_trials"], desc=experiment["name"], unit="trial") as bar:
+        while True:
+            counts = experiment["trial_counts"]
+            done = sum(counts.get(s, 0) for s in TERMINAL)
+            bar.n = done
+            bar.set_postfix(running=counts.get("running", 0), status=experiment["status"])
+            bar.refresh()
+            if experiment["status"] in TERMINAL:
+                return experiment
+            time.sleep(poll)
+            experiment = client.experiment(experiment_id)
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The results rows as an aligned text table."""
+    columns = ("mode", "criterion", "growth", "density", "Δt", "seeds", "test acc", "test loss")
+    widths = (7, 13, 9, 8, 6, 5, 17, 17)
+    header = " ".join(f"{c:<{w}}" for c, w in zip(columns, widths, strict=True))
+    lines = [header, "-" * len(header)]
+    for r in results["rows"]:
+        cells = (
+            r["mode"],
+            r["criterion"] or "-",
+            r["growth"] or "-",
+            f"{r['density']:.3g}",
+            str(r["update_period"] or "-"),
+            str(r["seeds"]),
+            f"{r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f}",
+            f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}",
+        )
+        lines.append(" ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)))
+    return "\n".join(lines)
+
+
+@app.command()
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="study spec (YAML or JSON)")],
+    wait: Annotated[bool, typer.Option(help="wait and show progress, then the results")] = False,
+    idempotency_key: Annotated[str | None, typer.Option(help="retry-safe submission key")] = None,
+    api: ApiUrl = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Submit a study to the REST API."""
+    client = _client(api, token)
+    try:
+        created = client.submit(yaml.safe_load(spec_path.read_text()), idempotency_key)
+        typer.echo(
+            f"experiment {created['id']}: {created['status']} ({created['n_trials']} trials)"
+        )
+        if wait:
+            final = wait_for(client, created["id"])
+            typer.echo(f"status: {final['status']}")
+            typer.echo(results_table(client.results(created["id"])))
+    except (ApiError, OSError) as error:
+        raise fail(str(error)) from None
+
+
+@app.command()
+def status(
+    experiment_id: Annotated[str | None, typer.Argument(help="omit to list experiments")] = None,
+    api: ApiUrl = "http://127.0.0.1:8000",
+    token: Token = None,
+) -> None:
+    """Show one experiment with its trials, or list experiments."""
+    client = _client(api, token)
+    try:
+        if experiment_id is None:
+            for e in client.experiments()["items"]:
+                typer.echo(f"{e['id']}  {e['status']:<10} {e['n_trials']:>4} trials  {e['name']}")
+            return
+        e = client.experiment(experiment_id)
+        typer.echo(f"{e['id']}  {e['name']}  {e['status']}  {e['trial_counts']}")
+        if e.get("mlflow", {}).get("parent_run_url"):
+            typer.echo(f"MLflow: {e['mlflow']['parent_run_url']}")
+        for t in client.trials(experiment_id):
+            acc = (t.get("metrics") or {}).get("test_acc")
+            acc_text = f"test_acc={acc:.4f}" if acc is not None else ""
+            progress = f"epoch {t['epoch']}/{t['epochs']}"
+            typer.echo(f"  {t['index']:>4} {t['state']:<10} {progress}  {t['label']}  {acc_text}")
+    except ApiError as error:
+        raise fail(str(error)) from None
+
+
+@app.command()
+def cancel(experiment_id: str, api: ApiUrl = "http://127.0.0.1:8000", token: Token = None) -> None:
+    """Cancel a running experiment."""
+    try:
+        e = _client(api, token).cancel(experiment_id)
+    except ApiError as error:
+        raise fail(str(error)) from None
+    typer.echo(f"{e['id']}: {e['status']}")
+
+
+@app.command()
+def results(experiment_id: str, api: ApiUrl = "http://127.0.0.1:8000", token: Token = None) -> None:
+    """Final test accuracy and loss, mean ± std over seeds, per configuration."""
+    try:
+        typer.echo(results_table(_client(api, token).results(experiment_id)))
+    except ApiError as error:
+        raise fail(str(error)) from None
+
+
+@app.command()
+def demo(
+    spec_path: Annotated[Path, typer.Option("--spec", help="study to run")] = EXAMPLES
+    / "demo.yaml",
+    keep_open: Annotated[
+        bool, typer.Option(help="keep API, Ray and MLflow up until Ctrl-C")
+    ] = False,
+) -> None:
+    """Start everything locally, run a real small study on digits over REST, show results."""
+    from service.local import free_port
+
+    base = Settings()
+    storage = base.storage_path / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    storage.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    settings = Settings(
+        storage_path=storage,
+        database_url=f"sqlite:///{storage / 'dstlab.db'}",
+        api_token=token,
+        port=free_port(),
+    )
+    typer.echo(f"starting local Ray, MLflow and the API (state in {storage}) ...")
+    with running_api(settings) as url:
+        client = ApiClient(url, token)
+        created = client.submit(yaml.safe_load(spec_path.read_text()), idempotency_key="demo")
+        typer.echo(f"submitted experiment {created['id']} ({created['n_trials']} trials) to {url}")
+        final = wait_for(client, created["id"])
+        typer.echo(f"status: {final['status']}")
+        typer.echo(results_table(client.results(created["id"])))
+        mlflow = final.get("mlflow") or {}
+        typer.echo(f"MLflow UI: {mlflow.get('experiment_url') or mlflow.get('tracking_uri')}")
+        if keep_open:
+            typer.echo("services stay up; Ctrl-C to stop")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+    typer.echo(
+        "stopped. Browse the runs again with: "
+        f"uv run mlflow ui --backend-store-uri sqlite:///{storage / 'mlflow' / 'mlflow.db'}"
+    )
+    if final["status"] != "succeeded":
+        raise typer.Exit(code=1)

@@ -1,0 +1,97 @@
+"""A small client of the DST Lab REST API (used by the CLI and the demo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def token_file(storage_path: Path) -> Path:
+    """Where ``dst serve`` leaves its generated token for local CLI use (mode 0600)."""
+    return storage_path / "api-token"
+
+
+def write_token(storage_path: Path, token: str) -> Path:
+    path = token_file(storage_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_text(token)
+    return path
+
+
+def default_token(storage_path: Path) -> str | None:
+    """``$DST_API_TOKEN``, else the token file of a local ``dst serve``."""
+    if token := os.environ.get("DST_API_TOKEN"):
+        return token
+    path = token_file(storage_path)
+    return path.read_text().strip() if path.exists() else None
+
+
+class ApiError(RuntimeError):
+    """A non-2xx answer; the message carries the API's detail."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        self.status, self.detail = status, detail
+        super().__init__(f"HTTP {status}: {format_detail(detail)}")
+
+
+def format_detail(detail: Any) -> str:
+    """FastAPI's 422 list as ``field.path: message`` lines; anything else as text."""
+    if isinstance(detail, list):
+        return "\n".join(
+            f"  {'.'.join(str(p) for p in item.get('loc', []) if p != 'body')}: {item.get('msg')}"
+            for item in detail
+        )
+    return str(detail)
+
+
+class ApiClient:
+    """Typed-enough wrapper over httpx for the experiment endpoints."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self.http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ApiError(response.status_code, detail)
+        return response.json()
+
+    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return dict(self._call("POST", "/experiments", json=spec, headers=headers))
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/experiments/{experiment_id}"))
+
+    def experiments(self, status: str | None = None, limit: int = 20) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        return dict(self._call("GET", "/experiments", params=params))
+
+    def trials(self, experiment_id: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/experiments/{experiment_id}/trials"))
+
+    def cancel(self, experiment_id: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/experiments/{experiment_id}/cancel"))
+
+    def results(self, experiment_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/experiments/{experiment_id}/results"))
+
+    def healthy(self) -> bool:
+        try:
+            return self.http.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False

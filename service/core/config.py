@@ -1,0 +1,59 @@
+"""Service settings (pydantic-settings, environment prefix ``DST_``).
+
+With nothing configured the service runs on embedded defaults: a SQLite database under the
+storage path, and ``dst serve`` starts a local Ray head and a local MLflow server. A cluster
+sets ``DST_DATABASE_URL`` (PostgreSQL), ``DST_RAY_ADDRESS`` (the Ray dashboard / Jobs API
+address), ``DST_MLFLOW_TRACKING_URI`` and ``DST_API_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _random_token() -> SecretStr:
+    return SecretStr(secrets.token_urlsafe(32))
+
+
+class Settings(BaseSettings):
+    """Everything the API, the Ray job drivers and the trials need to know about the system."""
+
+    model_config = SettingsConfigDict(env_prefix="DST_", extra="ignore", validate_default=True)
+
+    storage_path: Path = Field(
+        Path("~/.dst-lab"), description="local state: SQLite database, Tune results, MLflow"
+    )
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite in storage_path")
+    ray_address: str | None = Field(
+        None, description="Ray Jobs API address (http://head:8265); unset: start a local Ray"
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking server; unset: start a local MLflow server"
+    )
+    api_token: SecretStr = Field(
+        default_factory=_random_token, description="bearer token; unset: a random one"
+    )
+    max_trials: int = Field(1000, ge=1, description="largest study (trials) the API accepts")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    reconcile_interval_s: float = Field(
+        5.0, gt=0, description="how often the API syncs experiment states with Ray"
+    )
+    job_python: str = Field(
+        "python", description="the Python that Ray jobs run the driver with (on the cluster)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_database(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            storage = Path(data.get("storage_path") or "~/.dst-lab").expanduser()
+            data["storage_path"] = storage
+            if not data.get("database_url"):
+                data["database_url"] = f"sqlite:///{storage / 'dstlab.db'}"
+        return data

@@ -1,0 +1,217 @@
+"""Reads and writes of experiments and trials. Callers own the session and commit.
+
+State changes are guarded: an experiment moves only along its lifecycle
+(queued -> submitted -> running -> succeeded | failed, with cancelling -> cancelled from any
+live state), and a trial in a terminal state never changes state again, so a late report from
+a stopping trial cannot undo a cancellation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from dst.spec import RunSpec
+from service.db import TERMINAL_STATES, Experiment, Trial, utcnow
+from service.study import TrialPlan
+
+LIVE_EXPERIMENT_STATES = ("queued", "submitted", "running", "cancelling")
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"submitted", "running", "cancelled", "failed"}),
+    "submitted": frozenset({"running", "cancelling", "succeeded", "failed", "cancelled"}),
+    "running": frozenset({"cancelling", "succeeded", "failed", "cancelled"}),
+    "cancelling": frozenset({"cancelled", "failed"}),
+}
+TRIAL_FIELDS = frozenset(
+    {"state", "epoch", "epochs", "mlflow_run_id", "error", "started_at", "finished_at"}
+)
+
+
+def create_experiment(
+    session: Session,
+    *,
+    experiment_id: str,
+    name: str,
+    spec_json: str,
+    plans: Sequence[TrialPlan],
+    idempotency_key: str | None = None,
+) -> Experiment:
+    """A queued experiment with one pending trial per plan (flushed, not committed)."""
+    experiment = Experiment(
+        id=experiment_id,
+        name=name,
+        status="queued",
+        spec_json=spec_json,
+        idempotency_key=idempotency_key,
+        n_trials=len(plans),
+    )
+    experiment.trials = [
+        Trial(
+            index=plan.index,
+            label=plan.label,
+            spec_json=plan.spec.model_dump_json(),
+            state="pending",
+            epoch=0,
+            epochs=plan.spec.training.epochs,
+        )
+        for plan in plans
+    ]
+    session.add(experiment)
+    session.flush()
+    return experiment
+
+
+def get_experiment(session: Session, experiment_id: str) -> Experiment | None:
+    return session.get(Experiment, experiment_id)
+
+
+def get_by_idempotency_key(session: Session, key: str) -> Experiment | None:
+    return session.scalar(select(Experiment).where(Experiment.idempotency_key == key))
+
+
+def list_experiments(
+    session: Session, *, status: str | None = None, offset: int = 0, limit: int = 50
+) -> tuple[list[Experiment], int]:
+    """A page of experiments, newest first, and the total matching ``status``."""
+    query = select(Experiment)
+    count = select(func.count()).select_from(Experiment)
+    if status is not None:
+        query = query.where(Experiment.status == status)
+        count = count.where(Experiment.status == status)
+    query = query.order_by(Experiment.created_at.desc(), Experiment.id).offset(offset).limit(limit)
+    return list(session.scalars(query)), int(session.scalar(count) or 0)
+
+
+def live_experiments(session: Session) -> list[Experiment]:
+    """Experiments that are not finished (what the reconciler looks after)."""
+    query = select(Experiment).where(Experiment.status.in_(LIVE_EXPERIMENT_STATES))
+    return list(session.scalars(query.order_by(Experiment.created_at)))
+
+
+def set_experiment_status(
+    session: Session,
+    experiment_id: str,
+    status: str,
+    *,
+    error: str | None = None,
+    only_from: Sequence[str] | None = None,
+) -> bool:
+    """Move an experiment to ``status`` if its lifecycle allows it; True if it moved.
+
+    The update is one conditional statement, so concurrent writers (the API, the job driver)
+    cannot both move it.
+    """
+    allowed_from = [s for s, targets in TRANSITIONS.items() if status in targets]
+    if only_from is not None:
+        allowed_from = [s for s in allowed_from if s in only_from]
+    values: dict[str, Any] = {"status": status, "updated_at": utcnow()}
+    if status in TERMINAL_STATES:
+        values["finished_at"] = utcnow()
+    if error is not None:
+        values["error"] = error
+    result = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status.in_(allowed_from))
+        .values(**values)
+        .execution_options(synchronize_session="fetch")
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def set_error(session: Session, experiment_id: str, error: str | None) -> None:
+    session.execute(update(Experiment).where(Experiment.id == experiment_id).values(error=error))
+
+
+def set_mlflow_ids(
+    session: Session, experiment_id: str, mlflow_experiment_id: str, parent_run_id: str
+) -> None:
+    session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id)
+        .values(mlflow_experiment_id=mlflow_experiment_id, mlflow_parent_run_id=parent_run_id)
+    )
+
+
+def list_trials(session: Session, experiment_id: str) -> list[Trial]:
+    query = select(Trial).where(Trial.experiment_id == experiment_id).order_by(Trial.index)
+    return list(session.scalars(query))
+
+
+def trial_counts_by_state(session: Session, experiment_id: str) -> dict[str, int]:
+    query = (
+        select(Trial.state, func.count())
+        .where(Trial.experiment_id == experiment_id)
+        .group_by(Trial.state)
+    )
+    return {state: int(n) for state, n in session.execute(query)}
+
+
+def update_trial(
+    session: Session,
+    experiment_id: str,
+    index: int,
+    *,
+    metrics: dict[str, float] | None = None,
+    **fields: Any,
+) -> bool:
+    """Update one trial's columns (and its latest ``metrics``); True if a row changed.
+
+    A trial in a terminal state keeps its state, whatever a late report says.
+    """
+    unknown = set(fields) - TRIAL_FIELDS
+    if unknown:
+        raise ValueError(f"unknown trial fields {sorted(unknown)}; allowed: {sorted(TRIAL_FIELDS)}")
+    values: dict[str, Any] = dict(fields, updated_at=utcnow())
+    if metrics is not None:
+        values["metrics_json"] = json.dumps(metrics)
+    query = update(Trial).where(Trial.experiment_id == experiment_id, Trial.index == index)
+    if "state" in fields:
+        query = query.where(Trial.state.not_in(TERMINAL_STATES))
+    result = session.execute(query.values(**values).execution_options(synchronize_session=False))
+    session.expire_all()
+    return bool(getattr(result, "rowcount", 0))
+
+
+def finish_unfinished_trials(
+    session: Session, experiment_id: str, state: str, error: str | None = None
+) -> int:
+    """Move every pending or running trial to ``state``; the number moved."""
+    values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "updated_at": utcnow()}
+    if error is not None:
+        values["error"] = error
+    result = session.execute(
+        update(Trial)
+        .where(Trial.experiment_id == experiment_id, Trial.state.in_(("pending", "running")))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.expire_all()
+    return int(getattr(result, "rowcount", 0))
+
+
+def trial_metrics(trial: Trial) -> dict[str, float] | None:
+    return json.loads(trial.metrics_json) if trial.metrics_json else None
+
+
+def succeeded_runs(session: Session, experiment_id: str) -> list[tuple[RunSpec, dict[str, float]]]:
+    """(run spec, final metrics) of every succeeded trial, for the results table."""
+    out = []
+    for trial in list_trials(session, experiment_id):
+        metrics = trial_metrics(trial)
+        if trial.state == "succeeded" and metrics is not None:
+            out.append((RunSpec.model_validate_json(trial.spec_json), metrics))
+    return out
+
+
+def as_aware(moment: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything we store is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    from datetime import UTC
+
+    return moment.replace(tzinfo=UTC)

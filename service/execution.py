@@ -1,0 +1,98 @@
+"""Submitting experiments to Ray as Ray Jobs (Jobs API), one job per experiment.
+
+The job's ``submission_id`` is the experiment id, so a retried submission can never start the
+same experiment twice: Ray rejects a second job with that id and we treat it as already done.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+log = logging.getLogger(__name__)
+# `ray job stop` sends the driver SIGINT (Tune's graceful stop: trials stop, state is saved)
+# and waits this long before killing it.
+# Ray's `uv run` hook would upload the working directory (with its .venv) to every worker;
+# the cluster's workers already have the environment.
+JOB_ENV = {
+    "RAY_JOB_STOP_SIGNAL": "SIGINT",
+    "RAY_JOB_STOP_WAIT_TIME_S": "60",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+}
+
+
+class RayExecutor:
+    """Runs each experiment as a Ray Job whose driver (``service.driver``) runs Ray Tune."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        job_python: str = "python",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.address = address
+        self.job_python = job_python
+        self.env = dict(env or {})  # handed to the driver and trials (DB URL, MLflow URI, ...)
+        self._client: JobSubmissionClient | None = None
+
+    @property
+    def client(self) -> JobSubmissionClient:
+        if self._client is None:
+            self._client = JobSubmissionClient(self.address)
+        return self._client
+
+    def entrypoint(self, experiment_id: str) -> str:
+        """The shell command the Ray Job runs."""
+        return (
+            f"{shlex.quote(self.job_python)} -m service.driver "
+            f"--experiment-id {shlex.quote(experiment_id)}"
+        )
+
+    def submit(self, experiment_id: str, spec_json: str) -> None:
+        """Submit the experiment's driver job; a job that already exists is left alone.
+
+        The driver reads the spec from the database, so ``spec_json`` is not passed on the
+        command line (it only documents what was submitted, in the job's metadata size limits).
+        """
+        if self.status(experiment_id) is not None:
+            log.info("job %s already exists; not submitting again", experiment_id)
+            return
+        self.client.submit_job(
+            entrypoint=self.entrypoint(experiment_id),
+            submission_id=experiment_id,
+            runtime_env={"env_vars": self.env | JOB_ENV},
+            metadata={"dst_experiment_id": experiment_id},
+            entrypoint_num_cpus=0,
+        )
+        log.info("submitted Ray job %s", experiment_id)
+
+    def status(self, experiment_id: str) -> str | None:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED; None if Ray has no such job."""
+        try:
+            status: JobStatus = self.client.get_job_status(experiment_id)
+        except RuntimeError as error:  # the Jobs API answers 404 as RuntimeError
+            if "does not exist" in str(error) or "404" in str(error):
+                return None
+            raise
+        return str(status.value)
+
+    def stop(self, experiment_id: str) -> None:
+        """Ask the job to stop: the driver gets SIGTERM and lets Tune save its state."""
+        if self.status(experiment_id) in ("PENDING", "RUNNING"):
+            self.client.stop_job(experiment_id)
+
+    def logs(self, experiment_id: str) -> str:
+        """The driver's output (for debugging failed experiments)."""
+        return str(self.client.get_job_logs(experiment_id))
+
+    def ping(self) -> bool:
+        """True when the Ray Jobs API answers."""
+        try:
+            self.client.list_jobs()
+        except Exception:
+            self._client = None
+            return False
+        return True

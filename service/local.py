@@ -1,0 +1,137 @@
+"""Embedded defaults: a local Ray head (with the dashboard the Jobs API needs) and a local
+MLflow tracking server on SQLite, started as child process groups and stopped on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen
+) -> None:
+    """Poll ``check`` until it is true; fail early if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not become ready within {timeout:.0f} s")
+
+
+def _http_ok(url: str) -> bool:
+    return httpx.get(url, timeout=2.0).status_code == 200
+
+
+@dataclass
+class LocalServices:
+    """Child processes started for the embedded configuration; :meth:`stop` ends them all."""
+
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    temp_dirs: list[Path] = field(default_factory=list)
+    ray_address: str | None = None
+    mlflow_uri: str | None = None
+
+    def start_ray(self, num_cpus: int | None = None, object_store_mb: int = 256) -> str:
+        """Start a local Ray head with the dashboard; return the Jobs API address."""
+        port, dashboard = free_port(), free_port()
+        temp = Path(tempfile.mkdtemp(prefix="dstray-", dir="/tmp"))  # short: Ray's socket paths
+        self.temp_dirs.append(temp)
+        cmd = [
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+            f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}", f"--object-store-memory={object_store_mb * 2**20}",
+            f"--temp-dir={temp}", "--disable-usage-stats",
+        ]  # fmt: skip
+        if num_cpus is not None:
+            cmd.append(f"--num-cpus={num_cpus}")
+        env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+        proc = self._spawn("ray", cmd, env)
+        address = f"http://127.0.0.1:{dashboard}"
+        wait_until(lambda: _http_ok(f"{address}/api/version"), "Ray", 120, proc)
+        wait_until(lambda: _http_ok(f"{address}/api/jobs/"), "Ray Jobs API", 60, proc)
+        self.ray_address = address
+        log.info("local Ray head at %s", address)
+        return address
+
+    def start_mlflow(self, storage: Path, backend_store_uri: str | None = None) -> str:
+        """Start ``mlflow server`` (SQLite by default) with a local artifact directory."""
+        storage.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        backend = backend_store_uri or f"sqlite:///{storage / 'mlflow.db'}"
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", backend,
+            "--artifacts-destination", str(storage / "mlartifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ]  # fmt: skip
+        proc = self._spawn("mlflow", cmd, dict(os.environ))
+        uri = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _http_ok(f"{uri}/health"), "MLflow server", 120, proc)
+        self.mlflow_uri = uri
+        log.info("local MLflow server at %s", uri)
+        return uri
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        self.processes.append((name, proc))
+        return proc
+
+    def stop(self) -> None:
+        """Terminate every started process group (then kill what is left) and clean up."""
+        for name, proc in reversed(self.processes):
+            _terminate_group(name, proc)
+        self.processes.clear()
+        for temp in self.temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+        self.temp_dirs.clear()
+
+    def __enter__(self) -> LocalServices:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _terminate_group(name: str, proc: subprocess.Popen, grace: float = 8.0) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", name, grace)
+        except ProcessLookupError:
+            pass
+    with contextlib.suppress(ProcessLookupError):  # what the group left behind (raylet, ...)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

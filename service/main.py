@@ -1,0 +1,88 @@
+"""The FastAPI application: routes, lifespan (migrations, reconciler loop), wiring.
+
+``create_app(settings, executor, tracker)`` builds the app around explicit collaborators (the
+CLI and the tests pass their own); ``app_factory`` builds it from the environment alone, for
+``uvicorn --factory service.main:app_factory`` on a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+from fastapi import Depends, FastAPI
+
+from service.api.deps import require_token
+from service.api.routes import experiments, health
+from service.core.config import Settings
+from service.db import make_engine, upgrade_database
+from service.lifecycle import Executor, Services, Tracker, reconcile
+
+log = logging.getLogger(__name__)
+
+
+async def _reconcile_forever(services: Services, interval: float) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(reconcile, services)
+        except Exception:
+            log.exception("reconcile pass failed")
+        await asyncio.sleep(interval)
+
+
+def create_app(
+    settings: Settings, executor: Executor | None = None, tracker: Tracker | None = None
+) -> FastAPI:
+    """The API over ``settings``; default executor and tracker come from the settings."""
+    if executor is None or tracker is None:
+        if not settings.ray_address or not settings.mlflow_tracking_uri:
+            raise ValueError(
+                "DST_RAY_ADDRESS and DST_MLFLOW_TRACKING_URI must be set "
+                "(or use `dst serve`, which starts local ones)"
+            )
+        from service.execution import RayExecutor
+        from service.tracking import MlflowTracker
+
+        env = {
+            "DST_DATABASE_URL": settings.database_url,
+            "DST_STORAGE_PATH": str(settings.storage_path),
+            "DST_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+        }
+        executor = executor or RayExecutor(
+            settings.ray_address, job_python=settings.job_python, env=env
+        )
+        tracker = tracker or MlflowTracker(settings.mlflow_tracking_uri)
+    engine = make_engine(settings.database_url)
+    services = Services(engine=engine, executor=executor, tracker=tracker)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(upgrade_database, engine)
+        task = asyncio.create_task(_reconcile_forever(services, settings.reconcile_interval_s))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            engine.dispose()
+
+    app = FastAPI(
+        title="DST Lab",
+        summary="Run dynamic sparse training studies as Ray Tune trials, tracked in MLflow.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.services = services
+    app.include_router(health.router)
+    app.include_router(experiments.router, dependencies=[Depends(require_token)])
+    return app
+
+
+def app_factory() -> FastAPI:
+    """The app configured from the environment (``DST_*``) only."""
+    return create_app(Settings())

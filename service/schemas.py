@@ -1,0 +1,87 @@
+"""Response bodies of the REST API (requests are :class:`service.study.StudySpec`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+ExperimentStatus = Literal[
+    "queued", "submitted", "running", "cancelling", "succeeded", "failed", "cancelled"
+]
+TrialState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+
+
+class MlflowLinks(BaseModel):
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+    parent_run_id: str | None = None
+    experiment_url: str | None = None
+    parent_run_url: str | None = None
+
+
+class ExperimentOut(BaseModel):
+    id: str
+    name: str
+    status: ExperimentStatus
+    n_trials: int
+    trial_counts: dict[str, int] = Field(description="trials by state")
+    tags: dict[str, str]
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    mlflow: MlflowLinks
+
+
+class ExperimentPage(BaseModel):
+    items: list[ExperimentOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class TrialOut(BaseModel):
+    index: int
+    label: str
+    state: TrialState
+    epoch: int
+    epochs: int | None
+    params: dict[str, Any] = Field(description="the trial's run spec, flattened")
+    metrics: dict[str, float] | None = Field(description="latest epoch's metrics")
+    mlflow_run_id: str | None
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ResultRowOut(BaseModel):
+    mode: str
+    criterion: str | None
+    growth: str | None
+    density: float
+    update_period: int | None
+    seeds: int
+    test_acc_mean: float
+    test_acc_std: float
+    test_loss_mean: float
+    test_loss_std: float
+
+
+class ResultsOut(BaseModel):
+    experiment_id: str
+    status: ExperimentStatus
+    complete: bool = Field(description="every trial finished")
+    rows: list[ResultRowOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    ready: bool
+    database: bool
+    ray: bool
+    mlflow: bool

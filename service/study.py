@@ -1,0 +1,273 @@
+"""The study spec: a run spec plus a grid, expanded into trials (one run spec each).
+
+A study is what a researcher submits: the base run (model, dataset, training, sparsity, seed,
+device), a ``grid`` of lists over run fields expanded as a cartesian product, optional dense
+and static baselines added once per density and seed (as in the paper's figures), and the
+resources each trial gets on the cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from dst.spec import RunSpec, SparsitySpec, set_path
+
+# Sparsity fields that only matter for DST; baselines reset them so duplicates collapse.
+DST_ONLY_FIELDS = (
+    "criterion",
+    "growth",
+    "prune_fraction",
+    "schedule",
+    "update_period",
+    "stop_step",
+    "scope",
+    "mest_lambda",
+)
+RUN_FIELDS = ("model", "dataset", "seed", "device")
+SECTIONS = {"training", "sparsity", "data"}
+MAX_GRID = 100_000  # hard cap before expansion; the API's DST_MAX_TRIALS is usually lower
+
+
+def grid_fields() -> list[str]:
+    """Every field path a grid may range over (``seed``, ``sparsity.density``, ...)."""
+    fields = list(RUN_FIELDS)
+    for section in sorted(SECTIONS):
+        model = RunSpec.model_fields[section].annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        fields += [f"{section}.{name}" for name in model.model_fields]
+    return fields
+
+
+def canonical_path(key: str) -> str:
+    """``criterion`` -> ``sparsity.criterion``: sparsity fields may be named without section."""
+    if "." not in key and key in SparsitySpec.model_fields:
+        return f"sparsity.{key}"
+    return key
+
+
+class Resources(BaseModel):
+    """What each trial gets on the Ray cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpus_per_trial: float = Field(1.0, gt=0, description="fractional CPUs allowed")
+    gpus_per_trial: float = Field(0.0, ge=0, description="fractional GPUs allowed")
+    workers_per_trial: int = Field(1, ge=1, description=">1 runs a Ray Train DDP trainer")
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class Baselines(BaseModel):
+    """Baselines added once per density and seed (static) or per seed (dense)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dense: bool = False
+    static: bool = False
+
+
+class StudySpec(RunSpec):
+    """A run spec plus grid, baselines, tags and resources."""
+
+    name: str = Field(..., min_length=1, max_length=200)
+    tags: dict[str, str] = Field(default_factory=dict)
+    resources: Resources = Resources()
+    baselines: Baselines = Baselines()
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid")
+    @classmethod
+    def _check_grid(cls, grid: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
+        allowed = grid_fields()
+        base = {k: v for k, v in info.data.items() if k in RunSpec.model_fields}
+        base_json = _dump(base)
+        base_valid = _is_valid_run(base_json)  # else the base's own errors say why
+        out: dict[str, list[Any]] = {}
+        for key, values in grid.items():
+            path = canonical_path(key)
+            if path not in allowed:
+                raise ValueError(
+                    f"unknown grid field {key!r}; allowed fields: {', '.join(allowed)}"
+                )
+            if path in out:
+                raise ValueError(f"grid field {path!r} is given twice")
+            if not values:
+                raise ValueError(f"grid field {key!r} has an empty list of values")
+            if base_valid:
+                for i, value in enumerate(values):
+                    _check_value(base_json, path, i, value)
+            out[path] = values
+        return out
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> StudySpec:
+        size = math.prod(len(v) for v in self.grid.values())
+        if size > MAX_GRID:
+            raise ValueError(f"the grid expands to {size} trials; at most {MAX_GRID} are allowed")
+        expand(self)  # every combination must be a valid run (e.g. model x dataset pairs)
+        return self
+
+    def base_run(self) -> dict[str, Any]:
+        """The run-spec part of this study as plain JSON data."""
+        return _dump({k: getattr(self, k) for k in RunSpec.model_fields})
+
+
+def _dump(fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in fields.items()
+    }
+
+
+def _check_value(base: dict[str, Any], path: str, index: int, value: Any) -> None:
+    data = json.loads(json.dumps(base))
+    set_path(data, path, value)
+    try:
+        RunSpec.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(
+            f"grid.{path}[{index}] = {value!r} is invalid: {_problems(error)}"
+        ) from None
+
+
+def _is_valid_run(data: dict[str, Any]) -> bool:
+    try:
+        RunSpec.model_validate(data)
+    except ValidationError:
+        return False
+    return True
+
+
+def _problems(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in error.errors()
+    )
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """One trial of a study: its index, a short label and its full run spec."""
+
+    index: int
+    label: str
+    spec: RunSpec
+
+
+def normalize(spec: RunSpec) -> RunSpec:
+    """Reset fields that do not affect a run of its mode (so equivalent baselines collapse)."""
+    if spec.sparsity.mode == "dst":
+        return spec
+    defaults = SparsitySpec()
+    changes: dict[str, Any] = {f: getattr(defaults, f) for f in DST_ONLY_FIELDS}
+    if spec.sparsity.mode == "dense":
+        changes |= {"density": 1.0, "init": None}
+    return spec.model_copy(update={"sparsity": spec.sparsity.model_copy(update=changes)})
+
+
+def _label(spec: RunSpec) -> str:
+    s = spec.sparsity
+    if s.mode == "dense":
+        return f"dense seed={spec.seed}"
+    if s.mode == "static":
+        return f"static density={s.density:g} seed={spec.seed}"
+    return f"{s.criterion}/{s.growth} density={s.density:g} Δt={s.update_period} seed={spec.seed}"
+
+
+def expand(study: StudySpec) -> list[TrialPlan]:
+    """The study's trials: the grid's cartesian product, then baselines, duplicates removed."""
+    base = study.base_run()
+    keys = list(study.grid)
+    runs: list[RunSpec] = []
+    for combo in itertools.product(*(study.grid[k] for k in keys)):
+        data = json.loads(json.dumps(base))
+        for key, value in zip(keys, combo, strict=True):
+            set_path(data, key, value)
+        try:
+            runs.append(normalize(RunSpec.model_validate(data)))
+        except ValidationError as error:
+            chosen = dict(zip(keys, combo, strict=True))
+            raise ValueError(f"grid combination {chosen} is invalid: {_problems(error)}") from None
+    for mode, wanted in (("static", study.baselines.static), ("dense", study.baselines.dense)):
+        if wanted:
+            runs += [_as_mode(r, mode) for r in runs if r.sparsity.mode == "dst"]
+    unique: dict[str, RunSpec] = {}
+    for run in runs:
+        unique.setdefault(run.model_dump_json(), run)
+    return [
+        TrialPlan(i, _label(spec), spec.model_copy(update={"name": f"{study.name}/{i}"}))
+        for i, spec in enumerate(unique.values())
+    ]
+
+
+def _as_mode(spec: RunSpec, mode: str) -> RunSpec:
+    sparsity = spec.sparsity.model_copy(update={"mode": mode})
+    return normalize(spec.model_copy(update={"sparsity": sparsity}))
+
+
+RESULT_KEYS = ("mode", "criterion", "growth", "density", "update_period")
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """Final test accuracy and loss of one configuration, mean ± std over seeds."""
+
+    mode: str
+    criterion: str | None
+    growth: str | None
+    density: float
+    update_period: int | None
+    seeds: int
+    test_acc_mean: float
+    test_acc_std: float
+    test_loss_mean: float
+    test_loss_std: float
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(finished: Iterable[tuple[RunSpec, dict[str, float]]]) -> list[ResultRow]:
+    """Group finished trials by mode × criterion × growth × density × Δt over seeds."""
+    groups: dict[tuple[Any, ...], list[dict[str, float]]] = {}
+    for spec, metrics in finished:
+        s = spec.sparsity
+        dst = s.mode == "dst"
+        key = (
+            s.mode,
+            s.criterion if dst else None,
+            s.growth if dst else None,
+            s.density,
+            s.update_period if dst else None,
+        )
+        groups.setdefault(key, []).append(metrics)
+    rows = []
+    for key, items in groups.items():
+        acc = [m["test_acc"] for m in items]
+        loss = [m["test_loss"] for m in items]
+        rows.append(
+            ResultRow(
+                *key,
+                seeds=len(items),
+                test_acc_mean=statistics.fmean(acc),
+                test_acc_std=_std(acc),
+                test_loss_mean=statistics.fmean(loss),
+                test_loss_std=_std(loss),
+            )
+        )
+    order = {"dense": 0, "static": 1, "dst": 2}
+    return sorted(rows, key=lambda r: (order[r.mode], r.density, r.criterion or "", r.growth or ""))

@@ -1,0 +1,227 @@
+"""The REST API over a real database, with Ray and MLflow unreachable.
+
+Nothing here needs a running Ray or MLflow: validation and authentication happen before either
+is touched, and a valid study whose launch fails stays stored as ``queued`` (the reconciler
+retries it), which is itself behaviour worth pinning down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.core.config import Settings
+from service.execution import RayExecutor
+from service.main import create_app
+from service.tracking import MlflowTracker
+
+TOKEN = "test-token-abcdef0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+UNREACHABLE = "http://127.0.0.1:9"
+
+
+def valid_study(**extra: Any) -> dict[str, Any]:
+    return {
+        "name": "api-test",
+        "model": "small-mlp",
+        "dataset": "digits",
+        "training": {"epochs": 1},
+        "sparsity": {"density": 0.1, "update_period": 10},
+        "grid": {"sparsity.criterion": ["magnitude", "snip"]},
+    } | extra
+
+
+@pytest.fixture
+def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    settings = Settings(
+        storage_path=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'api.db'}",
+        api_token=TOKEN,
+        max_trials=20,
+        reconcile_interval_s=3600,
+    )
+    app = create_app(settings, RayExecutor(UNREACHABLE), MlflowTracker(UNREACHABLE))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def stored(client: TestClient) -> int:
+    return int(client.get("/experiments", headers=AUTH).json()["total"])
+
+
+# --- authentication --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/experiments"),
+        ("POST", "/experiments"),
+        ("GET", "/experiments/abc"),
+        ("GET", "/experiments/abc/trials"),
+        ("POST", "/experiments/abc/cancel"),
+        ("GET", "/experiments/abc/results"),
+    ],
+)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+    ],
+    ids=["missing", "wrong", "basic-scheme", "no-scheme"],
+)
+def test_every_experiment_endpoint_needs_the_token(
+    client: TestClient, method: str, path: str, headers: dict[str, str]
+) -> None:
+    response = client.request(method, path, headers=headers, json=valid_study())
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert TOKEN not in response.text
+
+
+def test_right_token_is_accepted_and_health_needs_none(client: TestClient) -> None:
+    assert client.get("/experiments", headers=AUTH).status_code == 200
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/openapi.json").status_code == 200
+
+
+def test_readyz_reports_each_dependency(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json() == {"ready": False, "database": True, "ray": False, "mlflow": False}
+
+
+# --- validation: a table of invalid specs ------------------------------------------------------
+
+
+def with_(**changes: Any) -> dict[str, Any]:
+    spec = valid_study()
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = spec
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is DROP:
+            node.pop(leaf)
+        else:
+            node[leaf] = value
+    return spec
+
+
+DROP = object()
+MANY_SEEDS = {"sparsity.criterion": ["magnitude", "snip"], "seed": list(range(11))}
+
+INVALID: list[tuple[str, dict[str, Any], list[Any], str]] = [
+    ("unknown model", with_(model="gpt-5"), ["body", "model"], "small-mlp"),
+    ("unknown dataset", with_(dataset="mnist-but-not"), ["body", "dataset"], "digits"),
+    ("unknown criterion", with_(sparsity__criterion="biggest"), ["body", "sparsity", "criterion"], "magnitude"),
+    ("unknown growth", with_(sparsity__growth="hebbian"), ["body", "sparsity", "growth"], "gradient"),
+    ("unknown schedule", with_(sparsity__schedule="step"), ["body", "sparsity", "schedule"], "cosine"),
+    ("unknown init", with_(sparsity__init="xavier"), ["body", "sparsity", "init"], "erk"),
+    ("density zero", with_(sparsity__density=0), ["body", "sparsity", "density"], "greater than 0"),
+    ("density above one", with_(sparsity__density=1.5), ["body", "sparsity", "density"], "less than or equal to 1"),
+    ("prune fraction one", with_(sparsity__prune_fraction=1.0), ["body", "sparsity", "prune_fraction"], "less than 1"),
+    ("update period zero", with_(sparsity__update_period=0), ["body", "sparsity", "update_period"], "greater than or equal to 1"),
+    ("epochs zero", with_(training__epochs=0), ["body", "training", "epochs"], "greater than or equal to 1"),
+    ("negative seed", with_(seed=-1), ["body", "seed"], "greater than or equal to 0"),
+    ("bad device", with_(device="tpu"), ["body", "device"], "cuda"),
+    ("missing name", with_(name=DROP), ["body", "name"], "required"),
+    ("unknown field", with_(colour="red"), ["body", "colour"], "not permitted"),
+    ("unknown sparsity field", with_(sparsity__sparsness=0.1), ["body", "sparsity", "sparsness"], "not permitted"),
+    ("zero cpus", with_(resources__cpus_per_trial=0), ["body", "resources", "cpus_per_trial"], "greater than 0"),
+    ("zero workers", with_(resources__workers_per_trial=0), ["body", "resources", "workers_per_trial"], "greater than or equal to 1"),
+    ("empty grid list", with_(grid={"sparsity.density": []}), ["body", "grid"], "empty list"),
+    ("grid over unknown field", with_(grid={"sparsity.colour": [1]}), ["body", "grid"], "allowed fields"),
+    ("bad grid value", with_(grid={"sparsity.criterion": ["snip", "biggest"]}), ["body", "grid"], "grid.sparsity.criterion[1]"),
+    ("grid density out of range", with_(grid={"density": [0.1, 2]}), ["body", "grid"], "grid.sparsity.density[1]"),
+    ("incompatible model and dataset", with_(model="small-cnn", dataset="breast_cancer"), ["body"], "tabular"),
+    ("incompatible grid combination", with_(grid={"model": ["small-cnn"], "dataset": ["digits", "breast_cancer"]}), ["body"], "grid combination"),
+    ("too many trials", with_(grid=MANY_SEEDS), ["body", "grid"], "limit is 20"),
+    ("baselines typo", with_(baselines={"dens": True}), ["body", "baselines", "dens"], "not permitted"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("spec", "loc", "needle"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID]
+)
+def test_invalid_specs_are_422_with_the_field_path_and_nothing_is_stored(
+    client: TestClient, spec: dict[str, Any], loc: list[Any], needle: str
+) -> None:
+    response = client.post("/experiments", json=spec, headers=AUTH)
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    matching = [e for e in errors if e["loc"] == loc]
+    assert matching, f"no error at {loc}: {errors}"
+    assert any(needle in e["msg"] for e in matching), matching
+    assert stored(client) == 0
+
+
+def test_invalid_specs_table_is_large_enough() -> None:
+    assert len(INVALID) >= 15
+
+
+# --- storing and reading -----------------------------------------------------------------------
+
+
+def test_a_study_whose_launch_fails_stays_queued_with_its_trials(client: TestClient) -> None:
+    response = client.post("/experiments", json=valid_study(), headers=AUTH)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["status"] == "queued" and body["n_trials"] == 2
+    assert body["trial_counts"] == {"pending": 2}
+    assert "launch failed" in body["error"]
+    trials = client.get(f"/experiments/{body['id']}/trials", headers=AUTH).json()
+    assert [t["params"]["sparsity.criterion"] for t in trials] == ["magnitude", "snip"]
+    assert all(t["state"] == "pending" and t["epoch"] == 0 and t["epochs"] == 1 for t in trials)
+    results = client.get(f"/experiments/{body['id']}/results", headers=AUTH).json()
+    assert results == {
+        "experiment_id": body["id"],
+        "status": "queued",
+        "complete": False,
+        "rows": [],
+    }
+
+
+def test_idempotency_key_returns_the_same_experiment(client: TestClient) -> None:
+    headers = AUTH | {"Idempotency-Key": "retry-me"}
+    first = client.post("/experiments", json=valid_study(), headers=headers)
+    second = client.post("/experiments", json=valid_study(), headers=headers)
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert first.json()["id"] == second.json()["id"]
+    other = client.post("/experiments", json=valid_study(), headers=AUTH)
+    assert other.json()["id"] != first.json()["id"]
+    assert stored(client) == 2
+
+
+def test_list_is_paginated_and_filtered_by_status(client: TestClient) -> None:
+    ids = [
+        client.post("/experiments", json=valid_study(name=f"s{i}"), headers=AUTH).json()["id"]
+        for i in range(3)
+    ]
+    cancelled = client.post(f"/experiments/{ids[0]}/cancel", headers=AUTH).json()
+    assert cancelled["status"] == "cancelled"  # queued: cancelled at once
+    assert cancelled["trial_counts"] == {"cancelled": 2}
+    page = client.get("/experiments", params={"limit": 2}, headers=AUTH).json()
+    assert page["total"] == 3 and len(page["items"]) == 2
+    rest = client.get("/experiments", params={"limit": 2, "offset": 2}, headers=AUTH).json()
+    assert {e["id"] for e in page["items"] + rest["items"]} == set(ids)
+    queued = client.get("/experiments", params={"status": "queued"}, headers=AUTH).json()
+    assert {e["id"] for e in queued["items"]} == set(ids[1:])
+    bad = client.get("/experiments", params={"status": "sleeping"}, headers=AUTH)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "status"]
+
+
+def test_unknown_experiment_is_404(client: TestClient) -> None:
+    for path in ("/experiments/nope", "/experiments/nope/trials", "/experiments/nope/results"):
+        response = client.get(path, headers=AUTH)
+        assert response.status_code == 404 and "nope" in response.json()["detail"]
+    assert client.post("/experiments/nope/cancel", headers=AUTH).status_code == 404

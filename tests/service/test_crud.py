@@ -1,0 +1,143 @@
+"""The service database on SQLite and on the real PostgreSQL: migrations and guarded writes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import crud
+from service.db import VERSION_TABLE, Base, make_engine, upgrade_database
+from service.study import StudySpec, expand
+from tests.service.conftest import POSTGRES
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        eng = make_engine(f"sqlite:///{tmp_path / 'sub' / 'svc.db'}")
+        upgrade_database(eng)
+        yield eng
+        eng.dispose()
+        return
+    name = f"dstcrud_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    eng = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}")
+    with eng.begin() as conn:  # a table of MLflow's name and its version table must not clash
+        conn.execute(text("CREATE TABLE experiments (experiment_id integer primary key)"))
+        conn.execute(text("CREATE TABLE alembic_version (version_num varchar(32) primary key)"))
+        conn.execute(text("INSERT INTO alembic_version VALUES ('mlflow-head')"))
+    upgrade_database(eng)
+    yield eng
+    eng.dispose()
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def add_experiment(session: Session, key: str | None = None, trials: int = 3) -> str:
+    study = StudySpec.model_validate(
+        {
+            "name": "db",
+            "model": "small-mlp",
+            "dataset": "digits",
+            "grid": {"seed": list(range(trials))},
+        }
+    )
+    experiment_id = uuid.uuid4().hex
+    crud.create_experiment(
+        session,
+        experiment_id=experiment_id,
+        name=study.name,
+        spec_json=study.model_dump_json(),
+        plans=expand(study),
+        idempotency_key=key,
+    )
+    session.commit()
+    return experiment_id
+
+
+def only_service_tables(name: str | None, kind: str, parent: object) -> bool:
+    return kind != "table" or (name or "").startswith("dst_")
+
+
+def test_migrations_match_the_models_and_are_idempotent(engine: Engine) -> None:
+    upgrade_database(engine)  # second run: nothing to do
+    with engine.connect() as conn:
+        ours = {"version_table": VERSION_TABLE, "include_name": only_service_tables}
+        context = MigrationContext.configure(conn, opts=ours)
+        assert context.get_current_revision() == "0001"
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_experiment_with_trials_round_trips(engine: Engine) -> None:
+    with Session(engine) as session:
+        experiment_id = add_experiment(session)
+    with Session(engine) as session:
+        experiment = crud.get_experiment(session, experiment_id)
+        assert experiment is not None and experiment.status == "queued" and experiment.n_trials == 3
+        assert [t.index for t in crud.list_trials(session, experiment_id)] == [0, 1, 2]
+        assert crud.trial_counts_by_state(session, experiment_id) == {"pending": 3}
+
+
+def test_idempotency_key_is_unique(engine: Engine) -> None:
+    with Session(engine) as session:
+        first = add_experiment(session, key="k1")
+        assert crud.get_by_idempotency_key(session, "k1").id == first  # type: ignore[union-attr]
+        with pytest.raises(IntegrityError):
+            add_experiment(session, key="k1")
+
+
+def test_status_moves_only_along_the_lifecycle(engine: Engine) -> None:
+    with Session(engine) as session:
+        eid = add_experiment(session)
+        assert not crud.set_experiment_status(session, eid, "cancelling")  # queued: not yet
+        assert crud.set_experiment_status(session, eid, "submitted")
+        assert crud.set_experiment_status(session, eid, "running")
+        assert not crud.set_experiment_status(session, eid, "running", only_from=("queued",))
+        assert crud.set_experiment_status(session, eid, "cancelling")
+        assert not crud.set_experiment_status(session, eid, "succeeded")  # cancelling wins
+        assert crud.set_experiment_status(session, eid, "cancelled")
+        assert not crud.set_experiment_status(session, eid, "running")  # terminal stays
+        session.commit()
+        experiment = crud.get_experiment(session, eid)
+        assert experiment is not None and experiment.status == "cancelled"
+        assert experiment.finished_at is not None
+
+
+def test_terminal_trials_ignore_late_reports(engine: Engine) -> None:
+    with Session(engine) as session:
+        eid = add_experiment(session)
+        assert crud.update_trial(
+            session, eid, 0, state="running", epoch=1, metrics={"test_acc": 0.5}
+        )
+        assert crud.finish_unfinished_trials(session, eid, "cancelled") == 3
+        assert not crud.update_trial(session, eid, 0, state="running")
+        assert crud.update_trial(session, eid, 0, epoch=2)  # progress without state is kept
+        session.commit()
+        trial = crud.list_trials(session, eid)[0]
+        assert (trial.state, trial.epoch) == ("cancelled", 2)
+        assert crud.trial_metrics(trial) == {"test_acc": 0.5}
+        with pytest.raises(ValueError, match="unknown trial fields"):
+            crud.update_trial(session, eid, 0, colour="red")
+
+
+def test_list_filters_and_pages(engine: Engine) -> None:
+    with Session(engine) as session:
+        ids = [add_experiment(session, trials=1) for _ in range(5)]
+        crud.set_experiment_status(session, ids[0], "submitted")
+        session.commit()
+        items, total = crud.list_experiments(session, offset=1, limit=2)
+        assert total == 5 and len(items) == 2
+        items, total = crud.list_experiments(session, status="submitted")
+        assert total == 1 and items[0].id == ids[0]
+        assert {e.id for e in crud.live_experiments(session)} == set(ids)

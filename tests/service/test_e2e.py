@@ -1,0 +1,118 @@
+"""End to end over real HTTP with a real local Ray, a real MLflow server and a real database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.execution import RayExecutor
+from service.local import LocalServices
+from service.tracking import PARENT_TAG
+from tests.service.e2e import api, study, wait_for, wait_terminal
+
+pytestmark = pytest.mark.slow
+
+
+def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) -> None:
+    """One parent run with ``n_trials`` nested children carrying metrics and mask artifacts."""
+    client = MlflowClient(mlflow_uri)
+    parent_url = experiment["mlflow"]["parent_run_url"]
+    parent_id = parent_url.rsplit("/", 1)[-1]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
+    )
+    assert len(children) == n_trials
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "test_acc")
+        assert [m.step for m in history] == list(range(1, epochs + 1))
+        assert child.data.params["sparsity.density"] == "0.1"
+        names = {a.path for a in client.list_artifacts(child.info.run_id, "masks")}
+        assert names == {"masks/initial.npz", "masks/final.npz"}
+        local = client.download_artifacts(child.info.run_id, "masks/final.npz")
+        with np.load(local) as data:
+            assert any(key.endswith("::bits") for key in data.files)
+
+
+def run_study(client, mlflow_uri: str, name: str) -> None:
+    created = client.submit(study(name), idempotency_key=f"key-{name}")
+    again = client.submit(study(name), idempotency_key=f"key-{name}")
+    assert again["id"] == created["id"] and created["n_trials"] == 4
+    listed = client.experiments()
+    assert sum(1 for e in listed["items"] if e["id"] == created["id"]) == 1
+    final = wait_terminal(client, created["id"])
+    assert final["status"] == "succeeded", final
+    assert final["trial_counts"] == {"succeeded": 4} or final["trial_counts"].get("succeeded") == 4
+    trials = client.trials(created["id"])
+    assert len(trials) == 4
+    for trial in trials:
+        assert trial["state"] == "succeeded" and trial["epoch"] == trial["epochs"] == 2
+        assert 0 <= trial["metrics"]["test_acc"] <= 1 and trial["mlflow_run_id"]
+        assert trial["params"]["sparsity.criterion"] in ("magnitude", "snip")
+    rows = client.results(created["id"])["rows"]
+    assert {(r["criterion"], r["seeds"]) for r in rows} == {("magnitude", 2), ("snip", 2)}
+    for row in rows:
+        assert row["test_acc_mean"] > 0.3 and row["test_acc_std"] >= 0
+    check_mlflow(mlflow_uri, final, 4, 2)
+
+
+def test_study_end_to_end_on_sqlite(local_ray: str, mlflow_sqlite: str, storage: Path) -> None:
+    db = f"sqlite:///{storage / 'e2e.db'}"
+    with api(storage / "e2e", db, local_ray, mlflow_sqlite) as client:
+        run_study(client, mlflow_sqlite, "e2e-sqlite")
+
+
+def test_study_end_to_end_on_postgres(
+    local_ray: str, postgres_database: str, tmp_path: Path
+) -> None:
+    db = f"postgresql+psycopg://postgres@127.0.0.1:5432/{postgres_database}"
+    with LocalServices() as services:
+        mlflow_uri = services.start_mlflow(
+            tmp_path / "mlflow",
+            backend_store_uri=f"postgresql://postgres@127.0.0.1:5432/{postgres_database}",
+        )
+        with api(tmp_path / "storage", db, local_ray, mlflow_uri) as client:
+            run_study(client, mlflow_uri, "e2e-postgres")
+
+
+def test_cancel_a_running_study(local_ray: str, mlflow_sqlite: str, storage: Path) -> None:
+    db = f"sqlite:///{storage / 'cancel.db'}"
+    with api(storage / "cancel", db, local_ray, mlflow_sqlite) as client:
+        created = client.submit(study("cancel-me", epochs=500))
+        wait_for(
+            lambda: any(
+                t["state"] == "running" and t["epoch"] >= 1 for t in client.trials(created["id"])
+            ),
+            "a trial to run",
+        )
+        cancelled = client.cancel(created["id"])
+        assert cancelled["status"] in ("cancelling", "cancelled")
+        final = wait_terminal(client, created["id"], timeout=60)
+        assert final["status"] == "cancelled"
+        assert {t["state"] for t in client.trials(created["id"])} == {"cancelled"}
+        executor = RayExecutor(local_ray)
+        wait_for(lambda: executor.status(created["id"]) == "STOPPED", "Ray to stop the job", 60)
+
+
+def test_state_survives_an_api_restart(local_ray: str, mlflow_sqlite: str, storage: Path) -> None:
+    db = f"sqlite:///{storage / 'restart.db'}"
+    with api(storage / "restart", db, local_ray, mlflow_sqlite) as client:
+        created = client.submit(study("restart-me", epochs=3))
+        assert client.experiment(created["id"])["status"] in ("submitted", "running")
+    # the API is down while the job runs; Ray finishes it meanwhile
+    executor = RayExecutor(local_ray)
+    wait_for(lambda: executor.status(created["id"]) == "SUCCEEDED", "the job to finish", 240)
+    with api(storage / "restart", db, local_ray, mlflow_sqlite) as client:
+        final = wait_terminal(client, created["id"], timeout=30)
+        assert final["status"] == "succeeded"
+        assert final["name"] == "restart-me" and final["n_trials"] == 4
+        assert all(t["state"] == "succeeded" for t in client.trials(created["id"]))
+
+
+def test_ray_readiness_probe(local_ray: str) -> None:
+    assert RayExecutor(local_ray).ping()
+    assert not RayExecutor("http://127.0.0.1:9").ping()
