@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import secrets
+import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -34,6 +36,10 @@ def _client(api: str, token: str | None) -> ApiClient:
     return ApiClient(api, token or default_token(Settings().storage_path))
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextmanager
 def running_api(settings: Settings) -> Iterator[str]:
     """Start whatever the settings leave unconfigured (local Ray, local MLflow), then the API
@@ -45,6 +51,8 @@ def running_api(settings: Settings) -> Iterator[str]:
     from service.main import create_app
     from service.tracking import MlflowTracker
 
+    # SIGTERM (a process manager, `kill`) unwinds like Ctrl-C, so local services are stopped
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with LocalServices() as local:
         ray_address = settings.ray_address or local.start_ray()
         mlflow_uri = settings.mlflow_tracking_uri or local.start_mlflow(
@@ -109,7 +117,8 @@ def wait_for(client: ApiClient, experiment_id: str, poll: float = 1.0) -> dict[s
             counts = experiment["trial_counts"]
             done = sum(counts.get(s, 0) for s in TERMINAL)
             bar.n = done
-            bar.set_postfix(running=counts.get("running", 0), status=experiment["status"])
+            note = {"error": experiment["error"][:80]} if experiment.get("error") else {}
+            bar.set_postfix(running=counts.get("running", 0), status=experiment["status"], **note)
             bar.refresh()
             if experiment["status"] in TERMINAL:
                 return experiment

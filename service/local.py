@@ -62,12 +62,18 @@ class LocalServices:
     def start_ray(self, num_cpus: int | None = None, object_store_mb: int = 256) -> str:
         """Start a local Ray head with the dashboard; return the Jobs API address."""
         port, dashboard = free_port(), free_port()
+        # every listening port explicit: Ray's defaults (agent 52365, client 10001, ...) clash
+        # with any other Ray on the machine, and the Jobs API then finds no agent
+        agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(5))
         temp = Path(tempfile.mkdtemp(prefix="dstray-", dir="/tmp"))  # short: Ray's socket paths
         self.temp_dirs.append(temp)
         cmd = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
             f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}", f"--object-store-memory={object_store_mb * 2**20}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+            f"--ray-client-server-port={client}",
             f"--temp-dir={temp}", "--disable-usage-stats",
         ]  # fmt: skip
         if num_cpus is not None:
@@ -92,7 +98,9 @@ class LocalServices:
             "--artifacts-destination", str(storage / "mlartifacts"),
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ]  # fmt: skip
-        proc = self._spawn("mlflow", cmd, dict(os.environ))
+        # no MLflow job runner (a pool of huey workers): we never use MLflow jobs
+        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        proc = self._spawn("mlflow", cmd, env)
         uri = f"http://127.0.0.1:{port}"
         wait_until(lambda: _http_ok(f"{uri}/health"), "MLflow server", 120, proc)
         self.mlflow_uri = uri

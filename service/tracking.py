@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MLFLOW_EXPERIMENT = "dst-lab"
 TAG_EXPERIMENT = "dst.experiment_id"
 TAG_TRIAL = "dst.trial_index"
+TAG_RESUMED = "dst.resumed_from_epoch"  # set on a child run when its trial resumed
 PARENT_TAG = "mlflow.parentRunId"
 TERMINAL = {
     "succeeded": RunStatus.to_string(RunStatus.FINISHED),

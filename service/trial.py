@@ -22,7 +22,7 @@ from dst.spec import RunSpec
 from dst.training import Metrics, Trainer
 from service import crud
 from service.db import make_engine
-from service.tracking import TrialRun
+from service.tracking import TAG_RESUMED, TrialRun
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -91,13 +91,15 @@ def run_trial(config: dict[str, Any]) -> None:
     )
     if state is None:
         mlrun.log_masks(trainer.initial_masks, "initial")
-    ctx.record(
-        state="running",
-        epochs=trainer.config.epochs,
-        mlflow_run_id=mlrun.run_id,
-        started_at=datetime.now(UTC),
-        error=None,
-    )
+        ctx.record(
+            state="running",
+            epochs=trainer.config.epochs,
+            mlflow_run_id=mlrun.run_id,
+            started_at=datetime.now(UTC),
+        )
+    else:  # a retry after a failure: visible in MLflow, and the error is cleared
+        mlrun.client.set_tag(mlrun.run_id, TAG_RESUMED, str(trainer.epoch))
+        ctx.record(state="running", error=None)
 
     def on_epoch(metrics: Metrics) -> None:
         mlrun.log_epoch(metrics)

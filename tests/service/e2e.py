@@ -65,3 +65,17 @@ def wait_for(predicate: Any, what: str, timeout: float = 120) -> Any:
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def processes_with(needle: str, where: str = "cmdline") -> list[int]:
+    """PIDs whose /proc ``cmdline`` (or ``environ``) contains ``needle``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle.encode() in (entry / where).read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
