@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from dst.masks import load_masks
 from service.execution import RayExecutor
 from service.local import LocalServices
 from service.tracking import PARENT_TAG
@@ -116,3 +117,25 @@ def test_state_survives_an_api_restart(local_ray: str, mlflow_sqlite: str, stora
 def test_ray_readiness_probe(local_ray: str) -> None:
     assert RayExecutor(local_ray).ping()
     assert not RayExecutor("http://127.0.0.1:9").ping()
+
+
+def test_a_multi_worker_trial_runs_ddp(local_ray: str, mlflow_sqlite: str, storage: Path) -> None:
+    """workers_per_trial > 1: a Ray Train TorchTrainer (DDP, gloo on CPU) runs the trial."""
+    spec = study("ddp", resources={"cpus_per_trial": 1, "workers_per_trial": 2})
+    spec["grid"] = {}
+    with api(
+        storage / "ddp", f"sqlite:///{storage / 'ddp.db'}", local_ray, mlflow_sqlite
+    ) as client:
+        created = client.submit(spec)
+        final = wait_terminal(client, created["id"])
+        assert final["status"] == "succeeded", final
+        (trial,) = client.trials(created["id"])
+        assert trial["state"] == "succeeded" and trial["epoch"] == 2
+        mlflow = MlflowClient(mlflow_sqlite)
+        history = mlflow.get_metric_history(trial["mlflow_run_id"], "density")
+        assert [m.step for m in history] == [1, 2] and {m.value for m in history} == {0.1}
+        local = mlflow.download_artifacts(trial["mlflow_run_id"], "masks/final.npz")
+        masks = load_masks(local)
+        active = sum(int(m.sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        assert abs(active / total - 0.1) < 0.01
