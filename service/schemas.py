@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.study import ResultRow
+
 ExperimentStatus = Literal[
     "queued", "submitted", "running", "cancelling", "succeeded", "failed", "cancelled"
 ]
@@ -56,24 +58,11 @@ class TrialOut(BaseModel):
     finished_at: datetime | None
 
 
-class ResultRowOut(BaseModel):
-    mode: str
-    criterion: str | None
-    growth: str | None
-    density: float
-    update_period: int | None
-    seeds: int
-    test_acc_mean: float
-    test_acc_std: float
-    test_loss_mean: float
-    test_loss_std: float
-
-
 class ResultsOut(BaseModel):
     experiment_id: str
     status: ExperimentStatus
     complete: bool = Field(description="every trial finished")
-    rows: list[ResultRowOut]
+    rows: list[ResultRow]
 
 
 class Health(BaseModel):

@@ -7,7 +7,6 @@ and their initial and final masks (compressed ``.npz``) to their child run.
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import asdict
@@ -163,6 +162,3 @@ class TrialRun:
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, TERMINAL.get(status, "FINISHED"))
-
-    def log_json(self, data: Any, name: str) -> None:
-        self.client.log_text(self.run_id, json.dumps(data, indent=2), name)

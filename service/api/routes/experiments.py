@@ -18,7 +18,6 @@ from service.schemas import (
     ExperimentPage,
     ExperimentStatus,
     MlflowLinks,
-    ResultRowOut,
     ResultsOut,
     TrialOut,
 )
@@ -185,5 +184,5 @@ def get_results(experiment_id: str, session: SessionDep) -> ResultsOut:
         experiment_id=experiment_id,
         status=experiment.status,
         complete=unfinished == 0,
-        rows=[ResultRowOut(**vars(r)) for r in rows],
+        rows=rows,
     )
