@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,10 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
     parent_id = parent_url.rsplit("/", 1)[-1]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
+    study_json = client.download_artifacts(parent_id, "study.json")
+    assert json.loads(Path(study_json).read_text())["name"] == experiment["name"]
+    summary = json.loads(Path(client.download_artifacts(parent_id, "results.json")).read_text())
+    assert sum(row["seeds"] for row in summary["rows"]) == n_trials
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
     )
