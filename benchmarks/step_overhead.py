@@ -4,7 +4,8 @@ Measures, in one process and interleaved (so machine noise hits both alike):
   * the mean time of a dense training step (forward, backward, SGD step),
   * the mean time of a DST step without a topology update (the same + mask enforcement),
   * the time of one topology update (score, prune, grow, reset momentum),
-and prints the per-step overhead of DST at each update period Δt:
+and prints the per-step overhead of DST at each update period Δt (each time is the fastest of
+the interleaved rounds: the least disturbed by whatever else the machine runs):
   overhead(Δt) = (t_sparse + t_update / Δt) / t_dense - 1.
 
 Defaults follow the issue: large-MLP on CIFAR-10-shaped data, batch 128, one thread.
@@ -15,7 +16,6 @@ Defaults follow the issue: large-MLP on CIFAR-10-shaped data, batch 128, one thr
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -123,7 +123,7 @@ def main() -> None:
         t_dense.append(timed(dense_step, args.steps, device))
         t_sparse.append(timed(sparse_step, args.steps, device))
         t_update.append(timed(update, 3, device) - t_sparse[-1])
-    d, s, u = (statistics.median(t) for t in (t_dense, t_sparse, t_update))
+    d, s, u = (min(t) for t in (t_dense, t_sparse, t_update))
     print(
         f"model={args.model} batch={args.batch} threads={args.threads} device={args.device} "
         f"density={args.density} criterion={args.criterion} growth={args.growth}"
