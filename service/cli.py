@@ -166,7 +166,7 @@ def submit(
             final = wait_for(client, created["id"])
             typer.echo(f"status: {final['status']}")
             typer.echo(results_table(client.results(created["id"])))
-    except (ApiError, OSError) as error:
+    except (ApiError, OSError, yaml.YAMLError) as error:
         raise fail(str(error)) from None
 
 

@@ -119,7 +119,12 @@ class StudySpec(RunSpec):
         size = math.prod(len(v) for v in self.grid.values())
         if size > MAX_GRID:
             raise ValueError(f"the grid expands to {size} trials; at most {MAX_GRID} are allowed")
-        expand(self)  # every combination must be a valid run (e.g. model x dataset pairs)
+        plans = expand(self)  # every combination must be a valid run (e.g. model x dataset)
+        wants_gpu = any(p.spec.device.startswith("cuda") for p in plans)
+        if wants_gpu and self.resources.gpus_per_trial == 0:
+            raise ValueError(
+                "device 'cuda' needs resources.gpus_per_trial > 0 (else Ray gives the trial no GPU)"
+            )
         return self
 
     def base_run(self) -> dict[str, Any]:

@@ -146,6 +146,7 @@ INVALID: list[tuple[str, dict[str, Any], list[Any], str]] = [
     ("incompatible model and dataset", with_(model="small-cnn", dataset="breast_cancer"), ["body"], "tabular"),
     ("incompatible grid combination", with_(grid={"model": ["small-cnn"], "dataset": ["digits", "breast_cancer"]}), ["body"], "grid combination"),
     ("too many trials", with_(grid=MANY_SEEDS), ["body", "grid"], "limit is 20"),
+    ("cuda without gpus", with_(device="cuda"), ["body"], "gpus_per_trial"),
     ("baselines typo", with_(baselines={"dens": True}), ["body", "baselines", "dens"], "not permitted"),
 ]  # fmt: skip
 
