@@ -23,7 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from dst.cli import app, fail
-from service.client import TERMINAL, ApiClient, ApiError, default_token, write_token
+from service.client import DEFAULT_URL, TERMINAL, ApiClient, ApiError, default_token, write_token
 from service.core.config import Settings
 
 log = logging.getLogger("dst.service")
@@ -152,7 +152,7 @@ def submit(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="study spec (YAML or JSON)")],
     wait: Annotated[bool, typer.Option(help="wait and show progress, then the results")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="retry-safe submission key")] = None,
-    api: ApiUrl = "http://127.0.0.1:8000",
+    api: ApiUrl = DEFAULT_URL,
     token: Token = None,
 ) -> None:
     """Submit a study to the REST API."""
@@ -173,7 +173,7 @@ def submit(
 @app.command()
 def status(
     experiment_id: Annotated[str | None, typer.Argument(help="omit to list experiments")] = None,
-    api: ApiUrl = "http://127.0.0.1:8000",
+    api: ApiUrl = DEFAULT_URL,
     token: Token = None,
 ) -> None:
     """Show one experiment with its trials, or list experiments."""
@@ -197,7 +197,7 @@ def status(
 
 
 @app.command()
-def cancel(experiment_id: str, api: ApiUrl = "http://127.0.0.1:8000", token: Token = None) -> None:
+def cancel(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
     """Cancel a running experiment."""
     try:
         e = _client(api, token).cancel(experiment_id)
@@ -207,7 +207,7 @@ def cancel(experiment_id: str, api: ApiUrl = "http://127.0.0.1:8000", token: Tok
 
 
 @app.command()
-def results(experiment_id: str, api: ApiUrl = "http://127.0.0.1:8000", token: Token = None) -> None:
+def results(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
     """Final test accuracy and loss, mean ± std over seeds, per configuration."""
     try:
         typer.echo(results_table(_client(api, token).results(experiment_id)))

@@ -38,7 +38,8 @@ class ApiError(RuntimeError):
 
     def __init__(self, status: int, detail: Any) -> None:
         self.status, self.detail = status, detail
-        super().__init__(f"HTTP {status}: {format_detail(detail)}")
+        prefix = f"HTTP {status}: " if status else ""
+        super().__init__(prefix + format_detail(detail))
 
 
 def format_detail(detail: Any) -> str:
@@ -59,7 +60,10 @@ class ApiClient:
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, path, **kwargs)
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as error:
+            raise ApiError(0, f"cannot reach the API at {self.http.base_url}: {error}") from None
         if response.status_code >= 400:
             try:
                 detail = response.json().get("detail", response.text)

@@ -43,7 +43,6 @@ def trial_configs(
             "spec": plan.spec.model_dump(mode="json"),
             "tracking_uri": tracking_uri,
             "parent_run_id": parent_run_id,
-            "database_url": settings.database_url,
             "cpus": res.cpus_per_trial,
             "gpus": res.gpus_per_trial,
             "workers": res.workers_per_trial,
@@ -68,6 +67,8 @@ def make_tuner(path: str, configs: list[dict[str, Any]], study: StudySpec, name:
         param_space={"trial": tune.grid_search(configs)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=res.max_concurrent_trials,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
             reuse_actors=True,  # trials share warm worker processes (imports, data)
         ),
         run_config=tune.RunConfig(
@@ -78,6 +79,11 @@ def make_tuner(path: str, configs: list[dict[str, Any]], study: StudySpec, name:
             verbose=1,
         ),
     )
+
+
+def _trial_name(trial: tune.experiment.Trial) -> str:
+    """``trial-3`` rather than Tune's default, which spells out the whole config."""
+    return f"trial-{_unwrap(trial.config)['index']}"
 
 
 def _unwrap(config: dict[str, Any]) -> dict[str, Any]:

@@ -96,6 +96,9 @@ def cancel(services: Services, experiment_id: str) -> None:
         if crud.set_experiment_status(session, experiment_id, "cancelled", only_from=("queued",)):
             crud.finish_unfinished_trials(session, experiment_id, "cancelled")
             session.commit()
+            experiment = crud.get_experiment(session, experiment_id)
+            if experiment is not None:
+                _finish_parent(services, session, experiment, "cancelled")
             return
         moved = crud.set_experiment_status(session, experiment_id, "cancelling")
         session.commit()

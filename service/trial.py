@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from dst.spec import RunSpec
 from dst.training import Metrics, Trainer
 from service import crud
+from service.core.config import Settings
 from service.db import make_engine
 from service.tracking import TAG_RESUMED, TrialRun
 
@@ -38,7 +39,9 @@ class TrialContext:
         self.spec = RunSpec.model_validate(config["spec"])
         self.tracking_uri: str = config["tracking_uri"]
         self.parent_run_id: str = config["parent_run_id"]
-        self.engine = make_engine(config["database_url"])
+        # from the job's environment (DST_DATABASE_URL), never from the Tune config, which Tune
+        # writes to its result files: the URL may hold a password
+        self.engine = make_engine(Settings().database_url)
 
     def record(self, **fields: Any) -> None:
         """Update this trial's row in the service database."""

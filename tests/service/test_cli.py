@@ -1,0 +1,51 @@
+"""Service commands of the CLI: clear errors instead of tracebacks; tables of results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from service.cli import app, results_table
+from service.core.config import Settings
+from service.driver import trial_configs
+from service.study import StudySpec
+
+runner = CliRunner()
+
+
+def test_unreachable_api_is_a_clear_error() -> None:
+    for args in (["status"], ["cancel", "abc"], ["results", "abc"]):
+        result = runner.invoke(app, [*args, "--api", "http://127.0.0.1:9", "--token", "t"])
+        assert result.exit_code == 2, result.output
+        assert "cannot reach the API at http://127.0.0.1:9" in result.output
+        assert "Traceback" not in result.output
+
+
+def test_bad_yaml_is_a_clear_error(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: [unclosed\n")
+    result = runner.invoke(app, ["submit", str(spec), "--api", "http://127.0.0.1:9"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_results_table_has_one_line_per_row() -> None:
+    row = {
+        "mode": "dst", "criterion": "snip", "growth": "random", "density": 0.1,
+        "update_period": 100, "seeds": 3, "test_acc_mean": 0.91234, "test_acc_std": 0.01,
+        "test_loss_mean": 0.3, "test_loss_std": 0.02,
+    }  # fmt: skip
+    lines = results_table({"rows": [row, row | {"mode": "dense", "criterion": None}]}).splitlines()
+    assert len(lines) == 4 and "0.9123 ± 0.0100" in lines[2] and lines[3].startswith("dense")
+
+
+def test_tune_configs_never_carry_the_database_url(tmp_path: Path) -> None:
+    settings = Settings(
+        storage_path=tmp_path, database_url="postgresql+psycopg://dst:s3cret@db/dst"
+    )
+    study = StudySpec.model_validate(
+        {"name": "s", "model": "small-mlp", "dataset": "digits", "grid": {"seed": [0, 1]}}
+    )
+    configs = trial_configs("e1", study, settings, "http://mlflow", "parent")
+    assert len(configs) == 2 and "s3cret" not in json.dumps(configs)
