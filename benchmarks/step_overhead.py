@@ -1,23 +1,31 @@
 """Per-step cost of DST vs dense training of the same model on the same data, side by side.
 
-Measures, in one process and interleaved (so machine noise hits both alike):
-  * the mean time of a dense training step (forward, backward, SGD step),
-  * the mean time of a DST step without a topology update (the same + mask enforcement),
+Measures, in one process, in blocks whose order is shuffled every round (so machine noise and
+cache effects hit both alike):
+  * the time of a dense training step (forward, backward, SGD step),
+  * the time of a DST step without a topology update: the same, with the masks enforced inside
+    the SGD step (dst.optimizers.MaskedSGD, as dst.training runs it),
   * the time of one topology update (score, prune, grow, reset momentum),
-and prints the per-step overhead of DST at each update period Δt (each time is the fastest of
-the interleaved rounds: the least disturbed by whatever else the machine runs):
+and prints the per-step overhead of DST at each update period Δt:
   overhead(Δt) = (t_sparse + t_update / Δt) / t_dense - 1.
+Each step time is reported as the fastest block (the least disturbed by whatever else the
+machine runs) and as the median block; the overhead uses the fastest blocks, and the median
+line shows how far noise moves it.
 
+Both models train with the same optimizer class, MaskedSGD: without masks it is PyTorch's fused
+SGD (``torch.optim.SGD(fused=True)``), so the dense baseline is plain PyTorch.
 Defaults follow the issue: large-MLP on CIFAR-10-shaped data, batch 128, one thread.
 
-    uv run python benchmarks/step_overhead.py [--threads 1] [--steps 60] [--device cpu]
+    uv run python benchmarks/step_overhead.py [--threads 1] [--rounds 15] [--kernel auto]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -26,21 +34,43 @@ from dst.criteria import resolve_criterion
 from dst.datasets import DataInfo
 from dst.distributions import layer_densities
 from dst.growth import GROWTH
-from dst.masks import apply_masks, init_masks, mask_factors, prunable_weights
+from dst.masks import Masks, apply_masks, init_masks, prunable_weights
 from dst.models import build_model
+from dst.optimizers import KERNELS, Kernel, MaskedSGD
 from dst.schedules import PruneSchedule
 from dst.topology import TopologyUpdater
 
 CIFAR10 = DataInfo("cifar10", "image", (3, 32, 32), 10)
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
 
-def make(model_name: str, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+def make(model_name: str, device: torch.device) -> nn.Module:
+    """The model with the same initial weights every time."""
     torch.manual_seed(0)
-    model = build_model(model_name, CIFAR10).to(device)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4
+    return build_model(model_name, CIFAR10).to(device)
+
+
+def sparsify(model: nn.Module, density: float, gen: torch.Generator) -> Masks:
+    """ER masks at ``density`` (as dst.training builds them), applied to the model's weights."""
+    weights = prunable_weights(model)
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    masks = init_masks(weights, layer_densities(shapes, density, "er"), gen)
+    apply_masks(weights, masks)
+    return masks
+
+
+def optimizer(model: nn.Module, masks: Masks | None, kernel: Kernel) -> MaskedSGD:
+    """The training loop's optimizer (Appendix A.2: momentum 0.9, Nesterov, weight decay)."""
+    weights = prunable_weights(model)
+    return MaskedSGD(
+        model.parameters(),
+        lr=LR,
+        momentum=MOMENTUM,
+        weight_decay=WEIGHT_DECAY,
+        nesterov=True,
+        masks={weights[n]: m for n, m in masks.items()} if masks else None,
+        kernel=kernel,
     )
-    return model, opt
 
 
 def sync(device: torch.device) -> None:
@@ -58,6 +88,20 @@ def timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def interleaved(
+    blocks: Mapping[str, Callable[[], float]], rounds: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Run every block once per round, in a freshly shuffled order each round."""
+    order = random.Random(seed)
+    times: dict[str, list[float]] = {name: [] for name in blocks}
+    for _ in range(rounds):
+        names = list(blocks)
+        order.shuffle(names)
+        for name in names:
+            times[name].append(blocks[name]())
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -65,12 +109,13 @@ def main() -> None:
     parser.add_argument("--model", default="large-mlp")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=60, help="steps per timed block")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved dense/DST blocks")
+    parser.add_argument("--steps", type=int, default=40, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=15, help="shuffled rounds of blocks")
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--criterion", default="magnitude")
     parser.add_argument("--growth", default="random")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kernel", default="auto", choices=KERNELS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -79,13 +124,12 @@ def main() -> None:
     x = torch.randn(args.batch, *CIFAR10.input_shape, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
 
-    dense, dense_opt = make(args.model, device)
-    sparse, sparse_opt = make(args.model, device)
+    dense = make(args.model, device)
+    dense_opt = optimizer(dense, None, args.kernel)
+    sparse = make(args.model, device)
+    masks = sparsify(sparse, args.density, gen)
+    sparse_opt = optimizer(sparse, masks, args.kernel)
     weights = prunable_weights(sparse)
-    shapes = {n: tuple(w.shape) for n, w in weights.items()}
-    masks = init_masks(weights, layer_densities(shapes, args.density, "er"), gen)
-    apply_masks(weights, masks)
-    factors = mask_factors(masks, weights)
     updater = TopologyUpdater(
         resolve_criterion(args.criterion),
         GROWTH.get(args.growth),
@@ -94,46 +138,55 @@ def main() -> None:
         torch.Generator().manual_seed(1),
     )
 
-    def step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    def backward(model: nn.Module, opt: torch.optim.Optimizer) -> None:
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
 
     def dense_step() -> None:
-        step(dense, dense_opt)
+        backward(dense, dense_opt)
         dense_opt.step()
 
     def sparse_step() -> None:
-        step(sparse, sparse_opt)
+        backward(sparse, sparse_opt)
         sparse_opt.step()
-        apply_masks(weights, factors)
 
-    def update() -> None:
-        nonlocal factors
-        step(sparse, sparse_opt)
+    def update_step() -> None:
+        backward(sparse, sparse_opt)
         updater.update(weights, masks, sparse_opt, 800)
-        factors = mask_factors(masks, weights)
         sparse_opt.step()
-        apply_masks(weights, factors)
 
-    for fn in (dense_step, sparse_step, update):  # warm-up
+    for fn in (dense_step, sparse_step, update_step):  # warm-up (and compile)
         timed(fn, 3, device)
-    t_dense, t_sparse, t_update = [], [], []
-    for _ in range(args.rounds):
-        t_dense.append(timed(dense_step, args.steps, device))
-        t_sparse.append(timed(sparse_step, args.steps, device))
-        t_update.append(timed(update, 3, device) - t_sparse[-1])
-    d, s, u = (min(t) for t in (t_dense, t_sparse, t_update))
+    times = interleaved(
+        {
+            "dense": lambda: timed(dense_step, args.steps, device),
+            "sparse": lambda: timed(sparse_step, args.steps, device),
+            "update": lambda: timed(update_step, 3, device),
+        },
+        args.rounds,
+    )
+    d, s = min(times["dense"]), min(times["sparse"])
+    d_med, s_med = statistics.median(times["dense"]), statistics.median(times["sparse"])
+    u = max(min(times["update"]) - s, 0.0)  # an update step minus a plain DST step
     print(
         f"model={args.model} batch={args.batch} threads={args.threads} device={args.device} "
-        f"density={args.density} criterion={args.criterion} growth={args.growth}"
+        f"density={args.density} criterion={args.criterion} growth={args.growth} "
+        f"kernel={args.kernel} rounds={args.rounds} steps/block={args.steps}"
     )
-    print(f"dense step        {d * 1e3:9.3f} ms")
-    print(f"DST step (no upd) {s * 1e3:9.3f} ms   ratio {s / d:.4f}")
+    print(f"dense step        {d * 1e3:9.3f} ms   (median block {d_med * 1e3:.3f} ms)")
+    print(
+        f"DST step (no upd) {s * 1e3:9.3f} ms   ratio {s / d:.4f}   "
+        f"(median block {s_med * 1e3:.3f} ms, ratio {s_med / d_med:.4f})"
+    )
     print(f"one mask update   {u * 1e3:9.3f} ms   = {u / d:.2f} dense steps")
     for period in (100, 800):
         overhead = (s + u / period) / d - 1
-        print(f"DST overhead at Δt={period:<4d} {overhead * 100:+7.2f} %")
+        overhead_med = (s_med + u / period) / d_med - 1
+        print(
+            f"DST overhead at Δt={period:<4d} {overhead * 100:+7.2f} %   "
+            f"(from median blocks {overhead_med * 100:+.2f} %)"
+        )
 
 
 if __name__ == "__main__":

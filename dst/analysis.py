@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dst.masks import Masks
+from dst.masks import Masks, num_active
 
 
 class ItopTracker:
@@ -23,7 +23,7 @@ class ItopTracker:
 
     def ratio(self) -> float:
         """Explored weights / prunable weights."""
-        explored = sum(int(m.sum()) for m in self.explored.values())
+        explored = sum(num_active(m) for m in self.explored.values())
         total = sum(m.numel() for m in self.explored.values())
         return explored / total if total else 1.0
 
@@ -37,8 +37,8 @@ class ItopTracker:
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     """J(A, B) = |A ∩ B| / |A ∪ B| of two boolean set indicators (1.0 when both are empty)."""
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else 1.0
+    union = num_active(a | b)
+    return num_active(a & b) / union if union else 1.0
 
 
 def mean_jaccard(a: Masks, b: Masks) -> float:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dst.masks import num_active
 from dst.registry import Registry
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Generator], torch.Tensor]
@@ -157,9 +158,12 @@ def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
     if k >= len(values):
         return torch.arange(len(values), device=values.device)
     kth = kth_smallest(values, k)
-    below = (values < kth).nonzero().squeeze(1)  # [b], b < k
-    tied = (values == kth).nonzero().squeeze(1)[: k - len(below)]  # [k - b]
-    return torch.sort(torch.cat([below, tied])).values
+    chosen = values <= kth  # [n], at least k True
+    if num_active(chosen) > k:  # more ties at the threshold than places left: lowest first
+        chosen = values < kth
+        tied = (values == kth).nonzero().squeeze(1)  # [t], ascending
+        chosen[tied[: k - num_active(chosen)]] = True
+    return chosen.nonzero().squeeze(1)  # [k], ascending
 
 
 def select_pruned(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dst.criteria import lowest_k
+from dst.masks import num_active
 from dst.registry import Registry
 
 GrowFn = Callable[[torch.Tensor | None, torch.Tensor, int, torch.Generator], torch.Tensor]
@@ -43,7 +44,7 @@ def random_growth(
     Mostly-active layers fall back to permuting the few inactive positions.
     """
     flat = mask.flatten().cpu()  # [n]
-    n, inactive = len(flat), len(flat) - int(flat.sum())
+    n, inactive = len(flat), len(flat) - num_active(flat)
     if k > inactive:
         raise ValueError(f"cannot grow {k} weights: only {inactive} are inactive")
     if inactive < 2 * k or inactive < n // 2:
@@ -68,7 +69,7 @@ def gradient_growth(
     """
     if grad is None:
         raise ValueError("gradient growth needs the dense gradient of the masked weights")
-    inactive = mask.numel() - int(mask.sum())
+    inactive = mask.numel() - num_active(mask)
     if k > inactive:
         raise ValueError(f"cannot grow {k} weights: only {inactive} are inactive")
     g = grad.detach().flatten().abs()  # [n]

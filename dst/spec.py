@@ -21,6 +21,7 @@ from dst.datasets import DATASETS, get_dataset
 from dst.distributions import DISTRIBUTIONS
 from dst.growth import GROWTH
 from dst.models import MODELS, get_model
+from dst.optimizers import Kernel as OptimizerKernel
 from dst.schedules import SCHEDULES
 
 
@@ -68,6 +69,17 @@ class TrainingSpec(_Strict):
     )
     eval_batch_size: int = Field(1024, ge=1)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    optimizer_kernel: OptimizerKernel = Field(
+        "auto",
+        description="how the masked SGD update runs: compiled (one fused loop per weight "
+        "tensor), eager (op by op, no compiler needed), auto (compiled where possible)",
+    )
+
+    @model_validator(mode="after")
+    def _check_nesterov(self) -> TrainingSpec:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0: set training.nesterov to false")
+        return self
 
 
 class SparsitySpec(_Strict):
@@ -133,6 +145,7 @@ class TrainingConfig:
     max_steps_per_epoch: int | None
     eval_batch_size: int
     num_workers: int
+    optimizer_kernel: OptimizerKernel
 
 
 def resolve_training(spec: RunSpec) -> TrainingConfig:
@@ -149,6 +162,7 @@ def resolve_training(spec: RunSpec) -> TrainingConfig:
         max_steps_per_epoch=t.max_steps_per_epoch,
         eval_batch_size=t.eval_batch_size,
         num_workers=t.num_workers,
+        optimizer_kernel=t.optimizer_kernel,
     )
 
 

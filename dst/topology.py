@@ -18,7 +18,7 @@ from torch import nn
 
 from dst.criteria import Criterion, select_pruned
 from dst.growth import Growth
-from dst.masks import Masks
+from dst.masks import Masks, num_active
 from dst.schedules import PruneSchedule
 
 Scope = Literal["local", "global"]
@@ -70,7 +70,7 @@ class TopologyUpdater:
         if self.scope == "local":
             out = {}
             for name, w in weights.items():
-                k = _round_half_up(fraction * int(masks[name].sum()))
+                k = _round_half_up(fraction * num_active(masks[name]))
                 scores = score(w.detach(), self._grad(w), masks[name], self.generator)
                 out[name] = select_pruned(scores, masks[name], k)
             return out
@@ -83,7 +83,7 @@ class TopologyUpdater:
             else None
         )
         flat_m = torch.cat([masks[name].flatten() for name in weights])  # [N]
-        k = _round_half_up(fraction * int(flat_m.sum()))
+        k = _round_half_up(fraction * num_active(flat_m))
         chosen = select_pruned(score(flat_w, flat_g, flat_m, self.generator), flat_m, k)
         out, offset = {}, 0
         for name, w in weights.items():

@@ -2,8 +2,9 @@
 at 50% and 75% of the epochs, in dense, static-sparse or DST mode (Section 3.1).
 
 Per step: forward, backward, a topology update every Δt steps (using this batch's gradients,
-Section 5.1), the optimizer step, then the masks are enforced. Per epoch: train/val/test loss
-and accuracy, the loss gap (Fig. 4), density and ITOP ratio (Appendix E).
+Section 5.1), then the optimizer step, which also enforces the masks (:mod:`dst.optimizers`).
+Per epoch: train/val/test loss and accuracy, the loss gap (Fig. 4), density and ITOP ratio
+(Appendix E).
 """
 
 from __future__ import annotations
@@ -28,15 +29,9 @@ from dst.criteria import resolve_criterion
 from dst.datasets import DataConfig, DataInfo, default_data_root, load_dataset
 from dst.distributions import layer_densities
 from dst.growth import GROWTH
-from dst.masks import (
-    Masks,
-    apply_masks,
-    density,
-    init_masks,
-    mask_factors,
-    prunable_weights,
-)
+from dst.masks import Masks, apply_masks, density, init_masks, prunable_weights
 from dst.models import build_model
+from dst.optimizers import MaskedSGD
 from dst.schedules import PruneSchedule
 from dst.spec import RunSpec, TrainingConfig, resolve_init, resolve_training
 from dst.topology import TopologyUpdater
@@ -84,17 +79,19 @@ def loss_and_correct(
 
 @dataclass
 class Sparsity:
-    """The sparse state of a run: masked weights, masks, the updater (DST only) and ITOP."""
+    """The sparse state of a run: masked weights, masks, the updater (DST only) and ITOP.
+
+    The masks are edited in place (topology updates, checkpoint loads); the optimizer holds
+    views of them and enforces them inside every step.
+    """
 
     weights: dict[str, nn.Parameter]
     masks: Masks
     updater: TopologyUpdater | None
     itop: ItopTracker
-    factors: dict[str, torch.Tensor]  # masks in the weights' dtype, refreshed after updates
 
-    def refresh(self) -> None:
-        """Recompute the float factors after the masks changed."""
-        self.factors = mask_factors(self.masks, self.weights)
+    def masks_by_param(self) -> dict[nn.Parameter, torch.Tensor]:
+        return {self.weights[name]: mask for name, mask in self.masks.items()}
 
 
 class Trainer:
@@ -113,25 +110,27 @@ class Trainer:
         self.test_loader = self._loader(data.test, shuffle=False)
         torch.manual_seed(spec.seed)  # same initial weights whatever the data pipeline drew
         self.model = build_model(spec.model, data.info).to(self.device)
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=self.config.lr,
-            momentum=self.config.momentum,
-            nesterov=self.config.nesterov,
-            weight_decay=self.config.weight_decay,
-        )
         epochs = self.config.epochs
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer,
-            milestones=[math.ceil(0.5 * epochs), math.ceil(0.75 * epochs)],
-            gamma=self.config.lr_decay,
-        )
         self.steps_per_epoch = len(self.train_loader)
         if self.config.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, self.config.max_steps_per_epoch)
         self.total_steps = epochs * self.steps_per_epoch
         self.mask_generator = torch.Generator().manual_seed(spec.seed + 1)
         self.sparsity = self._build_sparsity()
+        self.optimizer = MaskedSGD(
+            self.model.parameters(),
+            lr=self.config.lr,
+            momentum=self.config.momentum,
+            nesterov=self.config.nesterov,
+            weight_decay=self.config.weight_decay,
+            masks=self.sparsity.masks_by_param() if self.sparsity else None,
+            kernel=self.config.optimizer_kernel,
+        )
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer,
+            milestones=[math.ceil(0.5 * epochs), math.ceil(0.75 * epochs)],
+            gamma=self.config.lr_decay,
+        )
         self.initial_masks: Masks = (
             {n: m.cpu().clone() for n, m in self.sparsity.masks.items()} if self.sparsity else {}
         )
@@ -178,11 +177,15 @@ class Trainer:
                 s.scope,
                 self.mask_generator,
             )
-        return Sparsity(weights, masks, updater, ItopTracker(masks), mask_factors(masks, weights))
+        return Sparsity(weights, masks, updater, ItopTracker(masks))
 
     # -- training -----------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        """One optimizer step; returns (summed loss, number correct) of the batch."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step (masks enforced inside it, see :class:`MaskedSGD`).
+
+        Returns the batch's summed loss and number correct as tensors on the device, so a
+        GPU is not synchronized every step (the epoch reads them once).
+        """
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         logits = self.model(x)
@@ -194,16 +197,15 @@ class Trainer:
         if sp and sp.updater and sp.updater.schedule.is_update_step(self.step):
             sp.updater.update(sp.weights, sp.masks, self.optimizer, self.step)
             sp.itop.update(sp.masks)
-            sp.refresh()
         self.optimizer.step()
-        if sp is not None:
-            apply_masks(sp.weights, sp.factors)
-        return loss.item() * len(y), int(correct)
+        return loss.detach() * len(y), correct
 
     def train_epoch(self, progress: bool = False) -> tuple[float, float]:
         """One pass over (at most ``max_steps_per_epoch`` batches of) the training set."""
         self.model.train()
-        total_loss, total_correct, seen = 0.0, 0, 0
+        total_loss = torch.zeros((), device=self.device)
+        total_correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
         batches = tqdm(
             self.train_loader,
             total=self.steps_per_epoch,
@@ -219,7 +221,7 @@ class Trainer:
             total_correct += correct
             seen += len(y)
         self.scheduler.step()
-        return total_loss / max(seen, 1), total_correct / max(seen, 1)
+        return float(total_loss) / max(seen, 1), int(total_correct) / max(seen, 1)
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> tuple[float, float]:
@@ -321,7 +323,6 @@ class Trainer:
             for name, m in state["masks"].items():
                 sp.masks[name].copy_(m.to(self.device))
             sp.itop.load_state_dict(state["itop"])
-            sp.refresh()
         self.step, self.epoch = state["step"], state["epoch"]
         self.history = list(state["history"])
         rng = state["rng"]

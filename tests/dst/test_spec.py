@@ -39,6 +39,8 @@ def error_of(data: dict[str, Any]) -> str:
         ({"sparsity": {"mode": "sparse"}}, "sparsity.mode", "'dst'"),
         ({"device": "gpu"}, "device", "cpu, cuda"),
         ({"training": {"lr": -1}}, "training.lr", "greater than 0"),
+        ({"training": {"optimizer_kernel": "cuda"}}, "training.optimizer_kernel", "'compiled'"),
+        ({"training": {"momentum": 0}}, "training", "nesterov needs momentum > 0"),
         ({"sparsity": {"densty": 0.1}}, "sparsity.densty", "Extra inputs"),
     ],
 )

@@ -1,0 +1,143 @@
+"""MaskedSGD: plain SGD without masks, exact zeros off the mask, one result whatever the kernel."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dst.optimizers import KERNELS, MaskedSGD, compiled_update
+
+HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}
+EXACT_KERNELS = ["eager", "compiled"]
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def masks_for(model: nn.Module, density: float = 0.4) -> dict[nn.Parameter, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    masks = {}
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            mask = torch.rand(module.weight.shape, generator=gen) < density
+            with torch.no_grad():
+                module.weight.mul_(mask)
+            masks[module.weight] = mask
+    return masks
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, lr_at: int = -1) -> None:
+    gen = torch.Generator().manual_seed(2)
+    for step in range(steps):
+        if step == lr_at:  # as an LR schedule would
+            for group in opt.param_groups:
+                group["lr"] *= 0.1
+        x, y = torch.randn(8, 12, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("kernel", EXACT_KERNELS)
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_without_masks_it_is_torch_sgd(kernel: str, nesterov: bool) -> None:
+    ours, ref = mlp(), mlp()
+    train(ours, MaskedSGD(ours.parameters(), nesterov=nesterov, kernel=kernel, **HYPER), 6, 3)
+    train(ref, torch.optim.SGD(ref.parameters(), nesterov=nesterov, **HYPER), 6, 3)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kernel", EXACT_KERNELS)
+def test_hand_worked_masked_step(kernel: str) -> None:
+    p = nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    p.grad = torch.ones(4)
+    mask = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        p.mul_(mask)
+    opt = MaskedSGD([p], lr=0.1, momentum=0.9, masks={p: mask}, kernel=kernel)  # type: ignore[arg-type]
+    opt.step()
+    # d = m(g) = [1, 0, 1, 0]; b = d; step = d + 0.9 b = 1.9 d; θ = m(θ - 0.19 d)
+    torch.testing.assert_close(p.detach(), torch.tensor([0.81, 0.0, 2.81, 0.0]))
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], torch.tensor([1.0, 0, 1.0, 0]))
+
+
+@pytest.mark.parametrize("kernel", EXACT_KERNELS)
+def test_weights_and_momentum_stay_exactly_zero_off_the_mask(kernel: str) -> None:
+    model = mlp()
+    masks = masks_for(model)
+    opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+    for _ in range(5):
+        train(model, opt, 1)
+        for w, mask in masks.items():
+            assert not w[~mask].any()
+            assert not opt.state[w]["momentum_buffer"][~mask].any()
+            assert w[mask].any()  # active weights do train
+
+
+def test_compiled_and_eager_agree() -> None:
+    runs = []
+    for kernel in EXACT_KERNELS:
+        model = mlp()
+        masks = masks_for(model)
+        opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+        train(model, opt, 8, 4)
+        runs.append(list(model.parameters()))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kernel", EXACT_KERNELS)
+def test_in_place_mask_edits_take_effect_at_the_next_step(kernel: str) -> None:
+    model = mlp()
+    masks = masks_for(model)
+    opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+    train(model, opt, 2)
+    w, mask = next(iter(masks.items()))
+    flat = mask.view(-1)
+    on, off = flat.nonzero()[0].item(), (~flat).nonzero()[0].item()
+    flat[on], flat[off] = False, True  # as a topology update: prune one weight, grow another
+    train(model, opt, 1)
+    assert w.view(-1)[on] == 0 and opt.state[w]["momentum_buffer"].view(-1)[on] == 0
+    assert w.view(-1)[off] != 0  # the grown weight trains from the next step on
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    a, b = mlp(), mlp()
+    ma, mb = masks_for(a), masks_for(b)
+    oa = MaskedSGD(a.parameters(), masks=ma, **HYPER)  # type: ignore[arg-type]
+    ob = MaskedSGD(b.parameters(), masks=mb, **HYPER)  # type: ignore[arg-type]
+    train(a, oa, 3)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))  # as a checkpoint file would
+    ob.load_state_dict(copy.deepcopy(oa.state_dict()))
+    train(a, oa, 2)
+    train(b, ob, 2)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_the_compiled_update_is_ready_on_this_machine() -> None:
+    """CI has a C++ compiler, so ``auto`` must really run compiled here, not fall back."""
+    assert callable(compiled_update("cpu"))
+
+
+def test_bad_arguments_are_named() -> None:
+    model = mlp()
+    weight = model[0].weight
+    with pytest.raises(ValueError, match="kernel must be one of auto, compiled, eager"):
+        MaskedSGD(model.parameters(), lr=0.1, kernel="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bool tensor of its weight's shape"):
+        MaskedSGD(model.parameters(), lr=0.1, masks={weight: torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="bool tensor"):
+        MaskedSGD(model.parameters(), lr=0.1, masks={weight: torch.ones(weight.shape)})
+    other = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="does not update"):
+        MaskedSGD(model.parameters(), lr=0.1, masks={other: torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="nesterov needs momentum"):
+        MaskedSGD(model.parameters(), lr=0.1, momentum=0.0)
+    assert set(KERNELS) == {"auto", "compiled", "eager"}
