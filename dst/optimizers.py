@@ -94,6 +94,30 @@ def _each(update: Callable[..., None]) -> MaskedUpdate:
     return apply
 
 
+def dense_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+) -> None:
+    """PyTorch's own SGD step (its fused kernel where the device has one) on unmasked tensors."""
+    torch_sgd(
+        params,
+        grads,
+        cast(list[torch.Tensor | None], bufs),
+        fused=all(p.device.type in _FUSED_DEVICES for p in params),
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        dampening=0.0,
+        maximize=False,
+    )
+
+
 @torch.no_grad()
 def eager_update(
     params: list[torch.Tensor],
@@ -109,18 +133,7 @@ def eager_update(
 
     For active entries (m = 1) this is the update above; inactive ones end at zero either way.
     """
-    torch_sgd(
-        params,
-        grads,
-        cast(list[torch.Tensor | None], bufs),
-        fused=all(p.device.type in _FUSED_DEVICES for p in params),
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        nesterov=nesterov,
-        dampening=0.0,
-        maximize=False,
-    )
+    dense_update(params, grads, bufs, lr, weight_decay, momentum, nesterov)
     for p, buf, mask in zip(params, bufs, masks, strict=True):
         keep = mask.view(torch.bool)  # [n]
         p.mul_(keep)
@@ -263,18 +276,11 @@ class MaskedSGD(torch.optim.Optimizer):
                 *hyper,
             )
         if dense:
-            bufs: list[torch.Tensor | None] = [self.state[p]["momentum_buffer"] for p in dense]
-            torch_sgd(
+            dense_update(
                 list(dense),
                 [_grad(p) for p in dense],
-                bufs,
-                fused=all(p.device.type in _FUSED_DEVICES for p in dense),
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                momentum=group["momentum"],
-                nesterov=group["nesterov"],
-                dampening=0.0,
-                maximize=False,
+                [self.state[p]["momentum_buffer"] for p in dense],
+                *hyper,
             )
 
 
