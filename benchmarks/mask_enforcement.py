@@ -6,13 +6,14 @@ step alone, each as the fastest and the median block, and the ratios to dense:
   dense              the dense model, PyTorch's fused SGD
   sparse, no mask    the sparse model (90% zeros), same step: does sparsity itself cost?
   fused SGD + w*=m   fused SGD, then weights *= float mask (a separate pass over the weights)
-  MaskedSGD compiled the mask inside one compiled update (what dst.training runs)
+  MaskedSGD native   the mask inside one C loop built for this CPU (dst.training's default here)
+  MaskedSGD compiled the same update through torch.compile
   MaskedSGD eager    fused SGD, then weights and momentum masked (the no-compiler fallback)
 
 The optimizer-step column is the less noisy one: forward and backward are the same work in every
 variant, so the difference between variants is in the step.
 
-    uv run python -m benchmarks.mask_enforcement [--threads 1] [--rounds 12] [--steps 40]
+    uv run python -m benchmarks.mask_enforcement [--threads 1] [--rounds 80] [--steps 5]
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--density", type=float, default=0.1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,6 +74,8 @@ def main() -> None:
     variants["sparse, no mask"] = (model, optimizer(model, None, "auto"))
     model, masks = sparse_model()
     variants["fused SGD + w*=m"] = (model, MaskAfterStep(model, masks))
+    model, masks = sparse_model()
+    variants["MaskedSGD native"] = (model, optimizer(model, masks, "native"))
     model, masks = sparse_model()
     variants["MaskedSGD compiled"] = (model, optimizer(model, masks, "compiled"))
     model, masks = sparse_model()

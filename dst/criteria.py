@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dst.masks import num_active
+from dst.masks import num_active, true_indices
 from dst.registry import Registry
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Generator], torch.Tensor]
@@ -67,7 +67,7 @@ def set_balanced(
     flat, active = weight.detach().flatten(), mask.flatten()  # [n], [n]
     scores = torch.full_like(flat, math.inf)
     for group in ((flat >= 0) & active, (flat < 0) & active):
-        idx = group.nonzero().squeeze(1)  # [g]
+        idx = true_indices(group)  # [g]
         order = torch.sort(flat[idx].abs(), stable=True).indices  # [g]
         ranks = torch.empty_like(order, dtype=flat.dtype)
         ranks[order] = torch.arange(len(idx), device=flat.device, dtype=flat.dtype)
@@ -161,9 +161,9 @@ def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
     chosen = values <= kth  # [n], at least k True
     if num_active(chosen) > k:  # more ties at the threshold than places left: lowest first
         chosen = values < kth
-        tied = (values == kth).nonzero().squeeze(1)  # [t], ascending
+        tied = true_indices(values == kth)  # [t], ascending
         chosen[tied[: k - num_active(chosen)]] = True
-    return chosen.nonzero().squeeze(1)  # [k], ascending
+    return true_indices(chosen)  # [k], ascending
 
 
 def select_pruned(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -172,7 +172,7 @@ def select_pruned(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Ten
     Ties go to the lowest flat index; NaN scores (a diverged weight) count as the lowest.
     Inactive entries are never chosen.
     """
-    active_idx = mask.flatten().nonzero().squeeze(1)  # [a]
+    active_idx = true_indices(mask)  # [a]
     if k > len(active_idx):
         raise ValueError(f"cannot prune {k} weights: only {len(active_idx)} are active")
     s = scores.detach().flatten()[active_idx]  # [a]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dst.criteria import lowest_k
-from dst.masks import num_active
+from dst.masks import num_active, true_indices
 from dst.registry import Registry
 
 GrowFn = Callable[[torch.Tensor | None, torch.Tensor, int, torch.Generator], torch.Tensor]
@@ -38,9 +38,10 @@ def random_growth(
 ) -> torch.Tensor:
     """SET-style growth (Mocanu et al. 2018): k positions uniformly among the inactive ones.
 
-    Draws i.i.d. uniform positions until at least k distinct inactive ones are seen, then keeps
-    a uniformly random k of them. By symmetry the distinct set is a uniform subset of its size,
-    so the result is a uniform k-subset, without permuting all (millions of) inactive positions.
+    Draws i.i.d. uniform positions until at least k distinct inactive ones are seen (marked in
+    a bitmap, cheaper than ``unique``), then keeps a uniformly random k of them. By symmetry the
+    distinct set is a uniform subset of its size, so the result is a uniform k-subset, without
+    permuting all (millions of) inactive positions.
     Mostly-active layers fall back to permuting the few inactive positions.
     """
     flat = mask.flatten().cpu()  # [n]
@@ -48,16 +49,20 @@ def random_growth(
     if k > inactive:
         raise ValueError(f"cannot grow {k} weights: only {inactive} are inactive")
     if inactive < 2 * k or inactive < n // 2:
-        inactive_idx = (~flat).nonzero().squeeze(1)  # [i]
+        inactive_idx = true_indices(~flat)  # [i]
         picked = inactive_idx[torch.randperm(inactive, generator=gen)[:k]]
         return picked.to(mask.device)
-    chosen = torch.empty(0, dtype=torch.long)
-    while len(chosen) < k:
-        draws = math.ceil(1.1 * (k - len(chosen)) * n / inactive) + 16
-        draw = torch.randint(0, n, (draws,), generator=gen)  # [draws]
-        chosen = torch.unique(torch.cat([chosen, draw[~flat[draw]]]))
-    keep = torch.randperm(len(chosen), generator=gen)[:k]
-    return torch.sort(chosen[keep]).values.to(mask.device)
+    hit = torch.zeros(n, dtype=torch.bool)  # [n], drawn inactive positions so far
+    found = 0
+    while found < k:
+        draws = math.ceil(1.1 * (k - found) * n / inactive) + 16
+        hit[torch.randint(0, n, (draws,), generator=gen)] = True
+        hit &= ~flat
+        found = num_active(hit)
+    chosen = true_indices(hit)  # [found], ascending
+    keep = torch.zeros(found, dtype=torch.bool)  # a uniform k-subset, kept in ascending order
+    keep[torch.randperm(found, generator=gen)[:k]] = True
+    return chosen[keep].to(mask.device)
 
 
 def gradient_growth(

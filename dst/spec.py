@@ -71,8 +71,9 @@ class TrainingSpec(_Strict):
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     optimizer_kernel: OptimizerKernel = Field(
         "auto",
-        description="how the masked SGD update runs: compiled (one fused loop per weight "
-        "tensor), eager (op by op, no compiler needed), auto (compiled where possible)",
+        description="how the masked SGD update runs: native (a C loop built for this CPU; "
+        "float32 on the CPU), compiled (torch.compile: C++ on the CPU, Triton on CUDA), eager "
+        "(op by op, no compiler needed), auto (the fastest of these that works here)",
     )
 
     @model_validator(mode="after")
@@ -124,6 +125,15 @@ class RunSpec(_Strict):
         if not _DEVICE.match(value):
             raise ValueError(f"device must be cpu, cuda, cuda:N, mps or auto, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_kernel_device(self) -> RunSpec:
+        if self.training.optimizer_kernel == "native" and self.device != "cpu":
+            raise ValueError(
+                f"training.optimizer_kernel 'native' runs on the CPU only, but device is "
+                f"{self.device!r}: use 'auto' or 'compiled'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_compatible(self) -> RunSpec:

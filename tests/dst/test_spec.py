@@ -39,7 +39,12 @@ def error_of(data: dict[str, Any]) -> str:
         ({"sparsity": {"mode": "sparse"}}, "sparsity.mode", "'dst'"),
         ({"device": "gpu"}, "device", "cpu, cuda"),
         ({"training": {"lr": -1}}, "training.lr", "greater than 0"),
-        ({"training": {"optimizer_kernel": "cuda"}}, "training.optimizer_kernel", "'compiled'"),
+        ({"training": {"optimizer_kernel": "cuda"}}, "training.optimizer_kernel", "'native'"),
+        (
+            {"training": {"optimizer_kernel": "native"}, "device": "cuda"},
+            "training.optimizer_kernel",
+            "CPU only",
+        ),
         ({"training": {"momentum": 0}}, "training", "nesterov needs momentum > 0"),
         ({"sparsity": {"densty": 0.1}}, "sparsity.densty", "Extra inputs"),
     ],
