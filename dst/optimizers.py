@@ -25,7 +25,6 @@ by exactly that: PyTorch's fused SGD kernel. How the masked update runs is
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +33,6 @@ import torch
 from torch import nn
 
 from dst.kernels import KERNELS, Kernel, MaskedKernel, dense_update, resolve_kernel
-
-log = logging.getLogger(__name__)
 
 __all__ = ["KERNELS", "Kernel", "MaskedSGD"]  # Kernel and KERNELS are re-exported for specs
 
