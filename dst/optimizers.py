@@ -45,6 +45,7 @@ class _Masked:
     weight: torch.Tensor  # [n], the parameter's storage
     buf: torch.Tensor  # [n], its momentum buffer's storage
     mask: torch.Tensor  # [n] uint8, the bool mask's storage
+    kernel_mask: torch.Tensor | None = None  # the mask in the kernel's format (prepare_mask)
     synced: tuple[int, int] | None = None  # (mask, weight) versions after the last write
 
 
@@ -150,7 +151,7 @@ class MaskedSGD(torch.optim.Optimizer):
                 [e.weight for e in entries],
                 [_flat(_grad(e.param)) for e in entries],
                 [e.buf for e in entries],
-                [e.mask for e in entries],
+                [e.kernel_mask for e in entries],
                 *hyper,
             )
             for e in entries:
@@ -176,8 +177,11 @@ class MaskedSGD(torch.optim.Optimizer):
 
 def _restore_invariant(kernel: MaskedKernel, entries: list[_Masked]) -> None:
     """Zero weights and momentum off the mask where a mask or a weight changed since the
-    optimizer last wrote them (their version counters moved), or where state is new."""
+    optimizer last wrote them (their version counters moved), or where state is new; and
+    convert those masks to the kernel's format again."""
     stale = [e for e in entries if e.synced != (e.mask._version, e.param._version)]
+    for e in stale:
+        e.kernel_mask = kernel.prepare_mask(e.mask)
     if stale:
         kernel.zero_off_mask(
             [e.weight for e in stale] + [e.buf for e in stale], [e.mask for e in stale] * 2

@@ -16,6 +16,7 @@ from dst.kernels import (
     masked_sgd_update,
     native_kernel,
     native_library,
+    pack_bits,
     resolve_kernel,
 )
 
@@ -35,7 +36,7 @@ def test_native_matches_the_formula(nesterov: bool) -> None:
     p, g, buf, mask = case(1003)  # not a multiple of any vector width: the tail runs too
     want_p, want_buf = p.clone(), buf.clone()
     masked_sgd_update(want_p, g, want_buf, mask, 0.05, 1e-3, 0.9, nesterov)
-    native_library().update([p], [g], [buf], [mask], 0.05, 1e-3, 0.9, nesterov)
+    native_library().update([p], [g], [buf], [pack_bits(mask)], 0.05, 1e-3, 0.9, nesterov)
     torch.testing.assert_close(p, want_p)
     torch.testing.assert_close(buf, want_buf)
     off = mask == 0
@@ -48,9 +49,13 @@ def test_threads_split_the_work_without_changing_it() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        native_library().update([one[0]], [one[1]], [one[2]], [one[3]], 0.1, 0.0, 0.9, True)
+        native_library().update(
+            [one[0]], [one[1]], [one[2]], [pack_bits(one[3])], 0.1, 0, 0.9, True
+        )
         torch.set_num_threads(2)
-        native_library().update([two[0]], [two[1]], [two[2]], [two[3]], 0.1, 0.0, 0.9, True)
+        native_library().update(
+            [two[0]], [two[1]], [two[2]], [pack_bits(two[3])], 0.1, 0, 0.9, True
+        )
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], two[0]) and torch.equal(one[2], two[2])
@@ -66,6 +71,11 @@ def test_chunks_cover_the_range_on_cache_line_boundaries() -> None:
     assert all(start % 64 == 0 for start, _ in chunks)
 
 
+def test_packed_bits_are_least_significant_first() -> None:
+    mask = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 1, 1], dtype=torch.uint8)
+    assert pack_bits(mask).tolist() == [0b00000001, 0b00000011]
+
+
 def test_native_zero_off_mask() -> None:
     x = torch.arange(1.0, 11.0)
     mask = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.uint8)
@@ -75,13 +85,15 @@ def test_native_zero_off_mask() -> None:
 
 def test_native_refuses_what_it_cannot_read() -> None:
     p, g, buf, mask = case(64)
-    lib = native_library()
+    lib, bits = native_library(), pack_bits(mask)
     with pytest.raises(KernelUnavailableError, match="float32"):
-        lib.update([p.double()], [g], [buf], [mask], 0.1, 0.0, 0.9, True)
+        lib.update([p.double()], [g], [buf], [bits], 0.1, 0.0, 0.9, True)
     with pytest.raises(KernelUnavailableError, match="strided"):
-        lib.update([p[::2]], [g[::2]], [buf[::2]], [mask[::2]], 0.1, 0.0, 0.9, True)
+        lib.update([p[::2]], [g[::2]], [buf[::2]], [bits], 0.1, 0.0, 0.9, True)
     with pytest.raises(KernelUnavailableError, match=r"torch\.uint8"):
-        lib.update([p], [g], [buf], [mask.bool()], 0.1, 0.0, 0.9, True)
+        lib.update([p], [g], [buf], [bits.bool()], 0.1, 0.0, 0.9, True)
+    with pytest.raises(KernelUnavailableError, match=r"\[n/8\] mask bytes"):
+        lib.update([p], [g], [buf], [mask], 0.1, 0.0, 0.9, True)  # bytes, not packed bits
     with pytest.raises(KernelUnavailableError, match="float32 weights on the CPU"):
         native_kernel("cpu", torch.float64)
     with pytest.raises(KernelUnavailableError, match="float32 weights on the CPU"):
