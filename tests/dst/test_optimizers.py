@@ -32,6 +32,14 @@ def masks_for(model: nn.Module, density: float = 0.4) -> dict[nn.Parameter, torc
     return masks
 
 
+def masked_setup(kernel: str) -> tuple[nn.Module, dict[nn.Parameter, torch.Tensor], MaskedSGD]:
+    """A small MLP, random masks applied to its weights, and a MaskedSGD on ``kernel``."""
+    model = mlp()
+    masks = masks_for(model)
+    opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+    return model, masks, opt
+
+
 def train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, lr_at: int = -1) -> None:
     gen = torch.Generator().manual_seed(2)
     for step in range(steps):
@@ -70,9 +78,7 @@ def test_hand_worked_masked_step(kernel: str) -> None:
 
 @pytest.mark.parametrize("kernel", EXACT_KERNELS)
 def test_weights_and_momentum_stay_exactly_zero_off_the_mask(kernel: str) -> None:
-    model = mlp()
-    masks = masks_for(model)
-    opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+    model, masks, opt = masked_setup(kernel)
     for _ in range(5):
         train(model, opt, 1)
         for w, mask in masks.items():
@@ -96,9 +102,7 @@ def test_every_kernel_gives_the_same_training() -> None:
 
 @pytest.mark.parametrize("kernel", EXACT_KERNELS)
 def test_in_place_mask_edits_take_effect_at_the_next_step(kernel: str) -> None:
-    model = mlp()
-    masks = masks_for(model)
-    opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+    model, masks, opt = masked_setup(kernel)
     train(model, opt, 2)
     w, mask = next(iter(masks.items()))
     flat = mask.view(-1)
@@ -131,9 +135,7 @@ def test_auto_runs_the_native_kernel_on_this_machine() -> None:
 
 @pytest.mark.parametrize("kernel", EXACT_KERNELS)
 def test_weights_edited_off_the_mask_are_zeroed_before_the_next_update(kernel: str) -> None:
-    model = mlp()
-    masks = masks_for(model)
-    opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+    model, masks, opt = masked_setup(kernel)
     train(model, opt, 2)
     w, mask = next(iter(masks.items()))
     with torch.no_grad():
@@ -146,9 +148,7 @@ def test_weights_edited_off_the_mask_are_zeroed_before_the_next_update(kernel: s
 
 @pytest.mark.parametrize("kernel", EXACT_KERNELS)
 def test_replaced_weight_storage_is_followed(kernel: str) -> None:
-    model = mlp()
-    masks = masks_for(model)
-    opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+    model, masks, opt = masked_setup(kernel)
     train(model, opt, 1)
     w, mask = next(iter(masks.items()))
     w.data = w.data.clone()  # e.g. a checkpoint loaded with assign=True
@@ -160,9 +160,7 @@ def test_replaced_weight_storage_is_followed(kernel: str) -> None:
 
 @pytest.mark.parametrize("kernel", EXACT_KERNELS)
 def test_loaded_momentum_is_zeroed_off_the_mask(kernel: str) -> None:
-    model = mlp()
-    masks = masks_for(model)
-    opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+    model, masks, opt = masked_setup(kernel)
     train(model, opt, 1)
     state = copy.deepcopy(opt.state_dict())
     for value in state["state"].values():
@@ -178,9 +176,7 @@ def test_loaded_momentum_is_zeroed_off_the_mask(kernel: str) -> None:
 def test_autograd_sees_the_in_place_update(kernel: str) -> None:
     """Stepping between forward and backward must fail loudly, as with torch.optim.SGD: the
     native kernel writes raw memory, so it has to bump the version counters itself."""
-    model = mlp()
-    masks = masks_for(model)
-    opt = MaskedSGD(model.parameters(), masks=masks, kernel=kernel, **HYPER)  # type: ignore[arg-type]
+    model, _, opt = masked_setup(kernel)
     train(model, opt, 1)
     loss = model(torch.randn(4, 12)).sum()
     opt.step()
