@@ -232,37 +232,27 @@ class NativeLibrary:
                     f"bytes, got {p.numel()}, {g.numel()}, {b.numel()}, {m.numel()}"
                 )
         threads = torch.get_num_threads()
-        if threads == 1:
-            for p, g, b, m in zip(params, grads, bufs, masks, strict=True):
-                self._sgd(
-                    p.data_ptr(),
-                    g.data_ptr(),
-                    b.data_ptr(),
-                    m.data_ptr(),
-                    p.numel(),
-                    lr,
-                    weight_decay,
-                    momentum,
-                    nesterov,
-                )
-        else:
-            jobs: list[Callable[[], None]] = []
-            for p, g, b, m in zip(params, grads, bufs, masks, strict=True):
-                for start, stop in _chunks(p.numel(), threads):
-                    jobs.append(
-                        functools.partial(
-                            self._sgd,
-                            p.data_ptr() + 4 * start,
-                            g.data_ptr() + 4 * start,
-                            b.data_ptr() + 4 * start,
-                            m.data_ptr() + start // 8,  # chunks start on 64
-                            stop - start,
-                            lr,
-                            weight_decay,
-                            momentum,
-                            nesterov,
-                        )
+        jobs: list[Callable[[], None]] = []
+        for p, g, b, m in zip(params, grads, bufs, masks, strict=True):
+            for start, stop in _chunks(p.numel(), threads):  # one chunk on one thread
+                jobs.append(
+                    functools.partial(
+                        self._sgd,
+                        p.data_ptr() + 4 * start,
+                        g.data_ptr() + 4 * start,
+                        b.data_ptr() + 4 * start,
+                        m.data_ptr() + start // 8,  # chunks start on multiples of 64
+                        stop - start,
+                        lr,
+                        weight_decay,
+                        momentum,
+                        nesterov,
                     )
+                )
+        if threads == 1:
+            for job in jobs:
+                job()
+        else:
             _run(jobs, threads)
         torch.autograd.graph.increment_version(params + bufs)  # written behind autograd's back
 
