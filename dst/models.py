@@ -33,6 +33,17 @@ class TrainingDefaults:
     lr_decay: float = 0.1  # multiplicative LR decay applied at 50% and 75% of the epochs
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """Per-run choices about a model's architecture (the spec's ``training.dropout``)."""
+
+    dropout: float = 0.0  # rate for the MLPs' input and hidden layers (Figure 4); 0 = none
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {self.dropout}")
+
+
 class IncompatibleModelError(ValueError):
     """A model that cannot be built for a dataset; the message names both and says why."""
 
@@ -46,12 +57,13 @@ class ModelEntry:
     """A registered model: its builder, paper defaults (Appendix A.2) and input requirements."""
 
     name: str
-    build: Callable[[DataInfo], nn.Module]
+    build: Callable[[DataInfo, ModelOptions], nn.Module]
     default_init: Literal["er", "erk"]
     defaults: TrainingDefaults
     requires_image: bool
     min_size: int
     description: str
+    has_dropout: bool = False  # takes ModelOptions.dropout (the MLPs, Figure 4)
 
     def check(self, info: DataInfo) -> None:
         """Raise :class:`IncompatibleModelError` if this model cannot be built for ``info``.
@@ -98,26 +110,38 @@ def _in_channels(info: DataInfo) -> int:
 # --- MLPs (Table 2) ---------------------------------------------------------------------------
 
 
-def _mlp(in_features: int, hidden: tuple[int, int], out_features: int) -> nn.Sequential:
-    """Flatten, then two ReLU hidden layers and a linear output (Table 2, both MLPs)."""
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(in_features, hidden[0]),
-        nn.ReLU(),
-        nn.Linear(hidden[0], hidden[1]),
-        nn.ReLU(),
-        nn.Linear(hidden[1], out_features),
-    )
+class MLP(nn.Module):
+    """Flatten, two ReLU hidden layers and a linear output (Table 2, both MLPs).
+
+    ``dropout`` > 0 drops the input and both hidden layers' activations with that rate: the
+    dense + dropout baseline of Figure 4 (the paper uses 0.05). With 0 there is no dropout.
+    """
+
+    def __init__(
+        self, in_features: int, hidden: tuple[int, int], out_features: int, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.fc3 = nn.Linear(hidden[1], out_features)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, ...] -> [B, out_features]."""
+        h = self.dropout(torch.flatten(x, 1))  # [B, in_features]
+        h = self.dropout(torch.relu(self.fc1(h)))  # [B, hidden0]
+        h = self.dropout(torch.relu(self.fc2(h)))  # [B, hidden1]
+        return self.fc3(h)
 
 
-def build_small_mlp(info: DataInfo) -> nn.Module:
+def build_small_mlp(info: DataInfo, options: ModelOptions) -> nn.Module:
     """Small-MLP: hidden sizes 256, 256 (Table 2; 72,449 parameters on Higgs)."""
-    return _mlp(_flat_features(info), (256, 256), info.num_outputs)
+    return MLP(_flat_features(info), (256, 256), info.num_outputs, options.dropout)
 
 
-def build_large_mlp(info: DataInfo) -> nn.Module:
+def build_large_mlp(info: DataInfo, options: ModelOptions) -> nn.Module:
     """Large-MLP: hidden sizes 1024, 512 (Table 2; 3,676,682 parameters on CIFAR-10)."""
-    return _mlp(_flat_features(info), (1024, 512), info.num_outputs)
+    return MLP(_flat_features(info), (1024, 512), info.num_outputs, options.dropout)
 
 
 # --- small-CNN (Table 2) and LeNet-5-Caffe (Appendix A.1) -------------------------------------
@@ -128,7 +152,7 @@ def _conv_relu(in_channels: int, out_channels: int, kernel: int, padding: int) -
     return [nn.Conv2d(in_channels, out_channels, kernel, 1, padding), nn.ReLU()]
 
 
-def build_small_cnn(info: DataInfo) -> nn.Module:
+def build_small_cnn(info: DataInfo, options: ModelOptions) -> nn.Module:
     """Small-CNN: three 3x3 convs (32, 64, 128), two 2x2 max-pools, global average pool
     and a linear head (Table 2; 94,538 parameters on CIFAR-10)."""
     return nn.Sequential(
@@ -148,7 +172,7 @@ def _lenet_side(size: int) -> int:
     return ((size - 4) // 2 - 4) // 2
 
 
-def build_lenet5_caffe(info: DataInfo) -> nn.Module:
+def build_lenet5_caffe(info: DataInfo, options: ModelOptions) -> nn.Module:
     """LeNet-5-Caffe (Appendix A.1, after [34]): conv 20 and conv 50 (5x5) with max-pools,
     then Linear(50*h*w, 500) and the output layer (431,080 parameters on FashionMNIST)."""
     height, width = (_lenet_side(s) for s in info.input_shape[1:3])
@@ -236,7 +260,7 @@ def _kaiming_init_convs(model: nn.Module) -> None:
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
 
-def build_resnet56(info: DataInfo) -> nn.Module:
+def build_resnet56(info: DataInfo, options: ModelOptions) -> nn.Module:
     """ResNet-56: 9 BasicBlocks per stage (He et al. 2016; 855,770 parameters on CIFAR-10)."""
     return CifarResNet(_in_channels(info), info.num_outputs, blocks_per_stage=9)
 
@@ -245,12 +269,13 @@ def build_resnet56(info: DataInfo) -> nn.Module:
 
 
 def _vgg16_config() -> list[int | str]:
-    """VGG configuration D: conv widths, ``"M"`` for a 2x2 max-pool (Simonyan & Zisserman)."""
-    return [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    """VGG configuration D: conv widths, ``"M"`` for a 2x2 max-pool (Simonyan & Zisserman);
+    the fifth block ends in the 2x2 average pool of :func:`build_vgg16` instead."""
+    return [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 
 
 def _vgg_features(in_channels: int) -> nn.Sequential:
-    """Conv3x3-BN-ReLU stacks and max-pools of VGG-16 (BatchNorm variant, Appendix A.1)."""
+    """Bias-free conv3x3-BN-ReLU stacks and max-pools of VGG-16 (BatchNorm variant of [34])."""
     layers: list[nn.Module] = []
     channels = in_channels
     for item in _vgg16_config():
@@ -258,34 +283,37 @@ def _vgg_features(in_channels: int) -> nn.Sequential:
             layers.append(nn.MaxPool2d(2))
             continue
         width = int(item)
-        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+        layers += [
+            nn.Conv2d(channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
         channels = width
     return nn.Sequential(*layers)
 
 
-def _vgg_classifier(num_outputs: int) -> nn.Sequential:
-    """Two 512-wide ReLU-BN1d hidden layers and the output layer (CIFAR VGG of [34])."""
-    return nn.Sequential(
-        nn.Linear(512, 512),
-        nn.ReLU(),
-        nn.BatchNorm1d(512),
-        nn.Linear(512, 512),
-        nn.ReLU(),
-        nn.BatchNorm1d(512),
-        nn.Linear(512, num_outputs),
-    )
+def build_vgg16(info: DataInfo, options: ModelOptions) -> nn.Module:
+    """VGG-16 with BatchNorm for CIFAR, as the paper uses it (Appendix A.1, after [34]).
 
-
-def build_vgg16(info: DataInfo) -> nn.Module:
-    """VGG-16 with BatchNorm for CIFAR; global average pooling lets it take inputs >= 32x32."""
-    return nn.Sequential(
+    Configuration D with bias-free convs, max-pools after the first four blocks, an average
+    pool after the fifth and one ``Linear(512, classes)`` (14,770,212 parameters on CIFAR-100).
+    On 32x32 input the fifth block's map is 2x2, where the adaptive pool is exactly the 2x2
+    average pool of [34]; on larger inputs it averages the whole map. Initialization as in
+    that lineage: He-normal (fan-out) convs, classifier weights N(0, 0.01²) and zero bias.
+    """
+    classifier = nn.Linear(512, info.num_outputs)
+    nn.init.normal_(classifier.weight, 0.0, 0.01)
+    nn.init.zeros_(classifier.bias)
+    model = nn.Sequential(
         OrderedDict(
             features=_vgg_features(_in_channels(info)),
             pool=nn.AdaptiveAvgPool2d(1),
             flatten=nn.Flatten(),
-            classifier=_vgg_classifier(info.num_outputs),
+            classifier=classifier,
         )
     )
+    _kaiming_init_convs(model)
+    return model
 
 
 # --- torchvision models: EfficientNet-B0 and ResNet-50 (Appendix A.1) -------------------------
@@ -318,13 +346,13 @@ def _with_channels(model: nn.Module, stem: str, in_channels: int) -> nn.Module:
     return model
 
 
-def build_efficientnet_b0(info: DataInfo) -> nn.Module:
+def build_efficientnet_b0(info: DataInfo, options: ModelOptions) -> nn.Module:
     """EfficientNet-B0 from torchvision, untrained (Appendix A.1; 64x64 Tiny-ImageNet in A.2)."""
     model = tv_models.efficientnet_b0(weights=None, num_classes=info.num_outputs)
     return _with_channels(model, "features.0.0", _in_channels(info))
 
 
-def build_resnet50(info: DataInfo) -> nn.Module:
+def build_resnet50(info: DataInfo, options: ModelOptions) -> nn.Module:
     """ResNet-50 from torchvision, untrained (He et al. 2016; 25,502,912 conv+linear weights)."""
     model = tv_models.resnet50(weights=None, num_classes=info.num_outputs)
     return _with_channels(model, "conv1", _in_channels(info))
@@ -351,6 +379,7 @@ def _mlp_entries() -> list[ModelEntry]:
             requires_image=False,
             min_size=0,
             description="MLP 256-256, ReLU (Table 2; paper: Higgs)",
+            has_dropout=True,
         ),
         ModelEntry(
             name="large-mlp",
@@ -360,6 +389,7 @@ def _mlp_entries() -> list[ModelEntry]:
             requires_image=False,
             min_size=0,
             description="MLP 1024-512, ReLU (Table 2; paper: CIFAR-10)",
+            has_dropout=True,
         ),
     ]
 
@@ -407,7 +437,7 @@ def _large_conv_entries() -> list[ModelEntry]:
             defaults=TrainingDefaults(batch_size=128, lr=0.01, weight_decay=1e-4, epochs=200),
             requires_image=True,
             min_size=32,
-            description="VGG-16 with BatchNorm for CIFAR (A.1; paper: CIFAR-100)",
+            description="VGG-16 with BatchNorm for CIFAR, 14.8M params (A.1; paper: CIFAR-100)",
         ),
         ModelEntry(
             name="efficientnet-b0",
@@ -446,8 +476,23 @@ def get_model(name: str) -> ModelEntry:
     return MODELS.get(name)
 
 
-def build_model(name: str, info: DataInfo) -> nn.Module:
+def dropout_models() -> list[str]:
+    """Names of the models that take a dropout rate."""
+    return [name for name in MODELS if MODELS.get(name).has_dropout]
+
+
+def check_options(name: str, options: ModelOptions) -> None:
+    """Raise ``ValueError`` when model ``name`` cannot take ``options`` (e.g. dropout)."""
+    if options.dropout > 0 and not get_model(name).has_dropout:
+        raise ValueError(
+            f"model {name!r} has no dropout; dropout is available for {', '.join(dropout_models())}"
+        )
+
+
+def build_model(name: str, info: DataInfo, options: ModelOptions | None = None) -> nn.Module:
     """A fresh ``name`` model for dataset ``info``, after checking they are compatible."""
+    options = options or ModelOptions()
     entry = get_model(name)
     entry.check(info)
-    return entry.build(info)
+    check_options(name, options)
+    return entry.build(info, options)

@@ -20,7 +20,7 @@ from dst.criteria import CRITERIA
 from dst.datasets import DATASETS, get_dataset
 from dst.distributions import DISTRIBUTIONS
 from dst.growth import GROWTH
-from dst.models import MODELS, get_model
+from dst.models import MODELS, ModelOptions, check_options, get_model
 from dst.optimizers import Kernel as OptimizerKernel
 from dst.schedules import SCHEDULES
 
@@ -67,6 +67,13 @@ class TrainingSpec(_Strict):
     max_steps_per_epoch: int | None = Field(
         None, ge=1, description="cap on training batches per epoch (quick runs)"
     )
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout rate on the input and hidden layers of the MLPs (Figure 4 uses "
+        "0.05 for its dense + dropout baseline); 0 = no dropout",
+    )
     eval_batch_size: int = Field(1024, ge=1)
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     optimizer_kernel: OptimizerKernel = Field(
@@ -93,6 +100,12 @@ class SparsitySpec(_Strict):
     growth: GrowthName = "random"
     prune_fraction: float = Field(0.5, gt=0, lt=1, description="initial prune fraction ρ")
     schedule: ScheduleName = "cosine"
+    schedule_interval: int = Field(
+        600, ge=1, description="linear schedule: steps between multiplications (Appendix J)"
+    )
+    schedule_factor: float = Field(
+        0.99, gt=0, le=1, description="linear schedule: factor applied every interval (App. J)"
+    )
     update_period: int = Field(800, ge=1, description="Δt, optimizer steps between updates")
     stop_step: int | None = Field(None, ge=1, description="T; None: the end of training")
     scope: Scope = "local"
@@ -138,6 +151,10 @@ class RunSpec(_Strict):
     @model_validator(mode="after")
     def _check_compatible(self) -> RunSpec:
         get_model(self.model).check(get_dataset(self.dataset).info)
+        try:
+            check_options(self.model, resolve_model_options(self))
+        except ValueError as error:
+            raise ValueError(f"training.dropout: {error}") from None
         return self
 
 
@@ -156,6 +173,7 @@ class TrainingConfig:
     eval_batch_size: int
     num_workers: int
     optimizer_kernel: OptimizerKernel
+    dropout: float
 
 
 def resolve_training(spec: RunSpec) -> TrainingConfig:
@@ -173,7 +191,13 @@ def resolve_training(spec: RunSpec) -> TrainingConfig:
         eval_batch_size=t.eval_batch_size,
         num_workers=t.num_workers,
         optimizer_kernel=t.optimizer_kernel,
+        dropout=t.dropout,
     )
+
+
+def resolve_model_options(spec: RunSpec) -> ModelOptions:
+    """The architecture choices a run makes (dropout)."""
+    return ModelOptions(dropout=spec.training.dropout)
 
 
 def resolve_init(spec: RunSpec) -> str:

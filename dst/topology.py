@@ -1,8 +1,11 @@
 """One DST topology update (Section 3.1): prune a fraction ρ_t of the active weights by a
 criterion, then grow as many inactive weights back by a growth criterion.
 
-Per layer, grown = pruned, so every layer keeps its exact active count. Pruned and grown
-weights are set to zero and the optimizer state (momentum) of grown weights is reset.
+Per layer, grown = pruned, so every layer keeps its exact active count. Growth may choose a
+weight that was pruned in the same update; such a weight was active before and after, so it
+keeps its value and its optimizer state (RigL's default). Only connections that were inactive
+before the update are new: they start at zero with their optimizer state (momentum) reset.
+Pruned weights that are not regrown are set to zero.
 Local scope (the paper's choice, Section 3.2) scores and ranks each layer separately; global
 scope ranks all layers' active weights together and then grows per layer what it pruned there.
 """
@@ -26,10 +29,15 @@ Scope = Literal["local", "global"]
 
 @dataclass(frozen=True)
 class LayerUpdate:
-    """Flat indices pruned from and grown into one layer at one update."""
+    """Flat indices pruned from and grown into one layer at one update.
+
+    ``new`` are the grown positions that were inactive before the update (grown minus the
+    old mask); ``grown`` minus ``new`` are weights pruned and regrown at once, left untouched.
+    """
 
     pruned: torch.Tensor  # [k] int64
     grown: torch.Tensor  # [k] int64
+    new: torch.Tensor  # [k_new <= k] int64
 
 
 def _round_half_up(x: float) -> int:
@@ -101,20 +109,26 @@ class TopologyUpdater:
         optimizer: torch.optim.Optimizer | None,
         step: int,
     ) -> dict[str, LayerUpdate]:
-        """Prune ρ_step of the active weights and grow as many back, in place."""
+        """Prune ρ_step of the active weights and grow as many back, in place.
+
+        Only truly new connections (grown ∧ ¬old mask) are zeroed and get their optimizer
+        state reset; a weight pruned and regrown in the same update keeps both.
+        """
         pruned_sets = self.prune_sets(weights, masks, self.schedule.fraction(step))
         updates = {}
         for name, w in weights.items():
-            pruned = pruned_sets[name]
+            pruned = pruned_sets[name]  # [k], all active before the update
             flat_mask, flat_w = masks[name].view(-1), w.detach().view(-1)
             flat_mask[pruned] = False
-            grown = self.growth.select(w.grad, masks[name], len(pruned), self.generator)
+            grown = self.growth.select(w.grad, masks[name], len(pruned), self.generator)  # [k]
             flat_mask[grown] = True
-            flat_w[pruned] = 0.0
-            flat_w[grown] = 0.0
+            regrown = torch.isin(grown, pruned)  # [k]: active before, so not new
+            new = grown[~regrown]  # [k_new]
+            flat_w[pruned[~torch.isin(pruned, grown)]] = 0.0
+            flat_w[new] = 0.0
             if optimizer is not None:
-                reset_optimizer_state(optimizer, w, grown)
-            updates[name] = LayerUpdate(pruned, grown)
+                reset_optimizer_state(optimizer, w, new)
+            updates[name] = LayerUpdate(pruned, grown, new)
         return updates
 
 

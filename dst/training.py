@@ -3,8 +3,9 @@ at 50% and 75% of the epochs, in dense, static-sparse or DST mode (Section 3.1).
 
 Per step: forward, backward, a topology update every Δt steps (using this batch's gradients,
 Section 5.1), then the optimizer step, which also enforces the masks (:mod:`dst.optimizers`).
-Per epoch: train/val/test loss and accuracy, the loss gap (Fig. 4), density and ITOP ratio
-(Appendix E).
+Per epoch: train/val/test loss and accuracy, the loss gap (Fig. 4), density, ITOP ratio
+(Appendix E), the number of new connections grown, and the test metrics of the epoch with the
+best validation accuracy so far (what the paper's code reports).
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ from dst.masks import Masks, apply_masks, density, init_masks, prunable_weights
 from dst.models import build_model
 from dst.optimizers import MaskedSGD
 from dst.schedules import PruneSchedule
-from dst.spec import RunSpec, TrainingConfig, resolve_init, resolve_training
+from dst.spec import (
+    RunSpec,
+    TrainingConfig,
+    resolve_init,
+    resolve_model_options,
+    resolve_training,
+)
 from dst.topology import TopologyUpdater
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,21 @@ def loss_and_correct(
     return loss, correct
 
 
+def best_validation(history: list[Metrics], latest: Metrics) -> Metrics:
+    """The test metrics of the epoch with the best validation accuracy so far.
+
+    What the paper's code reports (the checkpoint with the best validation accuracy); the
+    earliest such epoch wins a tie. Derived from the history, so a resumed run agrees.
+    """
+    best = max([*history, latest], key=lambda m: m["val_acc"])
+    return {
+        "best_val_acc": best["val_acc"],
+        "best_val_epoch": best["epoch"],
+        "test_acc_at_best_val": best["test_acc"],
+        "test_loss_at_best_val": best["test_loss"],
+    }
+
+
 @dataclass
 class Sparsity:
     """The sparse state of a run: masked weights, masks, the updater (DST only) and ITOP.
@@ -109,7 +131,7 @@ class Trainer:
         self.val_loader = self._loader(data.val, shuffle=False)
         self.test_loader = self._loader(data.test, shuffle=False)
         torch.manual_seed(spec.seed)  # same initial weights whatever the data pipeline drew
-        self.model = build_model(spec.model, data.info).to(self.device)
+        self.model = build_model(spec.model, data.info, resolve_model_options(spec)).to(self.device)
         epochs = self.config.epochs
         self.steps_per_epoch = len(self.train_loader)
         if self.config.max_steps_per_epoch is not None:
@@ -136,6 +158,7 @@ class Trainer:
         )
         self.step = 0
         self.epoch = 0
+        self.new_connections = 0  # grown weights that were inactive before, this epoch
         self.history: list[Metrics] = []
 
     # -- construction -------------------------------------------------------------------
@@ -168,7 +191,12 @@ class Trainer:
         updater = None
         if s.mode == "dst":
             schedule = PruneSchedule(
-                s.schedule, s.prune_fraction, s.update_period, s.stop_step or self.total_steps
+                s.schedule,
+                s.prune_fraction,
+                s.update_period,
+                s.stop_step or self.total_steps,
+                s.schedule_interval,
+                s.schedule_factor,
             )
             updater = TopologyUpdater(
                 resolve_criterion(s.criterion, mest_lambda=s.mest_lambda),
@@ -195,7 +223,8 @@ class Trainer:
         self.step += 1
         sp = self.sparsity
         if sp and sp.updater and sp.updater.schedule.is_update_step(self.step):
-            sp.updater.update(sp.weights, sp.masks, self.optimizer, self.step)
+            changes = sp.updater.update(sp.weights, sp.masks, self.optimizer, self.step)
+            self.new_connections += sum(len(c.new) for c in changes.values())
             sp.itop.update(sp.masks)
         self.optimizer.step()
         return loss.detach() * len(y), correct
@@ -203,6 +232,7 @@ class Trainer:
     def train_epoch(self, progress: bool = False) -> tuple[float, float]:
         """One pass over (at most ``max_steps_per_epoch`` batches of) the training set."""
         self.model.train()
+        self.new_connections = 0
         total_loss = torch.zeros((), device=self.device)
         total_correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
@@ -258,8 +288,10 @@ class Trainer:
             "loss_gap": val_loss - train_loss,
             "density": density(sp.masks) if sp else 1.0,
             "itop": sp.itop.ratio() if sp else 1.0,
+            "new_connections": self.new_connections,
             "epoch_time_s": time.perf_counter() - start,
         }
+        metrics |= best_validation(self.history, metrics)
         self.history.append(metrics)
         return metrics
 

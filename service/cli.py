@@ -127,24 +127,10 @@ def wait_for(client: ApiClient, experiment_id: str, poll: float = 1.0) -> dict[s
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """The results rows as an aligned text table."""
-    columns = ("mode", "criterion", "growth", "density", "Δt", "seeds", "test acc", "test loss")
-    widths = (7, 13, 9, 8, 6, 5, 17, 17)
-    header = " ".join(f"{c:<{w}}" for c, w in zip(columns, widths, strict=True))
-    lines = [header, "-" * len(header)]
-    for r in results["rows"]:
-        cells = (
-            r["mode"],
-            r["criterion"] or "-",
-            r["growth"] or "-",
-            f"{r['density']:.3g}",
-            str(r["update_period"] or "-"),
-            str(r["seeds"]),
-            f"{r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f}",
-            f"{r['test_loss_mean']:.4f} ± {r['test_loss_std']:.4f}",
-        )
-        lines.append(" ".join(f"{c:<{w}}" for c, w in zip(cells, widths, strict=True)))
-    return "\n".join(lines)
+    """The results (as the API returns them) as an aligned text table."""
+    from service.results import format_table
+
+    return format_table(results["group_by"], results["rows"])
 
 
 @app.command()

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from dst.spec import RunSpec
 from service.db import TERMINAL_STATES, Experiment, Trial, utcnow
+from service.results import Results, summarize
 from service.study import TrialPlan
 
 LIVE_EXPERIMENT_STATES = ("queued", "submitted", "running", "cancelling")
@@ -198,14 +199,16 @@ def trial_metrics(trial: Trial) -> dict[str, float] | None:
     return json.loads(trial.metrics_json) if trial.metrics_json else None
 
 
-def succeeded_runs(session: Session, experiment_id: str) -> list[tuple[RunSpec, dict[str, float]]]:
-    """(run spec, final metrics) of every succeeded trial, for the results table."""
-    out = []
+def study_results(session: Session, experiment_id: str) -> Results:
+    """The results table: grouped by what the trials vary, from every succeeded trial."""
+    specs, finished = [], []
     for trial in list_trials(session, experiment_id):
+        spec = RunSpec.model_validate_json(trial.spec_json)
+        specs.append(spec)
         metrics = trial_metrics(trial)
         if trial.state == "succeeded" and metrics is not None:
-            out.append((RunSpec.model_validate_json(trial.spec_json), metrics))
-    return out
+            finished.append((spec, metrics))
+    return summarize(specs, finished)
 
 
 def as_aware(moment: datetime | None) -> datetime | None:

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 
 from service import crud
 from service.db import Experiment
-from service.study import ResultRow, StudySpec, TrialPlan, aggregate, expand
+from service.results import Results
+from service.study import StudySpec, TrialPlan, expand
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Tracker(Protocol):
     def create_parent(
         self, experiment_id: str, study: StudySpec, plans: list[TrialPlan]
     ) -> tuple[str, str]: ...
-    def finish_parent(self, parent_run_id: str, status: str, rows: list[ResultRow]) -> None: ...
+    def finish_parent(self, parent_run_id: str, status: str, results: Results) -> None: ...
     def links(
         self, mlflow_experiment_id: str | None, parent_run_id: str | None
     ) -> dict[str, str | None]: ...
@@ -140,9 +141,9 @@ def _finish_parent(
 ) -> None:
     if experiment.mlflow_parent_run_id is None:
         return
-    rows = aggregate(crud.succeeded_runs(session, experiment.id))
+    results = crud.study_results(session, experiment.id)
     try:
-        services.tracker.finish_parent(experiment.mlflow_parent_run_id, status, rows)
+        services.tracker.finish_parent(experiment.mlflow_parent_run_id, status, results)
     except Exception as error:
         log.warning("could not finish MLflow parent run of %s: %s", experiment.id, error)
 

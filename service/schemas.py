@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.study import ResultRow
+from service.results import ResultRow
 
 ExperimentStatus = Literal[
     "queued", "submitted", "running", "cancelling", "succeeded", "failed", "cancelled"
@@ -62,6 +62,9 @@ class ResultsOut(BaseModel):
     experiment_id: str
     status: ExperimentStatus
     complete: bool = Field(description="every trial finished")
+    group_by: list[str] = Field(
+        description="the fields the study varies besides the seed: one row per combination"
+    )
     rows: list[ResultRow]
 
 

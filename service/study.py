@@ -11,8 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import statistics
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictFloat,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -34,6 +33,8 @@ DST_ONLY_FIELDS = (
     "growth",
     "prune_fraction",
     "schedule",
+    "schedule_interval",
+    "schedule_factor",
     "update_period",
     "stop_step",
     "scope",
@@ -73,12 +74,23 @@ class Resources(BaseModel):
 
 
 class Baselines(BaseModel):
-    """Baselines added once per density and seed (static) or per seed (dense)."""
+    """Baselines added once per density and seed (static) or per seed (dense, dense + dropout).
+
+    Each baseline copies the study's DST runs with the DST-only fields reset, so it shares
+    their model, dataset, training settings and seeds.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dense: bool = False
     static: bool = False
+    dense_dropout: StrictFloat | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="add a dense run per seed trained with this dropout rate (the dense + "
+        "dropout baseline of Figure 4 uses 0.05; MLP models only)",
+    )
 
 
 class StudySpec(RunSpec):
@@ -172,11 +184,17 @@ class TrialPlan:
     spec: RunSpec
 
 
+LINEAR_ONLY_FIELDS = ("schedule_interval", "schedule_factor")
+
+
 def normalize(spec: RunSpec) -> RunSpec:
-    """Reset fields that do not affect a run of its mode (so equivalent baselines collapse)."""
-    if spec.sparsity.mode == "dst":
-        return spec
+    """Reset fields that do not affect a run of its mode (so equivalent runs collapse)."""
     defaults = SparsitySpec()
+    if spec.sparsity.mode == "dst":
+        if spec.sparsity.schedule == "linear":
+            return spec
+        unused = {f: getattr(defaults, f) for f in LINEAR_ONLY_FIELDS}
+        return spec.model_copy(update={"sparsity": spec.sparsity.model_copy(update=unused)})
     changes: dict[str, Any] = {f: getattr(defaults, f) for f in DST_ONLY_FIELDS}
     if spec.sparsity.mode == "dense":
         changes |= {"density": 1.0, "init": None}
@@ -186,7 +204,8 @@ def normalize(spec: RunSpec) -> RunSpec:
 def _label(spec: RunSpec) -> str:
     s = spec.sparsity
     if s.mode == "dense":
-        return f"dense seed={spec.seed}"
+        dropout = f" dropout={spec.training.dropout:g}" if spec.training.dropout else ""
+        return f"dense{dropout} seed={spec.seed}"
     if s.mode == "static":
         return f"static density={s.density:g} seed={spec.seed}"
     return f"{s.criterion}/{s.growth} density={s.density:g} Δt={s.update_period} seed={spec.seed}"
@@ -206,9 +225,14 @@ def expand(study: StudySpec) -> list[TrialPlan]:
         except ValidationError as error:
             chosen = dict(zip(keys, combo, strict=True))
             raise ValueError(f"grid combination {chosen} is invalid: {_problems(error)}") from None
-    for mode, wanted in (("static", study.baselines.static), ("dense", study.baselines.dense)):
-        if wanted:
-            runs += [_as_mode(r, mode) for r in runs if r.sparsity.mode == "dst"]
+    dst_runs = [r for r in runs if r.sparsity.mode == "dst"]
+    b = study.baselines
+    if b.static:
+        runs += [_as_mode(r, "static") for r in dst_runs]
+    if b.dense:
+        runs += [_as_mode(r, "dense") for r in dst_runs]
+    if b.dense_dropout is not None:
+        runs += [_as_mode(r, "dense", dropout=b.dense_dropout) for r in dst_runs]
     unique: dict[str, RunSpec] = {}
     for run in runs:
         unique.setdefault(run.model_dump_json(), run)
@@ -218,61 +242,16 @@ def expand(study: StudySpec) -> list[TrialPlan]:
     ]
 
 
-def _as_mode(spec: RunSpec, mode: str) -> RunSpec:
-    sparsity = spec.sparsity.model_copy(update={"mode": mode})
-    return normalize(spec.model_copy(update={"sparsity": sparsity}))
-
-
-RESULT_KEYS = ("mode", "criterion", "growth", "density", "update_period")
-
-
-@dataclass(frozen=True)
-class ResultRow:
-    """Final test accuracy and loss of one configuration, mean ± std over seeds."""
-
-    mode: str
-    criterion: str | None
-    growth: str | None
-    density: float
-    update_period: int | None
-    seeds: int
-    test_acc_mean: float
-    test_acc_std: float
-    test_loss_mean: float
-    test_loss_std: float
-
-
-def _std(values: Sequence[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def aggregate(finished: Iterable[tuple[RunSpec, dict[str, float]]]) -> list[ResultRow]:
-    """Group finished trials by mode × criterion × growth × density × Δt over seeds."""
-    groups: dict[tuple[Any, ...], list[dict[str, float]]] = {}
-    for spec, metrics in finished:
-        s = spec.sparsity
-        dst = s.mode == "dst"
-        key = (
-            s.mode,
-            s.criterion if dst else None,
-            s.growth if dst else None,
-            s.density,
-            s.update_period if dst else None,
-        )
-        groups.setdefault(key, []).append(metrics)
-    rows = []
-    for key, items in groups.items():
-        acc = [m["test_acc"] for m in items]
-        loss = [m["test_loss"] for m in items]
-        rows.append(
-            ResultRow(
-                *key,
-                seeds=len(items),
-                test_acc_mean=statistics.fmean(acc),
-                test_acc_std=_std(acc),
-                test_loss_mean=statistics.fmean(loss),
-                test_loss_std=_std(loss),
-            )
-        )
-    order = {"dense": 0, "static": 1, "dst": 2}
-    return sorted(rows, key=lambda r: (order[r.mode], r.density, r.criterion or "", r.growth or ""))
+def _as_mode(spec: RunSpec, mode: str, dropout: float = 0.0) -> RunSpec:
+    """``spec`` as a baseline run of ``mode`` (with ``dropout`` for dense + dropout),
+    validated like any run so a baseline the model cannot run is refused up front."""
+    data = spec.model_dump(mode="json")
+    data["sparsity"]["mode"], data["training"]["dropout"] = mode, dropout
+    field = "dense_dropout" if dropout else mode
+    try:
+        return normalize(RunSpec.model_validate(data))
+    except ValidationError as error:
+        raise ValueError(
+            f"baselines.{field}: the baseline of the {spec.model} runs is invalid: "
+            f"{_problems(error)}"
+        ) from None

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from dst.masks import Masks, save_masks
 from dst.spec import RunSpec, flatten
-from service.study import ResultRow, StudySpec, TrialPlan
+from service.results import Results, format_table
+from service.study import StudySpec, TrialPlan
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,13 @@ class MlflowTracker:
         self.client.log_dict(run_id, {str(p.index): p.label for p in plans}, "trials.json")
         return mlflow_experiment, run_id
 
-    def finish_parent(self, parent_run_id: str, status: str, rows: list[ResultRow]) -> None:
-        """Attach the summary table and close the parent run."""
-        self.client.log_dict(parent_run_id, {"rows": [asdict(r) for r in rows]}, "results.json")
+    def finish_parent(self, parent_run_id: str, status: str, results: Results) -> None:
+        """Attach the results table (JSON and text) and close the parent run."""
+        data = asdict(results)
+        self.client.log_dict(parent_run_id, data, "results.json")
+        self.client.log_text(
+            parent_run_id, format_table(data["group_by"], data["rows"]), "results.txt"
+        )
         self.client.set_terminated(parent_run_id, TERMINAL.get(status, "FINISHED"))
 
     def links(

@@ -112,7 +112,7 @@ def jpeg(path: Path, size: int) -> None:
     Image.fromarray(pixels).save(path)
 
 
-def test_tiny_imagenet_uses_val_as_test(tmp_path: Path) -> None:
+def test_tiny_imagenet_standard_split_val_is_validation_and_test(tmp_path: Path) -> None:
     root = tmp_path / "tiny-imagenet-200"
     wnids = ["n01", "n02"]
     (root).mkdir()
@@ -126,7 +126,9 @@ def test_tiny_imagenet_uses_val_as_test(tmp_path: Path) -> None:
         lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines))
     s = load_dataset("tiny-imagenet", DataConfig(root=tmp_path, download=False))
-    assert (len(s.train), len(s.val), len(s.test)) == (9, 1, 4)
+    # Table 4 / footnote 18: every train image trains; the val split validates and tests
+    assert (len(s.train), len(s.val), len(s.test)) == (10, 4, 4)
+    assert s.val is s.test
     assert [int(s.test[i][1]) for i in range(4)] == [0, 1, 0, 1]
     check_items("tiny-imagenet", s)
 
@@ -143,13 +145,16 @@ def test_imagenet_image_folder(tmp_path: Path) -> None:
 def test_higgs_from_cache_70_15_15(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     (tmp_path / "higgs").mkdir()
-    np.savez(
-        tmp_path / "higgs" / "higgs.npz", X=rng.normal(size=(200, 24)), y=rng.integers(0, 2, 200)
-    )
+    x = rng.normal(loc=5.0, scale=3.0, size=(200, 24)).astype(np.float32)
+    y = np.repeat([0, 1], [120, 80])
+    np.savez(tmp_path / "higgs" / "higgs.npz", X=x, y=y)
     s = load_dataset("higgs", DataConfig(root=tmp_path, download=False))
     assert (len(s.train), len(s.val), len(s.test)) == (140, 30, 30)
-    train_x = s.train.tensors[0]  # type: ignore[attr-defined]
-    assert train_x.mean(0).abs().max() < 1e-5  # standardized with train statistics
+    for split, n_pos in ((s.train, 56), (s.val, 12), (s.test, 12)):  # stratified: 40% ones
+        assert int(split.tensors[1].sum()) == n_pos  # type: ignore[attr-defined]
+    # Table 4 names no preprocessing: features stay as stored, rows are the stored rows
+    features = torch.cat([p.tensors[0] for p in (s.train, s.val, s.test)])  # type: ignore[attr-defined]
+    assert sorted(map(tuple, features.tolist())) == sorted(map(tuple, x.tolist()))
     check_items("higgs", s)
 
 

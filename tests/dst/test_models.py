@@ -11,6 +11,7 @@ from dst.models import (
     MODELS,
     IncompatibleModelError,
     ModelEntry,
+    ModelOptions,
     TrainingDefaults,
     build_model,
     get_model,
@@ -66,6 +67,8 @@ def test_registered_names_in_order() -> None:
         ("small-cnn", CIFAR10, 94_538),
         ("lenet5-caffe", FASHION, 431_080),
         ("resnet56", CIFAR10, 855_770),
+        ("vgg16", DataInfo("cifar100", "image", (3, 32, 32), 100), 14_770_212),
+        ("vgg16", CIFAR10, 14_724_042),
     ],
 )
 def test_parameter_counts_match_the_paper(name: str, info: DataInfo, expected: int) -> None:
@@ -170,7 +173,7 @@ def test_same_seed_gives_identical_weights(name: str, info: DataInfo) -> None:
 
 def test_builds_are_fresh_models() -> None:
     entry = get_model("small-mlp")
-    assert entry.build(HIGGS) is not entry.build(HIGGS)
+    assert entry.build(HIGGS, ModelOptions()) is not entry.build(HIGGS, ModelOptions())
 
 
 SMALL = TrainingDefaults(batch_size=128, lr=0.01, weight_decay=5e-4, epochs=100, lr_decay=0.1)
@@ -204,3 +207,59 @@ def test_entries_are_complete() -> None:
         assert isinstance(entry, ModelEntry)
         assert entry.description
         assert entry.requires_image == (not name.endswith("mlp"))
+
+
+def test_vgg16_is_the_cifar_vgg_of_the_paper_lineage() -> None:
+    """Configuration D, bias-free convs + BN + ReLU, four max-pools, a 2x2 average pool and
+    a single Linear(512, classes) classifier."""
+    model = build_model("vgg16", CIFAR10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 256, 256, 256] + [512] * 6
+    assert all(c.bias is None for c in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 13
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 4
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(512, 10)]
+    features = model.features(torch.randn(1, 3, 32, 32))  # type: ignore[operator]
+    assert tuple(features.shape) == (1, 512, 2, 2)  # the average pool sees a 2x2 map
+
+
+@pytest.mark.parametrize("name", ["small-mlp", "large-mlp"])
+def test_mlp_dropout_is_active_in_training_and_off_in_evaluation(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, CIFAR10, ModelOptions(dropout=0.5))
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # fresh dropout masks each call
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    plain = build_model(name, CIFAR10)
+    plain.load_state_dict(model.state_dict())  # same parameters: dropout adds none
+    assert torch.allclose(plain.eval()(x), model(x))
+
+
+def test_mlp_dropout_drops_the_input_and_both_hidden_layers() -> None:
+    model = build_model("small-mlp", HIGGS, ModelOptions(dropout=0.05))
+    seen: list[str] = []
+    for name in ("fc1", "fc2", "fc3"):
+        layer = model.get_submodule(name)
+        layer.register_forward_pre_hook(lambda _m, args, n=name: seen.append(n) or None)
+    dropped: list[torch.Tensor] = []
+    dropout = model.get_submodule("dropout")
+    assert isinstance(dropout, nn.Dropout) and dropout.p == 0.05
+    dropout.register_forward_hook(lambda _m, _i, out: dropped.append(out))
+    model.train()(torch.ones(8, 24))
+    assert len(dropped) == 3 and seen == ["fc1", "fc2", "fc3"]
+    assert dropped[0].shape == (8, 24)  # the input itself is dropped
+
+
+def test_mlp_without_dropout_has_no_dropout_layer() -> None:
+    model = build_model("large-mlp", CIFAR10)
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+def test_dropout_is_refused_by_models_without_it() -> None:
+    with pytest.raises(ValueError, match="has no dropout; dropout is available for small-mlp"):
+        build_model("resnet56", CIFAR10, ModelOptions(dropout=0.1))
+    with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\)"):
+        ModelOptions(dropout=1.0)

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from dst.criteria import CRITERIA, resolve_criterion
+from dst.distributions import layer_densities
 from dst.growth import GROWTH
-from dst.masks import apply_masks, init_masks, prunable_weights
+from dst.masks import apply_masks, init_masks, prunable_weights, true_indices
+from dst.optimizers import MaskedSGD
 from dst.schedules import PruneSchedule
 from dst.topology import TopologyUpdater
 
@@ -56,9 +58,12 @@ def test_exact_density_after_many_updates(criterion: str, growth: str, scope: st
     up = updater(criterion, growth, scope)
     for step in range(1, 31):
         train_step(model, opt, step)
+        before = {n: set(true_indices(m.flatten()).tolist()) for n, m in masks.items()}
         changes = up.update(weights, masks, opt, step)
-        for change in changes.values():
+        for name, change in changes.items():
             assert len(change.pruned) == len(change.grown)
+            # "new" connections are exactly grown \ old mask
+            assert set(change.new.tolist()) == set(change.grown.tolist()) - before[name]
         opt.step()
         apply_masks(weights, masks)
         assert {n: int(m.sum()) for n, m in masks.items()} == counts
@@ -66,7 +71,7 @@ def test_exact_density_after_many_updates(criterion: str, growth: str, scope: st
             assert not w[~masks[name]].any()
 
 
-def test_grown_weights_start_at_zero_with_reset_momentum() -> None:
+def test_new_weights_start_at_zero_with_reset_momentum() -> None:
     model, weights, masks, opt = setup()
     for step in range(3):  # build up momentum everywhere (dense gradients)
         train_step(model, opt, step)
@@ -76,12 +81,85 @@ def test_grown_weights_start_at_zero_with_reset_momentum() -> None:
     train_step(model, opt, 99)
     changes = updater("magnitude", "random").update(weights, masks, opt, 1)
     for name, w in weights.items():
-        grown = changes[name].grown
-        newly = grown[~before[name].flatten()[grown]]
-        assert len(newly) > 0
-        assert not w.detach().flatten()[grown].any()
-        assert not opt.state[w]["momentum_buffer"].flatten()[grown].any()
-        assert masks[name].flatten()[grown].all()
+        new = changes[name].new
+        assert len(new) > 0
+        assert not before[name].flatten()[new].any()
+        assert not w.detach().flatten()[new].any()
+        assert not opt.state[w]["momentum_buffer"].flatten()[new].any()
+        assert masks[name].flatten()[changes[name].grown].all()
+
+
+def test_a_weight_pruned_and_regrown_at_once_keeps_its_value_and_momentum() -> None:
+    """Hand-worked 4x4 case: magnitude prunes the two smallest active weights (flat 5: 0.1
+    and 9: 0.3); gradient growth then takes the two largest |∇θ| among inactive positions,
+    5 (just pruned, 9.0) and 7 (inactive before, 5.0). 5 keeps 0.1 and its momentum; 7 is
+    new, at zero with zero momentum; 9 is pruned for good."""
+    w = nn.Parameter(
+        torch.tensor([[0.9, 0.8, 0.0, 0.0], [0.7, 0.1, 0.0, 0.0], [0.5, 0.3, 0.0, 0.0], [0.0] * 4])
+    )
+    mask = w.detach() != 0  # active: 0, 1, 4, 5, 8, 9
+    w.grad = torch.full((4, 4), 0.5)
+    w.grad.view(-1)[5], w.grad.view(-1)[7], w.grad.view(-1)[9] = 9.0, 5.0, 0.2
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    opt.state[w]["momentum_buffer"] = torch.where(mask, 0.25, 0.0)
+    changes = updater("magnitude", "gradient", rho=1 / 3).update({"w": w}, {"w": mask}, opt, 1)
+    change = changes["w"]
+    assert sorted(change.pruned.tolist()) == [5, 9]
+    assert sorted(change.grown.tolist()) == [5, 7]
+    assert change.new.tolist() == [7]
+    flat_w, flat_m = w.detach().view(-1), opt.state[w]["momentum_buffer"].view(-1)
+    assert flat_w[5] == pytest.approx(0.1) and flat_m[5] == 0.25  # kept
+    assert flat_w[7] == 0.0 and flat_m[7] == 0.0  # new
+    assert flat_w[9] == 0.0 and not mask.view(-1)[9]  # pruned
+    assert mask.view(-1).nonzero().flatten().tolist() == [0, 1, 4, 5, 7, 8]
+    assert [flat_w[i].item() for i in (0, 1, 4, 8)] == pytest.approx([0.9, 0.8, 0.7, 0.5])
+
+
+def dense_output_mlp() -> tuple[nn.Module, dict, dict]:
+    """An MLP whose ER distribution at density 0.3 makes the output layer fully dense."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU())
+    model.append(nn.Linear(128, 4))
+    weights = prunable_weights(model)
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    densities = layer_densities(shapes, 0.3, "er")
+    assert densities["4.weight"] == 1.0 and densities["0.weight"] < 1.0
+    masks = init_masks(weights, densities, torch.Generator().manual_seed(1))
+    apply_masks(weights, masks)
+    return model, weights, masks
+
+
+def trained_dense_output_mlp(update: tuple[str, str] | None) -> tuple[dict, dict, MaskedSGD]:
+    """Three MaskedSGD steps, a fourth backward, an optional topology update, the fourth step."""
+    model, weights, masks = dense_output_mlp()
+    opt = MaskedSGD(
+        model.parameters(), lr=0.05, momentum=0.9, masks={weights[n]: m for n, m in masks.items()}
+    )
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 64, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+    for step in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step == 3 and update is not None:
+            changes = updater(*update, rho=0.3).update(weights, masks, opt, 1)
+            assert len(changes["4.weight"].pruned) > 0 and len(changes["4.weight"].new) == 0
+            assert len(changes["0.weight"].new) > 0  # the sparse layers did change
+        opt.step()
+    return weights, masks, opt
+
+
+@pytest.mark.parametrize(
+    ("criterion", "growth"), list(itertools.product(CRITERIA.names(), GROWTH.names()))
+)
+def test_a_fully_dense_layer_is_bit_identical_after_an_update(criterion: str, growth: str) -> None:
+    """In a dense layer every pruned weight is the only candidate for growth, so an update
+    must leave its weights, mask and momentum exactly as a run without the update has them."""
+    ref_weights, _, ref_opt = trained_dense_output_mlp(None)
+    weights, masks, opt = trained_dense_output_mlp((criterion, growth))
+    assert masks["4.weight"].all()
+    w, ref = weights["4.weight"], ref_weights["4.weight"]
+    assert torch.equal(w.detach(), ref.detach())
+    assert torch.equal(opt.state[w]["momentum_buffer"], ref_opt.state[ref]["momentum_buffer"])
 
 
 def test_gradient_growth_picks_the_largest_inactive_gradients() -> None:

@@ -7,7 +7,7 @@ import torch
 
 from dst.masks import density
 from dst.spec import RunSpec
-from dst.training import Trainer
+from dst.training import Trainer, best_validation
 
 BASE = {
     "model": "small-mlp",
@@ -118,3 +118,42 @@ def test_binary_task_uses_one_logit() -> None:
     history = trainer.fit()
     assert list(trainer.model.parameters())[-1].shape == (1,)
     assert history[-1]["test_acc"] > 0.85  # majority class is 0.63
+
+
+def test_best_validation_reports_the_test_metrics_of_the_best_val_epoch() -> None:
+    def epoch(n: int, val: float, test: float) -> dict[str, float]:
+        return {"epoch": n, "val_acc": val, "test_acc": test, "test_loss": 1 - test}
+
+    history = [epoch(1, 0.5, 0.4), epoch(2, 0.8, 0.7), epoch(3, 0.6, 0.9)]
+    best = best_validation(history, epoch(4, 0.8, 0.95))  # a tie keeps the earlier epoch
+    assert best == {
+        "best_val_acc": 0.8,
+        "best_val_epoch": 2,
+        "test_acc_at_best_val": 0.7,
+        "test_loss_at_best_val": pytest.approx(0.3),
+    }
+    assert best_validation(history, epoch(4, 0.81, 0.2))["test_acc_at_best_val"] == 0.2
+
+
+def test_each_epoch_records_both_test_accuracies_and_new_connections() -> None:
+    trainer = Trainer(spec())
+    history = trainer.fit()
+    for i, m in enumerate(history):
+        best = max(history[: i + 1], key=lambda h: h["val_acc"])
+        assert m["best_val_epoch"] == best["epoch"]
+        assert m["test_acc_at_best_val"] == best["test_acc"]
+    # digits: 1,257 training samples, batch 64 -> 20 steps per epoch, Δt = 5 -> 4 updates
+    assert all(m["new_connections"] > 0 for m in history)
+
+
+def test_dense_dropout_run_trains_with_dropout_and_evaluates_without() -> None:
+    s = RunSpec.model_validate(
+        {**BASE, "training": {**BASE["training"], "dropout": 0.05}, "sparsity": {"mode": "dense"}}
+    )
+    trainer = Trainer(s)
+    dropout = trainer.model.get_submodule("dropout")
+    assert isinstance(dropout, torch.nn.Dropout) and dropout.p == 0.05
+    trainer.fit()
+    assert not dropout.training  # the last thing an epoch does is evaluate
+    x = next(iter(trainer.test_loader))[0]
+    assert torch.equal(trainer.model(x), trainer.model(x))

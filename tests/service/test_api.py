@@ -188,6 +188,7 @@ def test_a_study_whose_launch_fails_stays_queued_with_its_trials(client: TestCli
         "experiment_id": body["id"],
         "status": "queued",
         "complete": False,
+        "group_by": ["sparsity.criterion"],
         "rows": [],
     }
 

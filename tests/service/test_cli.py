@@ -32,12 +32,16 @@ def test_bad_yaml_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_results_table_has_one_line_per_row() -> None:
     row = {
-        "mode": "dst", "criterion": "snip", "growth": "random", "density": 0.1,
-        "update_period": 100, "seeds": 3, "test_acc_mean": 0.91234, "test_acc_std": 0.01,
-        "test_loss_mean": 0.3, "test_loss_std": 0.02,
+        "config": {"sparsity.mode": "dst", "sparsity.criterion": "snip"}, "n": 3,
+        "test_acc_mean": 0.91234, "test_acc_std": 0.01, "test_loss_mean": 0.3,
+        "test_loss_std": 0.02, "test_acc_at_best_val_mean": 0.92, "test_acc_at_best_val_std": 0.0,
     }  # fmt: skip
-    lines = results_table({"rows": [row, row | {"mode": "dense", "criterion": None}]}).splitlines()
-    assert len(lines) == 4 and "0.9123 ± 0.0100" in lines[2] and lines[3].startswith("dense")
+    dense = row | {"config": {"sparsity.mode": "dense", "sparsity.criterion": None}}
+    results = {"group_by": ["sparsity.mode", "sparsity.criterion"], "rows": [row, dense]}
+    lines = results_table(results).splitlines()
+    assert lines[0].split()[:3] == ["mode", "criterion", "n"]
+    assert len(lines) == 4 and "0.9123 ± 0.0100" in lines[2] and "0.9200 ± 0.0000" in lines[2]
+    assert lines[3].split()[:2] == ["dense", "-"]
 
 
 def test_tune_configs_never_carry_the_database_url(tmp_path: Path) -> None:

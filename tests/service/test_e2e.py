@@ -28,7 +28,10 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
     study_json = client.download_artifacts(parent_id, "study.json")
     assert json.loads(Path(study_json).read_text())["name"] == experiment["name"]
     summary = json.loads(Path(client.download_artifacts(parent_id, "results.json")).read_text())
-    assert sum(row["seeds"] for row in summary["rows"]) == n_trials
+    assert sum(row["n"] for row in summary["rows"]) == n_trials
+    assert summary["group_by"] == ["sparsity.criterion"]
+    table = Path(client.download_artifacts(parent_id, "results.txt")).read_text()
+    assert table.splitlines()[0].split()[:2] == ["criterion", "n"]
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
     )
@@ -59,10 +62,16 @@ def run_study(client, mlflow_uri: str, name: str) -> None:
         assert trial["state"] == "succeeded" and trial["epoch"] == trial["epochs"] == 2
         assert 0 <= trial["metrics"]["test_acc"] <= 1 and trial["mlflow_run_id"]
         assert trial["params"]["sparsity.criterion"] in ("magnitude", "snip")
-    rows = client.results(created["id"])["rows"]
-    assert {(r["criterion"], r["seeds"]) for r in rows} == {("magnitude", 2), ("snip", 2)}
+    results = client.results(created["id"])
+    assert results["group_by"] == ["sparsity.criterion"]
+    rows = results["rows"]
+    assert {(r["config"]["sparsity.criterion"], r["n"]) for r in rows} == {
+        ("magnitude", 2),
+        ("snip", 2),
+    }
     for row in rows:
         assert row["test_acc_mean"] > 0.3 and row["test_acc_std"] >= 0
+        assert 0 <= row["test_acc_at_best_val_mean"] <= 1
     check_mlflow(mlflow_uri, final, 4, 2)
 
 

@@ -1,4 +1,4 @@
-"""Study specs: grid validation, expansion into trials, baselines, aggregation over seeds."""
+"""Study specs: grid validation, expansion into trials, baselines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.study import StudySpec, aggregate, expand, grid_fields
+from service.study import StudySpec, expand, grid_fields
 
 
 def study(**extra: Any) -> dict[str, Any]:
@@ -83,19 +83,60 @@ def test_grid_fields_cover_every_section() -> None:
         assert name in fields
 
 
-def test_aggregate_gives_mean_and_std_over_seeds() -> None:
+def test_dense_dropout_baseline_is_a_dense_run_per_seed_with_dropout() -> None:
     spec = StudySpec.model_validate(
-        study(grid={"criterion": ["magnitude", "snip"], "seed": [0, 1]})
-    )
-    finished = []
-    for plan in expand(spec):
-        acc = {("magnitude", 0): 0.8, ("magnitude", 1): 0.6}.get(
-            (plan.spec.sparsity.criterion, plan.spec.seed), 0.5
+        study(
+            grid={"criterion": ["magnitude", "snip"], "density": [0.1, 0.2], "seed": [0, 1]},
+            baselines={"dense": True, "dense_dropout": 0.05},
         )
-        finished.append((plan.spec, {"test_acc": acc, "test_loss": 1.0 - acc}))
-    rows = {r.criterion: r for r in aggregate(finished)}
-    assert rows["magnitude"].seeds == 2
-    assert rows["magnitude"].test_acc_mean == pytest.approx(0.7)
-    assert rows["magnitude"].test_acc_std == pytest.approx(0.1414213562, rel=1e-6)  # sample std
-    assert rows["snip"].test_acc_std == 0.0
-    assert rows["snip"].test_loss_mean == pytest.approx(0.5)
+    )
+    plans = expand(spec)
+    dense = [p for p in plans if p.spec.sparsity.mode == "dense"]
+    assert len(dense) == 4  # (plain, dropout) x 2 seeds
+    with_dropout = [p for p in dense if p.spec.training.dropout == 0.05]
+    assert sorted(p.label for p in with_dropout) == [
+        "dense dropout=0.05 seed=0",
+        "dense dropout=0.05 seed=1",
+    ]
+    assert {p.spec.sparsity.density for p in with_dropout} == {1.0}
+    assert all(p.spec.training.dropout == 0.0 for p in plans if p not in with_dropout)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"baselines": {"dense_dropout": 1.0}}, "baselines.dense_dropout"),
+        ({"baselines": {"dense_dropout": True}}, "baselines.dense_dropout"),
+        ({"training": {"dropout": -0.1}}, "training.dropout"),
+        ({"training": {"dropout": 1}}, "training.dropout"),
+        ({"sparsity": {"schedule_interval": 0}}, "sparsity.schedule_interval"),
+        ({"sparsity": {"schedule_factor": 0}}, "sparsity.schedule_factor"),
+        ({"sparsity": {"schedule_factor": 1.5}}, "sparsity.schedule_factor"),
+    ],
+)
+def test_new_fields_out_of_range_name_the_field(extra: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        StudySpec.model_validate(study(**extra))
+    locs = {".".join(str(p) for p in e["loc"]) for e in info.value.errors()}
+    assert field in locs
+
+
+def test_dropout_on_a_model_without_dropout_names_the_field_and_the_models() -> None:
+    with pytest.raises(
+        ValidationError, match=r"training\.dropout: model 'small-cnn' has no dropout"
+    ):
+        StudySpec.model_validate(study(model="small-cnn", training={"dropout": 0.05}))
+    with pytest.raises(ValidationError, match="available for small-mlp, large-mlp"):
+        StudySpec.model_validate(study(model="small-cnn", baselines={"dense_dropout": 0.05}))
+
+
+def test_linear_schedule_parameters_only_split_linear_runs() -> None:
+    spec = StudySpec.model_validate(
+        study(grid={"schedule": ["cosine", "linear"], "schedule_interval": [300, 600]})
+    )
+    plans = expand(spec)
+    assert sorted((p.spec.sparsity.schedule, p.spec.sparsity.schedule_interval) for p in plans) == [
+        ("cosine", 600),
+        ("linear", 300),
+        ("linear", 600),
+    ]

@@ -21,7 +21,7 @@ from service.schemas import (
     ResultsOut,
     TrialOut,
 )
-from service.study import StudySpec, aggregate, expand
+from service.study import StudySpec, expand
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 
@@ -174,15 +174,16 @@ def cancel_experiment(
 
 @router.get("/{experiment_id}/results")
 def get_results(experiment_id: str, session: SessionDep) -> ResultsOut:
-    """Final test accuracy and loss, mean ± std over seeds, for each
-    mode × criterion × growth × density × Δt (succeeded trials only)."""
+    """Final test accuracy (last epoch and at the best validation epoch) and loss, mean ± std
+    over seeds, one row per combination of the fields the study varies (succeeded trials)."""
     experiment = _get(session, experiment_id)
-    rows = aggregate(crud.succeeded_runs(session, experiment_id))
+    results = crud.study_results(session, experiment_id)
     counts = crud.trial_counts_by_state(session, experiment_id)
     unfinished = counts.get("pending", 0) + counts.get("running", 0)
     return ResultsOut(
         experiment_id=experiment_id,
         status=experiment.status,
         complete=unfinished == 0,
-        rows=rows,
+        group_by=results.group_by,
+        rows=results.rows,
     )
