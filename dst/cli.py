@@ -102,7 +102,9 @@ def run(
     last = history[-1]
     typer.echo(
         f"done: test_acc={last['test_acc']:.4f} test_loss={last['test_loss']:.4f} "
-        f"density={last['density']:.4f} itop={last['itop']:.4f} -> {out}"
+        f"test_acc_at_best_val={last['test_acc_at_best_val']:.4f} "
+        f"(epoch {last['best_val_epoch']}) density={last['density']:.4f} "
+        f"itop={last['itop']:.4f} -> {out}"
     )
 
 

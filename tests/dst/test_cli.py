@@ -35,7 +35,7 @@ def test_run_writes_metrics_and_masks(tmp_path: Path) -> None:
     assert list(initial) == ["net.0.weight", "net.2.weight", "net.4.weight"] or len(initial) == 3
     assert initial.keys() == final.keys()
     assert all(int(initial[n].sum()) == int(final[n].sum()) for n in initial)
-    assert "test_acc=" in result.output
+    assert "test_acc=" in result.output and "test_acc_at_best_val=" in result.output
 
 
 def test_run_rejects_a_bad_spec_before_training(tmp_path: Path) -> None:
