@@ -26,8 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dst.analysis import ItopTracker
+from dst.batches import GlobalBatchSampler
 from dst.criteria import resolve_criterion
 from dst.datasets import DataConfig, DataInfo, default_data_root, load_dataset
+from dst.distributed import World, all_sum, check_masks_agree, shard
 from dst.distributions import layer_densities
 from dst.growth import GROWTH
 from dst.masks import Masks, apply_masks, density, init_masks, prunable_weights
@@ -84,6 +86,11 @@ def loss_and_correct(
     return loss, correct
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The global torch seed of one rank's epoch (dropout, augmentation, loader workers)."""
+    return (seed * 1_000_003 + rank) * 10_007 + epoch
+
+
 def best_validation(history: list[Metrics], latest: Metrics) -> Metrics:
     """The test metrics of the epoch with the best validation accuracy so far.
 
@@ -119,21 +126,34 @@ class Sparsity:
 class Trainer:
     """One run of a :class:`RunSpec`: builds data, model, masks and optimizer, then trains."""
 
-    def __init__(self, spec: RunSpec, device: torch.device | None = None) -> None:
+    def __init__(
+        self, spec: RunSpec, device: torch.device | None = None, world: World | None = None
+    ) -> None:
+        """Build everything for ``spec``. With ``world.size`` > 1 (an initialized process
+        group, e.g. under Ray Train) this process is one DDP worker of the same run."""
         self.spec = spec
         self.config: TrainingConfig = resolve_training(spec)
         self.device = device or resolve_device(spec.device)
+        self.world = world or World()
         seed_everything(spec.seed)
+        # the loaders come first: everything derived from their length (steps per epoch, the
+        # schedule's stop step T) is then counted in global batches, the same on every rank
         data = load_dataset(spec.dataset, self._data_config())
         self.info: DataInfo = data.info
-        self.loader_generator = torch.Generator().manual_seed(spec.seed)
-        self.train_loader = self._loader(data.train, shuffle=True)
-        self.val_loader = self._loader(data.val, shuffle=False)
-        self.test_loader = self._loader(data.test, shuffle=False)
+        self.sampler = GlobalBatchSampler(
+            len(data.train),  # type: ignore[arg-type]
+            self.config.batch_size,
+            spec.seed,
+            self.world.rank,
+            self.world.size,
+        )
+        self.train_loader = self._loader(data.train, batch_sampler=self.sampler)
+        self.val_loader = self._loader(shard(data.val, self.world))
+        self.test_loader = self._loader(shard(data.test, self.world))
         torch.manual_seed(spec.seed)  # same initial weights whatever the data pipeline drew
         self.model = build_model(spec.model, data.info, resolve_model_options(spec)).to(self.device)
         epochs = self.config.epochs
-        self.steps_per_epoch = len(self.train_loader)
+        self.steps_per_epoch = len(self.sampler)
         if self.config.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, self.config.max_steps_per_epoch)
         self.total_steps = epochs * self.steps_per_epoch
@@ -156,9 +176,11 @@ class Trainer:
         self.initial_masks: Masks = (
             {n: m.cpu().clone() for n, m in self.sparsity.masks.items()} if self.sparsity else {}
         )
+        self.net = self._data_parallel(self.model)  # what training steps run forward through
         self.step = 0
         self.epoch = 0
         self.new_connections = 0  # grown weights that were inactive before, this epoch
+        self.last_count = 0  # samples behind the last reported mean (all ranks)
         self.history: list[Metrics] = []
 
     # -- construction -------------------------------------------------------------------
@@ -167,17 +189,36 @@ class Trainer:
         root = Path(d.root).expanduser() if d.root else default_data_root()
         return DataConfig(root=root, download=d.download, augment=d.augment)
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        batch = self.config.batch_size if shuffle else self.config.eval_batch_size
+    def _loader(
+        self, dataset: Dataset, batch_sampler: GlobalBatchSampler | None = None
+    ) -> DataLoader:
+        """The training loader (its batches from ``batch_sampler``) or an evaluation loader."""
+        if batch_sampler is not None:
+            return DataLoader(
+                dataset,
+                batch_sampler=batch_sampler,
+                num_workers=self.config.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
         return DataLoader(
             dataset,
-            batch_size=batch,
-            shuffle=shuffle,
-            generator=self.loader_generator if shuffle else None,
+            batch_size=self.config.eval_batch_size,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=False,
         )
+
+    def _data_parallel(self, model: nn.Module) -> nn.Module:
+        """``model`` wrapped in DDP when this is one of several workers, else ``model``.
+
+        DDP all-reduces (averages) the gradients during backward, so the topology update
+        and the optimizer see the same gradients on every rank.
+        """
+        if not self.world.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
 
     def _build_sparsity(self) -> Sparsity | None:
         s = self.spec.sparsity
@@ -208,31 +249,40 @@ class Trainer:
         return Sparsity(weights, masks, updater, ItopTracker(masks))
 
     # -- training -----------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, loss_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step (masks enforced inside it, see :class:`MaskedSGD`).
 
-        Returns the batch's summed loss and number correct as tensors on the device, so a
-        GPU is not synchronized every step (the epoch reads them once).
+        ``loss_scale`` turns this rank's summed loss into its share of the global batch's
+        mean (:meth:`GlobalBatchSampler.loss_scale`; 1/|B| for a single worker). Returns the
+        summed loss and number correct as tensors on the device, so a GPU is not
+        synchronized every step (the epoch reads them once).
         """
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        logits = self.model(x)
-        loss, correct = loss_and_correct(logits, y)
+        logits = self.net(x)
+        loss_sum, correct = loss_and_correct(logits, y, reduction="sum")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss_sum * loss_scale).backward()
         self.step += 1
         sp = self.sparsity
         if sp and sp.updater and sp.updater.schedule.is_update_step(self.step):
             changes = sp.updater.update(sp.weights, sp.masks, self.optimizer, self.step)
+            check_masks_agree(sp.masks, self.world, self.step)
             self.new_connections += sum(len(c.new) for c in changes.values())
             sp.itop.update(sp.masks)
         self.optimizer.step()
-        return loss.detach() * len(y), correct
+        return loss_sum.detach(), correct
 
     def train_epoch(self, progress: bool = False) -> tuple[float, float]:
         """One pass over (at most ``max_steps_per_epoch`` batches of) the training set."""
         self.model.train()
         self.new_connections = 0
+        self.sampler.set_epoch(self.epoch)  # a new order each epoch, the same on every rank
+        # dropout and augmentation draw from here: fixed per (seed, rank, epoch), so a resumed
+        # run draws what the uninterrupted one drew, and ranks draw differently
+        torch.manual_seed(epoch_seed(self.spec.seed, self.world.rank, self.epoch))
         total_loss = torch.zeros((), device=self.device)
         total_correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
@@ -246,25 +296,41 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             if i >= self.steps_per_epoch:
                 break
-            loss_sum, correct = self.train_step(x, y)
+            loss_sum, correct = self.train_step(x, y, self.sampler.loss_scale(i))
             total_loss += loss_sum
             total_correct += correct
             seen += len(y)
         self.scheduler.step()
-        return float(total_loss) / max(seen, 1), int(total_correct) / max(seen, 1)
+        return self._mean_over_ranks(total_loss, total_correct, seen)
 
     @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> tuple[float, float]:
-        """Mean loss and accuracy over a whole split."""
-        self.model.eval()
-        total_loss, total_correct, seen = 0.0, 0, 0
+        """Mean loss and accuracy over a whole split (each rank its shard, summed)."""
+        self.model.eval()  # the plain module: ranks may run different numbers of batches
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        total_correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
         for x, y in loader:
             x, y = x.to(self.device), y.to(self.device)
             loss, correct = loss_and_correct(self.model(x), y, reduction="sum")
-            total_loss += float(loss)
-            total_correct += int(correct)
+            total_loss += loss
+            total_correct += correct
             seen += len(y)
-        return total_loss / max(seen, 1), total_correct / max(seen, 1)
+        mean_loss, accuracy = self._mean_over_ranks(total_loss, total_correct, seen)
+        return mean_loss, accuracy
+
+    def _mean_over_ranks(
+        self, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int
+    ) -> tuple[float, float]:
+        """(mean loss, accuracy) from this rank's sums and every other rank's: one host sync.
+
+        Sets :attr:`last_count`, the number of samples the sums cover (all ranks).
+        """
+        local = torch.stack([loss_sum.double(), correct.double()])  # [2] on the device
+        count = torch.tensor([float(seen)], dtype=torch.float64, device=local.device)
+        loss, right, n = all_sum(torch.cat([local, count]), self.world).tolist()
+        self.last_count = int(n)
+        return loss / max(n, 1), right / max(n, 1)
 
     def run_epoch(self, progress: bool = False) -> Metrics:
         """Train one epoch, evaluate, and return the epoch's metrics."""
@@ -324,7 +390,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume at an epoch boundary: model, optimizer, LR schedule,
-        masks, ITOP, counters and every RNG state."""
+        masks, ITOP, counters and the mask generator. The same on every rank."""
         sp = self.sparsity
         return {
             "model": self.model.state_dict(),
@@ -335,14 +401,9 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "history": list(self.history),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "loader": self.loader_generator.get_state(),
-                "mask": self.mask_generator.get_state(),
-            },
+            # the data order and dropout/augmentation draws are functions of (seed, rank,
+            # epoch); the mask generator (random criterion and growth) is the only live stream
+            "mask_rng": self.mask_generator.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -357,11 +418,4 @@ class Trainer:
             sp.itop.load_state_dict(state["itop"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.history = list(state["history"])
-        rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.loader_generator.set_state(rng["loader"])
-        self.mask_generator.set_state(rng["mask"])
+        self.mask_generator.set_state(state["mask_rng"])

@@ -1,0 +1,94 @@
+"""Data-parallel training (DDP): who this process is, and what its workers must agree on.
+
+The training loop is the same for one worker and for W workers (Ray Train, torchrun): every
+rank builds the same model and masks from the same seed, trains on its share of each global
+batch (:mod:`dst.batches`), and takes topology updates from the all-reduced gradients with an
+identically seeded generator, so the masks stay identical on every rank. That is checked after
+each update (:func:`check_masks_agree`): a divergence fails the run loudly instead of silently
+training W different networks. Evaluation covers each sample exactly once, and the sums are
+reduced across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, Subset
+
+from dst.masks import Masks
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's rank among ``size`` data-parallel workers (0 of 1 when alone)."""
+
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.size})")
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @classmethod
+    def current(cls) -> World:
+        """The initialized ``torch.distributed`` process group's world, else a single worker."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+
+class MasksDivergedError(RuntimeError):
+    """Ranks hold different masks: the run would train different networks on each worker."""
+
+
+def shard(dataset: Dataset, world: World) -> Dataset:
+    """Rank r's samples r, r+W, r+2W, ...: every sample on exactly one rank, no padding."""
+    if not world.distributed:
+        return dataset
+    return Subset(dataset, range(world.rank, len(dataset), world.size))  # type: ignore[arg-type]
+
+
+def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
+    """``values`` summed over all ranks (in place; unchanged when alone)."""
+    if world.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def mask_fingerprint(masks: Masks) -> torch.Tensor:
+    """Per layer: (active count, sum of active flat indices), [L, 2] int64 on the CPU.
+
+    Equal masks give equal fingerprints; a single moved connection changes the index sum.
+    """
+    rows = []
+    for mask in masks.values():
+        flat = mask.flatten()
+        idx = torch.arange(flat.numel(), device=flat.device)  # [n]
+        rows.append(torch.stack([flat.sum(), (idx * flat).sum()]))
+    return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.long)
+
+
+def check_masks_agree(masks: Masks, world: World, step: int) -> None:
+    """Raise :class:`MasksDivergedError` unless every rank holds the same masks."""
+    if not world.distributed:
+        return
+    mine = mask_fingerprint(masks)  # [L, 2]
+    backend_device = next(iter(masks.values())).device if masks else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        backend_device = torch.device("cuda", torch.cuda.current_device())
+    local = mine.to(backend_device)
+    everyone = [torch.empty_like(local) for _ in range(world.size)]
+    dist.all_gather(everyone, local)
+    differing = [r for r, other in enumerate(everyone) if not torch.equal(other.cpu(), mine)]
+    if differing:
+        raise MasksDivergedError(
+            f"masks differ between rank {world.rank} and ranks {differing} after the topology "
+            f"update at step {step}: updates must use all-reduced gradients, identical weights "
+            "and identically seeded generators on every rank"
+        )

@@ -1,0 +1,140 @@
+"""Data-parallel training on CPU (gloo, 2 processes): the same run as one worker, identical
+masks on every rank, evaluation of each sample exactly once, loud failure on divergence."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dst.criteria import CRITERIA
+from dst.distributed import MasksDivergedError, World, check_masks_agree, mask_fingerprint
+from dst.growth import GROWTH
+from dst.spec import RunSpec
+from dst.training import Trainer
+
+BASE: dict[str, Any] = {
+    "model": "small-mlp",
+    "dataset": "digits",
+    "training": {"epochs": 3, "batch_size": 64, "lr": 0.05, "optimizer_kernel": "eager"},
+    "sparsity": {"mode": "dst", "density": 0.1, "update_period": 5},
+}
+COMBOS = list(itertools.product(CRITERIA.names(), GROWTH.names()))
+
+
+def spec(**sparsity: Any) -> RunSpec:
+    return RunSpec.model_validate({**BASE, "sparsity": {**BASE["sparsity"], **sparsity}})
+
+
+def short(criterion: str, growth: str) -> RunSpec:
+    data = {
+        **BASE,
+        "training": {**BASE["training"], "epochs": 1, "max_steps_per_epoch": 8},
+        "sparsity": {**BASE["sparsity"], "criterion": criterion, "growth": growth},
+    }
+    data["sparsity"]["update_period"] = 2
+    return RunSpec.model_validate(data)
+
+
+def _scenarios(world: World) -> dict[str, Any]:
+    """What each rank reports back to the test process."""
+    out: dict[str, Any] = {}
+    trainer = Trainer(spec(criterion="snip", growth="gradient"), world=world)
+    out["stop"] = trainer.sparsity.updater.schedule.stop  # type: ignore[union-attr]
+    out["steps_per_epoch"] = trainer.steps_per_epoch
+    out["history"] = trainer.fit()
+    out["masks"] = trainer.masks
+    out["val_count"] = trainer.evaluate(trainer.val_loader) and trainer.last_count
+    out["val_local"] = sum(len(y) for _, y in trainer.val_loader)
+    out["fingerprints"] = {}
+    for criterion, growth in COMBOS:
+        t = Trainer(short(criterion, growth), world=world)
+        t.fit()
+        out["fingerprints"][criterion, growth] = mask_fingerprint(t.masks)
+    masks = {n: m.clone() for n, m in trainer.masks.items()}
+    if world.rank == 1:  # a divergence the check must catch on every rank
+        first = next(iter(masks.values())).view(-1)
+        on, off = int(first.nonzero()[0]), int((~first).nonzero()[0])
+        first[on], first[off] = False, True
+    try:
+        check_masks_agree(masks, world, step=99)
+        out["diverged"] = None
+    except MasksDivergedError as error:
+        out["diverged"] = str(error)
+    return out
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result: Any = _scenarios(World.current())
+    except Exception:
+        result = {"error": traceback.format_exc()}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ddp")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn")
+    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for r in results:
+        assert "error" not in r, r.get("error")
+    return results
+
+
+@pytest.fixture(scope="module")
+def single() -> dict[str, Any]:
+    trainer = Trainer(spec(criterion="snip", growth="gradient"))
+    stop = trainer.sparsity.updater.schedule.stop  # type: ignore[union-attr]
+    return {"stop": stop, "history": trainer.fit(), "masks": trainer.masks, "trainer": trainer}
+
+
+def test_schedule_is_counted_in_global_steps(ranks: list, single: dict) -> None:
+    # digits: 1,257 training samples, global batch 64 -> 20 steps per epoch on every rank
+    assert [r["steps_per_epoch"] for r in ranks] == [20, 20]
+    assert [r["stop"] for r in ranks] == [single["stop"]] * 2 == [60, 60]
+
+
+def test_two_workers_do_what_one_worker_does(ranks: list, single: dict) -> None:
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "itop", "density")
+    for rank in ranks:
+        assert [h["step"] for h in rank["history"]] == [h["step"] for h in single["history"]]
+        for mine, ref in zip(rank["history"], single["history"], strict=True):
+            for key in keys:
+                assert mine[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+        for name, mask in single["masks"].items():
+            assert torch.equal(rank["masks"][name], mask), name
+
+
+def test_masks_agree_across_ranks_for_every_criterion_and_growth(ranks: list) -> None:
+    for combo in COMBOS:
+        assert torch.equal(ranks[0]["fingerprints"][combo], ranks[1]["fingerprints"][combo])
+
+
+def test_evaluation_sees_every_sample_once(ranks: list, single: dict) -> None:
+    n_val = len(single["trainer"].val_loader.dataset)
+    assert [r["val_count"] for r in ranks] == [n_val, n_val]
+    assert sum(r["val_local"] for r in ranks) == n_val  # shards, no padding
+
+
+def test_a_divergence_fails_loudly_on_every_rank(ranks: list) -> None:
+    for r in ranks:
+        assert r["diverged"] is not None and "masks differ" in r["diverged"]
