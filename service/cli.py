@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dst.cli import app, fail
 from service.client import DEFAULT_URL, TERMINAL, ApiClient, ApiError, default_token, write_token
 from service.core.config import Settings
+from service.states import ExperimentStatus, TrialState
 
 log = logging.getLogger("dst.service")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -118,7 +119,8 @@ def wait_for(client: ApiClient, experiment_id: str, poll: float = 1.0) -> dict[s
             done = sum(counts.get(s, 0) for s in TERMINAL)
             bar.n = done
             note = {"error": experiment["error"][:80]} if experiment.get("error") else {}
-            bar.set_postfix(running=counts.get("running", 0), status=experiment["status"], **note)
+            running = counts.get(TrialState.RUNNING, 0)
+            bar.set_postfix(running=running, status=experiment["status"], **note)
             bar.refresh()
             if experiment["status"] in TERMINAL:
                 return experiment
@@ -243,5 +245,5 @@ def demo(
         "stopped. Browse the runs again with: "
         f"uv run mlflow ui --backend-store-uri sqlite:///{storage / 'mlflow' / 'mlflow.db'}"
     )
-    if final["status"] != "succeeded":
+    if final["status"] != ExperimentStatus.SUCCEEDED:
         raise typer.Exit(code=1)

@@ -8,8 +8,10 @@ from typing import Any
 
 import httpx
 
+from service.states import TERMINAL_EXPERIMENT
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = frozenset(s.value for s in TERMINAL_EXPERIMENT)
 
 
 def token_file(storage_path: Path) -> Path:

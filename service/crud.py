@@ -17,17 +17,19 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dst.spec import RunSpec
-from service.db import TERMINAL_STATES, Experiment, Trial, utcnow
+from service.db import Experiment, Trial, utcnow
 from service.results import Results, summarize
+from service.states import (
+    LIVE_EXPERIMENT,
+    TERMINAL_EXPERIMENT,
+    TERMINAL_TRIAL,
+    TRANSITIONS,
+    UNFINISHED_TRIAL,
+    ExperimentStatus,
+    TrialState,
+)
 from service.study import TrialPlan
 
-LIVE_EXPERIMENT_STATES = ("queued", "submitted", "running", "cancelling")
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "queued": frozenset({"submitted", "running", "cancelled", "failed"}),
-    "submitted": frozenset({"running", "cancelling", "succeeded", "failed", "cancelled"}),
-    "running": frozenset({"cancelling", "succeeded", "failed", "cancelled"}),
-    "cancelling": frozenset({"cancelled", "failed"}),
-}
 TRIAL_FIELDS = frozenset(
     {"state", "epoch", "epochs", "mlflow_run_id", "error", "started_at", "finished_at"}
 )
@@ -46,7 +48,7 @@ def create_experiment(
     experiment = Experiment(
         id=experiment_id,
         name=name,
-        status="queued",
+        status=ExperimentStatus.QUEUED,
         spec_json=spec_json,
         idempotency_key=idempotency_key,
         n_trials=len(plans),
@@ -56,7 +58,7 @@ def create_experiment(
             index=plan.index,
             label=plan.label,
             spec_json=plan.spec.model_dump_json(),
-            state="pending",
+            state=TrialState.PENDING,
             epoch=0,
             epochs=plan.spec.training.epochs,
         )
@@ -90,17 +92,17 @@ def list_experiments(
 
 def live_experiments(session: Session) -> list[Experiment]:
     """Experiments that are not finished (what the reconciler looks after)."""
-    query = select(Experiment).where(Experiment.status.in_(LIVE_EXPERIMENT_STATES))
+    query = select(Experiment).where(Experiment.status.in_(LIVE_EXPERIMENT))
     return list(session.scalars(query.order_by(Experiment.created_at)))
 
 
 def set_experiment_status(
     session: Session,
     experiment_id: str,
-    status: str,
+    status: ExperimentStatus,
     *,
     error: str | None = None,
-    only_from: Sequence[str] | None = None,
+    only_from: Sequence[ExperimentStatus] | None = None,
 ) -> bool:
     """Move an experiment to ``status`` if its lifecycle allows it; True if it moved.
 
@@ -111,7 +113,7 @@ def set_experiment_status(
     if only_from is not None:
         allowed_from = [s for s in allowed_from if s in only_from]
     values: dict[str, Any] = {"status": status, "updated_at": utcnow()}
-    if status in TERMINAL_STATES:
+    if status in TERMINAL_EXPERIMENT:
         values["finished_at"] = utcnow()
     if error is not None:
         values["error"] = error
@@ -172,14 +174,14 @@ def update_trial(
         values["metrics_json"] = json.dumps(metrics)
     query = update(Trial).where(Trial.experiment_id == experiment_id, Trial.index == index)
     if "state" in fields:
-        query = query.where(Trial.state.not_in(TERMINAL_STATES))
+        query = query.where(Trial.state.not_in(TERMINAL_TRIAL))
     result = session.execute(query.values(**values).execution_options(synchronize_session=False))
     session.expire_all()
     return bool(getattr(result, "rowcount", 0))
 
 
 def finish_unfinished_trials(
-    session: Session, experiment_id: str, state: str, error: str | None = None
+    session: Session, experiment_id: str, state: TrialState, error: str | None = None
 ) -> int:
     """Move every pending or running trial to ``state``; the number moved."""
     values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "updated_at": utcnow()}
@@ -187,7 +189,7 @@ def finish_unfinished_trials(
         values["error"] = error
     result = session.execute(
         update(Trial)
-        .where(Trial.experiment_id == experiment_id, Trial.state.in_(("pending", "running")))
+        .where(Trial.experiment_id == experiment_id, Trial.state.in_(UNFINISHED_TRIAL))
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -206,7 +208,7 @@ def study_results(session: Session, experiment_id: str) -> Results:
         spec = RunSpec.model_validate_json(trial.spec_json)
         specs.append(spec)
         metrics = trial_metrics(trial)
-        if trial.state == "succeeded" and metrics is not None:
+        if trial.state == TrialState.SUCCEEDED and metrics is not None:
             finished.append((spec, metrics))
     return summarize(specs, finished)
 

@@ -32,18 +32,6 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Prefixed names, so the service may share a database with MLflow (which has "experiments").
 VERSION_TABLE = "dst_alembic_version"
 
-EXPERIMENT_STATES = (
-    "queued",
-    "submitted",
-    "running",
-    "cancelling",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
-TRIAL_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -60,7 +48,7 @@ class Experiment(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # an ExperimentStatus
     spec_json: Mapped[str] = mapped_column(Text)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
     n_trials: Mapped[int] = mapped_column(Integer)
@@ -91,7 +79,7 @@ class Trial(Base):
     index: Mapped[int] = mapped_column("trial_index", Integer)
     label: Mapped[str] = mapped_column(String(300))
     spec_json: Mapped[str] = mapped_column(Text)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # a TrialState
     epoch: Mapped[int] = mapped_column(Integer, default=0)
     epochs: Mapped[int | None] = mapped_column(Integer)
     metrics_json: Mapped[str | None] = mapped_column(Text)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import shlex
 
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobSubmissionClient
+
+from service.states import JobStatus
 
 log = logging.getLogger(__name__)
 # `ray job stop` sends the driver SIGINT (Tune's graceful stop: trials stop, state is saved)
@@ -51,11 +53,10 @@ class RayExecutor:
             f"--experiment-id {shlex.quote(experiment_id)}"
         )
 
-    def submit(self, experiment_id: str, spec_json: str) -> None:
+    def submit(self, experiment_id: str) -> None:
         """Submit the experiment's driver job; a job that already exists is left alone.
 
-        The driver reads the spec from the database, so ``spec_json`` is not passed on the
-        command line (it only documents what was submitted, in the job's metadata size limits).
+        The driver reads the stored experiment and its trials from the database.
         """
         if self.status(experiment_id) is not None:
             log.info("job %s already exists; not submitting again", experiment_id)
@@ -69,19 +70,20 @@ class RayExecutor:
         )
         log.info("submitted Ray job %s", experiment_id)
 
-    def status(self, experiment_id: str) -> str | None:
-        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED; None if Ray has no such job."""
+    def status(self, experiment_id: str) -> JobStatus | None:
+        """The job's status; None if Ray has no such job."""
         try:
-            status: JobStatus = self.client.get_job_status(experiment_id)
+            status = self.client.get_job_status(experiment_id)
         except RuntimeError as error:  # the Jobs API answers 404 as RuntimeError
             if "does not exist" in str(error) or "404" in str(error):
                 return None
             raise
-        return str(status.value)
+        return JobStatus(str(status.value))
 
     def stop(self, experiment_id: str) -> None:
         """Ask the job to stop: the driver gets SIGTERM and lets Tune save its state."""
-        if self.status(experiment_id) in ("PENDING", "RUNNING"):
+        status = self.status(experiment_id)
+        if status is not None and status.live:
             self.client.stop_job(experiment_id)
 
     def logs(self, experiment_id: str) -> str:

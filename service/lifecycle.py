@@ -18,14 +18,15 @@ from sqlalchemy.orm import Session
 from service import crud
 from service.db import Experiment
 from service.results import Results
+from service.states import ExperimentStatus, JobStatus, TrialState
 from service.study import StudySpec, TrialPlan, expand
 
 log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
-    def submit(self, experiment_id: str, spec_json: str) -> None: ...
-    def status(self, experiment_id: str) -> str | None: ...
+    def submit(self, experiment_id: str) -> None: ...
+    def status(self, experiment_id: str) -> JobStatus | None: ...
     def stop(self, experiment_id: str) -> None: ...
     def logs(self, experiment_id: str) -> str: ...
     def ping(self) -> bool: ...
@@ -37,7 +38,9 @@ class Tracker(Protocol):
     def create_parent(
         self, experiment_id: str, study: StudySpec, plans: list[TrialPlan]
     ) -> tuple[str, str]: ...
-    def finish_parent(self, parent_run_id: str, status: str, results: Results) -> None: ...
+    def finish_parent(
+        self, parent_run_id: str, status: ExperimentStatus, results: Results
+    ) -> None: ...
     def links(
         self, mlflow_experiment_id: str | None, parent_run_id: str | None
     ) -> dict[str, str | None]: ...
@@ -67,7 +70,7 @@ def launch(services: Services, experiment_id: str) -> None:
 def _launch(services: Services, experiment_id: str) -> None:
     with Session(services.engine) as session:
         experiment = crud.get_experiment(session, experiment_id)
-        if experiment is None or experiment.status != "queued":
+        if experiment is None or experiment.status != ExperimentStatus.QUEUED:
             return
         try:
             if experiment.mlflow_parent_run_id is None:
@@ -77,14 +80,14 @@ def _launch(services: Services, experiment_id: str) -> None:
                 )
                 crud.set_mlflow_ids(session, experiment_id, mlflow_experiment, parent)
                 session.commit()
-            services.executor.submit(experiment_id, experiment.spec_json)
+            services.executor.submit(experiment_id)
         except Exception as error:
             log.warning("launching %s failed (will retry): %s", experiment_id, error)
             session.rollback()
             crud.set_error(session, experiment_id, f"launch failed, retrying: {error}")
             session.commit()
             return
-        moved = crud.set_experiment_status(session, experiment_id, "submitted")
+        moved = crud.set_experiment_status(session, experiment_id, ExperimentStatus.SUBMITTED)
         crud.set_error(session, experiment_id, None)
         session.commit()
     if not moved:  # cancelled while we were submitting: do not leave the job running
@@ -94,37 +97,46 @@ def _launch(services: Services, experiment_id: str) -> None:
 def cancel(services: Services, experiment_id: str) -> None:
     """Stop the experiment: a queued one is cancelled at once, a live one asks Ray to stop."""
     with Session(services.engine) as session:
-        if crud.set_experiment_status(session, experiment_id, "cancelled", only_from=("queued",)):
-            crud.finish_unfinished_trials(session, experiment_id, "cancelled")
+        if crud.set_experiment_status(
+            session, experiment_id, ExperimentStatus.CANCELLED, only_from=[ExperimentStatus.QUEUED]
+        ):
+            crud.finish_unfinished_trials(session, experiment_id, TrialState.CANCELLED)
             session.commit()
             experiment = crud.get_experiment(session, experiment_id)
             if experiment is not None:
-                _finish_parent(services, session, experiment, "cancelled")
+                _finish_parent(services, session, experiment, ExperimentStatus.CANCELLED)
             return
-        moved = crud.set_experiment_status(session, experiment_id, "cancelling")
+        moved = crud.set_experiment_status(session, experiment_id, ExperimentStatus.CANCELLING)
         session.commit()
     if moved:
         services.executor.stop(experiment_id)
 
 
-def finalize(services: Services, session: Session, experiment: Experiment, job_status: str) -> None:
+def finalize(
+    services: Services, session: Session, experiment: Experiment, job_status: JobStatus
+) -> None:
     """Record the end of an experiment whose Ray job ended with ``job_status``."""
     exp_id = experiment.id
-    if job_status == "STOPPED" or experiment.status == "cancelling":
-        crud.finish_unfinished_trials(session, exp_id, "cancelled")
-        status, error = "cancelled", None
+    status: ExperimentStatus
+    error: str | None = None
+    if job_status == JobStatus.STOPPED or experiment.status == ExperimentStatus.CANCELLING:
+        crud.finish_unfinished_trials(session, exp_id, TrialState.CANCELLED)
+        status = ExperimentStatus.CANCELLED
     else:
         left = crud.finish_unfinished_trials(
-            session, exp_id, "failed", error=f"the Ray job ended ({job_status}) before this trial"
+            session,
+            exp_id,
+            TrialState.FAILED,
+            error=f"the Ray job ended ({job_status}) before this trial",
         )
         counts = crud.trial_counts_by_state(session, exp_id)
-        failed = counts.get("failed", 0)
-        if job_status == "SUCCEEDED" and failed == 0:
-            status, error = "succeeded", None
+        failed = counts.get(TrialState.FAILED, 0)
+        if job_status == JobStatus.SUCCEEDED and failed == 0:
+            status = ExperimentStatus.SUCCEEDED
         else:
-            status = "failed"
+            status = ExperimentStatus.FAILED
             error = f"{failed} of {experiment.n_trials} trials failed"
-            if job_status == "FAILED":
+            if job_status == JobStatus.FAILED:
                 error += f"; the Ray job failed: {_log_tail(services, exp_id)}"
             elif left:
                 error += f"; {left} never finished"
@@ -137,7 +149,7 @@ def finalize(services: Services, session: Session, experiment: Experiment, job_s
 
 
 def _finish_parent(
-    services: Services, session: Session, experiment: Experiment, status: str
+    services: Services, session: Session, experiment: Experiment, status: ExperimentStatus
 ) -> None:
     if experiment.mlflow_parent_run_id is None:
         return
@@ -160,20 +172,23 @@ def reconcile(services: Services) -> None:
     with Session(services.engine) as session:
         live = [(e.id, e.status) for e in crud.live_experiments(session)]
     for experiment_id, status in live:
-        if status == "queued":
+        if status == ExperimentStatus.QUEUED:
             launch(services, experiment_id)
             continue
         job = services.executor.status(experiment_id)
-        if job in ("PENDING", "RUNNING"):
+        if job is not None and job.live:
             continue
         with Session(services.engine) as session:
             experiment = crud.get_experiment(session, experiment_id)
             if experiment is None:
                 continue
             if job is None:
-                crud.finish_unfinished_trials(session, experiment_id, "failed")
+                crud.finish_unfinished_trials(session, experiment_id, TrialState.FAILED)
                 crud.set_experiment_status(
-                    session, experiment_id, "failed", error="Ray has no job for this experiment"
+                    session,
+                    experiment_id,
+                    ExperimentStatus.FAILED,
+                    error="Ray has no job for this experiment",
                 )
                 session.commit()
                 continue

@@ -8,11 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from service.results import ResultRow
-
-ExperimentStatus = Literal[
-    "queued", "submitted", "running", "cancelling", "succeeded", "failed", "cancelled"
-]
-TrialState = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+from service.states import ExperimentStatus, TrialState
 
 
 class MlflowLinks(BaseModel):

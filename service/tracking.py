@@ -30,7 +30,7 @@ TAG_EXPERIMENT = "dst.experiment_id"
 TAG_TRIAL = "dst.trial_index"
 TAG_RESUMED = "dst.resumed_from_epoch"  # set on a child run when its trial resumed
 PARENT_TAG = "mlflow.parentRunId"
-TERMINAL = {
+RUN_STATUS = {  # the MLflow status that ends the run of an experiment or trial in this state
     "succeeded": RunStatus.to_string(RunStatus.FINISHED),
     "failed": RunStatus.to_string(RunStatus.FAILED),
     "cancelled": RunStatus.to_string(RunStatus.KILLED),
@@ -88,7 +88,7 @@ class MlflowTracker:
         self.client.log_text(
             parent_run_id, format_table(data["group_by"], data["rows"]), "results.txt"
         )
-        self.client.set_terminated(parent_run_id, TERMINAL.get(status, "FINISHED"))
+        self.client.set_terminated(parent_run_id, RUN_STATUS.get(status, "FINISHED"))
 
     def links(
         self, mlflow_experiment_id: str | None, parent_run_id: str | None
@@ -166,4 +166,4 @@ class TrialRun:
             self.client.log_artifact(self.run_id, str(path), "masks")
 
     def finish(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, TERMINAL.get(status, "FINISHED"))
+        self.client.set_terminated(self.run_id, RUN_STATUS.get(status, "FINISHED"))

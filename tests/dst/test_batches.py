@@ -25,7 +25,7 @@ def test_ranks_together_see_the_single_worker_batches(world: int) -> None:
     assert len(single) == 7 and all(len(r) == 7 for r in shared)
     for step, whole in enumerate(single):
         parts = [shared[r][step] for r in range(world)]
-        assert sorted(sum(parts, [])) == sorted(whole)
+        assert sorted(i for part in parts for i in part) == sorted(whole)
         assert parts[0] == whole[0::world]  # interleaved: rank r takes samples r, r+W, ...
     seen = [i for r in shared for batch in r for i in batch]
     assert sorted(seen) == list(range(103))  # every sample once, no padding
@@ -46,11 +46,11 @@ def test_loss_scale_makes_the_ddp_average_the_global_mean() -> None:
     assert GlobalBatchSampler(100, 32, 0).loss_scale(3) == pytest.approx(1 / 4)
     # the DDP average of the two ranks' scaled sums equals the mean over the global batch
     values = torch.arange(100.0)
-    s.set_epoch(0)
-    order = [GlobalBatchSampler(100, 32, 0, r, 2) for r in range(2)]
-    step_parts = [list(o)[3] for o in order]
-    ddp = sum(values[p].sum() * o.loss_scale(3) for p, o in zip(step_parts, order, strict=True)) / 2
-    assert float(ddp) == pytest.approx(float(values[sum(step_parts, [])].mean()))
+    ranks = [GlobalBatchSampler(100, 32, 0, r, 2) for r in range(2)]
+    parts = [list(r)[3] for r in ranks]  # the last global batch, rank by rank
+    ddp = sum(values[p].sum() * r.loss_scale(3) for p, r in zip(parts, ranks, strict=True)) / 2
+    whole = [i for part in parts for i in part]
+    assert float(ddp) == pytest.approx(float(values[whole].mean()))
 
 
 def test_a_last_batch_smaller_than_the_world_is_dropped() -> None:

@@ -16,11 +16,11 @@ from service.db import Experiment, Trial
 from service.schemas import (
     ExperimentOut,
     ExperimentPage,
-    ExperimentStatus,
     MlflowLinks,
     ResultsOut,
     TrialOut,
 )
+from service.states import UNFINISHED_TRIAL, ExperimentStatus
 from service.study import StudySpec, expand
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
@@ -163,7 +163,7 @@ def cancel_experiment(
     """Stop a live experiment (its Ray job stops gracefully; unfinished trials are cancelled).
     Cancelling a cancelled experiment is a no-op; a finished one answers 409."""
     experiment = _get(session, experiment_id)
-    if experiment.status in ("succeeded", "failed"):
+    if experiment.status in (ExperimentStatus.SUCCEEDED, ExperimentStatus.FAILED):
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"experiment {experiment_id} already {experiment.status}"
         )
@@ -179,7 +179,7 @@ def get_results(experiment_id: str, session: SessionDep) -> ResultsOut:
     experiment = _get(session, experiment_id)
     results = crud.study_results(session, experiment_id)
     counts = crud.trial_counts_by_state(session, experiment_id)
-    unfinished = counts.get("pending", 0) + counts.get("running", 0)
+    unfinished = sum(counts.get(s, 0) for s in UNFINISHED_TRIAL)
     return ResultsOut(
         experiment_id=experiment_id,
         status=experiment.status,
