@@ -47,7 +47,7 @@ def running_api(settings: Settings) -> Iterator[str]:
     in a background thread; yield its address; stop everything on exit."""
     import uvicorn
 
-    from service.execution import RayExecutor
+    from service.execution import RayExecutor, driver_env
     from service.local import LocalServices
     from service.main import create_app
     from service.tracking import MlflowTracker
@@ -62,13 +62,7 @@ def running_api(settings: Settings) -> Iterator[str]:
         settings = settings.model_copy(
             update={"ray_address": ray_address, "mlflow_tracking_uri": mlflow_uri}
         )
-        env = {
-            "DST_DATABASE_URL": settings.database_url,
-            "DST_STORAGE_PATH": str(settings.storage_path),
-            "DST_MLFLOW_TRACKING_URI": mlflow_uri,
-            "MLFLOW_TRACKING_URI": mlflow_uri,
-        }
-        executor = RayExecutor(ray_address, job_python=sys.executable, env=env)
+        executor = RayExecutor(ray_address, job_python=sys.executable, env=driver_env(settings))
         api = create_app(settings, executor=executor, tracker=MlflowTracker(mlflow_uri))
         server = uvicorn.Server(
             uvicorn.Config(api, host=settings.host, port=settings.port, log_level="warning")

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from dst.spec import RunSpec
+from dst.spec import RunSpec, resolve_training
 from service.db import Experiment, Trial, utcnow
 from service.results import Results, summarize
 from service.states import (
@@ -31,7 +31,16 @@ from service.states import (
 from service.study import TrialPlan
 
 TRIAL_FIELDS = frozenset(
-    {"state", "epoch", "epochs", "mlflow_run_id", "error", "started_at", "finished_at"}
+    {
+        "state",
+        "epoch",
+        "epochs",
+        "mlflow_run_id",
+        "error",
+        "resumed_from_epoch",
+        "started_at",
+        "finished_at",
+    }
 )
 
 
@@ -60,7 +69,7 @@ def create_experiment(
             spec_json=plan.spec.model_dump_json(),
             state=TrialState.PENDING,
             epoch=0,
-            epochs=plan.spec.training.epochs,
+            epochs=resolve_training(plan.spec).epochs,
         )
         for plan in plans
     ]
@@ -138,6 +147,11 @@ def set_mlflow_ids(
         .where(Experiment.id == experiment_id)
         .values(mlflow_experiment_id=mlflow_experiment_id, mlflow_parent_run_id=parent_run_id)
     )
+
+
+def get_trial(session: Session, experiment_id: str, index: int) -> Trial | None:
+    query = select(Trial).where(Trial.experiment_id == experiment_id, Trial.index == index)
+    return session.scalar(query)
 
 
 def list_trials(session: Session, experiment_id: str) -> list[Trial]:

@@ -1,7 +1,7 @@
 """The service database: experiments and their trials (SQLAlchemy ORM, Alembic migrations).
 
-SQLite (the embedded default) and PostgreSQL (a cluster) are both supported. The API, every
-Ray job driver and every trial write to it, so SQLite runs in WAL mode with a busy timeout.
+SQLite (the embedded default) and PostgreSQL (a cluster) are both supported. The API and the
+Ray job drivers write to it (trials never do), so SQLite runs in WAL mode with a busy timeout.
 Tables are prefixed ``dst_`` so one PostgreSQL database can also hold MLflow's tables.
 The schema is created and upgraded only by Alembic (:func:`upgrade_database`), never by
 ``create_all``, so a deployed database can be migrated.
@@ -85,6 +85,7 @@ class Trial(Base):
     metrics_json: Mapped[str | None] = mapped_column(Text)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    resumed_from_epoch: Mapped[int | None] = mapped_column(Integer)  # last resume, if any
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(

@@ -1,65 +1,87 @@
-"""The Ray Job driver of one experiment: runs the study's trials as one Ray Tune experiment.
+"""The Ray Job driver of one experiment: runs its stored trials as one Ray Tune experiment.
 
 Started by the Jobs API as ``python -m service.driver --experiment-id ID`` with the service's
-database URL, MLflow URI and storage path in its environment. If the Tune experiment already
-exists on storage (the job was restarted), it is restored and unfinished trials resume from
-their last checkpoints. SIGTERM (``ray job stop``) is turned into the SIGINT that makes Tune
-stop gracefully and save its state.
+database URL and MLflow URI in its environment. The trials it runs are the ones stored with
+the experiment (index, label, spec): the API and the driver can never disagree on what trial
+N is. The driver alone records: its :class:`~service.recorder.TrialRecorder` writes the
+database and MLflow, and the job's environment is scrubbed of the service's settings before
+Ray starts any worker, so trials see neither the database URL nor the MLflow server. If the
+Tune experiment already exists on storage (the job was restarted), it is restored and
+unfinished trials resume from their last checkpoints. SIGTERM (``ray job stop``) is turned
+into the SIGINT that makes Tune stop gracefully and save its state.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
-from datetime import UTC, datetime
+from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
 import ray
 from ray import tune
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from sqlalchemy.orm import Session
 
 from service import crud
 from service.core.config import Settings
-from service.db import make_engine
-from service.study import StudySpec, expand
+from service.db import Trial, make_engine
+from service.execution import DRIVER_ONLY_ENV
+from service.recorder import recorder_for, trial_index
+from service.states import ExperimentStatus, TrialState
+from service.study import Resources, StudySpec
 from service.trial import run_trial
 
 log = logging.getLogger("service.driver")
 
 
-def trial_configs(
-    experiment_id: str, study: StudySpec, settings: Settings, tracking_uri: str, parent_run_id: str
-) -> list[dict[str, Any]]:
-    """One Tune config per trial: everything the trial needs, nothing it must look up."""
-    res = study.resources
-    return [
-        {
-            "experiment_id": experiment_id,
-            "index": plan.index,
-            "label": plan.label,
-            "spec": plan.spec.model_dump(mode="json"),
-            "tracking_uri": tracking_uri,
-            "parent_run_id": parent_run_id,
-            "cpus": res.cpus_per_trial,
-            "gpus": res.gpus_per_trial,
-            "workers": res.workers_per_trial,
-        }
-        for plan in expand(study)
-    ]
+def trial_config(trial: Trial, resources: Resources, storage_path: str) -> dict[str, Any]:
+    """The Tune config of one stored trial: what the trial needs to train, and no secret."""
+    return {
+        "index": trial.index,
+        "spec": json.loads(trial.spec_json),
+        "cpus": resources.cpus_per_trial,
+        "gpus": resources.gpus_per_trial,
+        "workers": resources.workers_per_trial,
+        "storage_path": storage_path,  # where multi-worker trials keep Train's checkpoints
+    }
 
 
-def make_tuner(path: str, configs: list[dict[str, Any]], study: StudySpec, name: str) -> tune.Tuner:
+def scrub_worker_environment(names: Iterable[str]) -> None:
+    """Remove ``names`` from the job's runtime environment before Ray starts workers.
+
+    The Jobs API hands the job's ``env_vars`` to the driver and, through the job config that
+    ``ray.init`` registers, to every worker of the job. The driver keeps them in its own
+    environment; the job config it registers no longer has them.
+    """
+    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not raw:
+        return
+    config = json.loads(raw)
+    env_vars = (config.get("runtime_env") or {}).get("env_vars") or {}
+    for name in names:
+        env_vars.pop(name, None)
+    os.environ[RAY_JOB_CONFIG_JSON_ENV_VAR] = json.dumps(config)
+
+
+def make_tuner(
+    path: str,
+    configs: list[dict[str, Any]],
+    res: Resources,
+    name: str,
+    callbacks: list[tune.Callback],
+) -> tune.Tuner:
     """A new Tune experiment over the trials, or the saved one at ``path`` restored."""
-    res = study.resources
     resources = {
         "cpu": 0.01 if res.workers_per_trial > 1 else res.cpus_per_trial,
         "gpu": 0.0 if res.workers_per_trial > 1 else res.gpus_per_trial,
     }
     trainable = tune.with_resources(run_trial, resources)
-    if tune.Tuner.can_restore(path):
+    if tune.Tuner.can_restore(path):  # the saved state brings its callbacks (our recorder)
         log.info("restoring Tune experiment from %s", path)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
@@ -75,7 +97,8 @@ def make_tuner(path: str, configs: list[dict[str, Any]], study: StudySpec, name:
             name=name,
             storage_path=os.path.dirname(path),
             failure_config=tune.FailureConfig(max_failures=2),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
             verbose=1,
         ),
     )
@@ -83,12 +106,7 @@ def make_tuner(path: str, configs: list[dict[str, Any]], study: StudySpec, name:
 
 def _trial_name(trial: tune.experiment.Trial) -> str:
     """``trial-3`` rather than Tune's default, which spells out the whole config."""
-    return f"trial-{_unwrap(trial.config)['index']}"
-
-
-def _unwrap(config: dict[str, Any]) -> dict[str, Any]:
-    inner: dict[str, Any] = config.get("trial", config)
-    return inner
+    return f"trial-{trial_index(trial)}"
 
 
 def _sigterm_to_sigint(signum: int, frame: FrameType | None) -> None:
@@ -103,44 +121,49 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    experiment_id = args.experiment_id
+    # MLflow writes go through the recorder's outbox, which retries: one attempt each here
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     settings = Settings()
     engine = make_engine(settings.database_url)
     with Session(engine) as session:
-        experiment = crud.get_experiment(session, args.experiment_id)
+        experiment = crud.get_experiment(session, experiment_id)
         if experiment is None:
-            raise SystemExit(f"experiment {args.experiment_id} is not in the database")
-        study = StudySpec.model_validate_json(experiment.spec_json)
-        parent_run_id = experiment.mlflow_parent_run_id or ""
-        crud.set_experiment_status(session, args.experiment_id, "running")
+            raise SystemExit(f"experiment {experiment_id} is not in the database")
+        resources = StudySpec.model_validate_json(experiment.spec_json).resources
+        results_dir = settings.storage_path / "ray_results"
+        configs = [
+            trial_config(t, resources, str(results_dir))
+            for t in crud.list_trials(session, experiment_id)
+        ]
+        crud.set_experiment_status(session, experiment_id, ExperimentStatus.RUNNING)
         session.commit()
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.mlflow_tracking_uri or ""
-    configs = trial_configs(args.experiment_id, study, settings, tracking_uri, parent_run_id)
-    path = str(settings.storage_path / "ray_results" / args.experiment_id)
+    recorder = recorder_for(experiment_id)
+    scrub_worker_environment(DRIVER_ONLY_ENV)
     ray.init(address="auto", log_to_driver=True)
     signal.signal(signal.SIGTERM, _sigterm_to_sigint)
-    tuner = make_tuner(path, configs, study, args.experiment_id)
+    tuner = make_tuner(
+        str(results_dir / experiment_id), configs, resources, experiment_id, [recorder]
+    )
     results = tuner.fit()
     with Session(engine) as session:
-        experiment = crud.get_experiment(session, args.experiment_id)
-        if experiment is not None and experiment.status == "cancelling":
-            moved = crud.finish_unfinished_trials(session, args.experiment_id, "cancelled")
+        experiment = crud.get_experiment(session, experiment_id)
+        if experiment is not None and experiment.status == ExperimentStatus.CANCELLING:
+            stopped = [
+                t.index
+                for t in crud.list_trials(session, experiment_id)
+                if not TrialState(t.state).terminal
+            ]
+            crud.finish_unfinished_trials(session, experiment_id, TrialState.CANCELLED)
             session.commit()
-            log.info("experiment %s cancelled; %d trials stopped", args.experiment_id, moved)
-            return
-        for i in range(len(results)):
-            result = results[i]
-            config = _unwrap(result.config or {})
-            if result.error is not None and "index" in config:
-                crud.update_trial(
-                    session,
-                    args.experiment_id,
-                    config["index"],
-                    state="failed",
-                    error=str(result.error)[:4000],
-                    finished_at=datetime.now(UTC),
-                )
-        session.commit()
-    log.info("experiment %s: %d trials done", args.experiment_id, len(results))
+            if recorder.runs is not None:
+                for index in stopped:
+                    recorder.runs.finish(index, TrialState.CANCELLED)
+            log.info("experiment %s cancelled; %d trials stopped", experiment_id, len(stopped))
+    if recorder.runs is not None and not recorder.runs.close(timeout=60):
+        log.error("some MLflow writes of %s could not be done", experiment_id)
+    log.info("experiment %s: %d trials done", experiment_id, len(results))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,12 @@ same experiment twice: Ray rejects a second job with that id and we treat it as 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 
 from ray.job_submission import JobSubmissionClient
 
+from service.core.config import Settings
 from service.states import JobStatus
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,34 @@ JOB_ENV = {
 }
 
 
+MLFLOW_CREDENTIALS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+# what the job driver gets and Ray workers must not (the driver scrubs them from the job)
+DRIVER_ONLY_ENV = (
+    "DST_DATABASE_URL",
+    "DST_STORAGE_PATH",
+    "DST_MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_URI",
+    *MLFLOW_CREDENTIALS,
+)
+
+
+def driver_env(settings: Settings) -> dict[str, str]:
+    """The environment of an experiment's job driver: where to record, and nothing else."""
+    uri = settings.mlflow_tracking_uri or ""
+    env = {
+        "DST_DATABASE_URL": settings.database_url,
+        "DST_STORAGE_PATH": str(settings.storage_path),
+        "DST_MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_TRACKING_URI": uri,
+    }
+    env |= {name: os.environ[name] for name in MLFLOW_CREDENTIALS if name in os.environ}
+    return env
+
+
 class RayExecutor:
     """Runs each experiment as a Ray Job whose driver (``service.driver``) runs Ray Tune."""
 
@@ -37,7 +67,7 @@ class RayExecutor:
     ) -> None:
         self.address = address
         self.job_python = job_python
-        self.env = dict(env or {})  # handed to the driver and trials (DB URL, MLflow URI, ...)
+        self.env = dict(env or {})  # handed to the job's driver (see driver_env)
         self._client: JobSubmissionClient | None = None
 
     @property

@@ -42,17 +42,11 @@ def create_app(
                 "DST_RAY_ADDRESS and DST_MLFLOW_TRACKING_URI must be set "
                 "(or use `dst serve`, which starts local ones)"
             )
-        from service.execution import RayExecutor
+        from service.execution import RayExecutor, driver_env
         from service.tracking import MlflowTracker
 
-        env = {
-            "DST_DATABASE_URL": settings.database_url,
-            "DST_STORAGE_PATH": str(settings.storage_path),
-            "DST_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
-            "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
-        }
         executor = executor or RayExecutor(
-            settings.ray_address, job_python=settings.job_python, env=env
+            settings.ray_address, job_python=settings.job_python, env=driver_env(settings)
         )
         tracker = tracker or MlflowTracker(settings.mlflow_tracking_uri)
     engine = make_engine(settings.database_url)

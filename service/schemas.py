@@ -50,6 +50,9 @@ class TrialOut(BaseModel):
     metrics: dict[str, float] | None = Field(description="latest epoch's metrics")
     mlflow_run_id: str | None
     error: str | None
+    resumed_from_epoch: int | None = Field(
+        description="the epoch the trial last resumed from after a failure (None: never)"
+    )
     started_at: datetime | None
     finished_at: datetime | None
 

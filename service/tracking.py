@@ -8,7 +8,12 @@ and their initial and final masks (compressed ``.npz``) to their child run.
 from __future__ import annotations
 
 import logging
+import queue
+import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,6 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dst.masks import Masks, save_masks
 from dst.spec import RunSpec, flatten
 from service.results import Results, format_table
 from service.study import StudySpec, TrialPlan
@@ -120,7 +124,7 @@ class TrialRun:
     @classmethod
     def open(
         cls,
-        tracking_uri: str,
+        client: MlflowClient,
         parent_run_id: str,
         experiment_id: str,
         plan_index: int,
@@ -129,7 +133,6 @@ class TrialRun:
         run_id: str | None = None,
     ) -> TrialRun:
         """Reuse ``run_id`` or create a child run under the parent, with params and spec."""
-        client = MlflowClient(tracking_uri)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             return cls(client, run_id)
@@ -156,14 +159,134 @@ class TrialRun:
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def log_masks(self, masks: Masks, name: str) -> None:
-        """A mask set as ``masks/<name>.npz`` (packed bits, compressed)."""
-        if not masks:
-            return
+    def log_masks_file(self, path: Path, name: str) -> None:
+        """A saved mask set (packed bits, :func:`dst.masks.save_masks`) as ``masks/<name>.npz``."""
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{name}.npz"
-            save_masks(masks, path)
-            self.client.log_artifact(self.run_id, str(path), "masks")
+            target = Path(tmp) / f"{name}.npz"
+            shutil.copyfile(path, target)
+            self.client.log_artifact(self.run_id, str(target), "masks")
 
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, RUN_STATUS.get(status, "FINISHED"))
+
+
+RETRIED = (MlflowException, OSError)  # an outage (requests' errors are OSErrors too)
+
+
+class Outbox:
+    """MLflow writes done in order on a background thread, each retried until MLflow answers.
+
+    Whoever records (the job driver) never waits on MLflow: while the tracking server is down
+    the writes queue up, and they arrive in order once it is back. :meth:`close` waits a
+    bounded time for the queue to drain.
+    """
+
+    def __init__(self, retry_s: float = 2.0) -> None:
+        self.retry_s = retry_s
+        self._queue: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
+        self._deadline: float | None = None
+        self._thread = threading.Thread(target=self._drain, name="mlflow-outbox", daemon=True)
+        self._thread.start()
+
+    def put(self, what: str, write: Callable[[], None]) -> None:
+        """Queue ``write`` (described as ``what`` in logs)."""
+        self._queue.put((what, write))
+
+    def close(self, timeout: float) -> bool:
+        """Stop after the queued writes, waiting at most ``timeout`` s; True if all were done."""
+        self._deadline = time.monotonic() + timeout
+        self._queue.put(None)
+        self._thread.join(timeout + self.retry_s)
+        return not self._thread.is_alive() and self._queue.empty()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            what, write = item
+            failures = 0
+            while True:
+                try:
+                    write()
+                    break
+                except RETRIED as error:
+                    failures += 1
+                    if failures == 1:
+                        log.warning("MLflow: %s failed, retrying until it works: %s", what, error)
+                    if self._deadline is not None and time.monotonic() > self._deadline:
+                        log.error("MLflow: giving up on %s and what follows it", what)
+                        return
+                    time.sleep(self.retry_s)
+                except Exception:  # a bug, not an outage: retrying cannot help
+                    log.exception("MLflow: %s failed; skipping it", what)
+                    break
+            if failures:
+                log.info("MLflow: %s went through after %d failures", what, failures)
+
+
+class ChildRuns:
+    """The MLflow child runs of one experiment's trials, written through an :class:`Outbox`.
+
+    Used by the job driver's recorder. ``on_run`` is called (on the outbox thread) with a
+    trial's run id once its run exists, so the caller can store it.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        parent_run_id: str,
+        experiment_id: str,
+        on_run: Callable[[int, str], None],
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.parent_run_id, self.experiment_id = parent_run_id, experiment_id
+        self.on_run = on_run
+        self.outbox = outbox or Outbox()
+        self._runs: dict[int, TrialRun] = {}
+
+    def start(
+        self, index: int, label: str, spec: RunSpec, run_id: str | None, resumed: int | None
+    ) -> None:
+        """Create (or reopen) trial ``index``'s run; tag it when it resumed at an epoch."""
+
+        def write() -> None:
+            run = TrialRun.open(
+                self.client, self.parent_run_id, self.experiment_id, index, label, spec, run_id
+            )
+            self._runs[index] = run
+            if resumed is not None:
+                self.client.set_tag(run.run_id, TAG_RESUMED, str(resumed))
+            if run_id is None:
+                self.on_run(index, run.run_id)
+
+        self.outbox.put(f"opening the run of trial {index}", write)
+
+    def log_epoch(self, index: int, metrics: dict[str, float]) -> None:
+        self._put(index, f"epoch {int(metrics['epoch'])}", lambda run: run.log_epoch(metrics))
+
+    def log_masks(self, index: int, source: Path, name: str) -> None:
+        """Upload a mask file; it is copied now, since checkpoints on storage get rotated."""
+        keep = Path(tempfile.mkdtemp(prefix="dst-masks-"))
+        copy = keep / source.name
+        shutil.copyfile(source, copy)
+
+        def write(run: TrialRun) -> None:
+            run.log_masks_file(copy, name)
+            shutil.rmtree(keep, ignore_errors=True)
+
+        self._put(index, f"{name} masks", write)
+
+    def finish(self, index: int, status: str) -> None:
+        self._put(index, f"ending ({status})", lambda run: run.finish(status))
+
+    def _put(self, index: int, what: str, write: Callable[[TrialRun], None]) -> None:
+        def call() -> None:
+            run = self._runs.get(index)
+            if run is None:
+                raise RuntimeError(f"trial {index} has no MLflow run")
+            write(run)
+
+        self.outbox.put(f"{what} of trial {index}", call)
+
+    def close(self, timeout: float = 60.0) -> bool:
+        """Wait (bounded) until every queued write is done."""
+        return self.outbox.close(timeout)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from service.cli import app, results_table
-from service.core.config import Settings
-from service.driver import trial_configs
-from service.study import StudySpec
 
 runner = CliRunner()
 
@@ -44,12 +40,3 @@ def test_results_table_has_one_line_per_row() -> None:
     assert lines[3].split()[:2] == ["dense", "-"]
 
 
-def test_tune_configs_never_carry_the_database_url(tmp_path: Path) -> None:
-    settings = Settings(
-        storage_path=tmp_path, database_url="postgresql+psycopg://dst:s3cret@db/dst"
-    )
-    study = StudySpec.model_validate(
-        {"name": "s", "model": "small-mlp", "dataset": "digits", "grid": {"seed": [0, 1]}}
-    )
-    configs = trial_configs("e1", study, settings, "http://mlflow", "parent")
-    assert len(configs) == 2 and "s3cret" not in json.dumps(configs)

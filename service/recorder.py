@@ -1,0 +1,170 @@
+"""Recording trials as they run (in the Ray job driver): a Ray Tune callback.
+
+Trials only train and report (:mod:`service.trial`). This callback, in the experiment's job
+driver, turns Tune's events into the trial's row in the service database (state, epoch,
+latest metrics, error, resume) and its MLflow child run (params, spec, per-epoch metrics, the
+initial and final masks read from the reported checkpoint on the shared storage). So the
+database URL and the MLflow server are needed by the driver alone, never by a Ray worker,
+and only one process writes each trial's state.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.experiment import Trial as TuneTrial
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from dst.spec import RunSpec, resolve_training
+from service import crud
+from service.core.config import Settings
+from service.db import make_engine
+from service.states import TrialState
+from service.tracking import ChildRuns
+from service.trial import INITIAL_MASKS, MASKS, METRICS
+
+log = logging.getLogger(__name__)
+
+
+def trial_index(trial: TuneTrial) -> int:
+    """The stored trial a Tune trial runs (its config is built by the driver)."""
+    return int(trial.config["trial"]["index"])
+
+
+def checkpoint_dir(trial: TuneTrial, result: dict[str, Any]) -> Path | None:
+    """The directory of the checkpoint reported with ``result``.
+
+    A multi-worker trial's report carries the path of Train's checkpoint; a single-worker
+    trial's names its checkpoint directory inside the trial's directory.
+    """
+    if result.get("checkpoint_path"):
+        return Path(result["checkpoint_path"])
+    if result.get("checkpoint_dir_name") and trial.path:
+        return Path(trial.path) / result["checkpoint_dir_name"]
+    return None
+
+
+def error_text(trial: TuneTrial, limit: int = 4000) -> str:
+    """The end of the trial's error trace (Tune writes it next to the trial)."""
+    path = trial.error_file
+    if path and os.path.exists(path):
+        return Path(path).read_text(errors="replace")[-limit:]
+    return "the trial failed (Tune recorded no error text)"
+
+
+class TrialRecorder(tune.Callback):
+    """Writes what the trials of experiment ``experiment_id`` report to the database and
+    (through ``runs``, which never blocks) to MLflow."""
+
+    def __init__(self, engine: Engine, experiment_id: str, runs: ChildRuns | None) -> None:
+        self.engine, self.experiment_id, self.runs = engine, experiment_id, runs
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        """Tune saves its callbacks with the experiment's state on storage: save only the
+        experiment id (no database URL), and come back as this driver's own recorder."""
+        return recorder_for, (self.experiment_id,)
+
+    def store_run_id(self, index: int, run_id: str) -> None:
+        """Remember trial ``index``'s MLflow run, so a resumed trial continues it."""
+        self._record(index, mlflow_run_id=run_id)
+
+    def _record(self, index: int, **fields: Any) -> None:
+        with Session(self.engine) as session:
+            crud.update_trial(session, self.experiment_id, index, **fields)
+            session.commit()
+
+    def on_trial_start(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
+        """Running; a trial that already has epochs behind it resumes (and says so)."""
+        index = trial_index(trial)
+        with Session(self.engine) as session:
+            row = crud.get_trial(session, self.experiment_id, index)
+            if row is None:
+                log.error("trial %d of %s is not stored", index, self.experiment_id)
+                return
+            resumed = row.epoch if row.epoch > 0 else None
+            label, spec = row.label, RunSpec.model_validate_json(row.spec_json)
+            run_id = row.mlflow_run_id
+            fields: dict[str, Any] = {"state": TrialState.RUNNING, "error": None}
+            if row.started_at is None:
+                fields["started_at"] = datetime.now(UTC)
+            if resumed is not None:
+                fields["resumed_from_epoch"] = resumed
+                log.info("trial %d resumes after epoch %d", index, resumed)
+            crud.update_trial(session, self.experiment_id, index, **fields)
+            session.commit()
+        if self.runs is not None:
+            self.runs.start(index, label, spec, run_id, resumed)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: TuneTrial, result: dict, **info: Any
+    ) -> None:
+        """An epoch: its metrics; the initial masks after the first, the final after the last."""
+        metrics = result.get(METRICS)
+        if not metrics:
+            return
+        index, epoch = trial_index(trial), int(metrics["epoch"])
+        self._record(index, epoch=epoch, metrics=metrics)
+        if self.runs is None:
+            return
+        self.runs.log_epoch(index, metrics)
+        directory = checkpoint_dir(trial, result)
+        last = resolve_training(RunSpec.model_validate(trial.config["trial"]["spec"])).epochs
+        if directory is None or not (directory / MASKS).exists():
+            return  # a dense run has no masks
+        if epoch == 1:
+            self.runs.log_masks(index, directory / INITIAL_MASKS, "initial")
+        if epoch == last:
+            self.runs.log_masks(index, directory / MASKS, "final")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
+        """Failed, and Tune will retry it from its last checkpoint: keep the error visible."""
+        self._record(trial_index(trial), error=f"retrying after: {error_text(trial, 1000)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
+        index = trial_index(trial)
+        self._record(
+            index,
+            state=TrialState.FAILED,
+            error=error_text(trial),
+            finished_at=datetime.now(UTC),
+        )
+        if self.runs is not None:
+            self.runs.finish(index, TrialState.FAILED)
+
+    def on_trial_complete(
+        self, iteration: int, trials: list, trial: TuneTrial, **info: Any
+    ) -> None:
+        index = trial_index(trial)
+        self._record(index, state=TrialState.SUCCEEDED, finished_at=datetime.now(UTC))
+        if self.runs is not None:
+            self.runs.finish(index, TrialState.SUCCEEDED)
+
+
+@functools.cache
+def recorder_for(experiment_id: str) -> TrialRecorder:
+    """The recorder of this driver process, configured from its environment (``DST_*``).
+
+    Cached, so a Tune experiment restored from storage gets the very recorder the driver
+    holds (and waits for before it exits).
+    """
+    settings = Settings()
+    engine = make_engine(settings.database_url)
+    with Session(engine) as session:
+        experiment = crud.get_experiment(session, experiment_id)
+        parent_run_id = experiment.mlflow_parent_run_id if experiment else None
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.mlflow_tracking_uri
+    recorder = TrialRecorder(engine, experiment_id, None)
+    if tracking_uri and parent_run_id:
+        recorder.runs = ChildRuns(tracking_uri, parent_run_id, experiment_id, recorder.store_run_id)
+    else:
+        log.warning(
+            "experiment %s has no MLflow parent run: recording to the database only", experiment_id
+        )
+    return recorder
