@@ -38,5 +38,3 @@ def test_results_table_has_one_line_per_row() -> None:
     assert lines[0].split()[:3] == ["mode", "criterion", "n"]
     assert len(lines) == 4 and "0.9123 ± 0.0100" in lines[2] and "0.9200 ± 0.0000" in lines[2]
     assert lines[3].split()[:2] == ["dense", "-"]
-
-
