@@ -87,10 +87,12 @@ class LocalServices:
         log.info("local Ray head at %s", address)
         return address
 
-    def start_mlflow(self, storage: Path, backend_store_uri: str | None = None) -> str:
+    def start_mlflow(
+        self, storage: Path, backend_store_uri: str | None = None, port: int | None = None
+    ) -> str:
         """Start ``mlflow server`` (SQLite by default) with a local artifact directory."""
         storage.mkdir(parents=True, exist_ok=True)
-        port = free_port()
+        port = port or free_port()
         backend = backend_store_uri or f"sqlite:///{storage / 'mlflow.db'}"
         cmd = [
             sys.executable, "-m", "mlflow", "server",

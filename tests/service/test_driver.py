@@ -1,0 +1,78 @@
+"""The job driver's pure parts: trial configs from stored trials, the scrubbed environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+from sqlalchemy.orm import Session
+
+from service import crud
+from service.core.config import Settings
+from service.db import make_engine, upgrade_database
+from service.driver import scrub_worker_environment, trial_config
+from service.execution import DRIVER_ONLY_ENV, driver_env
+from service.study import StudySpec, expand
+
+
+def test_trial_configs_are_the_stored_trials_and_carry_no_secret(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
+    upgrade_database(engine)
+    study = StudySpec.model_validate(
+        {
+            "name": "s",
+            "model": "small-mlp",
+            "dataset": "digits",
+            "grid": {"seed": [0, 1]},
+            "resources": {"cpus_per_trial": 0.5, "workers_per_trial": 2},
+        }
+    )
+    with Session(engine) as session:
+        crud.create_experiment(
+            session, experiment_id="e1", name="s", spec_json="{}", plans=expand(study)
+        )
+        # the stored spec is the truth, even where re-expanding the study would differ
+        crud.list_trials(session, "e1")[1].spec_json = json.dumps(
+            expand(study)[1].spec.model_dump(mode="json") | {"seed": 7}
+        )
+        session.commit()
+        configs = [
+            trial_config(t, study.resources, "/shared/ray_results")
+            for t in crud.list_trials(session, "e1")
+        ]
+    assert [c["index"] for c in configs] == [0, 1]
+    assert [c["spec"]["seed"] for c in configs] == [0, 7]
+    assert configs[0]["workers"] == 2 and configs[0]["cpus"] == 0.5
+    assert "sqlite" not in json.dumps(configs)
+
+
+def test_the_driver_environment_is_built_in_one_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok")
+    settings = Settings(
+        database_url="postgresql+psycopg://dst:s3cret@db/dst", mlflow_tracking_uri="http://ml"
+    )
+    env = driver_env(settings)
+    assert env["DST_DATABASE_URL"].endswith("s3cret@db/dst")
+    assert env["MLFLOW_TRACKING_URI"] == "http://ml" and env["MLFLOW_TRACKING_TOKEN"] == "tok"
+    assert set(env) <= set(DRIVER_ONLY_ENV)  # so the driver scrubs all of it from workers
+
+
+def test_workers_do_not_inherit_the_driver_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    job = {
+        "runtime_env": {"env_vars": {"DST_DATABASE_URL": "postgresql://x", "KEEP": "1"}},
+        "metadata": {"a": "b"},
+    }
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(job))
+    scrub_worker_environment(DRIVER_ONLY_ENV)
+    scrubbed = json.loads(os.environ[RAY_JOB_CONFIG_JSON_ENV_VAR])
+    assert scrubbed["runtime_env"]["env_vars"] == {"KEEP": "1"}
+    assert scrubbed["metadata"] == {"a": "b"}
+
+
+def test_scrubbing_outside_a_ray_job_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    scrub_worker_environment(DRIVER_ONLY_ENV)
+    assert RAY_JOB_CONFIG_JSON_ENV_VAR not in os.environ

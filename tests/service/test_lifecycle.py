@@ -1,0 +1,206 @@
+"""Every branch of launch, cancel, reconcile and finalize, over a real SQLite database with
+in-memory fakes of Ray (the executor) and MLflow (the tracker)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session
+
+from service import crud, lifecycle
+from service.db import make_engine, upgrade_database
+from service.lifecycle import Services
+from service.results import Results
+from service.states import ExperimentStatus, JobStatus, TrialState
+from service.study import StudySpec, expand
+
+STUDY = StudySpec.model_validate(
+    {"name": "s", "model": "small-mlp", "dataset": "digits", "grid": {"seed": [0, 1]}}
+)
+
+
+@dataclass
+class FakeRay:
+    jobs: dict[str, JobStatus] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)
+    on_submit: Any = None
+
+    def submit(self, experiment_id: str) -> None:
+        if self.on_submit is not None:
+            self.on_submit(experiment_id)
+        self.jobs.setdefault(experiment_id, JobStatus.PENDING)
+
+    def status(self, experiment_id: str) -> JobStatus | None:
+        return self.jobs.get(experiment_id)
+
+    def stop(self, experiment_id: str) -> None:
+        self.stopped.append(experiment_id)
+
+    def logs(self, experiment_id: str) -> str:
+        return "...\nRuntimeError: the driver crashed"
+
+    def ping(self) -> bool:
+        return True
+
+
+@dataclass
+class FakeMlflow:
+    tracking_uri: str = "http://mlflow"
+    down: bool = False
+    finished: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def create_parent(self, experiment_id: str, study: Any, plans: Any) -> tuple[str, str]:
+        if self.down:
+            raise ConnectionError("MLflow is down")
+        return "1", f"parent-{experiment_id}"
+
+    def finish_parent(self, parent: str, status: ExperimentStatus, results: Results) -> None:
+        self.finished.append((parent, str(status), len(results.rows)))
+
+    def links(self, *ids: Any) -> dict[str, str | None]:
+        return {}
+
+    def ping(self) -> bool:
+        return not self.down
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Services:
+    engine = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
+    upgrade_database(engine)
+    return Services(engine=engine, executor=FakeRay(), tracker=FakeMlflow())  # type: ignore[arg-type]
+
+
+def add(services: Services, experiment_id: str = "e1") -> str:
+    with Session(services.engine) as session:
+        crud.create_experiment(
+            session,
+            experiment_id=experiment_id,
+            name="s",
+            spec_json=STUDY.model_dump_json(),
+            plans=expand(STUDY),
+        )
+        session.commit()
+    return experiment_id
+
+
+def status(services: Services, experiment_id: str = "e1") -> tuple[str, str | None]:
+    with Session(services.engine) as session:
+        experiment = crud.get_experiment(session, experiment_id)
+        assert experiment is not None
+        return experiment.status, experiment.error
+
+
+def trial_states(services: Services, experiment_id: str = "e1") -> list[str]:
+    with Session(services.engine) as session:
+        return [t.state for t in crud.list_trials(session, experiment_id)]
+
+
+def set_trials(services: Services, *states: TrialState) -> None:
+    with Session(services.engine) as session:
+        for index, state in enumerate(states):
+            metrics = {"test_acc": 0.5, "test_loss": 1.0} if state == TrialState.SUCCEEDED else None
+            crud.update_trial(session, "e1", index, state=state, metrics=metrics)
+        session.commit()
+
+
+def test_a_queued_experiment_is_launched(services: Services) -> None:
+    add(services)
+    lifecycle.reconcile(services)
+    assert status(services) == (ExperimentStatus.SUBMITTED, None)
+    assert services.executor.status("e1") == JobStatus.PENDING
+
+
+def test_a_failed_launch_stays_queued_with_the_reason(services: Services) -> None:
+    services.tracker.down = True  # type: ignore[attr-defined]
+    add(services)
+    lifecycle.reconcile(services)
+    state, error = status(services)
+    assert state == ExperimentStatus.QUEUED and "MLflow is down" in (error or "")
+    services.tracker.down = False  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)  # the next pass retries
+    assert status(services) == (ExperimentStatus.SUBMITTED, None)
+
+
+def test_a_cancel_during_submit_stops_the_job(services: Services) -> None:
+    add(services)
+
+    def cancel_meanwhile(experiment_id: str) -> None:
+        lifecycle.cancel(services, experiment_id)  # queued -> cancelled at once
+
+    services.executor.on_submit = cancel_meanwhile  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    assert status(services)[0] == ExperimentStatus.CANCELLED
+    assert services.executor.stopped == ["e1"]  # type: ignore[attr-defined]
+    assert set(trial_states(services)) == {TrialState.CANCELLED}
+
+
+def test_cancel_of_a_live_experiment_asks_ray_to_stop(services: Services) -> None:
+    add(services)
+    lifecycle.reconcile(services)
+    lifecycle.cancel(services, "e1")
+    assert status(services)[0] == ExperimentStatus.CANCELLING
+    assert services.executor.stopped == ["e1"]  # type: ignore[attr-defined]
+
+
+def test_a_running_job_is_left_alone(services: Services) -> None:
+    add(services)
+    lifecycle.reconcile(services)
+    services.executor.jobs["e1"] = JobStatus.RUNNING  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    assert status(services)[0] == ExperimentStatus.SUBMITTED
+
+
+def test_a_succeeded_job_with_every_trial_done_succeeds(services: Services) -> None:
+    add(services)
+    lifecycle.reconcile(services)
+    set_trials(services, TrialState.SUCCEEDED, TrialState.SUCCEEDED)
+    services.executor.jobs["e1"] = JobStatus.SUCCEEDED  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    assert status(services) == (ExperimentStatus.SUCCEEDED, None)
+    # the seeds of the one configuration average into one results row
+    assert services.tracker.finished == [("parent-e1", "succeeded", 1)]  # type: ignore[attr-defined]
+
+
+def test_a_succeeded_job_with_unfinished_trials_fails(services: Services) -> None:
+    add(services)
+    lifecycle.reconcile(services)
+    set_trials(services, TrialState.SUCCEEDED)
+    services.executor.jobs["e1"] = JobStatus.SUCCEEDED  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    state, error = status(services)
+    assert state == ExperimentStatus.FAILED and "1 never finished" in (error or "")
+    assert trial_states(services) == [TrialState.SUCCEEDED, TrialState.FAILED]
+
+
+def test_a_failed_job_fails_with_the_end_of_its_log(services: Services) -> None:
+    add(services)
+    lifecycle.reconcile(services)
+    services.executor.jobs["e1"] = JobStatus.FAILED  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    state, error = status(services)
+    assert state == ExperimentStatus.FAILED and "the driver crashed" in (error or "")
+
+
+def test_a_stopped_job_is_cancelled(services: Services) -> None:
+    add(services)
+    lifecycle.reconcile(services)
+    set_trials(services, TrialState.SUCCEEDED)
+    services.executor.jobs["e1"] = JobStatus.STOPPED  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    assert status(services)[0] == ExperimentStatus.CANCELLED
+    assert trial_states(services) == [TrialState.SUCCEEDED, TrialState.CANCELLED]
+    assert services.tracker.finished == [("parent-e1", "cancelled", 1)]  # type: ignore[attr-defined]
+
+
+def test_a_job_ray_does_not_know_fails_the_experiment(services: Services) -> None:
+    add(services)
+    lifecycle.reconcile(services)
+    services.executor.jobs.clear()  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    state, error = status(services)
+    assert state == ExperimentStatus.FAILED and "Ray has no job" in (error or "")
+    assert set(trial_states(services)) == {TrialState.FAILED}

@@ -1,0 +1,202 @@
+"""The job driver's recorder: Tune events become trial rows (real SQLite) and MLflow writes
+(an in-memory fake of the child-run writer, which has its own tests)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from dst.masks import save_masks
+from service import crud
+from service.db import make_engine, upgrade_database
+from service.recorder import TrialRecorder, checkpoint_dir, recorder_for
+from service.states import TrialState
+from service.study import StudySpec, expand
+from service.trial import INITIAL_MASKS, MASKS, METRICS
+
+EXPERIMENT = "e" * 32
+
+
+@dataclass
+class FakeTrial:
+    """The parts of a Tune trial the recorder reads."""
+
+    config: dict[str, Any]
+    path: str
+    error_file: str | None = None
+
+
+@dataclass
+class FakeRuns:
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def start(self, index: int, label: str, spec: Any, run_id: str | None, resumed: Any) -> None:
+        self.calls.append(("start", index, run_id, resumed))
+
+    def log_epoch(self, index: int, metrics: dict[str, float]) -> None:
+        self.calls.append(("epoch", index, int(metrics["epoch"])))
+
+    def log_masks(self, index: int, source: Path, name: str) -> None:
+        assert source.exists()
+        self.calls.append(("masks", index, name, source.name))
+
+    def finish(self, index: int, status: str) -> None:
+        self.calls.append(("finish", index, str(status)))
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    eng = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
+    upgrade_database(eng)
+    study = StudySpec.model_validate(
+        {
+            "name": "s",
+            "model": "small-mlp",
+            "dataset": "digits",
+            "training": {"epochs": 2},
+            "grid": {"seed": [0, 1]},
+        }
+    )
+    with Session(eng) as session:
+        crud.create_experiment(
+            session,
+            experiment_id=EXPERIMENT,
+            name="s",
+            spec_json=study.model_dump_json(),
+            plans=expand(study),
+        )
+        session.commit()
+    return eng
+
+
+def tune_trial(tmp_path: Path, index: int = 0) -> FakeTrial:
+    with Session(make_engine(f"sqlite:///{tmp_path / 'svc.db'}")) as session:
+        row = crud.get_trial(session, EXPERIMENT, index)
+        assert row is not None
+        spec = row.spec_json
+    return FakeTrial({"trial": {"index": index, "spec": json.loads(spec)}}, str(tmp_path))
+
+
+def checkpoint(tmp_path: Path, name: str) -> None:
+    directory = tmp_path / name
+    directory.mkdir()
+    masks = {"fc1.weight": torch.ones(2, 2, dtype=torch.bool)}
+    save_masks(masks, directory / INITIAL_MASKS)
+    save_masks(masks, directory / MASKS)
+
+
+def row(engine: Engine, index: int = 0) -> Any:
+    with Session(engine) as session:
+        found = crud.get_trial(session, EXPERIMENT, index)
+        assert found is not None
+        session.expunge(found)
+        return found
+
+
+def result(epoch: int, directory: str) -> dict[str, Any]:
+    return {METRICS: {"epoch": epoch, "test_acc": 0.5}, "checkpoint_dir_name": directory}
+
+
+def test_a_trial_from_start_to_success(engine: Engine, tmp_path: Path) -> None:
+    runs = FakeRuns()
+    recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
+    trial = tune_trial(tmp_path)
+    recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
+    assert row(engine).state == TrialState.RUNNING and row(engine).started_at is not None
+    checkpoint(tmp_path, "checkpoint_000000")
+    recorder.on_trial_result(0, [], trial, result(1, "checkpoint_000000"))  # type: ignore[arg-type]
+    assert row(engine).epoch == 1 and crud.trial_metrics(row(engine))["test_acc"] == 0.5  # type: ignore[index]
+    checkpoint(tmp_path, "checkpoint_000001")
+    recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
+    recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    done = row(engine)
+    assert done.state == TrialState.SUCCEEDED and done.finished_at is not None
+    assert done.resumed_from_epoch is None
+    assert runs.calls == [
+        ("start", 0, None, None),
+        ("epoch", 0, 1),
+        ("masks", 0, "initial", INITIAL_MASKS),
+        ("epoch", 0, 2),
+        ("masks", 0, "final", MASKS),  # epoch 2 is the last
+        ("finish", 0, "succeeded"),
+    ]
+
+
+def test_a_resumed_trial_continues_its_run_and_says_so(engine: Engine, tmp_path: Path) -> None:
+    with Session(engine) as session:
+        crud.update_trial(session, EXPERIMENT, 1, epoch=1, mlflow_run_id="run-1", error="boom")
+        session.commit()
+    runs = FakeRuns()
+    recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
+    recorder.on_trial_start(0, [], tune_trial(tmp_path, 1))  # type: ignore[arg-type]
+    resumed = row(engine, 1)
+    assert resumed.resumed_from_epoch == 1 and resumed.error is None
+    assert runs.calls == [("start", 1, "run-1", 1)]
+
+
+def test_retry_keeps_the_error_visible_and_a_final_error_fails(
+    engine: Engine, tmp_path: Path
+) -> None:
+    (tmp_path / "error.txt").write_text("Traceback ...\nValueError: worker died")
+    runs = FakeRuns()
+    recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
+    trial = tune_trial(tmp_path)
+    trial.error_file = str(tmp_path / "error.txt")
+    recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
+    recorder.on_trial_recover(0, [], trial)  # type: ignore[arg-type]
+    assert row(engine).state == TrialState.RUNNING
+    assert "retrying after" in row(engine).error and "worker died" in row(engine).error
+    recorder.on_trial_error(0, [], trial)  # type: ignore[arg-type]
+    assert row(engine).state == TrialState.FAILED and "worker died" in row(engine).error
+    assert runs.calls[-1] == ("finish", 0, "failed")
+
+
+def test_a_late_report_never_undoes_a_terminal_state(engine: Engine, tmp_path: Path) -> None:
+    recorder = TrialRecorder(engine, EXPERIMENT, None)
+    trial = tune_trial(tmp_path)
+    with Session(engine) as session:
+        crud.finish_unfinished_trials(session, EXPERIMENT, TrialState.CANCELLED)
+        session.commit()
+    recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
+    recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    assert row(engine).state == TrialState.CANCELLED
+
+
+def test_reports_without_metrics_or_masks_are_fine(engine: Engine, tmp_path: Path) -> None:
+    runs = FakeRuns()
+    recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
+    trial = tune_trial(tmp_path)
+    recorder.on_trial_result(0, [], trial, {"done": True})  # type: ignore[arg-type]
+    (tmp_path / "dense").mkdir()  # a dense run's checkpoint has no masks
+    recorder.on_trial_result(0, [], trial, result(1, "dense"))  # type: ignore[arg-type]
+    assert runs.calls == [("epoch", 0, 1)]
+
+
+def test_checkpoint_dir_of_single_and_multi_worker_reports(tmp_path: Path) -> None:
+    trial = FakeTrial({}, str(tmp_path))
+    assert checkpoint_dir(trial, {"checkpoint_dir_name": "c1"}) == tmp_path / "c1"  # type: ignore[arg-type]
+    train = {"checkpoint_path": "/shared/ddp/checkpoint_2", "checkpoint_dir_name": None}
+    assert checkpoint_dir(trial, train) == Path("/shared/ddp/checkpoint_2")  # type: ignore[arg-type]
+    assert checkpoint_dir(trial, {}) is None  # type: ignore[arg-type]
+
+
+def test_tune_saves_the_recorder_without_the_database_url(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'svc.db'}"
+    monkeypatch.setenv("DST_DATABASE_URL", url)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    recorder_for.cache_clear()
+    recorder = recorder_for(EXPERIMENT)
+    saved = pickle.dumps(recorder)
+    assert url.encode() not in saved and b"svc.db" not in saved
+    assert pickle.loads(saved) is recorder  # restored Tune state gets the live recorder
+    recorder_for.cache_clear()

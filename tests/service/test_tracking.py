@@ -1,0 +1,95 @@
+"""MLflow writes from the job driver: in order, retried through an outage, never blocking."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from dst.masks import load_masks, save_masks
+from dst.spec import RunSpec
+from service.local import LocalServices, free_port
+from service.study import StudySpec, expand
+from service.tracking import ChildRuns, MlflowTracker, Outbox
+
+
+def test_writes_run_in_order_and_outages_are_retried() -> None:
+    done: list[int] = []
+    failures = {"left": 2}
+
+    def flaky() -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("MLflow is down")  # an OSError: an outage
+        done.append(1)
+
+    outbox = Outbox(retry_s=0.01)
+    outbox.put("first", lambda: done.append(0))
+    outbox.put("flaky", flaky)
+    outbox.put("third", lambda: done.append(2))
+    assert outbox.close(timeout=5)
+    assert done == [0, 1, 2] and failures["left"] == 0
+
+
+def test_a_bug_is_skipped_not_retried() -> None:
+    done: list[str] = []
+    outbox = Outbox(retry_s=0.01)
+    outbox.put("buggy", lambda: done.append(str(1 / 0)))
+    outbox.put("after", lambda: done.append("after"))
+    assert outbox.close(timeout=5) and done == ["after"]
+
+
+def test_putting_never_waits_and_closing_is_bounded() -> None:
+    outbox = Outbox(retry_s=0.05)
+
+    def down() -> None:
+        raise OSError("unreachable")
+
+    started = time.monotonic()
+    for _ in range(100):
+        outbox.put("down", down)
+    assert time.monotonic() - started < 0.5
+    assert not outbox.close(timeout=0.3)
+    assert time.monotonic() - started < 3
+
+
+def test_metrics_arrive_once_mlflow_is_back(tmp_path: Path) -> None:
+    """The tracking server is down while a trial reports; everything lands once it is up."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    with LocalServices() as services:
+        services.start_mlflow(tmp_path / "first", port=port)  # for the parent run
+        study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
+        _, parent = MlflowTracker(uri).create_parent("exp-1", study, expand(study))
+    # MLflow is down now
+    run_ids: dict[int, str] = {}
+    runs = ChildRuns(uri, parent, "exp-1", run_ids.__setitem__, Outbox(retry_s=0.2))
+    spec = RunSpec.model_validate({"model": "small-mlp", "dataset": "digits"})
+    masks_file = tmp_path / "m.npz"
+    save_masks({"fc1.weight": torch.eye(3, dtype=torch.bool)}, masks_file)
+    started = time.monotonic()
+    runs.start(0, "trial 0", spec, None, None)
+    for epoch in (1, 2):
+        runs.log_epoch(0, {"epoch": epoch, "test_acc": 0.25 * epoch})
+    runs.log_masks(0, masks_file, "final")
+    runs.finish(0, "succeeded")
+    assert time.monotonic() - started < 1.0  # the recorder never waited
+    masks_file.unlink()  # the checkpoint it came from is gone: a copy was taken
+    with LocalServices() as services:
+        closed: dict[str, bool] = {}
+        waiter = threading.Thread(target=lambda: closed.update(ok=runs.close(timeout=180)))
+        waiter.start()
+        time.sleep(1.0)
+        services.start_mlflow(tmp_path / "first", port=port)  # back, same store
+        waiter.join(200)
+        assert closed == {"ok": True}
+        client = MlflowClient(uri)
+        run = client.get_run(run_ids[0])
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run_ids[0], "test_acc")
+        assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5)]
+        final = load_masks(client.download_artifacts(run_ids[0], "masks/final.npz"))
+        assert torch.equal(final["fc1.weight"], torch.eye(3, dtype=torch.bool))
