@@ -28,7 +28,7 @@ from service.core.config import Settings
 from service.db import make_engine
 from service.states import TrialState
 from service.tracking import ChildRuns
-from service.trial import INITIAL_MASKS, MASKS, METRICS
+from service.trial import INITIAL_MASKS, MASKS, METRICS, RESUMED
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class TrialRecorder(tune.Callback):
 
     def __init__(self, engine: Engine, experiment_id: str, runs: ChildRuns | None) -> None:
         self.engine, self.experiment_id, self.runs = engine, experiment_id, runs
+        self._epochs: dict[int, int] = {}  # last epoch each trial reported to this driver
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         """Tune saves its callbacks with the experiment's state on storage: save only the
@@ -81,7 +82,8 @@ class TrialRecorder(tune.Callback):
             session.commit()
 
     def on_trial_start(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
-        """Running; a trial that already has epochs behind it resumes (and says so)."""
+        """Running; a trial that already has epochs behind it resumes (its first report
+        says from which epoch; a Tune retry already shows it here)."""
         index = trial_index(trial)
         with Session(self.engine) as session:
             row = crud.get_trial(session, self.experiment_id, index)
@@ -110,17 +112,27 @@ class TrialRecorder(tune.Callback):
         if not metrics:
             return
         index, epoch = trial_index(trial), int(metrics["epoch"])
-        self._record(index, epoch=epoch, metrics=metrics)
+        last = self._epochs.get(index, 0)
+        self._epochs[index] = epoch
+        resumed = result.get(RESUMED)  # the trial restored a checkpoint (e.g. DDP workers lost)
+        if resumed is not None:
+            log.info("trial %d resumed after epoch %d", index, resumed)
+            self._record(index, epoch=epoch, metrics=metrics, resumed_from_epoch=resumed)
+        else:
+            self._record(index, epoch=epoch, metrics=metrics)
         if self.runs is None:
             return
-        self.runs.log_epoch(index, metrics)
+        if resumed is not None:
+            self.runs.mark_resumed(index, resumed)
+        if epoch > last:  # an epoch repeated after a restore has the same values: log once
+            self.runs.log_epoch(index, metrics)
         directory = checkpoint_dir(trial, result)
-        last = resolve_training(RunSpec.model_validate(trial.config["trial"]["spec"])).epochs
+        epochs = resolve_training(RunSpec.model_validate(trial.config["trial"]["spec"])).epochs
         if directory is None or not (directory / MASKS).exists():
             return  # a dense run has no masks
-        if epoch == 1:
+        if epoch == 1 and last == 0:
             self.runs.log_masks(index, directory / INITIAL_MASKS, "initial")
-        if epoch == last:
+        if epoch == epochs:
             self.runs.log_masks(index, directory / MASKS, "final")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:

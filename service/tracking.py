@@ -152,6 +152,9 @@ class TrialRun:
         client.log_dict(trial.run_id, spec_data, "spec.json")
         return trial
 
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
     def log_epoch(self, metrics: dict[str, float]) -> None:
         """Per-epoch metrics, stepped by epoch."""
         epoch = int(metrics["epoch"])
@@ -254,11 +257,15 @@ class ChildRuns:
             )
             self._runs[index] = run
             if resumed is not None:
-                self.client.set_tag(run.run_id, TAG_RESUMED, str(resumed))
+                run.tag(TAG_RESUMED, str(resumed))
             if run_id is None:
                 self.on_run(index, run.run_id)
 
         self.outbox.put(f"opening the run of trial {index}", write)
+
+    def mark_resumed(self, index: int, epoch: int) -> None:
+        """Tag the run: its trial resumed from a checkpoint after ``epoch``."""
+        self._put(index, f"resume tag {epoch}", lambda run: run.tag(TAG_RESUMED, str(epoch)))
 
     def log_epoch(self, index: int, metrics: dict[str, float]) -> None:
         self._put(index, f"epoch {int(metrics['epoch'])}", lambda run: run.log_epoch(metrics))

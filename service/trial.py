@@ -32,6 +32,7 @@ from dst.training import Metrics, Trainer
 log = logging.getLogger(__name__)
 
 METRICS = "dst"  # the key of a report's epoch metrics (Tune adds its own keys beside it)
+RESUMED = "dst_resumed_from_epoch"  # in the first report after a restore: the epoch restored
 STATE_FILE = "state.pt"
 INITIAL_MASKS = "masks_initial.npz"
 MASKS = "masks.npz"
@@ -50,14 +51,16 @@ def checkpoint_directory(trainer: Trainer) -> Iterator[Path]:
         yield directory
 
 
-def restore(trainer: Trainer, checkpoint: Any) -> None:
-    """Load a reported checkpoint (a ``ray.train.Checkpoint``, or None) into ``trainer``."""
+def restore(trainer: Trainer, checkpoint: Any) -> dict[str, int]:
+    """Load a reported checkpoint (a ``ray.train.Checkpoint``, or None) into ``trainer``;
+    what the next report should add to say so (``{RESUMED: epoch}``, or nothing)."""
     if checkpoint is None:
-        return
+        return {}
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, weights_only=False, map_location="cpu")
     trainer.load_state_dict(state)
-    log.info("resuming at epoch %d", trainer.epoch)
+    log.info("resuming after epoch %d", trainer.epoch)
+    return {RESUMED: trainer.epoch}
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -70,11 +73,13 @@ def run_trial(config: dict[str, Any]) -> None:
 
     torch.set_num_threads(max(1, int(trial["cpus"])))
     trainer = Trainer(RunSpec.model_validate(trial["spec"]))
-    restore(trainer, tune.get_checkpoint())
+    note = restore(trainer, tune.get_checkpoint())
 
     def report(metrics: Metrics) -> None:
         with checkpoint_directory(trainer) as directory:
-            tune.report({METRICS: metrics}, checkpoint=tune.Checkpoint.from_directory(directory))
+            result = {METRICS: metrics, **note}
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
+        note.clear()
 
     trainer.fit(on_epoch=report)
 
@@ -118,14 +123,15 @@ def _data_parallel_worker(trial: dict[str, Any]) -> None:
     trainer = Trainer(
         RunSpec.model_validate(trial["spec"]), device=ray.train.torch.get_device(), world=world
     )
-    restore(trainer, ray.train.get_checkpoint())  # every rank: the same state
+    note = restore(trainer, ray.train.get_checkpoint())  # every rank: the same state
 
     def report(metrics: Metrics) -> None:
+        result = {METRICS: metrics, **note}
+        note.clear()
         if world.rank != 0:
-            ray.train.report({METRICS: metrics})
+            ray.train.report(result)
             return
         with checkpoint_directory(trainer) as directory:
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report({METRICS: metrics}, checkpoint=checkpoint)
+            ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
     trainer.fit(on_epoch=report)

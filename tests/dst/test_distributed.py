@@ -4,22 +4,17 @@ masks on every rank, evaluation of each sample exactly once, loud failure on div
 from __future__ import annotations
 
 import itertools
-import os
-import socket
-import traceback
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dst.criteria import CRITERIA
 from dst.distributed import MasksDivergedError, World, check_masks_agree, mask_fingerprint
 from dst.growth import GROWTH
 from dst.spec import RunSpec
 from dst.training import Trainer
+from tests.ddp import run_world
 
 BASE: dict[str, Any] = {
     "model": "small-mlp",
@@ -72,32 +67,9 @@ def _scenarios(world: World) -> dict[str, Any]:
     return out
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        result: Any = _scenarios(World.current())
-    except Exception:
-        result = {"error": traceback.format_exc()}
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn")
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for r in results:
-        assert "error" not in r, r.get("error")
-    return results
+    return run_world(_scenarios, 2, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from service.db import make_engine, upgrade_database
 from service.recorder import TrialRecorder, checkpoint_dir, recorder_for
 from service.states import TrialState
 from service.study import StudySpec, expand
-from service.trial import INITIAL_MASKS, MASKS, METRICS
+from service.trial import INITIAL_MASKS, MASKS, METRICS, RESUMED
 
 EXPERIMENT = "e" * 32
 
@@ -40,6 +40,9 @@ class FakeRuns:
 
     def start(self, index: int, label: str, spec: Any, run_id: str | None, resumed: Any) -> None:
         self.calls.append(("start", index, run_id, resumed))
+
+    def mark_resumed(self, index: int, epoch: int) -> None:
+        self.calls.append(("resumed", index, epoch))
 
     def log_epoch(self, index: int, metrics: dict[str, float]) -> None:
         self.calls.append(("epoch", index, int(metrics["epoch"])))
@@ -200,3 +203,19 @@ def test_tune_saves_the_recorder_without_the_database_url(
     assert url.encode() not in saved and b"svc.db" not in saved
     assert pickle.loads(saved) is recorder  # restored Tune state gets the live recorder
     recorder_for.cache_clear()
+
+
+def test_a_restored_trial_reports_its_resume_and_epochs_are_logged_once(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A multi-worker trial's group restarts inside Tune's trial: it says from which epoch;
+    an epoch computed again after the restore is not logged twice."""
+    runs = FakeRuns()
+    recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
+    trial = tune_trial(tmp_path)
+    for epoch in (1, 2):
+        recorder.on_trial_result(0, [], trial, result(epoch, "none"))  # type: ignore[arg-type]
+    again = result(2, "none") | {RESUMED: 1}
+    recorder.on_trial_result(0, [], trial, again)  # type: ignore[arg-type]
+    assert row(engine).resumed_from_epoch == 1 and row(engine).epoch == 2
+    assert runs.calls == [("epoch", 0, 1), ("epoch", 0, 2), ("resumed", 0, 1)]

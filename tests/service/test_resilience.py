@@ -1,4 +1,5 @@
-"""A crashed trial resumes from its checkpoint; `dst demo` runs the product and cleans up."""
+"""Crashed trials (one process, or one of several DDP workers) resume from their checkpoints;
+`dst demo` runs the product and cleans up."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import subprocess
 import sys
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+from dst.masks import load_masks
 from service.tracking import TAG_RESUMED
+from tests.ddp import run_world, train
 from tests.service.e2e import api, processes_with, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
@@ -48,8 +53,76 @@ def test_a_crashed_trial_resumes_from_its_last_checkpoint(
         run = MlflowClient(mlflow_sqlite).get_run(trial["mlflow_run_id"])
         resumed_at = int(run.data.tags[TAG_RESUMED])
         assert 3 <= resumed_at < EPOCHS  # restarted from a checkpoint, not from scratch
+        assert trial["resumed_from_epoch"] == resumed_at  # the API shows the resume too
         history = MlflowClient(mlflow_sqlite).get_metric_history(run.info.run_id, "test_acc")
         assert {m.step for m in history} == set(range(1, EPOCHS + 1))  # one child run, all epochs
+
+
+DDP_EPOCHS = 40
+DDP_SPEC: dict = {
+    "name": "ddp-lose-a-worker",
+    "model": "small-mlp",
+    "dataset": "digits",
+    "training": {"epochs": DDP_EPOCHS, "batch_size": 64, "lr": 0.05},
+    "sparsity": {"density": 0.1, "update_period": 10, "criterion": "snip", "growth": "random"},
+    "resources": {"cpus_per_trial": 1, "workers_per_trial": 2},
+}
+
+
+def ray_workers() -> list[int]:
+    """PIDs of Ray worker processes (their command lines start with ``ray::``)."""
+    return [pid for pid in processes_with("ray::") if _cmdline(pid).startswith("ray::")]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_a_ddp_trial_survives_losing_a_worker(
+    local_ray: str, mlflow_sqlite: str, storage: Path, tmp_path: Path
+) -> None:
+    """SIGKILL one of two DDP workers mid-trial: Train restarts the group from the last
+    checkpoint and the trial ends bit-identical to an uninterrupted 2-worker run. No Ray
+    worker ever sees the database URL."""
+    database = f"sqlite:///{storage / 'ddp-kill.db'}"
+    with api(storage / "ddp-kill", database, local_ray, mlflow_sqlite) as client:
+        created = client.submit(DDP_SPEC)
+        wait_for(lambda: client.trials(created["id"])[0]["epoch"] >= 2, "two epochs", 240)
+        workers = [p for p in ray_workers() if "RayTrainWorker" in _cmdline(p)]
+        assert len(workers) == 2, [_cmdline(p) for p in ray_workers()]
+        # every worker but Ray's JobSupervisor, which starts the driver with its environment
+        trial_side = [p for p in ray_workers() if "JobSupervisor" not in _cmdline(p)]
+        assert len(trial_side) >= 3  # the trial's Tune process and its two DDP workers
+        leaked = [p for p in trial_side if b"DST_DATABASE_URL" in _environ(p)]
+        assert leaked == [], [_cmdline(p) for p in leaked]
+        os.kill(workers[1], signal.SIGKILL)
+        final = wait_terminal(client, created["id"], timeout=400)
+        assert final["status"] == "succeeded", final
+        (trial,) = client.trials(created["id"])
+        assert trial["epoch"] == DDP_EPOCHS and trial["resumed_from_epoch"] is not None
+        mlflow = MlflowClient(mlflow_sqlite)
+        masks = load_masks(mlflow.download_artifacts(trial["mlflow_run_id"], "masks/final.npz"))
+        history = mlflow.get_metric_history(trial["mlflow_run_id"], "test_acc")
+        assert sorted(m.step for m in history) == list(range(1, DDP_EPOCHS + 1))
+    reference = run_world(partial(train, DDP_SPEC_RUN), 2, tmp_path)[0]
+    expected = reference["history"][-1]
+    for key in ("train_loss", "val_acc", "test_acc", "test_loss", "itop", "density"):
+        assert trial["metrics"][key] == expected[key], key
+    assert masks.keys() == reference["masks"].keys()
+    assert all(torch.equal(masks[n], reference["masks"][n]) for n in masks)
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
+
+
+DDP_SPEC_RUN = {k: v for k, v in DDP_SPEC.items() if k not in ("name", "resources")}
 
 
 def test_demo_finishes_and_leaves_nothing_running(tmp_path: Path) -> None:
