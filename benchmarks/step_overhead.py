@@ -14,7 +14,7 @@ of the median blocks are printed beside it to show how far the estimator moves t
 
 Both models train with the same optimizer class, MaskedSGD: without masks it is PyTorch's fused
 SGD (``torch.optim.SGD(fused=True)``), so the dense baseline is plain PyTorch.
-Defaults follow the issue: large-MLP on CIFAR-10-shaped data, batch 128, one thread.
+Defaults: large-MLP on CIFAR-10-shaped data, batch 128, one thread.
 
     uv run python benchmarks/step_overhead.py [--threads 1] [--rounds 120] [--steps 5]
         [--kernel auto]
