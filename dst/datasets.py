@@ -22,6 +22,7 @@ from torchvision import transforms as T
 from torchvision.datasets.utils import download_and_extract_archive
 
 from dst.registry import Registry
+from dst.tensor_data import ImageNorm, TensorSplit
 
 log = logging.getLogger(__name__)
 DataKind = Literal["image", "tabular"]
@@ -59,12 +60,14 @@ class DataConfig:
 
 @dataclass
 class DataSplits:
-    """Train, validation and test sets of one dataset."""
+    """Train, validation and test sets of one dataset; ``tensors`` holds the same splits as
+    in-memory tensors for the tensor data path (None when the data is not held in memory)."""
 
     train: Dataset
     val: Dataset
     test: Dataset
     info: DataInfo
+    tensors: tuple[TensorSplit, TensorSplit, TensorSplit] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class DatasetEntry:
     info: DataInfo
     load: Callable[[DataConfig], DataSplits]
     description: str
+    in_memory: bool = True  # its splits come as tensors too (``training.data_path: tensor``)
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -144,7 +148,13 @@ def _tensor_splits(
         xs = torch.from_numpy(((x[idx] - mean) / std).astype(np.float32))
         return TensorDataset(xs.view(len(idx), *info.input_shape), torch.from_numpy(y[idx]).long())
 
-    return DataSplits(make(parts[0]), make(parts[1]), make(parts[2]), info)
+    train, val, test = (make(p) for p in parts)
+
+    def as_split(d: TensorDataset) -> TensorSplit:
+        return TensorSplit(d.tensors[0], d.tensors[1])  # the same memory, no copy
+
+    tensors = (as_split(train), as_split(val), as_split(test))
+    return DataSplits(train, val, test, info, tensors=tensors)
 
 
 # -- scikit-learn datasets (offline) ------------------------------------------------------
@@ -278,11 +288,23 @@ def _load_cifar(config: DataConfig, info: DataInfo, archive: str, folder: str) -
     xt, yt = _read_cifar_batches(test_files, key)
     keep, val = holdout(len(y), 0.1, config.split_seed)  # 45k / 5k (Table 4, footnote 13)
     train_tf, eval_tf = _image_transforms(mean, std, 32, config.augment)
+    norm = ImageNorm(mean, std)
+
+    def tensors(images: np.ndarray, labels: np.ndarray, augment: bool) -> TensorSplit:
+        nchw = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        pad = 4 if augment else 0  # the same augmentation as the per-sample transforms
+        return TensorSplit(nchw, torch.from_numpy(labels).long(), norm, pad, augment)
+
     return DataSplits(
         ArrayImages(x[keep], y[keep], train_tf),
         ArrayImages(x[val], y[val], eval_tf),
         ArrayImages(xt, yt, eval_tf),
         info,
+        tensors=(
+            tensors(x[keep], y[keep], config.augment),
+            tensors(x[val], y[val], False),
+            tensors(xt, yt, False),
+        ),
     )
 
 
@@ -310,11 +332,19 @@ def load_fashion_mnist(config: DataConfig) -> DataSplits:
     test = tvd.FashionMNIST(str(config.root), train=False, download=config.download)
     normalize = T.Compose([T.ToTensor(), T.Normalize((0.2860,), (0.3530,))])
     keep, val = holdout(len(train), 0.1, config.split_seed)
+    norm = ImageNorm((0.2860,), (0.3530,))
+    images, labels = train.data[:, None], train.targets.long()  # [N, 1, 28, 28] uint8, [N]
+    keep_t, val_t = torch.from_numpy(keep), torch.from_numpy(val)
     return DataSplits(
         Transformed(train, keep, normalize),
         Transformed(train, val, normalize),
         Transformed(test, None, normalize),
         FASHION,
+        tensors=(
+            TensorSplit(images[keep_t], labels[keep_t], norm),
+            TensorSplit(images[val_t], labels[val_t], norm),
+            TensorSplit(test.data[:, None], test.targets.long(), norm),
+        ),
     )
 
 
@@ -405,9 +435,14 @@ for _entry in (
         TINY,
         load_tiny_imagenet,
         "Tiny-ImageNet 64x64, 100k/10k (val as val and test)",
+        in_memory=False,
     ),
     DatasetEntry(
-        "imagenet", IMAGENET, load_imagenet, "ImageNet ImageFolder, val as validation and test"
+        "imagenet",
+        IMAGENET,
+        load_imagenet,
+        "ImageNet ImageFolder, val as validation and test",
+        in_memory=False,
     ),
     DatasetEntry(
         "digits", DIGITS, load_digits_splits, "scikit-learn digits 8x8 (offline), 70/15/15"

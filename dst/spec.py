@@ -45,6 +45,7 @@ else:
     InitName = _names(DISTRIBUTIONS.names())
     ScheduleName = _names(SCHEDULES.names())
 Mode = Literal["dense", "static", "dst"]
+DataPath = Literal["loader", "tensor"]
 Scope = Literal["local", "global"]
 
 _DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
@@ -75,6 +76,12 @@ class TrainingSpec(_Strict):
         "0.05 for its dense + dropout baseline); 0 = no dropout",
     )
     eval_batch_size: int = Field(1024, ge=1)
+    data_path: DataPath = Field(
+        "loader",
+        description="loader: per-sample transforms in a DataLoader; tensor: the whole split "
+        "as one tensor on the device, batches augmented with tensor ops (in-memory datasets; "
+        "same augmentation distribution, another random stream)",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     optimizer_kernel: OptimizerKernel = Field(
         "auto",
@@ -151,6 +158,12 @@ class RunSpec(_Strict):
     @model_validator(mode="after")
     def _check_compatible(self) -> RunSpec:
         get_model(self.model).check(get_dataset(self.dataset).info)
+        if self.training.data_path == "tensor" and not get_dataset(self.dataset).in_memory:
+            in_memory = [n for n in DATASETS if DATASETS.get(n).in_memory]
+            raise ValueError(
+                f"training.data_path 'tensor' needs a dataset held in memory, not "
+                f"{self.dataset!r}: use 'loader', or one of {', '.join(in_memory)}"
+            )
         try:
             check_options(self.model, resolve_model_options(self))
         except ValueError as error:
@@ -174,6 +187,7 @@ class TrainingConfig:
     num_workers: int
     optimizer_kernel: OptimizerKernel
     dropout: float
+    data_path: DataPath
 
 
 def resolve_training(spec: RunSpec) -> TrainingConfig:
@@ -192,6 +206,7 @@ def resolve_training(spec: RunSpec) -> TrainingConfig:
         num_workers=t.num_workers,
         optimizer_kernel=t.optimizer_kernel,
         dropout=t.dropout,
+        data_path=t.data_path,
     )
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +43,13 @@ from dst.spec import (
     resolve_model_options,
     resolve_training,
 )
+from dst.tensor_data import TensorBatches, TensorSplit, fixed_batches
 from dst.topology import TopologyUpdater
 
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, float]
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, ...], labels [B])
 
 
 def seed_everything(seed: int) -> None:
@@ -147,9 +149,15 @@ class Trainer:
             self.world.rank,
             self.world.size,
         )
-        self.train_loader = self._loader(data.train, batch_sampler=self.sampler)
-        self.val_loader = self._loader(shard(data.val, self.world))
-        self.test_loader = self._loader(shard(data.test, self.world))
+        self.train_loader: Iterable[Batch]
+        self.val_loader: Iterable[Batch]
+        self.test_loader: Iterable[Batch]
+        if self.config.data_path == "tensor" and data.tensors is not None:
+            self._setup_tensor_data(data.tensors)
+        else:
+            self.train_loader = self._loader(data.train, batch_sampler=self.sampler)
+            self.val_loader = self._loader(shard(data.val, self.world))
+            self.test_loader = self._loader(shard(data.test, self.world))
         torch.manual_seed(spec.seed)  # same initial weights whatever the data pipeline drew
         self.model = build_model(spec.model, data.info, resolve_model_options(spec)).to(self.device)
         epochs = self.config.epochs
@@ -206,6 +214,14 @@ class Trainer:
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
         )
+
+    def _setup_tensor_data(self, splits: tuple[TensorSplit, TensorSplit, TensorSplit]) -> None:
+        """The tensor data path: every split on the device, batches cut by indexing."""
+        train, val, test = (s.to(self.device) for s in splits)
+        size, w = self.config.eval_batch_size, self.world
+        self.train_loader = TensorBatches(train, self.sampler)
+        self.val_loader = TensorBatches(val, fixed_batches(len(val), size, w.rank, w.size))
+        self.test_loader = TensorBatches(test, fixed_batches(len(test), size, w.rank, w.size))
 
     def _data_parallel(self, model: nn.Module) -> nn.Module:
         """``model`` wrapped in DDP when this is one of several workers, else ``model``.
@@ -304,7 +320,7 @@ class Trainer:
         return self._mean_over_ranks(total_loss, total_correct, seen)
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader) -> tuple[float, float]:
+    def evaluate(self, loader: Iterable[Batch]) -> tuple[float, float]:
         """Mean loss and accuracy over a whole split (each rank its shard, summed)."""
         self.model.eval()  # the plain module: ranks may run different numbers of batches
         total_loss = torch.zeros((), dtype=torch.float64, device=self.device)

@@ -14,6 +14,7 @@ from dst.datasets import (
     DATASETS,
     DataConfig,
     DatasetUnavailableError,
+    DataSplits,
     get_dataset,
     load_dataset,
 )
@@ -72,6 +73,44 @@ def test_cifar10_from_python_batches_holds_out_10_percent(tmp_path: Path) -> Non
     check_items("cifar10", s)
 
 
+def same_as_tensors(s: DataSplits, splits: tuple[int, ...] = (0, 1, 2)) -> None:
+    """The tensor path's samples equal the per-sample pipeline's (without augmentation)."""
+    assert s.tensors is not None
+    for i in splits:
+        dataset, tensors = (s.train, s.val, s.test)[i], s.tensors[i]
+        n = len(dataset)  # type: ignore[arg-type]
+        assert len(tensors) == n
+        x, y = tensors.without_augmentation().batch(torch.arange(n))
+        for j in range(n):
+            xj, yj = dataset[j]
+            assert torch.allclose(x[j], xj, atol=1e-6) and int(y[j]) == int(yj)
+
+
+def test_cifar_tensors_match_the_loader_and_augment_only_training(tmp_path: Path) -> None:
+    write_cifar(tmp_path)
+    s = load_dataset("cifar10", DataConfig(root=tmp_path, download=False))
+    same_as_tensors(s, splits=(1, 2))  # training samples are augmented, at random
+    train, val, test = s.tensors  # type: ignore[misc]
+    assert (train.pad_crop, train.flip) == (4, True)
+    assert (val.pad_crop, val.flip, test.pad_crop, test.flip) == (0, False, 0, False)
+    plain = load_dataset("cifar10", DataConfig(root=tmp_path, download=False, augment=False))
+    same_as_tensors(plain)
+    assert (plain.tensors[0].pad_crop, plain.tensors[0].flip) == (0, False)  # type: ignore[index]
+
+
+def test_tabular_tensors_are_the_loader_tensors() -> None:
+    s = load_dataset("breast_cancer", DataConfig())
+    same_as_tensors(s)
+    assert s.tensors[0].inputs.data_ptr() == s.train.tensors[0].data_ptr()  # type: ignore[index, attr-defined]
+
+
+def test_only_image_folders_have_no_tensors() -> None:
+    assert [n for n in DATASETS.names() if not get_dataset(n).in_memory] == [
+        "tiny-imagenet",
+        "imagenet",
+    ]
+
+
 def test_cifar100_uses_fine_labels(tmp_path: Path) -> None:
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
@@ -104,6 +143,7 @@ def test_fashion_mnist_from_idx_files(tmp_path: Path) -> None:
     s = load_dataset("fashion-mnist", DataConfig(root=tmp_path, download=False))
     assert (len(s.train), len(s.val), len(s.test)) == (27, 3, 10)
     check_items("fashion-mnist", s)
+    same_as_tensors(s)
 
 
 def jpeg(path: Path, size: int) -> None:

@@ -157,3 +157,22 @@ def test_dense_dropout_run_trains_with_dropout_and_evaluates_without() -> None:
     assert not dropout.training  # the last thing an epoch does is evaluate
     x = next(iter(trainer.test_loader))[0]
     assert torch.equal(trainer.model(x), trainer.model(x))
+
+
+def test_the_tensor_data_path_trains_exactly_like_the_loader() -> None:
+    """digits has no augmentation: the same batches give the same run, bit for bit."""
+    runs = []
+    for path in ("loader", "tensor"):
+        s = RunSpec.model_validate({**BASE, "training": {**BASE["training"], "data_path": path}})
+        trainer = Trainer(s)
+        runs.append((strip_time(trainer.fit()), trainer.masks))
+    (h1, m1), (h2, m2) = runs
+    assert h1 == h2
+    assert all(torch.equal(m1[n], m2[n]) for n in m1)
+
+
+def test_the_tensor_data_path_needs_data_in_memory() -> None:
+    with pytest.raises(ValueError, match=r"training.data_path 'tensor' needs a dataset held"):
+        RunSpec.model_validate(
+            {"model": "small-cnn", "dataset": "tiny-imagenet", "training": {"data_path": "tensor"}}
+        )

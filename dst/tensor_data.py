@@ -1,0 +1,130 @@
+"""The tensor data path: a whole split held as one tensor on the training device, batches cut
+by indexing and augmented with tensor ops on that device.
+
+For datasets that fit in memory (digits, Higgs, CIFAR, FashionMNIST) this replaces the
+per-sample pipeline (PIL image -> transform -> collate), which costs more than a small model's
+whole training step. Augmentation draws from the same distribution as the per-sample pipeline
+(a random 32x32 crop of the image zero-padded by 4, then a horizontal flip with probability
+1/2) but from a different random stream, so it is an option (``training.data_path: tensor``).
+Batches come from the same :class:`~dst.batches.GlobalBatchSampler` (training) or shards
+(evaluation) as the loader path, so data-parallel training works unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ImageNorm:
+    """Per-channel normalization of uint8 images: (x / 255 - mean) / std."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class TensorSplit:
+    """One split in memory: ``inputs`` [N, ...] (uint8 NCHW images or float features) and
+    ``labels`` [N] int64, both on the training device."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    norm: ImageNorm | None = None  # None: the inputs are already model-ready floats
+    pad_crop: int = 0  # > 0: random crop of the image padded by this many pixels
+    flip: bool = False  # random horizontal flip
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> TensorSplit:
+        return TensorSplit(
+            self.inputs.to(device), self.labels.to(device), self.norm, self.pad_crop, self.flip
+        )
+
+    def without_augmentation(self) -> TensorSplit:
+        return TensorSplit(self.inputs, self.labels, self.norm)
+
+    def batch(
+        self, indices: torch.Tensor, gen: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model inputs and labels of samples ``indices`` [B] (augmented if configured)."""
+        idx = indices.to(self.inputs.device)
+        x = self.inputs[idx]  # [B, ...]
+        if self.pad_crop or self.flip:
+            x = crop_and_flip(x, self.pad_crop, self.flip, gen)
+        if self.norm is not None:
+            x = normalize(x, self.norm)
+        return x, self.labels[idx]
+
+
+def _uniform(shape: tuple[int, ...], x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """Uniform [0, 1) draws on ``x``'s device (from ``gen``, on the CPU, when given)."""
+    if gen is None:
+        return torch.rand(shape, device=x.device)
+    return torch.rand(shape, generator=gen).to(x.device)
+
+
+def crop_and_flip(
+    x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator | None = None
+) -> torch.Tensor:
+    """Each image of ``x`` [B, C, H, W] zero-padded by ``pad``, cropped back to H x W at a
+    uniformly random offset in [0, 2·pad] per axis (torchvision's RandomCrop(padding=pad)),
+    then, if ``flip``, mirrored left-right with probability 1/2 (RandomHorizontalFlip).
+
+    One gather does both: the crop's column indices run backwards for a mirrored image.
+    """
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)).flatten(2)  # [B, C, P]
+    draws = _uniform((3, b), x, gen)  # [3, B]: row offset, column offset, flip
+    offsets = (draws[:2] * (2 * pad + 1)).long()  # [2, B] in [0, 2p]
+    cols = torch.arange(w, device=x.device).expand(b, w)  # [B, W]
+    if flip:
+        cols = torch.where((draws[2] < 0.5)[:, None], cols.flip(1), cols)
+    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [B, H]
+    cols = offsets[1, :, None] + cols  # [B, W]
+    flat = rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]  # [B, H, W] into the padded map
+    out = padded.gather(2, flat.view(b, 1, h * w).expand(b, c, h * w))  # [B, C, H*W]
+    return out.view(b, c, h, w)
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`crop_and_flip` without the flip."""
+    return crop_and_flip(x, pad, False, gen)
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`crop_and_flip` without the crop: each image mirrored with probability 1/2."""
+    return crop_and_flip(x, 0, True, gen)
+
+
+def normalize(x: torch.Tensor, norm: ImageNorm) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> float32 (x / 255 - mean) / std."""
+    std = torch.tensor(norm.std, device=x.device).view(1, -1, 1, 1)
+    scale = 1.0 / (255.0 * std)  # [1, C, 1, 1]
+    shift = -torch.tensor(norm.mean, device=x.device).view(1, -1, 1, 1) / std
+    return torch.addcmul(shift, x.float(), scale)
+
+
+class TensorBatches:
+    """Batches of a :class:`TensorSplit` in the order of ``batches`` (index lists per batch):
+    a drop-in for a ``DataLoader`` in the training loop."""
+
+    def __init__(self, split: TensorSplit, batches: Iterable[list[int]]) -> None:
+        self.split, self.batches = split, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for indices in self.batches:
+            yield self.split.batch(torch.as_tensor(indices, dtype=torch.long))
+
+
+def fixed_batches(n: int, size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Evaluation batches of this rank's shard (samples r, r+W, ...), in order."""
+    shard = list(range(rank, n, world))
+    return [shard[i : i + size] for i in range(0, len(shard), size)]
