@@ -150,17 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     with Session(engine) as session:
         experiment = crud.get_experiment(session, experiment_id)
         if experiment is not None and experiment.status == ExperimentStatus.CANCELLING:
-            stopped = [
+            started = [  # only trials that started have an MLflow run to end
                 t.index
                 for t in crud.list_trials(session, experiment_id)
-                if not TrialState(t.state).terminal
+                if t.state == TrialState.RUNNING
             ]
-            crud.finish_unfinished_trials(session, experiment_id, TrialState.CANCELLED)
+            moved = crud.finish_unfinished_trials(session, experiment_id, TrialState.CANCELLED)
             session.commit()
             if recorder.runs is not None:
-                for index in stopped:
+                for index in started:
                     recorder.runs.finish(index, TrialState.CANCELLED)
-            log.info("experiment %s cancelled; %d trials stopped", experiment_id, len(stopped))
+            log.info("experiment %s cancelled; %d trials stopped", experiment_id, moved)
     if recorder.runs is not None and not recorder.runs.close(timeout=60):
         log.error("some MLflow writes of %s could not be done", experiment_id)
     log.info("experiment %s: %d trials done", experiment_id, len(results))
