@@ -30,10 +30,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose permutation the next iteration draws (same on all ranks)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Choose the epoch whose permutation the next iteration draws (same on all ranks),
+        and the global batch it starts at (> 0 when resuming in the middle of an epoch)."""
+        self.epoch, self.start = epoch, start
 
     def permutation(self) -> torch.Tensor:
         """This epoch's order of the training set: [n] int64, a function of (seed, epoch)."""
@@ -58,7 +60,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.permutation()
-        for step in range(len(self)):
+        for step in range(self.start, len(self)):
             start = step * self.batch_size
             batch = order[start : start + self.batch_size]  # [|B|]
             yield batch[self.rank :: self.world_size].tolist()

@@ -46,6 +46,7 @@ else:
     ScheduleName = _names(SCHEDULES.names())
 Mode = Literal["dense", "static", "dst"]
 DataPath = Literal["loader", "tensor"]
+Precision = Literal["fp32", "bf16"]
 Scope = Literal["local", "global"]
 
 _DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
@@ -82,7 +83,30 @@ class TrainingSpec(_Strict):
         "as one tensor on the device, batches augmented with tensor ops (in-memory datasets; "
         "same augmentation distribution, another random stream)",
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
+    pin_memory: bool | None = Field(
+        None, description="page-locked loader batches (fast host-to-GPU copies); None: on CUDA"
+    )
+    precision: Precision = Field(
+        "fp32",
+        description="fp32, or bf16: forward pass and loss under bfloat16 autocast; weights, "
+        "gradients, masks, criteria and the optimizer stay float32 (changes numerics)",
+    )
+    channels_last: bool = Field(
+        False,
+        description="image batches in channels-last layout, so convolutions run NHWC (faster "
+        "on tensor cores); weights, masks and optimizer state keep the standard layout",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (the first steps compile; changes numerics slightly)",
+    )
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="also checkpoint every N optimizer steps inside an epoch (long ImageNet "
+        "epochs); None: at the end of each epoch only",
+    )
     optimizer_kernel: OptimizerKernel = Field(
         "auto",
         description="how the masked SGD update runs: native (a C loop built for this CPU; "
@@ -158,6 +182,11 @@ class RunSpec(_Strict):
     @model_validator(mode="after")
     def _check_compatible(self) -> RunSpec:
         get_model(self.model).check(get_dataset(self.dataset).info)
+        if self.training.channels_last and get_dataset(self.dataset).info.kind != "image":
+            raise ValueError(
+                f"training.channels_last applies to image datasets, and {self.dataset!r} is "
+                f"{get_dataset(self.dataset).info.kind}: set it to false"
+            )
         if self.training.data_path == "tensor" and not get_dataset(self.dataset).in_memory:
             in_memory = [n for n in DATASETS if DATASETS.get(n).in_memory]
             raise ValueError(
@@ -188,6 +217,11 @@ class TrainingConfig:
     optimizer_kernel: OptimizerKernel
     dropout: float
     data_path: DataPath
+    pin_memory: bool | None = None
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_every_steps: int | None = None
 
 
 def resolve_training(spec: RunSpec) -> TrainingConfig:
@@ -207,6 +241,11 @@ def resolve_training(spec: RunSpec) -> TrainingConfig:
         optimizer_kernel=t.optimizer_kernel,
         dropout=t.dropout,
         data_path=t.data_path,
+        pin_memory=t.pin_memory,
+        precision=t.precision,
+        channels_last=t.channels_last,
+        compile=t.compile,
+        checkpoint_every_steps=t.checkpoint_every_steps,
     )
 
 

@@ -93,6 +93,13 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank) * 10_007 + epoch
 
 
+def checkpoint_seed(seed: int, rank: int, step: int) -> int:
+    """The global torch seed after a mid-epoch checkpoint at global ``step``: from there on
+    dropout and augmentation are a function of (seed, rank, step), so a run resumed from that
+    checkpoint draws what the uninterrupted one draws (on every rank)."""
+    return ((seed * 1_000_003 + rank) * 10_007 + step) * 7 + 3
+
+
 def best_validation(history: list[Metrics], latest: Metrics) -> Metrics:
     """The test metrics of the epoch with the best validation accuracy so far.
 
@@ -106,6 +113,38 @@ def best_validation(history: list[Metrics], latest: Metrics) -> Metrics:
         "test_acc_at_best_val": best["test_acc"],
         "test_loss_at_best_val": best["test_loss"],
     }
+
+
+@dataclass
+class EpochProgress:
+    """How far the current epoch has come: where a mid-epoch checkpoint resumes.
+
+    ``loss`` and ``correct`` are sums on the device; at each mid-epoch checkpoint they are
+    summed over ranks onto rank 0, so the one state rank 0 saves holds the whole epoch so far.
+    """
+
+    batch: int  # global batches done this epoch
+    loss: torch.Tensor  # [] summed training loss
+    correct: torch.Tensor  # [] number correct
+    seen: int  # samples behind the sums
+
+    @staticmethod
+    def start(device: torch.device) -> EpochProgress:
+        zero_loss = torch.zeros((), device=device)
+        return EpochProgress(0, zero_loss, torch.zeros((), dtype=torch.long, device=device), 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "loss": self.loss.detach().cpu().clone(),
+            "correct": self.correct.cpu().clone(),
+            "seen": self.seen,
+        }
+
+    @staticmethod
+    def from_state(state: dict[str, Any], device: torch.device) -> EpochProgress:
+        loss, correct = state["loss"].to(device), state["correct"].to(device)
+        return EpochProgress(state["batch"], loss, correct, state["seen"])
 
 
 @dataclass
@@ -184,9 +223,10 @@ class Trainer:
         self.initial_masks: Masks = (
             {n: m.cpu().clone() for n, m in self.sparsity.masks.items()} if self.sparsity else {}
         )
-        self.net = self._data_parallel(self.model)  # what training steps run forward through
+        self.net, self.eval_net = self._setup_forward(self.model)
         self.step = 0
         self.epoch = 0
+        self.progress: EpochProgress | None = None  # set while an epoch is under way
         self.new_connections = 0  # grown weights that were inactive before, this epoch
         self.last_count = 0  # samples behind the last reported mean (all ranks)
         self.history: list[Metrics] = []
@@ -200,19 +240,23 @@ class Trainer:
     def _loader(
         self, dataset: Dataset, batch_sampler: GlobalBatchSampler | None = None
     ) -> DataLoader:
-        """The training loader (its batches from ``batch_sampler``) or an evaluation loader."""
+        """The training loader (its batches from ``batch_sampler``) or an evaluation loader.
+
+        Samples are decoded and augmented in ``num_workers`` worker processes; batches are
+        page-locked when ``pin_memory`` (by default on CUDA) so host-to-GPU copies overlap.
+        """
+        pin = self.config.pin_memory
+        pin = self.device.type == "cuda" if pin is None else pin
+        workers = self.config.num_workers
         if batch_sampler is not None:
             return DataLoader(
                 dataset,
                 batch_sampler=batch_sampler,
-                num_workers=self.config.num_workers,
-                pin_memory=self.device.type == "cuda",
+                num_workers=workers,
+                pin_memory=pin,
             )
         return DataLoader(
-            dataset,
-            batch_size=self.config.eval_batch_size,
-            num_workers=self.config.num_workers,
-            pin_memory=self.device.type == "cuda",
+            dataset, batch_size=self.config.eval_batch_size, num_workers=workers, pin_memory=pin
         )
 
     def _setup_tensor_data(self, splits: tuple[TensorSplit, TensorSplit, TensorSplit]) -> None:
@@ -222,6 +266,29 @@ class Trainer:
         self.train_loader = TensorBatches(train, self.sampler)
         self.val_loader = TensorBatches(val, fixed_batches(len(val), size, w.rank, w.size))
         self.test_loader = TensorBatches(test, fixed_batches(len(test), size, w.rank, w.size))
+
+    def _setup_forward(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """What training steps and evaluation run forward through: the model, wrapped in DDP
+        for training when this is one of several workers, each compiled when asked."""
+        train_net = self._data_parallel(model)
+        if not self.config.compile:
+            return train_net, model
+        eval_net = torch.compile(model)
+        if train_net is model:
+            return eval_net, eval_net  # type: ignore[return-value]
+        return torch.compile(train_net), eval_net  # type: ignore[return-value]
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of inputs on the device (channels-last for images when asked)."""
+        x = x.to(self.device, non_blocking=True)
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self) -> torch.autocast:
+        """bfloat16 autocast for the forward pass and loss when ``precision`` is bf16."""
+        bf16 = self.config.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _data_parallel(self, model: nn.Module) -> nn.Module:
         """``model`` wrapped in DDP when this is one of several workers, else ``model``.
@@ -275,10 +342,10 @@ class Trainer:
         summed loss and number correct as tensors on the device, so a GPU is not
         synchronized every step (the epoch reads them once).
         """
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
-        logits = self.net(x)
-        loss_sum, correct = loss_and_correct(logits, y, reduction="sum")
+        x, y = self._inputs(x), y.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self.net(x)
+            loss_sum, correct = loss_and_correct(logits.float(), y, reduction="sum")
         self.optimizer.zero_grad(set_to_none=True)
         (loss_sum * loss_scale).backward()
         self.step += 1
@@ -291,33 +358,66 @@ class Trainer:
         self.optimizer.step()
         return loss_sum.detach(), correct
 
-    def train_epoch(self, progress: bool = False) -> tuple[float, float]:
-        """One pass over (at most ``max_steps_per_epoch`` batches of) the training set."""
+    def train_epoch(
+        self, progress: bool = False, on_checkpoint: Callable[[], None] | None = None
+    ) -> tuple[float, float]:
+        """One pass over (at most ``max_steps_per_epoch`` batches of) the training set, from
+        where :attr:`progress` says when resuming in the middle of it.
+
+        With ``checkpoint_every_steps`` = N, every N-th global step inside the epoch calls
+        ``on_checkpoint`` (which may save :meth:`state_dict`) and reseeds the torch RNGs from
+        (seed, rank, step), so a run resumed there continues exactly as this one does.
+        """
         self.model.train()
-        self.new_connections = 0
-        self.sampler.set_epoch(self.epoch)  # a new order each epoch, the same on every rank
-        # dropout and augmentation draw from here: fixed per (seed, rank, epoch), so a resumed
-        # run draws what the uninterrupted one drew, and ranks draw differently
-        torch.manual_seed(epoch_seed(self.spec.seed, self.world.rank, self.epoch))
-        total_loss = torch.zeros((), device=self.device)
-        total_correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen = 0
-        batches = tqdm(
-            self.train_loader,
+        resuming = self.progress is not None
+        p = self.progress or EpochProgress.start(self.device)
+        self.progress = p
+        if not resuming:
+            self.new_connections = 0
+            # dropout and augmentation draw from here: fixed per (seed, rank, epoch), so a
+            # resumed run draws what the uninterrupted one drew, and ranks draw differently
+            torch.manual_seed(epoch_seed(self.spec.seed, self.world.rank, self.epoch))
+        self.sampler.set_epoch(self.epoch, start=p.batch)  # a new order each epoch, every rank
+        batches = iter(self.train_loader)  # (creating it may draw from the RNG)
+        if resuming:
+            torch.manual_seed(checkpoint_seed(self.spec.seed, self.world.rank, self.step))
+        bar = tqdm(
+            batches,
+            initial=p.batch,
             total=self.steps_per_epoch,
             desc=f"epoch {self.epoch + 1}",
             leave=False,
             disable=not progress,
         )
-        for i, (x, y) in enumerate(batches):
-            if i >= self.steps_per_epoch:
+        every = self.config.checkpoint_every_steps
+        for x, y in bar:
+            if p.batch >= self.steps_per_epoch:
                 break
-            loss_sum, correct = self.train_step(x, y, self.sampler.loss_scale(i))
-            total_loss += loss_sum
-            total_correct += correct
-            seen += len(y)
+            loss_sum, correct = self.train_step(x, y, self.sampler.loss_scale(p.batch))
+            p.loss += loss_sum
+            p.correct += correct
+            p.seen += len(y)
+            p.batch += 1
+            if every and self.step % every == 0 and p.batch < self.steps_per_epoch:
+                self._gather_progress(p)
+                if on_checkpoint is not None:
+                    on_checkpoint()
+                torch.manual_seed(checkpoint_seed(self.spec.seed, self.world.rank, self.step))
+        self.progress = None
         self.scheduler.step()
-        return self._mean_over_ranks(total_loss, total_correct, seen)
+        return self._mean_over_ranks(p.loss, p.correct, p.seen)
+
+    def _gather_progress(self, p: EpochProgress) -> None:
+        """Sum the epoch's partial sums over ranks onto rank 0 (the rank that checkpoints)."""
+        if not self.world.distributed:
+            return
+        local = torch.stack([p.loss.double(), p.correct.double()])  # [2]
+        count = torch.tensor([float(p.seen)], dtype=torch.float64, device=local.device)
+        loss, correct, seen = all_sum(torch.cat([local, count]), self.world).tolist()
+        mine = self.world.rank == 0
+        p.loss.fill_(loss if mine else 0.0)
+        p.correct.fill_(int(correct) if mine else 0)
+        p.seen = int(seen) if mine else 0
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable[Batch]) -> tuple[float, float]:
@@ -327,8 +427,10 @@ class Trainer:
         total_correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0
         for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
-            loss, correct = loss_and_correct(self.model(x), y, reduction="sum")
+            x, y = self._inputs(x), y.to(self.device)
+            with self._autocast():
+                logits = self.eval_net(x)
+                loss, correct = loss_and_correct(logits.float(), y, reduction="sum")
             total_loss += loss
             total_correct += correct
             seen += len(y)
@@ -348,11 +450,13 @@ class Trainer:
         self.last_count = int(n)
         return loss / max(n, 1), right / max(n, 1)
 
-    def run_epoch(self, progress: bool = False) -> Metrics:
+    def run_epoch(
+        self, progress: bool = False, on_checkpoint: Callable[[], None] | None = None
+    ) -> Metrics:
         """Train one epoch, evaluate, and return the epoch's metrics."""
         start = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = self.train_epoch(progress)
+        train_loss, train_acc = self.train_epoch(progress, on_checkpoint)
         val_loss, val_acc = self.evaluate(self.val_loader)
         test_loss, test_acc = self.evaluate(self.test_loader)
         self.epoch += 1
@@ -378,9 +482,13 @@ class Trainer:
         return metrics
 
     def fit(
-        self, on_epoch: Callable[[Metrics], None] | None = None, progress: bool = False
+        self,
+        on_epoch: Callable[[Metrics], None] | None = None,
+        progress: bool = False,
+        on_checkpoint: Callable[[], None] | None = None,
     ) -> list[Metrics]:
-        """Train from the current epoch to the last one, calling ``on_epoch`` after each."""
+        """Train from the current epoch to the last one, calling ``on_epoch`` after each
+        (and ``on_checkpoint`` every ``checkpoint_every_steps`` steps inside an epoch)."""
         epochs = tqdm(
             range(self.epoch, self.config.epochs),
             initial=self.epoch,
@@ -389,7 +497,7 @@ class Trainer:
             disable=not progress,
         )
         for _ in epochs:
-            metrics = self.run_epoch(progress)
+            metrics = self.run_epoch(progress, on_checkpoint)
             epochs.set_postfix(
                 loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}"
             )
@@ -405,8 +513,8 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume at an epoch boundary: model, optimizer, LR schedule,
-        masks, ITOP, counters and the mask generator. The same on every rank."""
+        """Everything needed to resume: model, optimizer, LR schedule, masks, ITOP, counters,
+        the mask generator and, inside an epoch, the epoch's progress. Rank 0's is the run's."""
         sp = self.sparsity
         return {
             "model": self.model.state_dict(),
@@ -420,6 +528,8 @@ class Trainer:
             # the data order and dropout/augmentation draws are functions of (seed, rank,
             # epoch); the mask generator (random criterion and growth) is the only live stream
             "mask_rng": self.mask_generator.get_state(),
+            "progress": self.progress.state_dict() if self.progress else None,
+            "new_connections": self.new_connections,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -435,3 +545,11 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.history = list(state["history"])
         self.mask_generator.set_state(state["mask_rng"])
+        progress = state.get("progress")
+        self.progress = EpochProgress.from_state(progress, self.device) if progress else None
+        if self.progress is not None and self.world.rank != 0:
+            # the saved sums are the whole world's (gathered onto rank 0 when it was saved)
+            self.progress.loss.zero_()
+            self.progress.correct.zero_()
+            self.progress.seen = 0
+        self.new_connections = state.get("new_connections", 0)

@@ -76,11 +76,8 @@ def make_tuner(
     callbacks: list[tune.Callback],
 ) -> tune.Tuner:
     """A new Tune experiment over the trials, or the saved one at ``path`` restored."""
-    resources = {
-        "cpu": 0.01 if res.workers_per_trial > 1 else res.cpus_per_trial,
-        "gpu": 0.0 if res.workers_per_trial > 1 else res.gpus_per_trial,
-    }
-    trainable = tune.with_resources(run_trial, resources)
+    first = res.bundles()[0]  # the trial's own process (a multi-worker trial's only waits)
+    trainable = tune.with_resources(run_trial, {"cpu": first["CPU"], "gpu": first["GPU"]})
     if tune.Tuner.can_restore(path):  # the saved state brings its callbacks (our recorder)
         log.info("restoring Tune experiment from %s", path)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -102,6 +99,29 @@ def make_tuner(
             verbose=1,
         ),
     )
+
+
+def cluster_misfit(res: Resources, nodes: list[dict[str, Any]]) -> str | None:
+    """Why the Ray cluster (``ray.nodes()``) can never run one trial, or None if it can.
+
+    Each process of a trial must fit on one alive node's total resources; otherwise Ray
+    would keep the trial pending forever (a cluster that adds nodes on demand is the
+    operator's case, see ``DST_RAY_AUTOSCALING``).
+    """
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    for bundle in res.bundles():
+        needed = {k: v for k, v in bundle.items() if v > 0}
+        if any(all(node.get(k, 0.0) >= v for k, v in needed.items()) for node in alive):
+            continue
+        offers = ", ".join(f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}}}" for n in alive)
+        asked = ", ".join(f"{k}: {v:g}" for k, v in needed.items())
+        return (
+            f"resources (cpus_per_trial={res.cpus_per_trial:g}, gpus_per_trial="
+            f"{res.gpus_per_trial:g}, workers_per_trial={res.workers_per_trial}) need a "
+            f"process with {{{asked}}} on one node, but the Ray cluster's nodes offer "
+            f"{offers or 'nothing'}"
+        )
+    return None
 
 
 def _trial_name(trial: tune.experiment.Trial) -> str:
@@ -142,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     recorder = recorder_for(experiment_id)
     scrub_worker_environment(DRIVER_ONLY_ENV)
     ray.init(address="auto", log_to_driver=True)
+    misfit = None if settings.ray_autoscaling else cluster_misfit(resources, ray.nodes())
+    if misfit is not None:
+        _fail(engine, experiment_id, f"the Ray cluster cannot run these trials: {misfit}")
+        raise SystemExit(misfit)
     signal.signal(signal.SIGTERM, _sigterm_to_sigint)
     tuner = make_tuner(
         str(results_dir / experiment_id), configs, resources, experiment_id, [recorder]
@@ -164,6 +188,15 @@ def main(argv: list[str] | None = None) -> None:
     if recorder.runs is not None and not recorder.runs.close(timeout=60):
         log.error("some MLflow writes of %s could not be done", experiment_id)
     log.info("experiment %s: %d trials done", experiment_id, len(results))
+
+
+def _fail(engine: Any, experiment_id: str, error: str) -> None:
+    """Fail every trial before it started, with ``error``; the job then fails, and the
+    service's lifecycle records the experiment's end (with this error in the job's log)."""
+    log.error("%s: %s", experiment_id, error)
+    with Session(engine) as session:
+        crud.finish_unfinished_trials(session, experiment_id, TrialState.FAILED, error=error)
+        session.commit()
 
 
 if __name__ == "__main__":

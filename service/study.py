@@ -63,14 +63,56 @@ def canonical_path(key: str) -> str:
 
 
 class Resources(BaseModel):
-    """What each trial gets on the Ray cluster."""
+    """What each trial gets on the Ray cluster.
+
+    A one-worker trial is one Ray task with ``cpus_per_trial`` CPUs and ``gpus_per_trial``
+    GPUs (a fraction below 1 lets several small trials share a GPU). A multi-worker trial is a
+    Ray Train DDP trainer: each of its workers gets an equal share of the CPUs and exactly one
+    GPU when it has GPUs (NCCL gives each rank its own device).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    cpus_per_trial: float = Field(1.0, gt=0, description="fractional CPUs allowed")
-    gpus_per_trial: float = Field(0.0, ge=0, description="fractional GPUs allowed")
-    workers_per_trial: int = Field(1, ge=1, description=">1 runs a Ray Train DDP trainer")
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0, le=1024, description="fractional CPUs allowed")
+    gpus_per_trial: float = Field(
+        0.0, ge=0, le=1024, description="fractional (< 1) GPUs share a GPU between trials"
+    )
+    workers_per_trial: int = Field(1, ge=1, le=1024, description=">1 runs a Ray Train DDP trainer")
+    max_concurrent_trials: int | None = Field(None, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> Resources:
+        gpus, workers = self.gpus_per_trial, self.workers_per_trial
+        if workers == 1 and gpus > 1:
+            raise ValueError(
+                f"resources.gpus_per_trial = {gpus:g}: a one-worker trial uses one GPU (or a "
+                f"fraction of one); to train on {gpus:g} GPUs set resources.workers_per_trial "
+                f"to {gpus:g}"
+            )
+        if workers > 1 and gpus not in (0, workers):
+            raise ValueError(
+                f"resources.gpus_per_trial = {gpus:g} with workers_per_trial = {workers}: a "
+                f"multi-worker trial has one GPU per worker, so use {workers} (or 0 for CPU "
+                f"workers)"
+            )
+        return self
+
+    def bundles(self) -> list[dict[str, float]]:
+        """What one trial asks Ray for, one dict per process; each must fit on one node."""
+        if self.workers_per_trial == 1:
+            return [{"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial}]
+        return [TRAINER_PROCESS] + [self.per_worker()] * self.workers_per_trial
+
+    def per_worker(self) -> dict[str, float]:
+        """One DDP worker's share of a multi-worker trial."""
+        share = {"CPU": max(self.cpus_per_trial / self.workers_per_trial, 0.01)}
+        if self.gpus_per_trial > 0:
+            share["GPU"] = 1.0
+        return share
+
+
+# the Tune process that drives a multi-worker trial's TorchTrainer (it only waits)
+TRAINER_PROCESS = {"CPU": 0.01, "GPU": 0.0}
 
 
 class Baselines(BaseModel):
@@ -136,6 +178,12 @@ class StudySpec(RunSpec):
         if wants_gpu and self.resources.gpus_per_trial == 0:
             raise ValueError(
                 "device 'cuda' needs resources.gpus_per_trial > 0 (else Ray gives the trial no GPU)"
+            )
+        on_cpu = any(p.spec.device == "cpu" for p in plans)
+        if on_cpu and self.resources.gpus_per_trial > 0:
+            raise ValueError(
+                f"resources.gpus_per_trial = {self.resources.gpus_per_trial:g} but device is "
+                f"'cpu', which would leave the trial's GPU idle: set device to 'cuda' or 'auto'"
             )
         return self
 

@@ -3,7 +3,9 @@
 A trial only trains. Each epoch it reports its metrics (under :data:`METRICS`) with a
 checkpoint directory holding the whole training state (:data:`STATE_FILE`: model, optimizer,
 masks, schedules, mask generator, ITOP, history) and the initial and current masks as packed
-bits, so the job driver can record them without unpickling anything. It needs no database and
+bits, so the job driver can record them without unpickling anything. With
+``training.checkpoint_every_steps`` it also reports a checkpoint without metrics (under
+:data:`STEP`) every N steps inside an epoch. It needs no database and
 no MLflow: the driver's :class:`service.recorder.TrialRecorder` records what it reports.
 
 A trial with one worker runs in its Tune process and resumes from Tune's checkpoint after a
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 METRICS = "dst"  # the key of a report's epoch metrics (Tune adds its own keys beside it)
 RESUMED = "dst_resumed_from_epoch"  # in the first report after a restore: the epoch restored
+STEP = "dst_checkpoint_step"  # a report inside an epoch: only a checkpoint, at this global step
 STATE_FILE = "state.pt"
 INITIAL_MASKS = "masks_initial.npz"
 MASKS = "masks.npz"
@@ -81,7 +84,12 @@ def run_trial(config: dict[str, Any]) -> None:
             tune.report(result, checkpoint=tune.Checkpoint.from_directory(directory))
         note.clear()
 
-    trainer.fit(on_epoch=report)
+    def save() -> None:  # inside an epoch (``checkpoint_every_steps``)
+        with checkpoint_directory(trainer) as directory:
+            checkpoint = tune.Checkpoint.from_directory(directory)
+            tune.report({STEP: trainer.step}, checkpoint=checkpoint)
+
+    trainer.fit(on_epoch=report, on_checkpoint=save)
 
 
 def _run_data_parallel(trial: dict[str, Any]) -> None:
@@ -91,10 +99,11 @@ def _run_data_parallel(trial: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from service.study import Resources
+
     workers, gpus = int(trial["workers"]), float(trial["gpus"])
-    per_worker = {"CPU": max(float(trial["cpus"]) / workers, 0.01)}
-    if gpus > 0:
-        per_worker["GPU"] = gpus / workers
+    res = Resources(cpus_per_trial=trial["cpus"], gpus_per_trial=gpus, workers_per_trial=workers)
+    per_worker = res.per_worker()
     TorchTrainer(
         _data_parallel_worker,
         train_loop_config=trial,
@@ -125,13 +134,15 @@ def _data_parallel_worker(trial: dict[str, Any]) -> None:
     )
     note = restore(trainer, ray.train.get_checkpoint())  # every rank: the same state
 
-    def report(metrics: Metrics) -> None:
-        result = {METRICS: metrics, **note}
-        note.clear()
+    def send(result: dict[str, Any]) -> None:  # every rank reports; rank 0 checkpoints
         if world.rank != 0:
             ray.train.report(result)
             return
         with checkpoint_directory(trainer) as directory:
             ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
-    trainer.fit(on_epoch=report)
+    def report(metrics: Metrics) -> None:
+        send({METRICS: metrics, **note})
+        note.clear()
+
+    trainer.fit(on_epoch=report, on_checkpoint=lambda: send({STEP: trainer.step}))

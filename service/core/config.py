@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     api_token: SecretStr = Field(
         default_factory=_random_token, description="bearer token; unset: a random one"
     )
+    ray_autoscaling: bool = Field(
+        False,
+        description="the Ray cluster adds nodes on demand: do not refuse trials that no "
+        "current node can hold",
+    )
     max_trials: int = Field(1000, ge=1, description="largest study (trials) the API accepts")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

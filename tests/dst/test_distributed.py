@@ -64,7 +64,32 @@ def _scenarios(world: World) -> dict[str, Any]:
         out["diverged"] = None
     except MasksDivergedError as error:
         out["diverged"] = str(error)
+    out["mid_epoch"] = _resume_mid_epoch(world)
     return out
+
+
+def _resume_mid_epoch(world: World) -> dict[str, Any]:
+    """Every rank restores rank 0's checkpoint from inside epoch 2 (as Train does after a
+    worker-group restart) and trains on: the uninterrupted and the resumed run, per rank."""
+    import copy
+
+    import torch.distributed as dist
+
+    data = {**BASE, "training": {**BASE["training"], "dropout": 0.1, "checkpoint_every_steps": 7}}
+    data["sparsity"] = {**BASE["sparsity"], "criterion": "random"}
+    s = RunSpec.model_validate(data)
+    full = Trainer(s, world=world)
+    states: list[dict[str, Any]] = []
+    history = full.fit(on_checkpoint=lambda: states.append(copy.deepcopy(full.state_dict())))
+    chosen = [next(st for st in states if st["epoch"] == 1)]
+    dist.broadcast_object_list(chosen, src=0)
+    resumed = Trainer(s, world=world)
+    resumed.load_state_dict(chosen[0])
+    return {
+        "full": (history, full.masks),
+        "resumed": (resumed.fit(), resumed.masks),
+        "batch": chosen[0]["progress"]["batch"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +130,18 @@ def test_evaluation_sees_every_sample_once(ranks: list, single: dict) -> None:
     n_val = len(single["trainer"].val_loader.dataset)
     assert [r["val_count"] for r in ranks] == [n_val, n_val]
     assert sum(r["val_local"] for r in ranks) == n_val  # shards, no padding
+
+
+def test_every_rank_resumes_from_a_mid_epoch_checkpoint_bit_identically(ranks: list) -> None:
+    for rank in ranks:
+        out = rank["mid_epoch"]
+        assert out["batch"] > 0  # inside an epoch, not at its end
+        (h_full, m_full), (h_resumed, m_resumed) = out["full"], out["resumed"]
+        drop_time = [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in h_full]
+        assert [{k: v for k, v in m.items() if k != "epoch_time_s"} for m in h_resumed] == (
+            drop_time
+        )
+        assert all(torch.equal(m_full[n], m_resumed[n]) for n in m_full)
 
 
 def test_a_divergence_fails_loudly_on_every_rank(ranks: list) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -176,3 +178,93 @@ def test_the_tensor_data_path_needs_data_in_memory() -> None:
         RunSpec.model_validate(
             {"model": "small-cnn", "dataset": "tiny-imagenet", "training": {"data_path": "tensor"}}
         )
+
+
+def with_training(base: dict, **training: object) -> RunSpec:
+    return RunSpec.model_validate({**base, "training": {**base["training"], **training}})
+
+
+def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted_run() -> None:
+    """Checkpoints every 7 steps (not on epoch boundaries); dropout and random criterion and
+    growth draw from every RNG the run has. Resuming from one inside epoch 2 ends bit-identical.
+    """
+    base = {**BASE, "training": {**BASE["training"], "dropout": 0.1}}
+    s = with_training(base, checkpoint_every_steps=7)
+    s = s.model_copy(update={"sparsity": s.sparsity.model_copy(update={"criterion": "random"})})
+    full = Trainer(s)
+    states: list[dict] = []
+    expected = strip_time(
+        full.fit(on_checkpoint=lambda: states.append(copy.deepcopy(full.state_dict())))
+    )
+    steps = full.steps_per_epoch
+    assert [st["step"] for st in states] == [k for k in range(7, 3 * steps, 7) if k % steps]
+    middle = next(st for st in states if st["epoch"] == 1)  # inside the second epoch
+    assert 0 < middle["progress"]["batch"] < steps and middle["progress"]["seen"] > 0
+    resumed = Trainer(s)
+    resumed.load_state_dict(middle)
+    assert strip_time(resumed.fit()) == expected
+    assert all(torch.equal(resumed.masks[n], full.masks[n]) for n in full.masks)
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+def test_checkpointing_does_not_change_the_run() -> None:
+    """The same spec trains the same whether or not anyone saves its checkpoints."""
+    s = with_training(BASE, checkpoint_every_steps=5)
+    saved = Trainer(s)
+    calls: list[int] = []
+    h1 = strip_time(saved.fit(on_checkpoint=lambda: calls.append(saved.step)))
+    assert calls and strip_time(Trainer(s).fit()) == h1
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16_and_keeps_float32_state() -> None:
+    trainer = Trainer(with_training(BASE, precision="bf16", epochs=2))
+    dtypes: list[torch.dtype] = []
+    layer = trainer.model.fc1  # type: ignore[union-attr]
+    layer.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    history = trainer.fit()
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in history)
+    sp = trainer.sparsity
+    assert sp is not None
+    for name, w in sp.weights.items():
+        assert not w[~sp.masks[name]].any(), f"{name} has weights off its mask"
+    fp32 = Trainer(with_training(BASE, epochs=2)).fit()
+    assert history[-1]["test_acc"] == pytest.approx(fp32[-1]["test_acc"], abs=0.1)
+
+
+CNN = {**BASE, "model": "small-cnn", "training": {**BASE["training"], "epochs": 1}}
+
+
+def test_channels_last_feeds_nhwc_batches_and_trains_like_the_standard_layout() -> None:
+    trainer = Trainer(with_training(CNN, channels_last=True))
+    layouts: list[bool] = []
+
+    def record(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+    trainer.model.register_forward_pre_hook(record)
+    history = strip_time(trainer.fit())
+    assert layouts and all(layouts)
+    assert all(w.is_contiguous() for w in trainer.model.parameters())  # masks index them
+    standard = strip_time(Trainer(with_training(CNN)).fit())
+    for got, want in zip(history, standard, strict=True):
+        assert got == pytest.approx(want, rel=1e-3, abs=1e-4)
+
+
+def test_channels_last_needs_images() -> None:
+    with pytest.raises(ValueError, match=r"training.channels_last applies to image datasets"):
+        RunSpec.model_validate(
+            {"model": "small-mlp", "dataset": "higgs", "training": {"channels_last": True}}
+        )
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_like_the_eager_one() -> None:
+    s = with_training(BASE, epochs=1, compile=True)
+    compiled = Trainer(s)
+    assert compiled.net is not compiled.model  # the forward runs through torch.compile
+    history = strip_time(compiled.fit())
+    eager = strip_time(Trainer(with_training(BASE, epochs=1)).fit())
+    assert history[0] == pytest.approx(eager[0], rel=1e-4, abs=1e-5)

@@ -13,9 +13,9 @@ from sqlalchemy.orm import Session
 from service import crud
 from service.core.config import Settings
 from service.db import make_engine, upgrade_database
-from service.driver import scrub_worker_environment, trial_config
+from service.driver import cluster_misfit, scrub_worker_environment, trial_config
 from service.execution import DRIVER_ONLY_ENV, driver_env
-from service.study import StudySpec, expand
+from service.study import Resources, StudySpec, expand
 
 
 def test_trial_configs_are_the_stored_trials_and_carry_no_secret(tmp_path: Path) -> None:
@@ -76,3 +76,34 @@ def test_scrubbing_outside_a_ray_job_does_nothing(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
     scrub_worker_environment(DRIVER_ONLY_ENV)
     assert RAY_JOB_CONFIG_JSON_ENV_VAR not in os.environ
+
+
+def node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
+    resources = {"CPU": cpus, "memory": 1e9} | ({"GPU": gpus} if gpus else {})
+    return {"Alive": alive, "Resources": resources}
+
+
+@pytest.mark.parametrize(
+    ("resources", "nodes", "fits"),
+    [
+        ({"cpus_per_trial": 0.5}, [node(2)], True),
+        ({"cpus_per_trial": 4}, [node(2), node(2)], False),  # CPUs of one node, not the sum
+        ({"gpus_per_trial": 0.5}, [node(2)], False),
+        ({"gpus_per_trial": 0.5}, [node(2), node(8, 1)], True),
+        ({"gpus_per_trial": 0.5}, [node(8, 1, alive=False)], False),
+        (
+            {"cpus_per_trial": 8, "gpus_per_trial": 4, "workers_per_trial": 4},
+            [node(4, 2)] * 2,
+            True,
+        ),
+        ({"cpus_per_trial": 8, "gpus_per_trial": 4, "workers_per_trial": 4}, [node(1, 4)], False),
+    ],
+)
+def test_a_trial_no_node_can_hold_is_named_before_it_waits_forever(
+    resources: dict, nodes: list[dict], fits: bool
+) -> None:
+    res = Resources.model_validate(resources)
+    problem = cluster_misfit(res, nodes)
+    assert (problem is None) == fits, problem
+    if not fits:
+        assert "gpus_per_trial" in problem and "offer" in problem  # type: ignore[operator]

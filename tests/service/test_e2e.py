@@ -153,3 +153,20 @@ def test_a_multi_worker_trial_runs_ddp(local_ray: str, mlflow_sqlite: str, stora
         active = sum(int(m.sum()) for m in masks.values())
         total = sum(m.numel() for m in masks.values())
         assert abs(active / total - 0.1) < 0.01
+
+
+def test_a_gpu_study_on_a_cluster_without_gpus_fails_at_once_and_says_why(
+    local_ray: str, mlflow_sqlite: str, storage: Path
+) -> None:
+    """Ray would keep such trials pending forever; the driver refuses them instead."""
+    spec = study("gpu-on-cpu", resources={"gpus_per_trial": 0.5}, device="cuda")
+    with api(
+        storage / "gpu", f"sqlite:///{storage / 'gpu.db'}", local_ray, mlflow_sqlite
+    ) as client:
+        created = client.submit(spec)
+        final = wait_terminal(client, created["id"], timeout=120)
+        assert final["status"] == "failed", final
+        trials = client.trials(created["id"])
+        assert {t["state"] for t in trials} == {"failed"}
+        assert all("cannot run these trials" in t["error"] for t in trials)
+        assert "{CPU: 1, GPU: 0.5}" in trials[0]["error"]

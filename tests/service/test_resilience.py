@@ -63,7 +63,8 @@ DDP_SPEC: dict = {
     "name": "ddp-lose-a-worker",
     "model": "small-mlp",
     "dataset": "digits",
-    "training": {"epochs": DDP_EPOCHS, "batch_size": 64, "lr": 0.05},
+    # checkpoints inside epochs too, so the restart may resume in the middle of one
+    "training": {"epochs": DDP_EPOCHS, "batch_size": 64, "lr": 0.05, "checkpoint_every_steps": 9},
     "sparsity": {"density": 0.1, "update_period": 10, "criterion": "snip", "growth": "random"},
     "resources": {"cpus_per_trial": 1, "workers_per_trial": 2},
 }

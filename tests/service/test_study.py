@@ -140,3 +140,33 @@ def test_linear_schedule_parameters_only_split_linear_runs() -> None:
         ("linear", 300),
         ("linear", 600),
     ]
+
+
+@pytest.mark.parametrize(
+    ("resources", "device", "message"),
+    [
+        ({"gpus_per_trial": 2}, "cuda", "a one-worker trial uses one GPU"),
+        ({"gpus_per_trial": 1, "workers_per_trial": 2}, "cuda", "one GPU per worker, so use 2"),
+        ({"gpus_per_trial": 0.5, "workers_per_trial": 2}, "cuda", "one GPU per worker"),
+        ({"gpus_per_trial": 0.25}, "cpu", "would leave the trial's GPU idle"),
+        ({}, "cuda", "device 'cuda' needs resources.gpus_per_trial > 0"),
+        ({"cpus_per_trial": 5000}, "cpu", "less than or equal to 1024"),
+    ],
+)
+def test_gpu_resources_that_cannot_work_are_refused(
+    resources: dict[str, Any], device: str, message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        StudySpec.model_validate(study(resources=resources, device=device))
+
+
+def test_fractional_gpus_share_a_gpu_and_ddp_trials_take_one_per_worker() -> None:
+    shared = StudySpec.model_validate(study(resources={"gpus_per_trial": 0.25}, device="cuda"))
+    assert shared.resources.bundles() == [{"CPU": 1.0, "GPU": 0.25}]
+    ddp = StudySpec.model_validate(
+        study(resources={"cpus_per_trial": 8, "gpus_per_trial": 4, "workers_per_trial": 4})
+        | {"device": "auto"}
+    )
+    bundles = ddp.resources.bundles()
+    assert bundles[0] == {"CPU": 0.01, "GPU": 0.0}  # the Tune process that waits on Train
+    assert bundles[1:] == [{"CPU": 2.0, "GPU": 1.0}] * 4
