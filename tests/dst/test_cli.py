@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from dst.cli import app
 from dst.masks import load_masks
+from dst.spec import RunSpec, read_spec_file
 
 runner = CliRunner()
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -91,3 +92,9 @@ def test_listings() -> None:
     listed = runner.invoke(app, ["criteria"]).output
     for name in ("magnitude", "set", "mest", "sensitivity", "rsensitivity", "snip", "gradient"):
         assert name in listed
+
+
+def test_every_shipped_run_spec_is_valid() -> None:
+    """The example run specs (``dst run``) all validate."""
+    for path in [*sorted((EXAMPLES / "paper").glob("*.yaml")), EXAMPLES / "digits_dst.yaml"]:
+        RunSpec.model_validate(read_spec_file(path))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dst.masks import density
 from dst.spec import RunSpec
@@ -268,3 +271,34 @@ def test_a_compiled_model_trains_like_the_eager_one() -> None:
     history = strip_time(compiled.fit())
     eager = strip_time(Trainer(with_training(BASE, epochs=1)).fit())
     assert history[0] == pytest.approx(eager[0], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_resnet50_trains_on_an_imagenet_folder_with_decoding_in_loader_workers(
+    tmp_path: Path,
+) -> None:
+    """The ImageNet pipeline end to end on a generated ImageFolder: JPEGs decoded and
+    augmented (random resized crop 224, flip) in a loader worker, a DST step with gradient
+    growth on ResNet-50, evaluation at resize 256 + center crop 224."""
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n01443537"):
+            for i in range(2):
+                path = tmp_path / "imagenet" / split / wnid / f"{i}.JPEG"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pixels = np.random.default_rng(i).integers(0, 256, (300, 260, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(path)
+    s = RunSpec.model_validate(
+        {
+            "model": "resnet50",
+            "dataset": "imagenet",
+            "data": {"root": str(tmp_path), "download": False},
+            "training": {"epochs": 1, "batch_size": 2, "num_workers": 1, "eval_batch_size": 4},
+            "sparsity": {"density": 0.2, "growth": "gradient", "update_period": 1},
+        }
+    )
+    trainer = Trainer(s)
+    (metrics,) = trainer.fit()
+    assert trainer.info.input_shape == (3, 224, 224)
+    assert metrics["step"] == 2 and trainer.last_count == 4  # the whole val set, once
+    assert metrics["density"] == pytest.approx(0.2, abs=1e-3)
+    assert metrics["new_connections"] > 0  # the topology update ran

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -170,3 +171,12 @@ def test_fractional_gpus_share_a_gpu_and_ddp_trials_take_one_per_worker() -> Non
     bundles = ddp.resources.bundles()
     assert bundles[0] == {"CPU": 0.01, "GPU": 0.0}  # the Tune process that waits on Train
     assert bundles[1:] == [{"CPU": 2.0, "GPU": 1.0}] * 4
+
+
+def test_every_shipped_study_is_valid() -> None:
+    """The example studies (``dst submit``) validate and expand."""
+    from dst.spec import read_spec_file
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    for path in [*sorted((examples / "studies").glob("*.yaml")), examples / "demo.yaml"]:
+        assert expand(StudySpec.model_validate(read_spec_file(path))), path

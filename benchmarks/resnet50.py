@@ -1,0 +1,190 @@
+"""Dense vs DST ResNet-50 on synthetic ImageNet-shaped data, side by side in one process.
+
+For each batch size and each of fp32 / bf16 autocast, standard / channels-last batches:
+  * images/s of a dense and of a DST training step (forward, backward, masked SGD step),
+  * the DST/dense step-time ratio (median of per-round ratios: both run back to back in every
+    round, in a shuffled order, so machine noise hits both alike),
+  * the cost of one topology update (score, prune, grow, reset momentum), in dense steps,
+  * the DST overhead per step at Δt = 800 and 100: ratio + update / (Δt · dense step) - 1,
+  * peak GPU memory of each (CUDA only).
+The paper's ImageNet setting (Appendix A.2): density 0.2, ERK, gradient growth; the steps are
+the training loop's (dst.training: MaskedSGD with Nesterov momentum and weight decay, autocast
+around forward and loss, channels-last inputs). Targets on a GPU: DST within 2 % of dense at
+Δt = 800, and one topology update under one dense step.
+
+    uv run python -m benchmarks.resnet50 --device cuda --batches 64 128 256
+    uv run python -m benchmarks.resnet50 --device cpu --image-size 64 --batches 8 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from benchmarks.step_overhead import interleaved, optimizer, paired, quartiles, sync, timed
+from dst.criteria import resolve_criterion
+from dst.datasets import DataInfo
+from dst.distributions import layer_densities
+from dst.growth import GROWTH
+from dst.masks import apply_masks, init_masks, prunable_weights
+from dst.models import build_model
+from dst.schedules import PruneSchedule
+from dst.topology import TopologyUpdater
+
+
+@dataclass(frozen=True)
+class Setting:
+    batch: int
+    bf16: bool
+    channels_last: bool
+
+    def __str__(self) -> str:
+        layout = "NHWC" if self.channels_last else "NCHW"
+        return f"batch {self.batch:4d} {'bf16' if self.bf16 else 'fp32'} {layout}"
+
+
+@dataclass(frozen=True)
+class Measured:
+    dense_s: float  # median seconds per dense step
+    ratio: tuple[float, float, float]  # DST/dense step time: quartiles of per-round ratios
+    update_s: float  # one topology update, seconds
+    memory: tuple[float, float]  # peak GiB, dense and DST (0 off CUDA)
+
+
+def build(info: DataInfo, device: torch.device) -> nn.Module:
+    """ResNet-50 with the same initial weights every time."""
+    torch.manual_seed(0)
+    return build_model("resnet50", info).to(device)
+
+
+def measure(args: argparse.Namespace, setting: Setting, device: torch.device) -> Measured:
+    info = DataInfo("imagenet", "image", (3, args.image_size, args.image_size), 1000)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(setting.batch, *info.input_shape, generator=gen).to(device)
+    if setting.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (setting.batch,), generator=gen).to(device)
+
+    dense = build(info, device)
+    dense_opt = optimizer(dense, None, "auto")
+    sparse = build(info, device)
+    weights = prunable_weights(sparse)
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    masks = init_masks(weights, layer_densities(shapes, args.density, "erk"), gen)
+    apply_masks(weights, masks)
+    sparse_opt = optimizer(sparse, masks, "auto")
+    updater = TopologyUpdater(
+        resolve_criterion(args.criterion),
+        GROWTH.get(args.growth),
+        PruneSchedule("cosine", 0.5, 800, 10**9),
+        "local",
+        torch.Generator().manual_seed(1),
+    )
+
+    def backward(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def dense_step() -> None:
+        backward(dense, dense_opt)
+        dense_opt.step()
+
+    def sparse_step() -> None:
+        backward(sparse, sparse_opt)
+        sparse_opt.step()
+
+    def update_step() -> None:
+        backward(sparse, sparse_opt)
+        updater.update(weights, masks, sparse_opt, 800)
+        sparse_opt.step()
+
+    memory = (peak_memory(dense_step, device), peak_memory(sparse_step, device))
+    for fn in (dense_step, sparse_step, update_step):  # warm-up (cuDNN autotuning, kernels)
+        timed(fn, 2, device)
+    blocks: dict[str, Callable[[], float]] = {
+        "dense": lambda: timed(dense_step, args.steps, device),
+        "sparse": lambda: timed(sparse_step, args.steps, device),
+        "update": lambda: timed(update_step, 1, device),
+    }
+    times = interleaved(blocks, args.rounds)
+    update = statistics.median(
+        [u - s for u, s in zip(times["update"], times["sparse"], strict=True)]
+    )
+    return Measured(
+        statistics.median(times["dense"]),
+        quartiles(paired(times["sparse"], times["dense"])) if args.rounds >= 2 else (0, 0, 0),
+        max(update, 0.0),
+        memory,
+    )
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> float:
+    """Peak GiB allocated by two training steps (0 off CUDA)."""
+    if device.type != "cuda":
+        step()
+        return 0.0
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def report(setting: Setting, m: Measured) -> None:
+    q1, ratio, q3 = m.ratio
+    dense_ips = setting.batch / m.dense_s
+    steps = m.update_s / m.dense_s
+    overhead = {p: (ratio + steps / p - 1) * 100 for p in (800, 100)}
+    print(
+        f"{setting!s:<24} dense {dense_ips:9.1f} img/s  DST {dense_ips / ratio:9.1f} img/s  "
+        f"DST/dense {ratio:.4f} ({q1:.4f}-{q3:.4f})  update {steps:5.2f} dense steps  "
+        f"overhead Δt=800 {overhead[800]:+6.2f} %  Δt=100 {overhead[100]:+6.2f} %  "
+        f"memory {m.memory[0]:.2f}/{m.memory[1]:.2f} GiB"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--layouts", nargs="+", default=["nchw", "nhwc"])
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=10, help="shuffled rounds of blocks")
+    parser.add_argument("--density", type=float, default=0.2)
+    parser.add_argument("--criterion", default="magnitude")
+    parser.add_argument("--growth", default="gradient")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU, {torch.get_num_threads()} threads"
+    print(
+        f"ResNet-50 on {name}; {args.image_size}px, density {args.density}, "
+        f"{args.criterion}/{args.growth}, {args.rounds} rounds x {args.steps} steps; "
+        f"torch {torch.__version__}"
+    )
+    for batch, precision, layout in itertools.product(args.batches, args.precision, args.layouts):
+        setting = Setting(batch, precision == "bf16", layout == "nhwc")
+        report(setting, measure(args, setting, device))
+
+
+if __name__ == "__main__":
+    main()
