@@ -49,25 +49,29 @@ DataPath = Literal["loader", "tensor"]
 Precision = Literal["fp32", "bf16"]
 Scope = Literal["local", "global"]
 
-_DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d{1,3})?)$")
+
+
+MAX_STEPS = 2**31 - 1  # step counts fit a 32-bit integer everywhere (databases, C kernels)
+MAX_SEED = 2**31 - 1  # numpy seeds below 2**32; seed + 1 seeds the mask generator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainingSpec(_Strict):
     """Optimization settings (Appendix A.2). ``None`` takes the model's A.2 default."""
 
-    epochs: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    lr: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
+    epochs: int | None = Field(None, ge=1, le=100_000)
+    batch_size: int | None = Field(None, ge=1, le=1_048_576)
+    lr: float | None = Field(None, gt=0, le=1e6)
+    weight_decay: float | None = Field(None, ge=0, le=1e6)
     lr_decay: float | None = Field(None, gt=0, le=1, description="LR factor at 50% and 75%")
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     max_steps_per_epoch: int | None = Field(
-        None, ge=1, description="cap on training batches per epoch (quick runs)"
+        None, ge=1, le=MAX_STEPS, description="cap on training batches per epoch (quick runs)"
     )
     dropout: float = Field(
         0.0,
@@ -76,7 +80,7 @@ class TrainingSpec(_Strict):
         description="dropout rate on the input and hidden layers of the MLPs (Figure 4 uses "
         "0.05 for its dense + dropout baseline); 0 = no dropout",
     )
-    eval_batch_size: int = Field(1024, ge=1)
+    eval_batch_size: int = Field(1024, ge=1, le=1_048_576)
     data_path: DataPath = Field(
         "loader",
         description="loader: per-sample transforms in a DataLoader; tensor: the whole split "
@@ -104,6 +108,7 @@ class TrainingSpec(_Strict):
     checkpoint_every_steps: int | None = Field(
         None,
         ge=1,
+        le=MAX_STEPS,
         description="also checkpoint every N optimizer steps inside an epoch (long ImageNet "
         "epochs); None: at the end of each epoch only",
     )
@@ -132,21 +137,30 @@ class SparsitySpec(_Strict):
     prune_fraction: float = Field(0.5, gt=0, lt=1, description="initial prune fraction ρ")
     schedule: ScheduleName = "cosine"
     schedule_interval: int = Field(
-        600, ge=1, description="linear schedule: steps between multiplications (Appendix J)"
+        600,
+        ge=1,
+        le=MAX_STEPS,
+        description="linear schedule: steps between multiplications (Appendix J)",
     )
     schedule_factor: float = Field(
         0.99, gt=0, le=1, description="linear schedule: factor applied every interval (App. J)"
     )
-    update_period: int = Field(800, ge=1, description="Δt, optimizer steps between updates")
-    stop_step: int | None = Field(None, ge=1, description="T; None: the end of training")
+    update_period: int = Field(
+        800, ge=1, le=MAX_STEPS, description="Δt, optimizer steps between updates"
+    )
+    stop_step: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="T; None: the end of training"
+    )
     scope: Scope = "local"
-    mest_lambda: float = Field(1.0, ge=0, description="λ of the MEST criterion")
+    mest_lambda: float = Field(1.0, ge=0, le=1e6, description="λ of the MEST criterion")
 
 
 class DataSpec(_Strict):
     """Where the data lives and whether it may be downloaded."""
 
-    root: str | None = Field(None, description="None: $DST_DATA_DIR or ~/.cache/dst/data")
+    root: str | None = Field(
+        None, max_length=4096, description="None: $DST_DATA_DIR or ~/.cache/dst/data"
+    )
     download: bool = True
     augment: bool = True
 
@@ -154,14 +168,14 @@ class DataSpec(_Strict):
 class RunSpec(_Strict):
     """One training run."""
 
-    name: str | None = None
+    name: str | None = Field(None, max_length=200)
     model: ModelName
     dataset: DatasetName
     training: TrainingSpec = TrainingSpec()
     sparsity: SparsitySpec = SparsitySpec()
     data: DataSpec = DataSpec()
-    seed: int = Field(0, ge=0)
-    device: str = Field("cpu", description="cpu, cuda, cuda:N, mps or auto")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    device: str = Field("cpu", max_length=16, description="cpu, cuda, cuda:N, mps or auto")
 
     @field_validator("device")
     @classmethod

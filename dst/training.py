@@ -90,14 +90,14 @@ def loss_and_correct(
 
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """The global torch seed of one rank's epoch (dropout, augmentation, loader workers)."""
-    return (seed * 1_000_003 + rank) * 10_007 + epoch
+    return ((seed * 1_000_003 + rank) * 10_007 + epoch) % 2**63
 
 
 def checkpoint_seed(seed: int, rank: int, step: int) -> int:
     """The global torch seed after a mid-epoch checkpoint at global ``step``: from there on
     dropout and augmentation are a function of (seed, rank, step), so a run resumed from that
     checkpoint draws what the uninterrupted one draws (on every rank)."""
-    return ((seed * 1_000_003 + rank) * 10_007 + step) * 7 + 3
+    return (((seed * 1_000_003 + rank) * 10_007 + step) * 7 + 3) % 2**63
 
 
 def best_validation(history: list[Metrics], latest: Metrics) -> Metrics:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+from typing import Any
 
 from ray.job_submission import JobSubmissionClient
 
@@ -52,6 +53,8 @@ def driver_env(settings: Settings) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": uri,
     }
     env |= {name: os.environ[name] for name in MLFLOW_CREDENTIALS if name in os.environ}
+    if settings.data_dir is not None:  # where trials read data (workers keep this one)
+        env["DST_DATA_DIR"] = str(settings.data_dir)
     return env
 
 
@@ -64,16 +67,18 @@ class RayExecutor:
         *,
         job_python: str = "python",
         env: dict[str, str] | None = None,
+        timeout: float = 10.0,
     ) -> None:
         self.address = address
         self.job_python = job_python
         self.env = dict(env or {})  # handed to the job's driver (see driver_env)
+        self.timeout = timeout
         self._client: JobSubmissionClient | None = None
 
     @property
     def client(self) -> JobSubmissionClient:
         if self._client is None:
-            self._client = JobSubmissionClient(self.address)
+            self._client = _TimedJobClient(self.address, timeout=self.timeout)
         return self._client
 
     def entrypoint(self, experiment_id: str) -> str:
@@ -121,10 +126,23 @@ class RayExecutor:
         return str(self.client.get_job_logs(experiment_id))
 
     def ping(self) -> bool:
-        """True when the Ray Jobs API answers."""
+        """True when the Ray Jobs API answers (with the client's credentials, within 2 s)."""
         try:
-            self.client.list_jobs()
+            self.client._do_request("GET", "/api/version", timeout=2).raise_for_status()
         except Exception:
             self._client = None
             return False
         return True
+
+
+class _TimedJobClient(JobSubmissionClient):
+    """Ray's Jobs API client with a timeout on every HTTP call (Ray's has none), so a
+    blackholed or hung head node costs one bounded wait, not a stuck thread."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self._timeout = timeout  # set first: the constructor already makes a request
+        super().__init__(address)
+
+    def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", self._timeout)
+        return super()._do_request(method, endpoint, **kwargs)

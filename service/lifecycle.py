@@ -1,15 +1,17 @@
 """The lifecycle of an experiment: launch on Ray, reconcile with Ray, cancel, finalize.
 
-The API owns experiment states; Ray owns whether the job runs. :func:`reconcile` brings the
-two together and is run by the API in a background loop (and once at start-up), so a job that
-ended while the API was down is recorded as ended when the API comes back.
+The API owns experiment states; Ray owns whether the job runs. Requests only write the
+database (:func:`cancel` marks an experiment ``cancelling``); :func:`advance` does the rest for
+one experiment (launch a queued one, stop a cancelling one, record the end of a finished job),
+talking to Ray and MLflow. The API runs it in the background (:mod:`service.dispatcher`), for
+every live experiment periodically and at once after a submit or cancel, so a job that ended
+while the API was down is recorded when the API comes back.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy.engine import Engine
@@ -54,39 +56,36 @@ class Services:
     engine: Engine
     executor: Executor
     tracker: Tracker
-    launching: threading.Lock = field(default_factory=threading.Lock)  # one launch at a time
 
 
 def launch(services: Services, experiment_id: str) -> None:
     """Create the MLflow parent run (if missing) and submit the Ray job of a queued experiment.
 
     Safe to repeat: the parent run is found by tag and the job by its submission id. A failure
-    leaves the experiment queued with the error recorded; the reconciler tries again.
+    leaves the experiment queued with the error recorded; the next pass tries again.
     """
-    with services.launching:
-        _launch(services, experiment_id)
-
-
-def _launch(services: Services, experiment_id: str) -> None:
-    with Session(services.engine) as session:
+    with Session(services.engine) as session:  # no session stays open across Ray or MLflow
         experiment = crud.get_experiment(session, experiment_id)
         if experiment is None or experiment.status != ExperimentStatus.QUEUED:
             return
-        try:
-            if experiment.mlflow_parent_run_id is None:
-                study = StudySpec.model_validate_json(experiment.spec_json)
-                mlflow_experiment, parent = services.tracker.create_parent(
-                    experiment_id, study, expand(study)
-                )
+        parent, spec_json = experiment.mlflow_parent_run_id, experiment.spec_json
+    try:
+        if parent is None:
+            study = StudySpec.model_validate_json(spec_json)
+            mlflow_experiment, parent = services.tracker.create_parent(
+                experiment_id, study, expand(study)
+            )
+            with Session(services.engine) as session:
                 crud.set_mlflow_ids(session, experiment_id, mlflow_experiment, parent)
                 session.commit()
-            services.executor.submit(experiment_id)
-        except Exception as error:
-            log.warning("launching %s failed (will retry): %s", experiment_id, error)
-            session.rollback()
+        services.executor.submit(experiment_id)
+    except Exception as error:
+        log.warning("launching %s failed (will retry): %s", experiment_id, error)
+        with Session(services.engine) as session:
             crud.set_error(session, experiment_id, f"launch failed, retrying: {error}")
             session.commit()
-            return
+        return
+    with Session(services.engine) as session:
         moved = crud.set_experiment_status(session, experiment_id, ExperimentStatus.SUBMITTED)
         crud.set_error(session, experiment_id, None)
         session.commit()
@@ -94,22 +93,25 @@ def _launch(services: Services, experiment_id: str) -> None:
         services.executor.stop(experiment_id)
 
 
-def cancel(services: Services, experiment_id: str) -> None:
-    """Stop the experiment: a queued one is cancelled at once, a live one asks Ray to stop."""
+def cancel(services: Services, experiment_id: str) -> bool:
+    """Cancel in the database only; True if the experiment moved (then call :func:`advance`).
+
+    A queued experiment is cancelled at once (a launch racing with this stops the job it
+    submitted, and :func:`advance` closes the MLflow parent run). A live one becomes
+    ``cancelling``: :func:`advance` stops its job, and its trials become ``cancelled`` once
+    they have stopped.
+    """
     with Session(services.engine) as session:
+        queued = [ExperimentStatus.QUEUED]
         if crud.set_experiment_status(
-            session, experiment_id, ExperimentStatus.CANCELLED, only_from=[ExperimentStatus.QUEUED]
+            session, experiment_id, ExperimentStatus.CANCELLED, only_from=queued
         ):
             crud.finish_unfinished_trials(session, experiment_id, TrialState.CANCELLED)
             session.commit()
-            experiment = crud.get_experiment(session, experiment_id)
-            if experiment is not None:
-                _finish_parent(services, session, experiment, ExperimentStatus.CANCELLED)
-            return
+            return True
         moved = crud.set_experiment_status(session, experiment_id, ExperimentStatus.CANCELLING)
         session.commit()
-    if moved:
-        services.executor.stop(experiment_id)
+    return moved
 
 
 def finalize(
@@ -140,12 +142,7 @@ def finalize(
                 error += f"; the Ray job failed: {_log_tail(services, exp_id)}"
             elif left:
                 error += f"; {left} never finished"
-    if crud.set_experiment_status(session, exp_id, status, error=error):
-        session.commit()
-        log.info("experiment %s %s", exp_id, status)
-        _finish_parent(services, session, experiment, status)
-    else:
-        session.commit()
+    _end(services, session, experiment, status, error)
 
 
 def _finish_parent(
@@ -168,28 +165,57 @@ def _log_tail(services: Services, experiment_id: str, chars: int = 2000) -> str:
 
 
 def reconcile(services: Services) -> None:
-    """One pass over live experiments: launch queued ones, record those whose job ended."""
+    """One pass over every live experiment (what the dispatcher does in the background)."""
     with Session(services.engine) as session:
-        live = [(e.id, e.status) for e in crud.live_experiments(session)]
-    for experiment_id, status in live:
-        if status == ExperimentStatus.QUEUED:
-            launch(services, experiment_id)
-            continue
-        job = services.executor.status(experiment_id)
-        if job is not None and job.live:
-            continue
-        with Session(services.engine) as session:
-            experiment = crud.get_experiment(session, experiment_id)
-            if experiment is None:
-                continue
-            if job is None:
-                crud.finish_unfinished_trials(session, experiment_id, TrialState.FAILED)
-                crud.set_experiment_status(
-                    session,
-                    experiment_id,
-                    ExperimentStatus.FAILED,
-                    error="Ray has no job for this experiment",
-                )
-                session.commit()
-                continue
+        live = [e.id for e in crud.live_experiments(session)]
+    for experiment_id in live:
+        advance(services, experiment_id)
+
+
+def advance(services: Services, experiment_id: str) -> None:
+    """Move one experiment on: launch it if queued, stop its job if cancelling, and record
+    its end once its job has ended (or Ray has none); close the MLflow parent run of one
+    cancelled while queued."""
+    with Session(services.engine) as session:
+        experiment = crud.get_experiment(session, experiment_id)
+        status = None if experiment is None else ExperimentStatus(experiment.status)
+        if experiment is not None and status == ExperimentStatus.CANCELLED:
+            _finish_parent(services, session, experiment, status)  # cancelled while queued
+    if status is None or status.terminal:
+        return
+    if status == ExperimentStatus.QUEUED:
+        launch(services, experiment_id)
+        return
+    job = services.executor.status(experiment_id)
+    if job is not None and job.live:
+        if status == ExperimentStatus.CANCELLING:
+            services.executor.stop(experiment_id)  # the next pass records the stop
+        return
+    with Session(services.engine) as session:
+        experiment = crud.get_experiment(session, experiment_id)
+        if experiment is None:
+            return
+        if job is not None:
             finalize(services, session, experiment, job)
+        elif experiment.status == ExperimentStatus.CANCELLING:  # never launched: nothing runs
+            crud.finish_unfinished_trials(session, experiment_id, TrialState.CANCELLED)
+            _end(services, session, experiment, ExperimentStatus.CANCELLED)
+        else:
+            crud.finish_unfinished_trials(session, experiment_id, TrialState.FAILED)
+            _end(services, session, experiment, ExperimentStatus.FAILED, "Ray has no job for it")
+
+
+def _end(
+    services: Services,
+    session: Session,
+    experiment: Experiment,
+    status: ExperimentStatus,
+    error: str | None = None,
+) -> None:
+    """Move ``experiment`` to a terminal ``status`` and close its MLflow parent run."""
+    if crud.set_experiment_status(session, experiment.id, status, error=error):
+        session.commit()
+        log.info("experiment %s %s", experiment.id, status)
+        _finish_parent(services, session, experiment, status)
+    else:
+        session.commit()

@@ -9,33 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
 from service.api.deps import require_token
+from service.api.errors import install_error_handlers
+from service.api.limits import BodySizeLimit
 from service.api.routes import experiments, health
 from service.core.config import Settings
 from service.db import make_engine, upgrade_database
-from service.lifecycle import Executor, Services, Tracker, reconcile
+from service.dispatcher import Dispatcher
+from service.lifecycle import Executor, Services, Tracker
 
 log = logging.getLogger(__name__)
-
-
-async def _reconcile_forever(services: Services, interval: float) -> None:
-    while True:
-        try:
-            await asyncio.to_thread(reconcile, services)
-        except Exception:
-            log.exception("reconcile pass failed")
-        await asyncio.sleep(interval)
 
 
 def create_app(
     settings: Settings, executor: Executor | None = None, tracker: Tracker | None = None
 ) -> FastAPI:
     """The API over ``settings``; default executor and tracker come from the settings."""
+    # one bounded attempt per MLflow call: the dispatcher's next pass is the retry
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(settings.call_timeout_s)))
     if executor is None or tracker is None:
         if not settings.ray_address or not settings.mlflow_tracking_uri:
             raise ValueError(
@@ -46,22 +44,24 @@ def create_app(
         from service.tracking import MlflowTracker
 
         executor = executor or RayExecutor(
-            settings.ray_address, job_python=settings.job_python, env=driver_env(settings)
+            settings.ray_address,
+            job_python=settings.job_python,
+            env=driver_env(settings),
+            timeout=settings.call_timeout_s,
         )
         tracker = tracker or MlflowTracker(settings.mlflow_tracking_uri)
     engine = make_engine(settings.database_url)
     services = Services(engine=engine, executor=executor, tracker=tracker)
+    dispatcher = Dispatcher(services, settings.reconcile_interval_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(upgrade_database, engine)
-        task = asyncio.create_task(_reconcile_forever(services, settings.reconcile_interval_s))
+        dispatcher.start()
         try:
             yield
         finally:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            dispatcher.stop()
             engine.dispose()
 
     app = FastAPI(
@@ -72,6 +72,9 @@ def create_app(
     )
     app.state.settings = settings
     app.state.services = services
+    app.state.dispatcher = dispatcher
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(experiments.router, dependencies=[Depends(require_token)])
     return app

@@ -67,6 +67,12 @@ class ResultsOut(BaseModel):
     rows: list[ResultRow]
 
 
+class Problem(BaseModel):
+    """An error answer (401, 404, 409, 413)."""
+
+    detail: str
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 

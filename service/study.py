@@ -11,14 +11,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     StrictFloat,
+    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -42,7 +44,9 @@ DST_ONLY_FIELDS = (
 )
 RUN_FIELDS = ("model", "dataset", "seed", "device")
 SECTIONS = {"training", "sparsity", "data"}
-MAX_GRID = 100_000  # hard cap before expansion; the API's DST_MAX_TRIALS is usually lower
+MAX_GRID = 100_000  # hard cap, counted before expansion; the API's DST_MAX_TRIALS is lower
+MAX_GRID_VALUES = 10_000  # values of one grid field
+MAX_TAGS = 50
 
 
 def grid_fields() -> list[str]:
@@ -71,7 +75,7 @@ class Resources(BaseModel):
     GPU when it has GPUs (NCCL gives each rank its own device).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     cpus_per_trial: float = Field(1.0, gt=0, le=1024, description="fractional CPUs allowed")
     gpus_per_trial: float = Field(
@@ -122,7 +126,7 @@ class Baselines(BaseModel):
     their model, dataset, training settings and seeds.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     dense: bool = False
     static: bool = False
@@ -135,14 +139,38 @@ class Baselines(BaseModel):
     )
 
 
+TagKey = Annotated[str, StringConstraints(min_length=1, max_length=250)]
+TagValue = Annotated[str, StringConstraints(max_length=1000)]
+GridValues = Annotated[list[Any], Field(max_length=MAX_GRID_VALUES)]
+
+
 class StudySpec(RunSpec):
-    """A run spec plus grid, baselines, tags and resources."""
+    """A run spec plus grid, baselines, tags and resources.
+
+    Validating a study checks every field and every grid value, and counts the grid's trials
+    without expanding it; :func:`expand` then builds (and checks) each combination.
+    """
 
     name: str = Field(..., min_length=1, max_length=200)
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=MAX_TAGS)
     resources: Resources = Resources()
     baselines: Baselines = Baselines()
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    grid: dict[str, GridValues] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_text(cls, data: Any) -> Any:
+        """Every string must be valid Unicode (a lone surrogate cannot be stored or sent)."""
+        for path, text in _strings(data, ()):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                where = ".".join(str(p) for p in path) or "spec"
+                raise ValueError(
+                    f"{where}: {text.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
+                    f"Unicode (a lone surrogate); send UTF-8 text"
+                ) from None
+        return data
 
     @field_validator("grid")
     @classmethod
@@ -170,16 +198,16 @@ class StudySpec(RunSpec):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> StudySpec:
-        size = math.prod(len(v) for v in self.grid.values())
+        size = self.grid_size()
         if size > MAX_GRID:
             raise ValueError(f"the grid expands to {size} trials; at most {MAX_GRID} are allowed")
-        plans = expand(self)  # every combination must be a valid run (e.g. model x dataset)
-        wants_gpu = any(p.spec.device.startswith("cuda") for p in plans)
+        devices = [str(d) for d in self.grid.get("device", [self.device])]
+        wants_gpu = any(d.startswith("cuda") for d in devices)
         if wants_gpu and self.resources.gpus_per_trial == 0:
             raise ValueError(
                 "device 'cuda' needs resources.gpus_per_trial > 0 (else Ray gives the trial no GPU)"
             )
-        on_cpu = any(p.spec.device == "cpu" for p in plans)
+        on_cpu = "cpu" in devices
         if on_cpu and self.resources.gpus_per_trial > 0:
             raise ValueError(
                 f"resources.gpus_per_trial = {self.resources.gpus_per_trial:g} but device is "
@@ -187,9 +215,27 @@ class StudySpec(RunSpec):
             )
         return self
 
+    def grid_size(self) -> int:
+        """The number of grid combinations (DST runs before baselines), without expanding."""
+        return math.prod(len(v) for v in self.grid.values())
+
     def base_run(self) -> dict[str, Any]:
         """The run-spec part of this study as plain JSON data."""
         return _dump({k: getattr(self, k) for k in RunSpec.model_fields})
+
+
+def _strings(data: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...], str]]:
+    """Every string in plain JSON data (keys included), with its path."""
+    if isinstance(data, str):
+        yield path, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(key, str):
+                yield (*path, key), key
+            yield from _strings(value, (*path, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _strings(value, (*path, i))
 
 
 def _dump(fields: dict[str, Any]) -> dict[str, Any]:

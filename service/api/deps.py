@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.core.config import Settings
 from service.core.security import check_bearer
+from service.dispatcher import Dispatcher
 from service.lifecycle import Services
 
 _bearer = HTTPBearer(auto_error=False, description="the API token (DST_API_TOKEN)")
@@ -26,7 +27,13 @@ def get_services(request: Request) -> Services:
     return services
 
 
+def get_dispatcher(request: Request) -> Dispatcher:
+    dispatcher: Dispatcher = request.app.state.dispatcher
+    return dispatcher
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 

@@ -43,6 +43,20 @@ class Settings(BaseSettings):
         description="the Ray cluster adds nodes on demand: do not refuse trials that no "
         "current node can hold",
     )
+    call_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="timeout of each Ray Jobs API and MLflow call the API makes"
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="largest request body accepted (413 above)"
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="the data directory on the cluster's workers (what trials read as "
+        "$DST_DATA_DIR); a study's data.root must lie inside it or inside data_roots",
+    )
+    data_roots: list[Path] = Field(
+        default_factory=list, description="more directories a study's data.root may name"
+    )
     max_trials: int = Field(1000, ge=1, description="largest study (trials) the API accepts")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -52,6 +66,10 @@ class Settings(BaseSettings):
     job_python: str = Field(
         "python", description="the Python that Ray jobs run the driver with (on the cluster)"
     )
+
+    def allowed_data_roots(self) -> list[Path]:
+        """Where a study submitted over REST may point ``data.root``."""
+        return [p for p in [self.data_dir, *self.data_roots] if p is not None]
 
     @model_validator(mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from service.core.config import Settings
 from service.execution import RayExecutor
 from service.main import create_app
 from service.tracking import MlflowTracker
+from tests.service.e2e import wait_for
 
 TOKEN = "test-token-abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -179,7 +180,11 @@ def test_a_study_whose_launch_fails_stays_queued_with_its_trials(client: TestCli
     body = response.json()
     assert body["status"] == "queued" and body["n_trials"] == 2
     assert body["trial_counts"] == {"pending": 2}
-    assert "launch failed" in body["error"]
+    assert body["error"] is None  # launching happens after the answer, in the background
+    path = f"/experiments/{body['id']}"
+    wait_for(lambda: client.get(path, headers=AUTH).json()["error"], "the launch to fail", 30)
+    assert "launch failed" in client.get(path, headers=AUTH).json()["error"]
+    assert client.get(path, headers=AUTH).json()["status"] == "queued"
     trials = client.get(f"/experiments/{body['id']}/trials", headers=AUTH).json()
     assert [t["params"]["sparsity.criterion"] for t in trials] == ["magnitude", "snip"]
     assert all(t["state"] == "pending" and t["epoch"] == 0 and t["epochs"] == 1 for t in trials)

@@ -136,6 +136,8 @@ def test_a_cancel_during_submit_stops_the_job(services: Services) -> None:
     assert status(services)[0] == ExperimentStatus.CANCELLED
     assert services.executor.stopped == ["e1"]  # type: ignore[attr-defined]
     assert set(trial_states(services)) == {TrialState.CANCELLED}
+    lifecycle.advance(services, "e1")  # what the cancel asks the dispatcher for
+    assert services.tracker.finished == [("parent-e1", "cancelled", 0)]  # type: ignore[attr-defined]
 
 
 def test_cancel_of_a_live_experiment_asks_ray_to_stop(services: Services) -> None:
@@ -143,7 +145,28 @@ def test_cancel_of_a_live_experiment_asks_ray_to_stop(services: Services) -> Non
     lifecycle.reconcile(services)
     lifecycle.cancel(services, "e1")
     assert status(services)[0] == ExperimentStatus.CANCELLING
+    assert services.executor.stopped == []  # type: ignore[attr-defined]  # a request never waits on Ray
+    lifecycle.advance(services, "e1")
     assert services.executor.stopped == ["e1"]  # type: ignore[attr-defined]
+    assert set(trial_states(services)) == {TrialState.PENDING}  # not before they stopped
+    services.executor.jobs["e1"] = JobStatus.STOPPED  # type: ignore[attr-defined]
+    lifecycle.advance(services, "e1")
+    assert status(services)[0] == ExperimentStatus.CANCELLED
+    assert set(trial_states(services)) == {TrialState.CANCELLED}
+    assert services.tracker.finished == [("parent-e1", "cancelled", 0)]  # type: ignore[attr-defined]
+
+
+def test_cancelling_an_experiment_ray_never_got_cancels_it(services: Services) -> None:
+    add(services)
+    services.tracker.down = True  # type: ignore[attr-defined]  # the launch keeps failing
+    lifecycle.reconcile(services)
+    with Session(services.engine) as session:  # as if a launch had got as far as running
+        crud.set_experiment_status(session, "e1", ExperimentStatus.SUBMITTED)
+        session.commit()
+    lifecycle.cancel(services, "e1")
+    lifecycle.advance(services, "e1")  # Ray has no job
+    assert status(services)[0] == ExperimentStatus.CANCELLED
+    assert set(trial_states(services)) == {TrialState.CANCELLED}
 
 
 def test_a_running_job_is_left_alone(services: Services) -> None:

@@ -69,13 +69,34 @@ def test_no_grid_is_one_trial() -> None:
         ({"criterion": []}, "empty list"),
         ({"criterion": ["magnitude", "nope"]}, "grid.sparsity.criterion[1]"),
         ({"density": [0.1, 1.5]}, "grid.sparsity.density[1]"),
-        ({"dataset": ["digits", "breast_cancer"], "model": ["small-cnn"]}, "grid combination"),
     ],
 )
 def test_bad_grids_name_the_field(grid: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError) as info:
         StudySpec.model_validate(study(grid=grid))
     assert message in str(info.value)
+
+
+def test_a_combination_no_value_alone_rules_out_is_refused_when_expanded() -> None:
+    """Validation counts the grid without expanding it; expanding checks each combination."""
+    spec = StudySpec.model_validate(
+        study(grid={"dataset": ["digits", "breast_cancer"], "model": ["small-cnn"]})
+    )
+    assert spec.grid_size() == 2
+    with pytest.raises(ValueError, match="grid combination"):
+        expand(spec)
+
+
+def test_an_oversized_grid_is_counted_not_expanded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.study
+
+    def no_expanding(*args: Any) -> None:
+        raise AssertionError("validation expanded the grid")
+
+    monkeypatch.setattr(service.study, "expand", no_expanding)
+    huge = {"seed": list(range(10_000)), "sparsity.density": [0.1] * 10 + [0.2] * 10}
+    with pytest.raises(ValidationError, match="expands to 200000 trials"):
+        StudySpec.model_validate(study(grid=huge))
 
 
 def test_grid_fields_cover_every_section() -> None:
@@ -127,8 +148,9 @@ def test_dropout_on_a_model_without_dropout_names_the_field_and_the_models() -> 
         ValidationError, match=r"training\.dropout: model 'small-cnn' has no dropout"
     ):
         StudySpec.model_validate(study(model="small-cnn", training={"dropout": 0.05}))
-    with pytest.raises(ValidationError, match="available for small-mlp, large-mlp"):
-        StudySpec.model_validate(study(model="small-cnn", baselines={"dense_dropout": 0.05}))
+    spec = StudySpec.model_validate(study(model="small-cnn", baselines={"dense_dropout": 0.05}))
+    with pytest.raises(ValueError, match="available for small-mlp, large-mlp"):
+        expand(spec)  # the baseline runs are built (and checked) when the study is expanded
 
 
 def test_linear_schedule_parameters_only_split_linear_runs() -> None:

@@ -3,30 +3,47 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy.exc import IntegrityError
 
 from dst.spec import flatten
 from service import crud, lifecycle
-from service.api.deps import ServicesDep, SessionDep, SettingsDep
+from service.api.deps import DispatcherDep, ServicesDep, SessionDep, SettingsDep
+from service.core.config import Settings
 from service.db import Experiment, Trial
 from service.schemas import (
     ExperimentOut,
     ExperimentPage,
     MlflowLinks,
+    Problem,
     ResultsOut,
     TrialOut,
 )
-from service.states import UNFINISHED_TRIAL, ExperimentStatus
-from service.study import StudySpec, expand
+from service.states import UNFINISHED_TRIAL, ExperimentStatus, TrialState
+from service.study import StudySpec, TrialPlan, expand
 
-router = APIRouter(prefix="/experiments", tags=["experiments"])
+router = APIRouter(
+    prefix="/experiments",
+    tags=["experiments"],
+    responses={401: {"model": Problem, "description": "missing or wrong bearer token"}},
+)
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "no such experiment"}
+}
 
 
-def experiment_out(session: SessionDep, services: ServicesDep, e: Experiment) -> ExperimentOut:
+def experiment_out(
+    session: SessionDep,
+    services: ServicesDep,
+    e: Experiment,
+    counts: dict[TrialState, int] | None = None,
+) -> ExperimentOut:
+    """The API's view of ``e`` (``counts``: trials by state, when the caller knows them)."""
     study = json.loads(e.spec_json)
     links = services.tracker.links(e.mlflow_experiment_id, e.mlflow_parent_run_id)
     return ExperimentOut(
@@ -34,7 +51,7 @@ def experiment_out(session: SessionDep, services: ServicesDep, e: Experiment) ->
         name=e.name,
         status=e.status,
         n_trials=e.n_trials,
-        trial_counts=crud.trial_counts_by_state(session, e.id),
+        trial_counts=counts if counts is not None else crud.trial_counts_by_state(session, e.id),
         tags=study.get("tags", {}),
         error=e.error,
         created_at=crud.as_aware(e.created_at),
@@ -70,42 +87,104 @@ def _get(session: SessionDep, experiment_id: str) -> Experiment:
     return experiment
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+def _unprocessable(loc: list[str], msg: str, kind: str) -> HTTPException:
+    """A 422 shaped like pydantic's, naming the field."""
+    detail = [{"loc": loc, "msg": msg, "type": kind}]
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
+
+
+def _plans(study: StudySpec, settings: Settings) -> list[TrialPlan]:
+    """The study's trials, refused before expanding when the grid alone is over the limit."""
+    limit = settings.max_trials
+    too_many = "the study expands to {} trials; the limit is {} (DST_MAX_TRIALS)"
+    if study.grid_size() > limit:
+        raise _unprocessable(
+            ["body", "grid"], too_many.format(study.grid_size(), limit), "too_many_trials"
+        )
+    try:
+        plans = expand(study)  # every combination must be a valid run (e.g. model x dataset)
+    except ValueError as error:
+        raise _unprocessable(["body"], str(error), "value_error") from None
+    if len(plans) > limit:
+        raise _unprocessable(
+            ["body", "grid"], too_many.format(len(plans), limit), "too_many_trials"
+        )
+    return plans
+
+
+def _check_data_roots(plans: list[TrialPlan], settings: Settings) -> None:
+    """Over REST a ``data.root`` must lie inside the operator's data directories."""
+    allowed = [Path(os.path.normpath(p)) for p in settings.allowed_data_roots()]
+    for plan in plans:
+        root = plan.spec.data.root
+        if root is None:
+            continue
+        path = Path(os.path.normpath(root))
+        if path.is_absolute() and any(path.is_relative_to(a) for a in allowed):
+            continue
+        where = ", ".join(str(a) for a in allowed) or "none: set DST_DATA_DIR to allow data.root"
+        raise _unprocessable(
+            ["body", "data", "root"],
+            f"data.root {root!r} is not inside an allowed data directory ({where})",
+            "data_root_not_allowed",
+        )
+
+
+def _replay(
+    session: SessionDep, services: ServicesDep, key: str, study: StudySpec, response: Response
+) -> ExperimentOut | None:
+    """The experiment stored under idempotency ``key`` (200), None if there is none; 409 if
+    it was stored from another body."""
+    existing = crud.get_by_idempotency_key(session, key)
+    if existing is None:
+        return None
+    if existing.spec_json != study.model_dump_json():
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"Idempotency-Key {key!r} was used for another study (experiment {existing.id}); "
+            f"use a new key for a different body",
+        )
+    response.status_code = status.HTTP_200_OK
+    return experiment_out(session, services, existing)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        200: {"model": ExperimentOut, "description": "a replay of an Idempotency-Key"},
+        409: {"model": Problem, "description": "the Idempotency-Key was used for another body"},
+        413: {"model": Problem, "description": "the body is larger than DST_MAX_BODY_BYTES"},
+    },
+)
 def submit_experiment(
     study: StudySpec,
     session: SessionDep,
     services: ServicesDep,
     settings: SettingsDep,
+    dispatcher: DispatcherDep,
     response: Response,
     idempotency_key: Annotated[
         str | None,
         Header(
+            min_length=1,
             max_length=200,
             description="a retried submission with the same key returns the same experiment",
         ),
     ] = None,
 ) -> ExperimentOut:
-    """Validate a study, store it with its trials, create its MLflow parent run and submit its
-    Ray job. Answers 201 for a new experiment, 200 for a replay of an idempotency key."""
+    """Validate a study and store it, with its trials, as ``queued``; launching on Ray (and
+    creating its MLflow parent run) happens in the background. Answers 201 for a new
+    experiment, 200 for a replay of an idempotency key with the same body."""
     if idempotency_key is not None:
-        existing = crud.get_by_idempotency_key(session, idempotency_key)
-        if existing is not None:
-            response.status_code = status.HTTP_200_OK
-            return experiment_out(session, services, existing)
-    plans = expand(study)
-    if len(plans) > settings.max_trials:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            [{
-                "loc": ["body", "grid"],
-                "msg": f"the study expands to {len(plans)} trials; the limit is "
-                       f"{settings.max_trials} (DST_MAX_TRIALS)",
-                "type": "too_many_trials",
-            }],
-        )  # fmt: skip
+        replay = _replay(session, services, idempotency_key, study, response)
+        if replay is not None:
+            return replay
+    plans = _plans(study, settings)
+    _check_data_roots(plans, settings)
     experiment_id = uuid.uuid4().hex
     try:
-        crud.create_experiment(
+        experiment = crud.create_experiment(
             session,
             experiment_id=experiment_id,
             name=study.name,
@@ -116,14 +195,12 @@ def submit_experiment(
         session.commit()
     except IntegrityError:  # a concurrent request with the same key won the race
         session.rollback()
-        existing = crud.get_by_idempotency_key(session, idempotency_key or "")
-        if existing is None:
+        replay = _replay(session, services, idempotency_key or "", study, response)
+        if replay is None:
             raise
-        response.status_code = status.HTTP_200_OK
-        return experiment_out(session, services, existing)
-    lifecycle.launch(services, experiment_id)
-    session.expire_all()
-    return experiment_out(session, services, _get(session, experiment_id))
+        return replay
+    dispatcher.request(experiment_id)
+    return experiment_out(session, services, experiment, {TrialState.PENDING: len(plans)})
 
 
 @router.get("")
@@ -131,7 +208,7 @@ def list_experiments(
     session: SessionDep,
     services: ServicesDep,
     status_filter: Annotated[ExperimentStatus | None, Query(alias="status")] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> ExperimentPage:
     """Experiments, newest first, optionally only those in one status."""
@@ -144,36 +221,42 @@ def list_experiments(
     )
 
 
-@router.get("/{experiment_id}")
+@router.get("/{experiment_id}", responses=NOT_FOUND)
 def get_experiment(experiment_id: str, session: SessionDep, services: ServicesDep) -> ExperimentOut:
     """Status, trial counts by state and MLflow links of one experiment."""
     return experiment_out(session, services, _get(session, experiment_id))
 
 
-@router.get("/{experiment_id}/trials")
+@router.get("/{experiment_id}/trials", responses=NOT_FOUND)
 def list_trials(experiment_id: str, session: SessionDep) -> list[TrialOut]:
     """Every trial's parameters, state, current epoch and latest metrics."""
     _get(session, experiment_id)
     return [trial_out(t) for t in crud.list_trials(session, experiment_id)]
 
 
-@router.post("/{experiment_id}/cancel")
+@router.post(
+    "/{experiment_id}/cancel",
+    responses=NOT_FOUND | {409: {"model": Problem, "description": "the experiment has ended"}},
+)
 def cancel_experiment(
-    experiment_id: str, session: SessionDep, services: ServicesDep
+    experiment_id: str, session: SessionDep, services: ServicesDep, dispatcher: DispatcherDep
 ) -> ExperimentOut:
-    """Stop a live experiment (its Ray job stops gracefully; unfinished trials are cancelled).
-    Cancelling a cancelled experiment is a no-op; a finished one answers 409."""
+    """Stop a live experiment: it becomes ``cancelling`` at once, its Ray job is stopped in
+    the background, and its unfinished trials become ``cancelled`` once they have stopped (then
+    the experiment is ``cancelled``). Cancelling a cancelled experiment is a no-op; a finished
+    one answers 409."""
     experiment = _get(session, experiment_id)
     if experiment.status in (ExperimentStatus.SUCCEEDED, ExperimentStatus.FAILED):
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"experiment {experiment_id} already {experiment.status}"
         )
-    lifecycle.cancel(services, experiment_id)
+    if lifecycle.cancel(services, experiment_id):
+        dispatcher.request(experiment_id)
     session.expire_all()
     return experiment_out(session, services, _get(session, experiment_id))
 
 
-@router.get("/{experiment_id}/results")
+@router.get("/{experiment_id}/results", responses=NOT_FOUND)
 def get_results(experiment_id: str, session: SessionDep) -> ResultsOut:
     """Final test accuracy (last epoch and at the best validation epoch) and loss, mean ± std
     over seeds, one row per combination of the fields the study varies (succeeded trials)."""

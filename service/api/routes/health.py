@@ -12,8 +12,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> Health:
-    """The API process is alive."""
+async def healthz() -> Health:
+    """The API process is alive (answered on the event loop: no thread, no dependency)."""
     return Health(status="ok")
 
 
