@@ -62,7 +62,12 @@ def running_api(settings: Settings) -> Iterator[str]:
         settings = settings.model_copy(
             update={"ray_address": ray_address, "mlflow_tracking_uri": mlflow_uri}
         )
-        executor = RayExecutor(ray_address, job_python=sys.executable, env=driver_env(settings))
+        executor = RayExecutor(
+            ray_address,
+            job_python=sys.executable,
+            env=driver_env(settings),
+            timeout=settings.call_timeout_s,
+        )
         api = create_app(settings, executor=executor, tracker=MlflowTracker(mlflow_uri))
         server = uvicorn.Server(
             uvicorn.Config(api, host=settings.host, port=settings.port, log_level="warning")

@@ -38,7 +38,9 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def get_session(services: ServicesDep) -> Iterator[Session]:
-    with Session(services.engine) as session:
+    """A session per request; objects stay readable after a commit, so the answer to a write
+    is built without another round trip (a stored experiment is never answered with a 5xx)."""
+    with Session(services.engine, expire_on_commit=False) as session:
         yield session
 
 

@@ -108,9 +108,15 @@ def test_cancel_a_running_study(local_ray: str, mlflow_sqlite: str, storage: Pat
         assert cancelled["status"] in ("cancelling", "cancelled")
         final = wait_terminal(client, created["id"], timeout=60)
         assert final["status"] == "cancelled"
-        assert {t["state"] for t in client.trials(created["id"])} == {"cancelled"}
+        trials = client.trials(created["id"])
+        assert {t["state"] for t in trials} == {"cancelled"}
         executor = RayExecutor(local_ray)
         wait_for(lambda: executor.status(created["id"]) == "STOPPED", "Ray to stop the job", 60)
+        mlflow = MlflowClient(mlflow_sqlite)
+        assert mlflow.get_run(final["mlflow"]["parent_run_id"]).info.status == "KILLED"
+        started = [t["mlflow_run_id"] for t in trials if t["mlflow_run_id"]]
+        assert started  # at least the trial that ran an epoch
+        assert {mlflow.get_run(run).info.status for run in started} == {"KILLED"}
 
 
 def test_state_survives_an_api_restart(local_ray: str, mlflow_sqlite: str, storage: Path) -> None:
