@@ -1,24 +1,22 @@
-"""The ``dst`` command line: train one run, inspect models, list registered names."""
+"""The ``dst`` command line: train one run, inspect models, list registered names.
+
+The registries and PyTorch are imported inside the commands that use them, so ``dst --help``
+(and every service command) answers without paying for them.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
-from pydantic import ValidationError
 
-from dst.criteria import CRITERIA
-from dst.datasets import DATASETS, get_dataset
-from dst.distributions import DISTRIBUTIONS, layer_densities
-from dst.growth import GROWTH
-from dst.masks import active_count, prunable_weights, save_masks
-from dst.models import MODELS, build_model, get_model
-from dst.registry import UnknownNameError
-from dst.spec import RunSpec, apply_overrides, read_spec_file
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+    from dst.spec import RunSpec
 
 app = typer.Typer(help="DST Lab: dynamic sparse training studies.", no_args_is_help=True)
 log = logging.getLogger("dst")
@@ -53,6 +51,11 @@ def fail(message: str) -> typer.Exit:
 
 def load_run_spec(path: Path, overrides: list[str]) -> RunSpec:
     """Read, override and validate a run spec; bad input exits with a clear message."""
+    import yaml
+    from pydantic import ValidationError
+
+    from dst.spec import RunSpec, apply_overrides, read_spec_file
+
     try:
         return RunSpec.model_validate(apply_overrides(read_spec_file(path), overrides))
     except ValidationError as error:
@@ -80,6 +83,9 @@ def run(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Train one run; write metrics.jsonl and the initial and final masks to OUT."""
+    import yaml
+
+    from dst.masks import save_masks
     from dst.training import Trainer  # heavy imports only when training
 
     spec = load_run_spec(spec_path, set_ or [])
@@ -110,6 +116,11 @@ def run(
 
 def inspect_model(name: str, dataset: str, density: float, init: str | None) -> dict[str, Any]:
     """Per-layer shapes, sizes, densities and active counts of ``name`` built for ``dataset``."""
+    from dst.datasets import get_dataset
+    from dst.distributions import layer_densities
+    from dst.masks import active_count, prunable_weights
+    from dst.models import build_model, get_model
+
     entry = get_model(name)
     model = build_model(name, get_dataset(dataset).info)
     weights = prunable_weights(model)
@@ -148,6 +159,9 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Show each prunable layer's shape, size, density and active count."""
+    from dst.distributions import DISTRIBUTIONS
+    from dst.registry import UnknownNameError
+
     if not 0 < density <= 1:
         raise fail(f"--density must be in (0, 1], got {density}")
     try:
@@ -176,6 +190,8 @@ def inspect(
 @app.command()
 def models() -> None:
     """List the registered models."""
+    from dst.models import MODELS
+
     for name in MODELS:
         typer.echo(f"{name:<18} {MODELS.get(name).description}")
 
@@ -183,6 +199,8 @@ def models() -> None:
 @app.command()
 def datasets() -> None:
     """List the registered datasets."""
+    from dst.datasets import DATASETS
+
     for name in DATASETS:
         typer.echo(f"{name:<16} {DATASETS.get(name).description}")
 
@@ -190,6 +208,9 @@ def datasets() -> None:
 @app.command()
 def criteria() -> None:
     """List the pruning criteria and growth criteria."""
+    from dst.criteria import CRITERIA
+    from dst.growth import GROWTH
+
     for name in CRITERIA:
         typer.echo(f"{name:<14} {CRITERIA.get(name).description}")
     typer.echo("growth:")

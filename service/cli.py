@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -16,16 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
-from tqdm import tqdm
 
 from dst.cli import app, fail
 from service.client import DEFAULT_URL, TERMINAL, ApiClient, ApiError, default_token, write_token
-from service.core.config import Settings
 from service.states import ExperimentStatus, TrialState
+
+if TYPE_CHECKING:
+    from service.core.config import Settings
 
 log = logging.getLogger("dst.service")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -34,6 +35,8 @@ Token = Annotated[str | None, typer.Option("--token", envvar="DST_API_TOKEN", he
 
 
 def _client(api: str, token: str | None) -> ApiClient:
+    from service.core.config import Settings
+
     return ApiClient(api, token or default_token(Settings().storage_path))
 
 
@@ -43,49 +46,99 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 @contextmanager
 def running_api(settings: Settings) -> Iterator[str]:
-    """Start whatever the settings leave unconfigured (local Ray, local MLflow), then the API
-    in a background thread; yield its address; stop everything on exit."""
+    """Start the API at once and, beside it in the background, whatever the settings leave
+    unconfigured (a local Ray and a local MLflow server, started concurrently); yield the
+    API's address as soon as it answers ``/healthz`` (``/readyz`` says when Ray and MLflow are
+    up). On exit everything stops within seconds; a second Ctrl-C (or SIGTERM) while
+    stopping kills what is left at once."""
     import uvicorn
 
     from service.execution import RayExecutor, driver_env
-    from service.local import LocalServices
+    from service.local import LocalServices, free_port
     from service.main import create_app
     from service.tracking import MlflowTracker
 
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # SIGTERM (a process manager, `kill`) unwinds like Ctrl-C, so local services are stopped
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    with LocalServices() as local:
-        ray_address = settings.ray_address or local.start_ray()
-        mlflow_uri = settings.mlflow_tracking_uri or local.start_mlflow(
-            settings.storage_path / "mlflow"
-        )
-        settings = settings.model_copy(
-            update={"ray_address": ray_address, "mlflow_tracking_uri": mlflow_uri}
-        )
-        executor = RayExecutor(
-            ray_address,
-            job_python=sys.executable,
-            env=driver_env(settings),
-            timeout=settings.call_timeout_s,
-        )
-        api = create_app(settings, executor=executor, tracker=MlflowTracker(mlflow_uri))
-        server = uvicorn.Server(
-            uvicorn.Config(api, host=settings.host, port=settings.port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
+    local = LocalServices()
+    starters: list[tuple[str, Any]] = []
+    ray_address, mlflow_uri = settings.ray_address, settings.mlflow_tracking_uri
+    if not ray_address:
+        dashboard = free_port()
+        ray_address = f"http://127.0.0.1:{dashboard}"
+        starters.append(("Ray", lambda: local.start_ray(dashboard=dashboard)))
+    if not mlflow_uri:
+        port, storage = free_port(), settings.storage_path / "mlflow"
+        mlflow_uri = f"http://127.0.0.1:{port}"
+        starters.append(("MLflow", lambda: local.start_mlflow(storage, port=port)))
+    settings = settings.model_copy(
+        update={"ray_address": ray_address, "mlflow_tracking_uri": mlflow_uri}
+    )
+    executor = RayExecutor(
+        ray_address,
+        job_python=sys.executable,
+        env=driver_env(settings),
+        timeout=settings.call_timeout_s,
+    )
+    api = create_app(settings, executor=executor, tracker=MlflowTracker(mlflow_uri))
+    config = uvicorn.Config(
+        api,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=3,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="dst-api", daemon=True)
+    try:
         thread.start()
+        for name, start in starters:
+            threading.Thread(target=_start, args=(name, start), daemon=True).start()
         url = f"http://{settings.host}:{settings.port}"
+        client = ApiClient(url, None)
+        deadline = time.monotonic() + 60
+        while not client.healthy():
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"the API did not start on {url}")
+            time.sleep(0.05)
+        yield url
+    finally:
+
+        def hard_stop(signum: int, frame: FrameType | None) -> None:
+            local.kill()
+            os._exit(128 + signum)
+
+        signal.signal(signal.SIGINT, hard_stop)
+        signal.signal(signal.SIGTERM, hard_stop)
+        server.should_exit = True
+        thread.join(timeout=5)
+        local.stop(grace=5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _start(name: str, start: Any) -> None:
+    """Start a local service in the background; a failure is logged (``/readyz`` shows it)."""
+    try:
+        start()
+    except Exception as error:
+        log.error("local %s did not start: %s", name, error)
+
+
+def wait_ready(url: str, timeout: float = 300) -> None:
+    """Wait until the API says the database, Ray and MLflow are all reachable."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
-            client = ApiClient(url, None)
-            deadline = time.monotonic() + 60
-            while not client.healthy():
-                if time.monotonic() > deadline or not thread.is_alive():
-                    raise RuntimeError(f"the API did not start on {url}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            server.should_exit = True
-            thread.join(timeout=30)
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"Ray and MLflow were not ready within {timeout:.0f} s")
 
 
 @app.command()
@@ -94,6 +147,8 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default: settings)")] = None,
 ) -> None:
     """Run the REST API; start a local Ray and MLflow server if none is configured."""
+    from service.core.config import Settings
+
     settings = Settings()
     updates: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v}
     settings = settings.model_copy(update=updates)
@@ -101,7 +156,7 @@ def serve(
     path = write_token(settings.storage_path, settings.api_token.get_secret_value())
     with running_api(settings) as url:
         typer.echo(f"DST Lab API on {url} (docs: {url}/docs); token in {path}")
-        typer.echo("Ctrl-C to stop")
+        typer.echo(f"Ctrl-C to stop; {url}/readyz says when Ray and MLflow are up")
         try:
             while True:
                 time.sleep(3600)
@@ -112,6 +167,8 @@ def serve(
 def wait_for(client: ApiClient, experiment_id: str, poll: float = 1.0) -> dict[str, Any]:
     """Show a finished/total progress bar until the experiment ends; return its last state."""
     experiment = client.experiment(experiment_id)
+    from tqdm import tqdm
+
     with tqdm(total=experiment["n_trials"], desc=experiment["name"], unit="trial") as bar:
         while True:
             counts = experiment["trial_counts"]
@@ -143,6 +200,8 @@ def submit(
     token: Token = None,
 ) -> None:
     """Submit a study to the REST API."""
+    import yaml
+
     client = _client(api, token)
     try:
         created = client.submit(yaml.safe_load(spec_path.read_text()), idempotency_key)
@@ -211,6 +270,9 @@ def demo(
     ] = False,
 ) -> None:
     """Start everything locally, run a real small study on digits over REST, show results."""
+    import yaml
+
+    from service.core.config import Settings
     from service.local import free_port
 
     base = Settings()
@@ -222,9 +284,11 @@ def demo(
         database_url=f"sqlite:///{storage / 'dstlab.db'}",
         api_token=token,
         port=free_port(),
+        reconcile_interval_s=1,
     )
     typer.echo(f"starting local Ray, MLflow and the API (state in {storage}) ...")
     with running_api(settings) as url:
+        wait_ready(url)
         client = ApiClient(url, token)
         created = client.submit(yaml.safe_load(spec_path.read_text()), idempotency_key="demo")
         typer.echo(f"submitted experiment {created['id']} ({created['n_trials']} trials) to {url}")

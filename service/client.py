@@ -1,12 +1,13 @@
-"""A small client of the DST Lab REST API (used by the CLI and the demo)."""
+"""A small client of the DST Lab REST API (used by the CLI and the demo).
+
+httpx is imported when a client is made, so the CLI's ``--help`` does not pay for it.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from service.states import TERMINAL_EXPERIMENT
 
@@ -58,13 +59,16 @@ class ApiClient:
     """Typed-enough wrapper over httpx for the experiment endpoints."""
 
     def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+        import httpx
+
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self._errors = httpx.HTTPError
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
-        except httpx.HTTPError as error:
+        except self._errors as error:
             raise ApiError(0, f"cannot reach the API at {self.http.base_url}: {error}") from None
         if response.status_code >= 400:
             try:
@@ -99,5 +103,5 @@ class ApiClient:
     def healthy(self) -> bool:
         try:
             return self.http.get("/healthz").status_code == 200
-        except httpx.HTTPError:
+        except self._errors:
             return False

@@ -59,9 +59,12 @@ class LocalServices:
     ray_address: str | None = None
     mlflow_uri: str | None = None
 
-    def start_ray(self, num_cpus: int | None = None, object_store_mb: int = 256) -> str:
-        """Start a local Ray head with the dashboard; return the Jobs API address."""
-        port, dashboard = free_port(), free_port()
+    def start_ray(
+        self, num_cpus: int | None = None, object_store_mb: int = 256, dashboard: int | None = None
+    ) -> str:
+        """Start a local Ray head with the dashboard (on port ``dashboard``, else a free one);
+        return the Jobs API address once it answers."""
+        port, dashboard = free_port(), dashboard or free_port()
         # every listening port explicit: Ray's defaults (agent 52365, client 10001, ...) clash
         # with any other Ray on the machine, and the Jobs API then finds no agent
         agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(5))
@@ -117,10 +120,17 @@ class LocalServices:
         self.processes.append((name, proc))
         return proc
 
-    def stop(self) -> None:
-        """Terminate every started process group (then kill what is left) and clean up."""
-        for name, proc in reversed(self.processes):
-            _terminate_group(name, proc)
+    def stop(self, grace: float = 8.0) -> None:
+        """Terminate every started process group at once, kill what is left after ``grace``
+        seconds, and clean up."""
+        processes = list(reversed(self.processes))
+        for _, proc in processes:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name, proc in processes:
+            _end_group(name, proc, max(deadline - time.monotonic(), 0.1))
         self.processes.clear()
         for temp in self.temp_dirs:
             shutil.rmtree(temp, ignore_errors=True)
@@ -133,15 +143,19 @@ class LocalServices:
         self.stop()
 
 
-def _terminate_group(name: str, proc: subprocess.Popen, grace: float = 8.0) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0f s; killing it", name, grace)
-        except ProcessLookupError:
-            pass
+    def kill(self) -> None:
+        """SIGKILL every started process group now (a second Ctrl-C)."""
+        for _, proc in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _end_group(name: str, proc: subprocess.Popen, grace: float) -> None:
+    """Wait up to ``grace`` s for a group sent SIGTERM, then kill what is left of it."""
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop in %.1f s; killing it", name, grace)
     with contextlib.suppress(ProcessLookupError):  # what the group left behind (raylet, ...)
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

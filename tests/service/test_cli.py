@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from service.cli import app, results_table
@@ -38,3 +39,91 @@ def test_results_table_has_one_line_per_row() -> None:
     assert lines[0].split()[:3] == ["mode", "criterion", "n"]
     assert len(lines) == 4 and "0.9123 ± 0.0100" in lines[2] and "0.9200 ± 0.0000" in lines[2]
     assert lines[3].split()[:2] == ["dense", "-"]
+
+
+def test_the_cli_answers_without_importing_torch() -> None:
+    """``dst --help`` and the service commands load neither PyTorch nor the registries."""
+    import subprocess
+    import sys
+
+    heavy = "{'torch', 'ray', 'mlflow', 'httpx'}"
+    code = f"import sys, service.cli; print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("presses", [1, 2], ids=["one-ctrl-c", "two-ctrl-c"])
+def test_ctrl_c_stops_serve_and_everything_it_started(tmp_path: Path, presses: int) -> None:
+    """As a terminal does it: SIGINT to the whole process group of `uv run dst serve` (uv
+    forwards it to the server once more). The API, Ray and MLflow are all gone in seconds."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import httpx
+
+    from service.local import free_port
+    from tests.service.e2e import wait_for
+
+    port = free_port()
+    env = os.environ | {"DST_STORAGE_PATH": str(tmp_path), "DST_PORT": str(port)}
+    proc = subprocess.Popen(
+        ["uv", "run", "--frozen", "dst", "serve"],
+        env=env,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "dst serve with its Ray and MLflow", 240)
+        started = alive(descendants(proc.pid))
+        assert len(started) >= 4  # uv's child, Ray's head processes, MLflow
+        for _ in range(presses):
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.3)
+        proc.wait(timeout=30)
+        wait_for(lambda: not alive(started), "every started process to end", 15)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in alive(descendants(proc.pid)):
+            os.kill(pid, signal.SIGKILL)
