@@ -17,9 +17,6 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
-from torchvision import datasets as tvd
-from torchvision import transforms as T
-from torchvision.datasets.utils import download_and_extract_archive
 
 from dst.registry import Registry
 from dst.tensor_data import ImageNorm, TensorSplit
@@ -248,6 +245,8 @@ def _image_transforms(
     mean: tuple[float, ...], std: tuple[float, ...], size: int, augment: bool
 ) -> tuple[Callable, Callable]:
     """(train, eval) transforms: random crop with padding 4 + flip when augmenting."""
+    from torchvision import transforms as T
+
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     train = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if augment else []
     return T.Compose([T.ToPILImage(), *train, *normalize]), T.Compose([T.ToPILImage(), *normalize])
@@ -272,6 +271,8 @@ def _read_cifar_batches(files: list[Path], label_key: bytes) -> tuple[np.ndarray
 
 
 def _load_cifar(config: DataConfig, info: DataInfo, archive: str, folder: str) -> DataSplits:
+    from torchvision.datasets.utils import download_and_extract_archive
+
     directory = config.root / folder
     if not directory.exists():
         if not config.download:
@@ -323,6 +324,9 @@ FASHION = DataInfo("fashion-mnist", "image", (1, 28, 28), 10)
 
 def load_fashion_mnist(config: DataConfig) -> DataSplits:
     """FashionMNIST: default 60k/10k split, a random 10% of train held out (footnote 17)."""
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+
     raw = config.root / "FashionMNIST" / "raw"
     if not (raw / "train-images-idx3-ubyte").exists() and not config.download:
         raise _unavailable(
@@ -365,6 +369,8 @@ class TinyImageNetVal(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[object, int]:
+        from torchvision import datasets as tvd
+
         path, label = self.items[i]
         return tvd.folder.default_loader(str(path)), label
 
@@ -374,6 +380,10 @@ def load_tiny_imagenet(config: DataConfig) -> DataSplits:
     train images for training; the 10,000-image val split is both validation and test ("we
     use the validation set as the test set"; no hyperparameters are tuned on it). Training
     augmentation is a horizontal flip."""
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+    from torchvision.datasets.utils import download_and_extract_archive
+
     root = config.root / "tiny-imagenet-200"
     if not root.exists():
         if not config.download:
@@ -396,6 +406,9 @@ IMAGENET = DataInfo("imagenet", "image", (3, 224, 224), 1000)
 
 def load_imagenet(config: DataConfig) -> DataSplits:
     """ImageNet as ImageFolder; the standard val set is both validation and test (fn. 16)."""
+    from torchvision import datasets as tvd
+    from torchvision import transforms as T
+
     root = config.root / "imagenet"
     for split in ("train", "val"):
         if not (root / split).exists():

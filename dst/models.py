@@ -16,7 +16,6 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchvision import models as tv_models
 
 from dst.datasets import DataInfo
 from dst.registry import Registry
@@ -348,12 +347,16 @@ def _with_channels(model: nn.Module, stem: str, in_channels: int) -> nn.Module:
 
 def build_efficientnet_b0(info: DataInfo, options: ModelOptions) -> nn.Module:
     """EfficientNet-B0 from torchvision, untrained (Appendix A.1; 64x64 Tiny-ImageNet in A.2)."""
+    from torchvision import models as tv_models
+
     model = tv_models.efficientnet_b0(weights=None, num_classes=info.num_outputs)
     return _with_channels(model, "features.0.0", _in_channels(info))
 
 
 def build_resnet50(info: DataInfo, options: ModelOptions) -> nn.Module:
     """ResNet-50 from torchvision, untrained (He et al. 2016; 25,502,912 conv+linear weights)."""
+    from torchvision import models as tv_models
+
     model = tv_models.resnet50(weights=None, num_classes=info.num_outputs)
     return _with_channels(model, "conv1", _in_channels(info))
 

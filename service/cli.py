@@ -45,18 +45,16 @@ def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 @contextmanager
-def running_api(settings: Settings) -> Iterator[str]:
+def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
     """Start the API at once and, beside it in the background, whatever the settings leave
     unconfigured (a local Ray and a local MLflow server, started concurrently); yield the
-    API's address as soon as it answers ``/healthz`` (``/readyz`` says when Ray and MLflow are
-    up). On exit everything stops within seconds; a second Ctrl-C (or SIGTERM) while
-    stopping kills what is left at once."""
+    API's address as soon as it answers ``/healthz`` (and, with ``wait_for_app``, serves its
+    routes; ``/readyz`` says when Ray and MLflow are up). On exit everything stops within
+    seconds; a second Ctrl-C (or SIGTERM) while stopping kills what is left at once."""
     import uvicorn
 
-    from service.execution import RayExecutor, driver_env
+    from service.deferred import DeferredApp
     from service.local import LocalServices, free_port
-    from service.main import create_app
-    from service.tracking import MlflowTracker
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # SIGTERM (a process manager, `kill`) unwinds like Ctrl-C, so local services are stopped
@@ -75,15 +73,23 @@ def running_api(settings: Settings) -> Iterator[str]:
     settings = settings.model_copy(
         update={"ray_address": ray_address, "mlflow_tracking_uri": mlflow_uri}
     )
-    executor = RayExecutor(
-        ray_address,
-        job_python=sys.executable,
-        env=driver_env(settings),
-        timeout=settings.call_timeout_s,
-    )
-    api = create_app(settings, executor=executor, tracker=MlflowTracker(mlflow_uri))
+
+    def build() -> Any:  # on a thread, while /healthz already answers
+        from service.execution import RayExecutor, driver_env
+        from service.main import create_app
+        from service.tracking import MlflowTracker
+
+        executor = RayExecutor(
+            ray_address,
+            job_python=sys.executable,
+            env=driver_env(settings),
+            timeout=settings.call_timeout_s,
+        )
+        return create_app(settings, executor=executor, tracker=MlflowTracker(mlflow_uri))
+
+    deferred = DeferredApp(build)
     config = uvicorn.Config(
-        api,
+        deferred,
         host=settings.host,
         port=settings.port,
         log_level="warning",
@@ -98,9 +104,10 @@ def running_api(settings: Settings) -> Iterator[str]:
         url = f"http://{settings.host}:{settings.port}"
         client = ApiClient(url, None)
         deadline = time.monotonic() + 60
-        while not client.healthy():
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError(f"the API did not start on {url}")
+        loaded = (lambda: deferred.app is not None) if wait_for_app else (lambda: True)
+        while not (client.healthy() and loaded()):
+            if time.monotonic() > deadline or not thread.is_alive() or deferred.error:
+                raise RuntimeError(f"the API did not start on {url}: {deferred.error}")
             time.sleep(0.05)
         yield url
     finally:
@@ -154,7 +161,7 @@ def serve(
     settings = settings.model_copy(update=updates)
     settings.storage_path.mkdir(parents=True, exist_ok=True)
     path = write_token(settings.storage_path, settings.api_token.get_secret_value())
-    with running_api(settings) as url:
+    with running_api(settings, wait_for_app=False) as url:
         typer.echo(f"DST Lab API on {url} (docs: {url}/docs); token in {path}")
         typer.echo(f"Ctrl-C to stop; {url}/readyz says when Ray and MLflow are up")
         try:
