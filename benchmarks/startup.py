@@ -93,16 +93,15 @@ def serve_and_submit(repeats: int) -> None:
             start = time.perf_counter()
             created = client.post("/experiments", json=STUDY | {"name": f"probe-{i}"}).json()
             path = f"/experiments/{created['id']}"
-            seconds_until(lambda: client.get(f"{path}/trials").json()[0]["state"] != "pending")
+            seconds_until(lambda p=path: client.get(f"{p}/trials").json()[0]["state"] != "pending")
             running = time.perf_counter() - start
-            seconds_until(lambda: client.get(path).json()["status"] in ("succeeded", "failed"))
+            seconds_until(lambda p=path: client.get(p).json()["status"] in ("succeeded", "failed"))
             if i > 0:
                 to_running.append(running)
                 to_end.append(time.perf_counter() - start)
         line("submit -> trial running, warm (median)", statistics.median(to_running), 5)
-        print(
-            f"{'submit -> 1-epoch study done, warm (median)':<44} {statistics.median(to_end):7.2f} s"
-        )
+        done = statistics.median(to_end)
+        print(f"{'submit -> 1-epoch study done, warm (median)':<44} {done:7.2f} s")
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)

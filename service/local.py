@@ -142,7 +142,6 @@ class LocalServices:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
     def kill(self) -> None:
         """SIGKILL every started process group now (a second Ctrl-C)."""
         for _, proc in self.processes:
