@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -52,6 +53,14 @@ def answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def trial_started(client: httpx.Client, path: str) -> bool:
+    return bool(client.get(f"{path}/trials").json()[0]["state"] != "pending")
+
+
+def study_ended(client: httpx.Client, path: str) -> bool:
+    return client.get(path).json()["status"] in ("succeeded", "failed")
 
 
 def line(what: str, value: float, target: float) -> None:
@@ -93,9 +102,9 @@ def serve_and_submit(repeats: int) -> None:
             start = time.perf_counter()
             created = client.post("/experiments", json=STUDY | {"name": f"probe-{i}"}).json()
             path = f"/experiments/{created['id']}"
-            seconds_until(lambda p=path: client.get(f"{p}/trials").json()[0]["state"] != "pending")
+            seconds_until(partial(trial_started, client, path))
             running = time.perf_counter() - start
-            seconds_until(lambda p=path: client.get(p).json()["status"] in ("succeeded", "failed"))
+            seconds_until(partial(study_ended, client, path))
             if i > 0:
                 to_running.append(running)
                 to_end.append(time.perf_counter() - start)
