@@ -153,6 +153,7 @@ def _replay(
     status_code=status.HTTP_201_CREATED,
     responses={
         200: {"model": ExperimentOut, "description": "a replay of an Idempotency-Key"},
+        400: {"model": Problem, "description": "the body cannot be read as UTF-8 JSON"},
         409: {"model": Problem, "description": "the Idempotency-Key was used for another body"},
         413: {"model": Problem, "description": "the body is larger than DST_MAX_BODY_BYTES"},
     },
