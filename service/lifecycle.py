@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from service import crud
 from service.db import Experiment
 from service.results import Results
-from service.states import ExperimentStatus, JobStatus, TrialState
+from service.states import TRANSITIONS, ExperimentStatus, JobStatus, TrialState
 from service.study import StudySpec, TrialPlan, expand
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def _finish_parent(
     if experiment.mlflow_parent_run_id is None:
         return
     results = crud.study_results(session, experiment.id)
+    session.commit()  # no transaction stays open across the MLflow calls
     try:
         services.tracker.finish_parent(experiment.mlflow_parent_run_id, status, results)
     except Exception as error:
@@ -212,10 +213,12 @@ def _end(
     status: ExperimentStatus,
     error: str | None = None,
 ) -> None:
-    """Move ``experiment`` to a terminal ``status`` and close its MLflow parent run."""
+    """Close ``experiment``'s MLflow parent run, then move it to a terminal ``status``: once
+    the API shows an experiment ended, its parent run has ended too (unless MLflow failed)."""
+    session.commit()  # the trials' final states, which the parent run's results table reads
+    if status not in TRANSITIONS.get(ExperimentStatus(experiment.status), frozenset()):
+        return
+    _finish_parent(services, session, experiment, status)
     if crud.set_experiment_status(session, experiment.id, status, error=error):
-        session.commit()
         log.info("experiment %s %s", experiment.id, status)
-        _finish_parent(services, session, experiment, status)
-    else:
-        session.commit()
+    session.commit()

@@ -63,7 +63,7 @@ UNFINISHED_TRIAL = (TrialState.PENDING, TrialState.RUNNING)
 
 _E = ExperimentStatus
 TRANSITIONS: dict[ExperimentStatus, frozenset[ExperimentStatus]] = {
-    _E.QUEUED: frozenset({_E.SUBMITTED, _E.RUNNING, _E.CANCELLING, _E.CANCELLED, _E.FAILED}),
+    _E.QUEUED: frozenset({_E.SUBMITTED, _E.RUNNING, _E.CANCELLED, _E.FAILED}),
     _E.SUBMITTED: frozenset({_E.RUNNING, _E.CANCELLING, _E.SUCCEEDED, _E.FAILED, _E.CANCELLED}),
     _E.RUNNING: frozenset({_E.CANCELLING, _E.SUCCEEDED, _E.FAILED, _E.CANCELLED}),
     _E.CANCELLING: frozenset({_E.CANCELLED, _E.FAILED}),

@@ -123,7 +123,11 @@ def test_state_survives_an_api_restart(local_ray: str, mlflow_sqlite: str, stora
     db = f"sqlite:///{storage / 'restart.db'}"
     with api(storage / "restart", db, local_ray, mlflow_sqlite) as client:
         created = client.submit(study("restart-me", epochs=3))
-        assert client.experiment(created["id"])["status"] in ("submitted", "running")
+        wait_for(  # launched in the background, within moments
+            lambda: client.experiment(created["id"])["status"] in ("submitted", "running"),
+            "the launch",
+            60,
+        )
     # the API is down while the job runs; Ray finishes it meanwhile
     executor = RayExecutor(local_ray)
     wait_for(lambda: executor.status(created["id"]) == "SUCCEEDED", "the job to finish", 240)

@@ -52,7 +52,9 @@ def test_a_crashed_trial_resumes_from_its_last_checkpoint(
         assert trial["state"] == "succeeded" and trial["epoch"] == EPOCHS
         run = MlflowClient(mlflow_sqlite).get_run(trial["mlflow_run_id"])
         resumed_at = int(run.data.tags[TAG_RESUMED])
-        assert 3 <= resumed_at < EPOCHS  # restarted from a checkpoint, not from scratch
+        # restarted from a checkpoint, not from scratch (the kill may land before Tune has
+        # registered the checkpoint of the epoch the API already shows)
+        assert 2 <= resumed_at < EPOCHS
         assert trial["resumed_from_epoch"] == resumed_at  # the API shows the resume too
         history = MlflowClient(mlflow_sqlite).get_metric_history(run.info.run_id, "test_acc")
         assert {m.step for m in history} == set(range(1, EPOCHS + 1))  # one child run, all epochs
