@@ -65,8 +65,9 @@ DDP_SPEC: dict = {
     "name": "ddp-lose-a-worker",
     "model": "small-mlp",
     "dataset": "digits",
-    # checkpoints inside epochs too, so the restart may resume in the middle of one
-    "training": {"epochs": DDP_EPOCHS, "batch_size": 64, "lr": 0.05, "checkpoint_every_steps": 9},
+    # checkpoints inside some epochs too (every 50 steps; 20 steps an epoch), so the restart
+    # may resume in the middle of one
+    "training": {"epochs": DDP_EPOCHS, "batch_size": 64, "lr": 0.05, "checkpoint_every_steps": 50},
     "sparsity": {"density": 0.1, "update_period": 10, "criterion": "snip", "growth": "random"},
     "resources": {"cpus_per_trial": 1, "workers_per_trial": 2},
 }
