@@ -27,15 +27,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from benchmarks.step_overhead import interleaved, optimizer, paired, quartiles, sync, timed
-from dst.criteria import resolve_criterion
+from benchmarks.step_overhead import (
+    interleaved,
+    optimizer,
+    paired,
+    quartiles,
+    sparsify,
+    sync,
+    timed,
+    topology_updater,
+)
 from dst.datasets import DataInfo
-from dst.distributions import layer_densities
-from dst.growth import GROWTH
-from dst.masks import apply_masks, init_masks, prunable_weights
+from dst.masks import prunable_weights
 from dst.models import build_model
-from dst.schedules import PruneSchedule
-from dst.topology import TopologyUpdater
 
 
 @dataclass(frozen=True)
@@ -74,18 +78,10 @@ def measure(args: argparse.Namespace, setting: Setting, device: torch.device) ->
     dense = build(info, device)
     dense_opt = optimizer(dense, None, "auto")
     sparse = build(info, device)
+    masks = sparsify(sparse, args.density, gen, init="erk")  # ERK, as A.2 for conv nets
     weights = prunable_weights(sparse)
-    shapes = {n: tuple(w.shape) for n, w in weights.items()}
-    masks = init_masks(weights, layer_densities(shapes, args.density, "erk"), gen)
-    apply_masks(weights, masks)
     sparse_opt = optimizer(sparse, masks, "auto")
-    updater = TopologyUpdater(
-        resolve_criterion(args.criterion),
-        GROWTH.get(args.growth),
-        PruneSchedule("cosine", 0.5, 800, 10**9),
-        "local",
-        torch.Generator().manual_seed(1),
-    )
+    updater = topology_updater(args.criterion, args.growth)
 
     def backward(model: nn.Module, opt: torch.optim.Optimizer) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.bf16):

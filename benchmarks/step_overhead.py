@@ -51,13 +51,24 @@ def make(model_name: str, device: torch.device) -> nn.Module:
     return build_model(model_name, CIFAR10).to(device)
 
 
-def sparsify(model: nn.Module, density: float, gen: torch.Generator) -> Masks:
-    """ER masks at ``density`` (as dst.training builds them), applied to the model's weights."""
+def sparsify(model: nn.Module, density: float, gen: torch.Generator, init: str = "er") -> Masks:
+    """``init`` masks at ``density`` (as dst.training builds them), applied to the weights."""
     weights = prunable_weights(model)
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
-    masks = init_masks(weights, layer_densities(shapes, density, "er"), gen)
+    masks = init_masks(weights, layer_densities(shapes, density, init), gen)
     apply_masks(weights, masks)
     return masks
+
+
+def topology_updater(criterion: str, growth: str) -> TopologyUpdater:
+    """The updater of a DST run (local scope, cosine ρ = 0.5) with a fixed generator."""
+    return TopologyUpdater(
+        resolve_criterion(criterion),
+        GROWTH.get(growth),
+        PruneSchedule("cosine", 0.5, 800, 10**9),
+        "local",
+        torch.Generator().manual_seed(1),
+    )
 
 
 def optimizer(model: nn.Module, masks: Masks | None, kernel: Kernel) -> MaskedSGD:
@@ -131,13 +142,7 @@ def main() -> None:
     masks = sparsify(sparse, args.density, gen)
     sparse_opt = optimizer(sparse, masks, args.kernel)
     weights = prunable_weights(sparse)
-    updater = TopologyUpdater(
-        resolve_criterion(args.criterion),
-        GROWTH.get(args.growth),
-        PruneSchedule("cosine", 0.5, 800, 10**9),
-        "local",
-        torch.Generator().manual_seed(1),
-    )
+    updater = topology_updater(args.criterion, args.growth)
 
     # seconds spent outside forward/backward (optimizer step, and topology update), per block
     in_step: dict[str, list[float]] = {"dense": [], "sparse": [], "update": []}

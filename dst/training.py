@@ -15,6 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,10 +286,11 @@ class Trainer:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _autocast(self) -> torch.autocast:
+    def _autocast(self) -> AbstractContextManager[object]:
         """bfloat16 autocast for the forward pass and loss when ``precision`` is bf16."""
-        bf16 = self.config.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        if self.config.precision != "bf16":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _data_parallel(self, model: nn.Module) -> nn.Module:
         """``model`` wrapped in DDP when this is one of several workers, else ``model``.

@@ -207,6 +207,12 @@ class StudySpec(RunSpec):
             raise ValueError(
                 "device 'cuda' needs resources.gpus_per_trial > 0 (else Ray gives the trial no GPU)"
             )
+        numbered = [d for d in devices if d.startswith("cuda:") and d != "cuda:0"]
+        if numbered and self.resources.gpus_per_trial > 0:
+            raise ValueError(
+                f"device {numbered[0]!r}: Ray shows a trial only the GPUs it was given, "
+                f"starting at cuda:0, so use 'cuda' (or 'auto')"
+            )
         on_cpu = "cpu" in devices
         if on_cpu and self.resources.gpus_per_trial > 0:
             raise ValueError(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.core.config import Settings
@@ -36,18 +37,24 @@ def valid_study(**extra: Any) -> dict[str, Any]:
     } | extra
 
 
+def unreachable_app(storage: Path, **settings: Any) -> FastAPI:
+    """The API on a SQLite database in ``storage``, with Ray and MLflow unreachable and the
+    background pass once an hour (so only what a request asks for is launched)."""
+    base = Settings(
+        storage_path=storage,
+        database_url=f"sqlite:///{storage / 'api.db'}",
+        api_token=TOKEN,
+        reconcile_interval_s=3600,
+    )
+    config = base.model_copy(update=settings)
+    return create_app(config, RayExecutor(UNREACHABLE, timeout=1), MlflowTracker(UNREACHABLE))
+
+
 @pytest.fixture
 def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    settings = Settings(
-        storage_path=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'api.db'}",
-        api_token=TOKEN,
-        max_trials=20,
-        reconcile_interval_s=3600,
-    )
-    app = create_app(settings, RayExecutor(UNREACHABLE), MlflowTracker(UNREACHABLE))
+    app = unreachable_app(tmp_path, max_trials=20)
     with TestClient(app) as test_client:
         yield test_client
 

@@ -16,12 +16,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.core.config import Settings
 from service.db import upgrade_database
-from service.execution import RayExecutor
-from service.main import create_app
-from service.tracking import MlflowTracker
-from tests.service.test_api import AUTH, TOKEN, UNREACHABLE
+from tests.service.test_api import AUTH, unreachable_app
 
 CHECKS = [
     not_a_server_error,
@@ -34,15 +30,7 @@ CHECKS = [
 def build_app() -> object:
     """The API on a fresh SQLite database, its schema upgraded (what the lifespan does; no
     dispatcher runs, so nothing is launched)."""
-    storage = Path(tempfile.mkdtemp(prefix="dst-fuzz-"))
-    settings = Settings(
-        storage_path=storage,
-        database_url=f"sqlite:///{storage / 'fuzz.db'}",
-        api_token=TOKEN,
-        reconcile_interval_s=3600,
-        max_trials=50,
-    )
-    app = create_app(settings, RayExecutor(UNREACHABLE, timeout=1), MlflowTracker(UNREACHABLE))
+    app = unreachable_app(Path(tempfile.mkdtemp(prefix="dst-fuzz-")), max_trials=50)
     upgrade_database(app.state.services.engine)
     return app
 

@@ -13,11 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.core.config import Settings
-from service.execution import RayExecutor
-from service.main import create_app
-from service.tracking import MlflowTracker
-from tests.service.test_api import AUTH, TOKEN, UNREACHABLE, stored, valid_study
+from tests.service.test_api import AUTH, stored, unreachable_app, valid_study
 
 
 @pytest.fixture
@@ -28,15 +24,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def client(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    settings = Settings(
-        storage_path=tmp_path,
-        database_url=f"sqlite:///{tmp_path / 'api.db'}",
-        api_token=TOKEN,
-        reconcile_interval_s=3600,
-        data_dir=data_dir,
-        max_body_bytes=1_048_576,
-    )
-    app = create_app(settings, RayExecutor(UNREACHABLE, timeout=1), MlflowTracker(UNREACHABLE))
+    app = unreachable_app(tmp_path, data_dir=data_dir, max_body_bytes=1_048_576)
     with TestClient(app) as test_client:
         yield test_client
 

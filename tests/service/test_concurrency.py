@@ -14,11 +14,9 @@ import httpx
 import psycopg
 import pytest
 
-from service.cli import running_api
-from service.core.config import Settings
-from service.local import free_port
 from tests.service.conftest import POSTGRES
-from tests.service.test_api import TOKEN, UNREACHABLE, valid_study
+from tests.service.e2e import TOKEN, api
+from tests.service.test_api import UNREACHABLE, valid_study
 
 pytestmark = pytest.mark.slow
 N = 100
@@ -57,22 +55,9 @@ def hammer(url: str) -> None:
     assert health and set(health) == {200}
 
 
-def settings(storage: Path, database_url: str) -> Settings:
-    return Settings(
-        storage_path=storage,
-        database_url=database_url,
-        ray_address=UNREACHABLE,
-        mlflow_tracking_uri=UNREACHABLE,
-        api_token=TOKEN,
-        port=free_port(),
-        reconcile_interval_s=0.5,
-        call_timeout_s=1,
-    )
-
-
 def test_concurrent_submissions_on_sqlite(tmp_path: Path) -> None:
-    with running_api(settings(tmp_path, f"sqlite:///{tmp_path / 'c.db'}")) as url:
-        hammer(url)
+    with api(tmp_path, f"sqlite:///{tmp_path / 'c.db'}", UNREACHABLE, UNREACHABLE) as client:
+        hammer(str(client.http.base_url))
 
 
 @pytest.fixture
@@ -87,5 +72,5 @@ def own_postgres() -> Iterator[str]:
 
 
 def test_concurrent_submissions_on_postgres(tmp_path: Path, own_postgres: str) -> None:
-    with running_api(settings(tmp_path, own_postgres)) as url:
-        hammer(url)
+    with api(tmp_path, own_postgres, UNREACHABLE, UNREACHABLE) as client:
+        hammer(str(client.http.base_url))

@@ -172,6 +172,7 @@ def test_linear_schedule_parameters_only_split_linear_runs() -> None:
         ({"gpus_per_trial": 1, "workers_per_trial": 2}, "cuda", "one GPU per worker, so use 2"),
         ({"gpus_per_trial": 0.5, "workers_per_trial": 2}, "cuda", "one GPU per worker"),
         ({"gpus_per_trial": 0.25}, "cpu", "would leave the trial's GPU idle"),
+        ({"gpus_per_trial": 1}, "cuda:1", "use 'cuda'"),
         ({}, "cuda", "device 'cuda' needs resources.gpus_per_trial > 0"),
         ({"cpus_per_trial": 5000}, "cpu", "less than or equal to 1024"),
     ],

@@ -95,12 +95,10 @@ def _unprocessable(loc: list[str], msg: str, kind: str) -> HTTPException:
 
 def _plans(study: StudySpec, settings: Settings) -> list[TrialPlan]:
     """The study's trials, refused before expanding when the grid alone is over the limit."""
-    limit = settings.max_trials
+    limit, size = settings.max_trials, study.grid_size()
     too_many = "the study expands to {} trials; the limit is {} (DST_MAX_TRIALS)"
-    if study.grid_size() > limit:
-        raise _unprocessable(
-            ["body", "grid"], too_many.format(study.grid_size(), limit), "too_many_trials"
-        )
+    if size > limit:
+        raise _unprocessable(["body", "grid"], too_many.format(size, limit), "too_many_trials")
     try:
         plans = expand(study)  # every combination must be a valid run (e.g. model x dataset)
     except ValueError as error:
