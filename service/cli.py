@@ -85,7 +85,8 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
             env=driver_env(settings),
             timeout=settings.call_timeout_s,
         )
-        return create_app(settings, executor=executor, tracker=MlflowTracker(mlflow_uri))
+        tracker = MlflowTracker(mlflow_uri, settings.mlflow_ui_url)
+        return create_app(settings, executor=executor, tracker=tracker)
 
     deferred = DeferredApp(build)
     config = uvicorn.Config(
@@ -160,9 +161,12 @@ def serve(
     updates: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v}
     settings = settings.model_copy(update=updates)
     settings.storage_path.mkdir(parents=True, exist_ok=True)
-    path = write_token(settings.storage_path, settings.api_token.get_secret_value())
+    if os.environ.get("DST_API_TOKEN"):  # configured: it stays where the operator keeps it
+        where = "$DST_API_TOKEN"
+    else:  # generated: kept in the storage path for the local CLI
+        where = str(write_token(settings.storage_path, settings.api_token.get_secret_value()))
     with running_api(settings, wait_for_app=False) as url:
-        typer.echo(f"DST Lab API on {url} (docs: {url}/docs); token in {path}")
+        typer.echo(f"DST Lab API on {url} (docs: {url}/docs); token in {where}")
         typer.echo(f"Ctrl-C to stop; {url}/readyz says when Ray and MLflow are up")
         try:
             while True:

@@ -9,6 +9,8 @@ The schema is created and upgraded only by Alembic (:func:`upgrade_database`), n
 
 from __future__ import annotations
 
+import logging
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Prefixed names, so the service may share a database with MLflow (which has "experiments").
 VERSION_TABLE = "dst_alembic_version"
@@ -98,6 +101,7 @@ class Trial(Base):
 # enough connections for every request thread (the server's pool of 40) and the background
 # threads at once, so a request never waits for a connection behind other requests
 POOL_SIZE, POOL_OVERFLOW = 20, 40
+CONNECT_TIMEOUT_S = 10
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -124,7 +128,12 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(
-        url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_timeout=60
+        url,
+        pool_pre_ping=True,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+        pool_timeout=60,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S},  # a blackholed host fails, bounded
     )
 
 
@@ -142,3 +151,28 @@ def upgrade_database(engine: Engine) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def upgrade_when_reachable(
+    engine: Engine, ready: threading.Event, stop: threading.Event, interval: float = 2.0
+) -> None:
+    """Upgrade the schema, retrying every ``interval`` s while the database is unreachable,
+    until it succeeds (then set ``ready``) or ``stop`` is set. Says once what is wrong and
+    once that it recovered, so a database that is down at start is one clear log line, not
+    a crash loop."""
+    where = engine.url.render_as_string(hide_password=True)
+    failing = False
+    while not stop.is_set():
+        try:
+            upgrade_database(engine)
+        except Exception as error:
+            if not failing:
+                reason = str(error).strip().splitlines()[0] if str(error).strip() else error
+                log.error("the database at %s is unreachable (%s); retrying", where, reason)
+                failing = True
+            stop.wait(interval)
+            continue
+        if failing:
+            log.info("the database at %s is reachable; schema up to date", where)
+        ready.set()
+        return

@@ -124,6 +124,27 @@ def cluster_misfit(res: Resources, nodes: list[dict[str, Any]]) -> str | None:
     return None
 
 
+VERSION_LABEL = "dst-lab-version"  # the image version a node carries (deploy/bin/dst-ray-node)
+
+
+def version_mismatches(nodes: list[dict[str, Any]], version: str | None) -> list[str]:
+    """One line per alive node whose image version (its ``dst-lab-version`` label) differs
+    from the driver's own ``version``; nodes without the label (not started from our image)
+    and a driver without a version are not compared."""
+    if not version:
+        return []
+    lines = []
+    for node in nodes:
+        theirs = (node.get("Labels") or {}).get(VERSION_LABEL)
+        if node.get("Alive") and theirs is not None and theirs != version:
+            lines.append(
+                f"Ray node {node.get('NodeManagerAddress', '?')} ({node.get('NodeID', '?')[:12]}) "
+                f"runs image version {theirs}, this driver {version}: trials placed there may "
+                f"fail; run every node from the same image"
+            )
+    return lines
+
+
 def _trial_name(trial: tune.experiment.Trial) -> str:
     """``trial-3`` rather than Tune's default, which spells out the whole config."""
     return f"trial-{trial_index(trial)}"
@@ -162,7 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     recorder = recorder_for(experiment_id)
     scrub_worker_environment(DRIVER_ONLY_ENV)
     ray.init(address="auto", log_to_driver=True)
-    misfit = None if settings.ray_autoscaling else cluster_misfit(resources, ray.nodes())
+    nodes = ray.nodes()
+    for line in version_mismatches(nodes, os.environ.get("DST_IMAGE_VERSION")):
+        log.error(line)
+    misfit = None if settings.ray_autoscaling else cluster_misfit(resources, nodes)
     if misfit is not None:
         _fail(engine, experiment_id, f"the Ray cluster cannot run these trials: {misfit}")
         raise SystemExit(misfit)

@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from service.api.deps import require_token
+from service.api.deps import require_database, require_token
 from service.api.errors import install_error_handlers
 from service.api.limits import BodySizeLimit
 from service.api.routes import experiments, health
 from service.core.config import Settings
-from service.db import make_engine, upgrade_database
+from service.db import make_engine, upgrade_database, upgrade_when_reachable
 from service.dispatcher import Dispatcher
 from service.lifecycle import Executor, Services, Tracker
 
@@ -49,18 +50,34 @@ def create_app(
             env=driver_env(settings),
             timeout=settings.call_timeout_s,
         )
-        tracker = tracker or MlflowTracker(settings.mlflow_tracking_uri)
+        tracker = tracker or MlflowTracker(settings.mlflow_tracking_uri, settings.mlflow_ui_url)
     engine = make_engine(settings.database_url)
     services = Services(engine=engine, executor=executor, tracker=tracker)
     dispatcher = Dispatcher(services, settings.reconcile_interval_s)
 
+    database_ready, stopping = threading.Event(), threading.Event()
+
+    def prepare_database() -> None:  # then start advancing experiments
+        upgrade_when_reachable(engine, database_ready, stopping)
+        if database_ready.is_set():
+            dispatcher.start()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await asyncio.to_thread(upgrade_database, engine)
-        dispatcher.start()
+        # the first attempt before serving, so a reachable database is ready from the first
+        # request; an unreachable one is retried in the background while the API answers
+        # /healthz and 503 elsewhere
+        try:
+            await asyncio.to_thread(upgrade_database, engine)
+        except Exception:
+            threading.Thread(target=prepare_database, name="dst-schema", daemon=True).start()
+        else:
+            database_ready.set()
+            dispatcher.start()
         try:
             yield
         finally:
+            stopping.set()
             dispatcher.stop()
             engine.dispose()
 
@@ -73,10 +90,13 @@ def create_app(
     app.state.settings = settings
     app.state.services = services
     app.state.dispatcher = dispatcher
+    app.state.database_ready = database_ready
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(experiments.router, dependencies=[Depends(require_token)])
+    app.include_router(
+        experiments.router, dependencies=[Depends(require_token), Depends(require_database)]
+    )
     return app
 
 

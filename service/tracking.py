@@ -48,8 +48,9 @@ def _params(data: dict[str, Any]) -> list[Param]:
 class MlflowTracker:
     """Creates and finishes parent runs; builds UI links (used by the API)."""
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, ui_url: str | None = None) -> None:
         self.tracking_uri = tracking_uri
+        self.ui_url = ui_url or tracking_uri  # what a person's browser reaches
         self.client = MlflowClient(tracking_uri)
 
     def _experiment_id(self, name: str) -> str:
@@ -98,7 +99,7 @@ class MlflowTracker:
         self, mlflow_experiment_id: str | None, parent_run_id: str | None
     ) -> dict[str, str | None]:
         """Addresses of the experiment and parent run in the MLflow UI."""
-        base = self.tracking_uri.rstrip("/")
+        base = self.ui_url.rstrip("/")
         web = base.startswith("http")
         exp = (
             f"{base}/#/experiments/{mlflow_experiment_id}" if web and mlflow_experiment_id else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -53,3 +53,13 @@ def require_token(
 ) -> None:
     """401 unless the request carries the configured bearer token."""
     check_bearer(credentials, settings.api_token)
+
+
+def require_database(request: Request) -> None:
+    """503 (retry later) until the database is reachable and its schema is up to date."""
+    if not request.app.state.database_ready.is_set():
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the database is not reachable yet; retry in a moment",
+            headers={"Retry-After": "2"},
+        )

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     mlflow_tracking_uri: str | None = Field(
         None, description="MLflow tracking server; unset: start a local MLflow server"
     )
+    mlflow_ui_url: str | None = Field(
+        None,
+        description="the MLflow UI address users open (links the API prints); unset: the "
+        "tracking URI",
+    )
     api_token: SecretStr = Field(
         default_factory=_random_token, description="bearer token; unset: a random one"
     )

@@ -13,7 +13,12 @@ from sqlalchemy.orm import Session
 from service import crud
 from service.core.config import Settings
 from service.db import make_engine, upgrade_database
-from service.driver import cluster_misfit, scrub_worker_environment, trial_config
+from service.driver import (
+    cluster_misfit,
+    scrub_worker_environment,
+    trial_config,
+    version_mismatches,
+)
 from service.execution import DRIVER_ONLY_ENV, driver_env
 from service.study import Resources, StudySpec, expand
 
@@ -107,3 +112,26 @@ def test_a_trial_no_node_can_hold_is_named_before_it_waits_forever(
     assert (problem is None) == fits, problem
     if not fits:
         assert "gpus_per_trial" in problem and "offer" in problem  # type: ignore[operator]
+
+
+def test_a_node_from_another_image_version_is_named() -> None:
+    def node(address: str, version: str | None, alive: bool = True) -> dict:
+        labels = {"ray.io/node-id": "ab" * 28} | ({"dst-lab-version": version} if version else {})
+        return {
+            "Alive": alive,
+            "NodeManagerAddress": address,
+            "NodeID": "ab" * 28,
+            "Labels": labels,
+        }
+
+    nodes = [
+        node("10.0.0.1", "1.4.0"),
+        node("10.0.0.2", "1.3.9"),
+        node("10.0.0.3", None),  # not started from the image: not compared
+        node("10.0.0.4", "1.3.9", alive=False),  # gone
+    ]
+    lines = version_mismatches(nodes, "1.4.0")
+    assert len(lines) == 1
+    assert "10.0.0.2" in lines[0] and "1.3.9" in lines[0] and "1.4.0" in lines[0]
+    assert version_mismatches(nodes, None) == []
+    assert version_mismatches(nodes[:1], "1.4.0") == []

@@ -93,3 +93,13 @@ def test_metrics_arrive_once_mlflow_is_back(tmp_path: Path) -> None:
         assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5)]
         final = load_masks(client.download_artifacts(run_ids[0], "masks/final.npz"))
         assert torch.equal(final["fc1.weight"], torch.eye(3, dtype=torch.bool))
+
+
+def test_links_point_at_the_ui_address_users_open() -> None:
+    inside = MlflowTracker("http://mlflow:5000")  # the address the cluster's services use
+    public = MlflowTracker("http://mlflow:5000", ui_url="https://mlflow.lab.example/")
+    assert inside.links("7", "r1")["parent_run_url"] == "http://mlflow:5000/#/experiments/7/runs/r1"
+    links = public.links("7", "r1")
+    assert links["experiment_url"] == "https://mlflow.lab.example/#/experiments/7"
+    assert links["parent_run_url"] == "https://mlflow.lab.example/#/experiments/7/runs/r1"
+    assert links["tracking_uri"] == "http://mlflow:5000"

@@ -30,7 +30,10 @@ from service.study import StudySpec, TrialPlan, expand
 router = APIRouter(
     prefix="/experiments",
     tags=["experiments"],
-    responses={401: {"model": Problem, "description": "missing or wrong bearer token"}},
+    responses={
+        401: {"model": Problem, "description": "missing or wrong bearer token"},
+        503: {"model": Problem, "description": "the database is unreachable; retry later"},
+    },
 )
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "no such experiment"}

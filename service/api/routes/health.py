@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
 from sqlalchemy import text
 
 from service.api.deps import ServicesDep
@@ -18,14 +18,15 @@ async def healthz() -> Health:
 
 
 @router.get("/readyz", responses={503: {"model": Readiness}})
-def readyz(services: ServicesDep, response: Response) -> Readiness:
+def readyz(services: ServicesDep, request: Request, response: Response) -> Readiness:
     """The database, the Ray Jobs API and the MLflow server are all reachable."""
-    try:
-        with services.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-        database = True
-    except Exception:
-        database = False
+    database = request.app.state.database_ready.is_set()  # reachable and migrated
+    if database:
+        try:
+            with services.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception:
+            database = False
     ray, mlflow = services.executor.ping(), services.tracker.ping()
     ready = database and ray and mlflow
     if not ready:
