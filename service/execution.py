@@ -55,6 +55,8 @@ def driver_env(settings: Settings) -> dict[str, str]:
     env |= {name: os.environ[name] for name in MLFLOW_CREDENTIALS if name in os.environ}
     if settings.data_dir is not None:  # where trials read data (workers keep this one)
         env["DST_DATA_DIR"] = str(settings.data_dir)
+    if settings.ray_autoscaling:  # the driver decides whether the cluster can hold a trial
+        env["DST_RAY_AUTOSCALING"] = "true"
     return env
 
 

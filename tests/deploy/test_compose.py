@@ -1,0 +1,118 @@
+"""The compose stack for real, in containers: images built here, PostgreSQL, MLflow, a Ray
+head, two Ray workers and the API brought up with podman-compose; a study submitted over the
+published port loses a worker mid-study (SIGKILL) and still finishes, every trial succeeded,
+resumed from its checkpoint on the surviving worker, recorded once in the database and MLflow;
+then the stack is torn down and nothing of it is left.
+
+This machine kind has no Docker engine; Podman (Debian's packages) runs the same images and
+compose file. Without Podman the test fails, saying what to install: it never skips.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from service.client import ApiClient
+from service.tracking import PARENT_TAG
+from tests.deploy.stack import INSTALL_HINT, Stack, ensure_base_image, missing_tools, podman
+from tests.service.e2e import wait_for, wait_terminal
+
+pytestmark = pytest.mark.slow
+log = logging.getLogger(__name__)
+
+EPOCHS = 30
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    missing = missing_tools()
+    if missing:
+        pytest.fail(f"the container test needs {', '.join(missing)}: {INSTALL_HINT}")
+    ensure_base_image()
+    stack = Stack(tmp_path_factory.mktemp("compose"))
+    try:
+        stack.build()
+        stack.up(workers=2)
+        stack.wait_ready()
+        yield stack
+    finally:
+        stack.down()
+    left = stack.leftovers()
+    assert not left, f"the stack left {left} behind"
+
+
+def study(name: str) -> dict[str, Any]:
+    """Four single-CPU trials on 1-CPU workers (the head runs none): one trial per worker."""
+    return {
+        "name": name,
+        "model": "small-mlp",
+        "dataset": "digits",
+        "training": {"epochs": EPOCHS, "batch_size": 64, "lr": 0.05},
+        "sparsity": {"density": 0.1, "update_period": 10},
+        "grid": {"sparsity.criterion": ["magnitude", "snip"], "seed": [0, 1]},
+        "resources": {"cpus_per_trial": 1},
+    }
+
+
+def running_trials(client: ApiClient, experiment_id: str, min_epoch: int) -> list[dict]:
+    trials = client.trials(experiment_id)
+    return [t for t in trials if t["state"] == "running" and t["epoch"] >= min_epoch]
+
+
+def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:
+    client = ApiClient(stack.api_url, stack.api_token)
+    created = client.submit(study("compose-worker-loss"), idempotency_key="compose-1")
+    assert (
+        client.submit(study("compose-worker-loss"), idempotency_key="compose-1")["id"]
+        == (created["id"])
+    )
+    experiment_id = created["id"]
+    # both workers busy, each trial past a checkpoint: then one worker goes
+    wait_for(
+        lambda: len(running_trials(client, experiment_id, min_epoch=2)) == 2,
+        "a trial running past its second epoch on each worker",
+        timeout=240,
+    )
+    victim = stack.container("ray-worker", 1)
+    podman("kill", "--signal", "KILL", victim)
+    lost_at = time.monotonic()
+
+    final = wait_terminal(client, experiment_id, timeout=600)
+    assert final["status"] == "succeeded", f"{final}\n{stack.logs()}"
+    assert final["trial_counts"] == {"succeeded": 4}
+    trials = client.trials(experiment_id)
+    assert sorted(t["index"] for t in trials) == [0, 1, 2, 3]
+    assert all(t["epoch"] == EPOCHS for t in trials)
+    resumed = [t for t in trials if t["resumed_from_epoch"]]
+    assert resumed, "no trial resumed from a checkpoint after the worker was killed"
+    assert all(1 <= t["resumed_from_epoch"] < EPOCHS for t in resumed)
+    state = podman("inspect", "--format", "{{.State.Status}}", victim).strip()
+    log.info(
+        "worker lost for %.0f s of the study; its container is %s",
+        time.monotonic() - lost_at,
+        state,
+    )
+    check_mlflow(stack, final, {t["mlflow_run_id"] for t in trials})
+
+
+def check_mlflow(stack: Stack, experiment: dict[str, Any], run_ids: set[str]) -> None:
+    """One FINISHED parent with exactly the trials' four FINISHED children, every epoch."""
+    mlflow = MlflowClient(stack.mlflow_url)
+    parent_id = experiment["mlflow"]["parent_run_url"].rsplit("/", 1)[-1]
+    assert experiment["mlflow"]["parent_run_url"].startswith(stack.mlflow_url)  # the UI address
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = mlflow.search_runs(
+        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'"
+    )
+    assert {c.info.run_id for c in children} == run_ids and len(children) == 4
+    for child in children:
+        assert child.info.status == "FINISHED"
+        history = mlflow.get_metric_history(child.info.run_id, "test_acc")
+        assert {m.step for m in history} == set(range(1, EPOCHS + 1))
