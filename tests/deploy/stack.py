@@ -101,6 +101,8 @@ class Stack:
     mlflow_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     worker_cpus: int = 1
+    context: Path = REPO  # the build context
+    uv_cache: Path | None = None  # the build's uv cache; None: the host's, where it has one
     images_before: set[str] | None = None  # set by build(): what down() must not remove
 
     @property
@@ -143,21 +145,26 @@ class Stack:
         path.chmod(0o600)
         return path
 
-    def build(self) -> dict[str, float]:
+    def build(self, no_cache: bool = False) -> dict[str, float]:
         """Build the PostgreSQL and application images; seconds each took."""
-        self.images_before = image_ids()
+        if self.images_before is None:
+            self.images_before = image_ids()
         common = [
-            "build", "--format", "docker", "-f", "deploy/Dockerfile",
+            "build", "--format", "docker", "-f", str(self.context / "deploy" / "Dockerfile"),
             "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", f"DST_VERSION={self.version}",
         ]  # fmt: skip
+        if no_cache:
+            common.append("--no-cache")
         if CA_BUNDLE.is_file():
             common += ["--secret", f"id=ca_bundle,src={CA_BUNDLE}"]
-        if UV_CACHE.is_dir():  # wheels the host already has are not downloaded again
-            common += ["-v", f"{UV_CACHE}:/cache/uv"]
+        uv_cache = self.uv_cache or (UV_CACHE if UV_CACHE.is_dir() else None)
+        if uv_cache is not None:  # wheels the host already has are not downloaded again
+            uv_cache.mkdir(parents=True, exist_ok=True)
+            common += ["-v", f"{uv_cache}:/cache/uv"]
         took = {}
         for target, tag in zip(("postgres", "app"), self.tags(), strict=True):
             start = time.monotonic()
-            podman(*common, "--target", target, "-t", tag, str(REPO))
+            podman(*common, "--target", target, "-t", tag, str(self.context), timeout=1800)
             took[target] = time.monotonic() - start
         return took
 

@@ -1,0 +1,141 @@
+"""Static checks of what the compose deployment ships: ``docker-compose.yml`` against the
+compose specification, every reference in it resolvable (services, volumes, build targets,
+scripts, variables, settings), ``.env.example`` documenting exactly the variables it uses,
+and ``deploy/Dockerfile`` clean under hadolint. Fast: no container is started."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.core.config import Settings
+from tests.deploy.stack import REPO, podman_compose, podman_env
+
+COMPOSE = REPO / "docker-compose.yml"
+ENV_EXAMPLE = REPO / ".env.example"
+DOCKERFILE = REPO / "deploy" / "Dockerfile"
+BIN = REPO / "deploy" / "bin"
+SECRETS = ("DST_API_TOKEN", "RAY_AUTH_TOKEN", "POSTGRES_PASSWORD")
+VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
+TOOL = Path(sys.executable).parent
+
+
+@cache
+def compose() -> dict[str, Any]:
+    return dict(yaml.safe_load(COMPOSE.read_text()))
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return dict(compose()["services"])
+
+
+def documented() -> dict[str, str]:
+    """``.env.example``'s variables and their example values."""
+    pairs = (line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines())
+    return {k.strip(): v for k, *rest in pairs if rest and not k.startswith("#") for v in rest}
+
+
+def check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
+    command = [str(TOOL / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
+    return subprocess.run([*command, str(path)], capture_output=True, text=True, timeout=60)
+
+
+def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
+    config = REPO / "deploy" / "hadolint.yaml"
+    command = [str(TOOL / "hadolint"), "--no-color", "--config", str(config), str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_the_compose_file_follows_the_compose_specification() -> None:
+    done = check_jsonschema(COMPOSE)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_schema_check_rejects_a_broken_compose_file(tmp_path: Path) -> None:
+    broken = compose() | {"services": services() | {"api": services()["api"] | {"restart": 3}}}
+    (tmp_path / "compose.yml").write_text(yaml.safe_dump(broken | {"servics": {}}))
+    done = check_jsonschema(tmp_path / "compose.yml")
+    assert done.returncode != 0 and "servics" in done.stdout
+
+
+def test_every_reference_resolves() -> None:
+    volumes = set(compose()["volumes"])
+    dockerfile = DOCKERFILE.read_text()
+    for name, service in services().items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services(), f"{name} depends on unknown {dependency}"
+        for mount in service.get("volumes", []):
+            source = mount.split(":", 1)[0]
+            if not source.startswith(("/", ".", "$")):
+                assert source in volumes, f"{name} mounts undeclared volume {source}"
+        target = service.get("build", {}).get("target")
+        if target:
+            assert f" AS {target}\n" in dockerfile, f"{name} builds unknown target {target}"
+        command = service.get("command") or []
+        if command and command[0].startswith("dst-"):
+            assert (BIN / command[0]).is_file(), f"{name} runs missing script {command[0]}"
+            assert command[0] in dockerfile, f"the image does not install {command[0]}"
+
+
+def test_every_variable_is_documented_and_every_documented_one_used() -> None:
+    used = set(VARIABLE.findall(COMPOSE.read_text()))
+    assert used == set(documented()), (used - set(documented()), set(documented()) - used)
+
+
+def test_secrets_are_required_and_never_defaulted() -> None:
+    text = COMPOSE.read_text()
+    for name in SECRETS:
+        assert re.search(rf"\$\{{{name}:\?[^}}]+\}}", text), f"{name} is not required"
+        assert not re.search(rf"\$\{{{name}:?-", text), f"{name} has a default"
+        assert documented()[name].startswith("change-me"), f".env.example holds a {name}"
+
+
+def test_service_settings_are_real_settings() -> None:
+    fields = {f"DST_{name.upper()}" for name in Settings.model_fields}
+    for name, service in services().items():
+        env = service.get("environment", {})
+        unknown = {k for k in env if k.startswith("DST_")} - fields - {"DST_ROLE"}
+        assert not unknown, f"{name} sets {unknown}, which the service does not read"
+
+
+def test_every_long_running_service_has_a_health_check() -> None:
+    for name, service in services().items():
+        assert "healthcheck" in service, f"{name} has no health check"
+        role = service.get("environment", {}).get("DST_ROLE")
+        if role:
+            assert f'"{role}"' in (BIN / "dst-healthcheck").read_text(), role
+
+
+def test_a_missing_secret_is_named_in_one_line(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("".join(f"{k}=x\n" for k in documented() if k != "POSTGRES_PASSWORD"))
+    done = subprocess.run(
+        [podman_compose(), "--env-file", str(env), "-p", "dstconfigcheck", "config"],
+        cwd=REPO, env=podman_env(), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert "POSTGRES_PASSWORD" in last and ".env.example" in last
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    done = hadolint(DOCKERFILE)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "rule"),
+    [("RUN cd /tmp && make", "DL3003"), ("USER app", "DL3066"), ("FROM other:latest", "DL3007")],
+)
+def test_hadolint_rejects_what_it_should(tmp_path: Path, line: str, rule: str) -> None:
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(DOCKERFILE.read_text() + f"\n{line}\n")
+    done = hadolint(dockerfile)
+    assert done.returncode != 0 and rule in done.stdout
