@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--cold-downloads", action="store_true", help="empty uv cache")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     missing = missing_tools()
     if missing:
         raise SystemExit(f"needs {', '.join(missing)}")

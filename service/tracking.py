@@ -45,6 +45,13 @@ def _params(data: dict[str, Any]) -> list[Param]:
     return [Param(k, str(v)[:6000]) for k, v in flatten(data).items()]
 
 
+# MLflow 3's UI opens an experiment by its kind (this tag): a model-training experiment opens
+# on the runs table, where an untagged one may open on the GenAI overview
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: MODEL_TRAINING}
+
+
 class MlflowTracker:
     """Creates and finishes parent runs; builds UI links (used by the API)."""
 
@@ -54,16 +61,18 @@ class MlflowTracker:
         self.client = MlflowClient(tracking_uri)
 
     def _experiment_id(self, name: str) -> str:
+        """The MLflow experiment ``name``, created as a model-training experiment."""
         found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return str(found.experiment_id)
-        try:
-            return str(self.client.create_experiment(name))
-        except MlflowException:  # created concurrently by another API replica
-            found = self.client.get_experiment_by_name(name)
-            if found is None:
-                raise
-            return str(found.experiment_id)
+        if found is None:
+            try:
+                return str(self.client.create_experiment(name, tags=EXPERIMENT_TAGS))
+            except MlflowException:  # created concurrently by another API replica
+                found = self.client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        if found.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:  # made by an older version
+            self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+        return str(found.experiment_id)
 
     def create_parent(
         self, experiment_id: str, study: StudySpec, plans: list[TrialPlan]
@@ -101,10 +110,12 @@ class MlflowTracker:
         """Addresses of the experiment and parent run in the MLflow UI."""
         base = self.ui_url.rstrip("/")
         web = base.startswith("http")
-        exp = (
-            f"{base}/#/experiments/{mlflow_experiment_id}" if web and mlflow_experiment_id else None
+        exp = (  # the training runs table
+            f"{base}/#/experiments/{mlflow_experiment_id}/runs"
+            if web and mlflow_experiment_id
+            else None
         )
-        run = f"{exp}/runs/{parent_run_id}" if exp and parent_run_id else None
+        run = f"{exp}/{parent_run_id}" if exp and parent_run_id else None
         return {"tracking_uri": self.tracking_uri, "experiment_url": exp, "parent_run_url": run}
 
     def ping(self) -> bool:

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from dst.masks import load_masks
 from service.execution import RayExecutor
 from service.local import LocalServices
-from service.tracking import PARENT_TAG
+from service.tracking import EXPERIMENT_KIND, MODEL_TRAINING, PARENT_TAG
 from tests.service.e2e import api, study, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
@@ -25,6 +25,9 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
     parent_id = parent_url.rsplit("/", 1)[-1]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
+    # a model-training experiment: MLflow's UI opens it on the runs table
+    assert client.get_experiment(parent.info.experiment_id).tags[EXPERIMENT_KIND] == MODEL_TRAINING
+    assert experiment["mlflow"]["experiment_url"].endswith(f"/{parent.info.experiment_id}/runs")
     study_json = client.download_artifacts(parent_id, "study.json")
     assert json.loads(Path(study_json).read_text())["name"] == experiment["name"]
     summary = json.loads(Path(client.download_artifacts(parent_id, "results.json")).read_text())

@@ -100,6 +100,6 @@ def test_links_point_at_the_ui_address_users_open() -> None:
     public = MlflowTracker("http://mlflow:5000", ui_url="https://mlflow.lab.example/")
     assert inside.links("7", "r1")["parent_run_url"] == "http://mlflow:5000/#/experiments/7/runs/r1"
     links = public.links("7", "r1")
-    assert links["experiment_url"] == "https://mlflow.lab.example/#/experiments/7"
+    assert links["experiment_url"] == "https://mlflow.lab.example/#/experiments/7/runs"
     assert links["parent_run_url"] == "https://mlflow.lab.example/#/experiments/7/runs/r1"
     assert links["tracking_uri"] == "http://mlflow:5000"
