@@ -1,4 +1,8 @@
-"""Mask analysis: ITOP ratio (Appendix E) and the Jaccard index of Eq. (1) (Section 4, Q3)."""
+"""Mask exploration: the ITOP ratio (Appendix E).
+
+The Jaccard index of Eq. (1) and the structural comparisons of Section 5.4 are in
+:mod:`dst.structure`.
+"""
 
 from __future__ import annotations
 
@@ -33,16 +37,3 @@ class ItopTracker:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for name, m in state.items():
             self.explored[name] = m.to(self.explored[name].device).bool()
-
-
-def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
-    """J(A, B) = |A ∩ B| / |A ∪ B| of two boolean set indicators (1.0 when both are empty)."""
-    union = num_active(a | b)
-    return num_active(a & b) / union if union else 1.0
-
-
-def mean_jaccard(a: Masks, b: Masks) -> float:
-    """Eq. (1): the layer-wise Jaccard index averaged over the layers."""
-    if a.keys() != b.keys():
-        raise ValueError("both mask sets must cover the same layers")
-    return sum(jaccard(a[name].bool(), b[name].bool()) for name in a) / len(a)

@@ -13,6 +13,7 @@ scope ranks all layers' active weights together and then grows per layer what it
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,8 +41,77 @@ class LayerUpdate:
     new: torch.Tensor  # [k_new <= k] int64
 
 
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
+def prune_count(fraction: float, active: int) -> int:
+    """k = round(ρ · active), half up: how many of ``active`` weights a prune fraction ρ removes."""
+    return math.floor(fraction * active + 0.5)
+
+
+@torch.no_grad()
+def prune_indices(
+    criterion: Criterion,
+    weights: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor | None],
+    masks: Masks,
+    fraction: float,
+    scope: Scope,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Flat indices (int64, ascending) that ``criterion`` prunes from each layer at fraction ρ.
+
+    The selection of one topology update (Section 3.1) as a pure function of a network state:
+    :class:`TopologyUpdater` prunes exactly these, and the structural analysis of Section 5.4
+    (:mod:`dst.structure`) asks it what every criterion would prune from one state. Nothing is
+    modified; the random criterion draws from ``generator``.
+    """
+    if scope == "local":
+        return _prune_local(criterion, weights, grads, masks, fraction, generator)
+    return _prune_global(criterion, weights, grads, masks, fraction, generator)
+
+
+def _prune_local(
+    criterion: Criterion,
+    weights: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor | None],
+    masks: Masks,
+    fraction: float,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Local scope (the paper's choice, Section 3.2): ρ of each layer's active weights, ranked
+    within the layer."""
+    out = {}
+    for name, w in weights.items():
+        k = prune_count(fraction, num_active(masks[name]))
+        scores = criterion.score(w.detach(), grads[name], masks[name], generator)  # [*w.shape]
+        out[name] = select_pruned(scores, masks[name], k)  # [k]
+    return out
+
+
+def _prune_global(
+    criterion: Criterion,
+    weights: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor | None],
+    masks: Masks,
+    fraction: float,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Global scope: ρ of all active weights, one threshold over the concatenated layers."""
+    flat_w = torch.cat([w.detach().flatten() for w in weights.values()])  # [N]
+    layer_grads = [grads[name] for name in weights]
+    flat_g = (
+        torch.cat([g.flatten() for g in layer_grads if g is not None])  # [N]
+        if all(g is not None for g in layer_grads)
+        else None
+    )
+    flat_m = torch.cat([masks[name].flatten() for name in weights])  # [N]
+    k = prune_count(fraction, num_active(flat_m))
+    chosen = select_pruned(criterion.score(flat_w, flat_g, flat_m, generator), flat_m, k)  # [k]
+    out, offset = {}, 0
+    for name, w in weights.items():
+        n = w.numel()
+        inside = (chosen >= offset) & (chosen < offset + n)  # [k]
+        out[name] = torch.sort(chosen[inside] - offset).values  # [k_layer]
+        offset += n
+    return out
 
 
 class TopologyUpdater:
@@ -68,38 +138,16 @@ class TopologyUpdater:
             raise RuntimeError("topology update needs gradients: call it after backward()")
         return weight.grad
 
-    @torch.no_grad()
     def prune_sets(
         self, weights: dict[str, nn.Parameter], masks: Masks, fraction: float
     ) -> dict[str, torch.Tensor]:
         """Flat indices each layer would prune at prune fraction ``fraction`` (no side effects
-        besides drawing from the generator for the random criterion)."""
-        score = self.criterion.score
-        if self.scope == "local":
-            out = {}
-            for name, w in weights.items():
-                k = _round_half_up(fraction * num_active(masks[name]))
-                scores = score(w.detach(), self._grad(w), masks[name], self.generator)
-                out[name] = select_pruned(scores, masks[name], k)
-            return out
-        # global: score the concatenation of all layers, one threshold across layers
-        flat_w = torch.cat([w.detach().flatten() for w in weights.values()])  # [N]
-        grads = [self._grad(w) for w in weights.values()]
-        flat_g = (
-            torch.cat([g.flatten() for g in grads if g is not None])
-            if all(g is not None for g in grads)
-            else None
+        besides drawing from the generator for the random criterion); see :func:`prune_indices`.
+        """
+        grads = {name: self._grad(w) for name, w in weights.items()}
+        return prune_indices(
+            self.criterion, weights, grads, masks, fraction, self.scope, self.generator
         )
-        flat_m = torch.cat([masks[name].flatten() for name in weights])  # [N]
-        k = _round_half_up(fraction * num_active(flat_m))
-        chosen = select_pruned(score(flat_w, flat_g, flat_m, self.generator), flat_m, k)
-        out, offset = {}, 0
-        for name, w in weights.items():
-            n = w.numel()
-            inside = (chosen >= offset) & (chosen < offset + n)
-            out[name] = torch.sort(chosen[inside] - offset).values
-            offset += n
-        return out
 
     @torch.no_grad()
     def update(
