@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dst.spec import RunSpec, resolve_training
+from service.analysis import FinishedTrial, StudyAnalysis, analyze
 from service.db import Experiment, Trial, utcnow
 from service.results import Results, summarize
 from service.states import (
@@ -225,6 +226,19 @@ def study_results(session: Session, experiment_id: str) -> Results:
         if trial.state == TrialState.SUCCEEDED and metrics is not None:
             finished.append((spec, metrics))
     return summarize(specs, finished)
+
+
+def study_analysis(session: Session, experiment_id: str) -> StudyAnalysis:
+    """Rankings and figure data over every succeeded trial (``partial`` while some run)."""
+    specs, finished, unfinished = [], [], 0
+    for trial in list_trials(session, experiment_id):
+        spec = RunSpec.model_validate_json(trial.spec_json)
+        specs.append(spec)
+        metrics = trial_metrics(trial)
+        if trial.state == TrialState.SUCCEEDED and metrics is not None:
+            finished.append(FinishedTrial(spec, metrics))
+        unfinished += trial.state in UNFINISHED_TRIAL
+    return analyze(specs, finished, partial=unfinished > 0)
 
 
 def as_aware(moment: datetime | None) -> datetime | None:

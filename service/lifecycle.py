@@ -18,8 +18,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from service import crud
+from service.analysis import StudyAnalysis
 from service.db import Experiment
-from service.results import Results
 from service.states import TRANSITIONS, ExperimentStatus, JobStatus, TrialState
 from service.study import StudySpec, TrialPlan, expand
 
@@ -41,7 +41,7 @@ class Tracker(Protocol):
         self, experiment_id: str, study: StudySpec, plans: list[TrialPlan]
     ) -> tuple[str, str]: ...
     def finish_parent(
-        self, parent_run_id: str, status: ExperimentStatus, results: Results
+        self, parent_run_id: str, status: ExperimentStatus, analysis: StudyAnalysis
     ) -> None: ...
     def links(
         self, mlflow_experiment_id: str | None, parent_run_id: str | None
@@ -150,10 +150,10 @@ def _finish_parent(
 ) -> None:
     if experiment.mlflow_parent_run_id is None:
         return
-    results = crud.study_results(session, experiment.id)
+    analysis = crud.study_analysis(session, experiment.id)
     session.commit()  # no transaction stays open across the MLflow calls
     try:
-        services.tracker.finish_parent(experiment.mlflow_parent_run_id, status, results)
+        services.tracker.finish_parent(experiment.mlflow_parent_run_id, status, analysis)
     except Exception as error:
         log.warning("could not finish MLflow parent run of %s: %s", experiment.id, error)
 

@@ -82,6 +82,9 @@ class LocalServices:
         if num_cpus is not None:
             cmd.append(f"--num-cpus={num_cpus}")
         env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+        # a loopback-only head: no token authentication unless asked for (Ray would turn it
+        # on for any token file it finds in ~/.ray, and the readiness probe would get 401s)
+        env.setdefault("RAY_AUTH_MODE", "disabled")
         proc = self._spawn("ray", cmd, env)
         address = f"http://127.0.0.1:{dashboard}"
         wait_until(lambda: _http_ok(f"{address}/api/version"), "Ray", 120, proc)

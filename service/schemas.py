@@ -67,6 +67,31 @@ class ResultsOut(BaseModel):
     rows: list[ResultRow]
 
 
+class FigureRef(BaseModel):
+    name: str
+    png: str = Field(description="path of the PNG image")
+    svg: str = Field(description="path of the SVG image")
+
+
+class AnalysisOut(BaseModel):
+    """The paper's analysis of a study, over its succeeded trials."""
+
+    experiment_id: str
+    status: ExperimentStatus
+    partial: bool = Field(description="trials are still unfinished: computed over those done")
+    n_finished: int
+    group_by: list[str]
+    ranked_within: list[str] = Field(
+        description="fields that form one ranking group (besides the criterion and seed)"
+    )
+    rankings: dict[str, dict[str, Any]] = Field(
+        description="Figure 3 by density split (all, low: ≤ 0.2, high: > 0.2): average ranks, "
+        "Friedman test, Nemenyi critical distance and p-values, cliques"
+    )
+    skipped: dict[str, str] = Field(description="why a split has no ranking")
+    figures: list[FigureRef]
+
+
 class Problem(BaseModel):
     """An error answer (401, 404, 409, 413)."""
 

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dst.spec import RunSpec, flatten
-from service.results import Results, format_table
+from service.analysis import StudyAnalysis
+from service.results import format_table
 from service.study import StudySpec, TrialPlan
 
 log = logging.getLogger(__name__)
@@ -95,14 +96,40 @@ class MlflowTracker:
         self.client.log_dict(run_id, {str(p.index): p.label for p in plans}, "trials.json")
         return mlflow_experiment, run_id
 
-    def finish_parent(self, parent_run_id: str, status: str, results: Results) -> None:
-        """Attach the results table (JSON and text) and close the parent run."""
-        data = asdict(results)
+    def finish_parent(self, parent_run_id: str, status: str, analysis: StudyAnalysis) -> None:
+        """Attach the results table (JSON and text), the analysis (rankings JSON and CSV,
+        figures, summary metrics) and close the parent run."""
+        assert analysis.results is not None
+        data = asdict(analysis.results)
         self.client.log_dict(parent_run_id, data, "results.json")
         self.client.log_text(
             parent_run_id, format_table(data["group_by"], data["rows"]), "results.txt"
         )
+        try:
+            self._log_analysis(parent_run_id, analysis)
+        except Exception:  # the analysis is also served over REST; the run still closes
+            log.exception("could not log the analysis of parent run %s", parent_run_id)
         self.client.set_terminated(parent_run_id, RUN_STATUS.get(status, "FINISHED"))
+
+    def _log_analysis(self, run_id: str, analysis: StudyAnalysis) -> None:
+        from service.analysis import build_figure, figure_names, rankings_csv, summary
+
+        self.client.log_dict(run_id, analysis.to_dict(), "analysis.json")
+        if analysis.rankings:
+            self.client.log_text(run_id, rankings_csv(analysis), "rankings.csv")
+        metrics, tags = summary(analysis)
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in figure_names(analysis):
+                figure = build_figure(analysis, name)
+                for kind in ("png", "svg"):
+                    figure.savefig(Path(tmp) / f"{name}.{kind}", format=kind)
+            self.client.log_artifacts(run_id, tmp, "figures")
 
     def links(
         self, mlflow_experiment_id: str | None, parent_run_id: str | None

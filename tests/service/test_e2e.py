@@ -33,6 +33,11 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
     summary = json.loads(Path(client.download_artifacts(parent_id, "results.json")).read_text())
     assert sum(row["n"] for row in summary["rows"]) == n_trials
     assert summary["group_by"] == ["sparsity.criterion"]
+    analysis = json.loads(Path(client.download_artifacts(parent_id, "analysis.json")).read_text())
+    assert set(analysis["rankings"]["all"]["average_ranks"]) == {"magnitude", "snip"}
+    figures = {a.path for a in client.list_artifacts(parent_id, "figures")}
+    assert {"figures/critical_distance_all.png", "figures/critical_distance_all.svg"} <= figures
+    assert {"mean_test_acc.magnitude", "mean_test_acc.snip"} <= set(parent.data.metrics)
     table = Path(client.download_artifacts(parent_id, "results.txt")).read_text()
     assert table.splitlines()[0].split()[:2] == ["criterion", "n"]
     children = client.search_runs(

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy.orm import Session
 
 from service import crud, lifecycle
+from service.analysis import StudyAnalysis
 from service.db import make_engine, upgrade_database
 from service.lifecycle import Services
-from service.results import Results
 from service.states import ExperimentStatus, JobStatus, TrialState
 from service.study import StudySpec, expand
 
@@ -57,8 +57,9 @@ class FakeMlflow:
             raise ConnectionError("MLflow is down")
         return "1", f"parent-{experiment_id}"
 
-    def finish_parent(self, parent: str, status: ExperimentStatus, results: Results) -> None:
-        self.finished.append((parent, str(status), len(results.rows)))
+    def finish_parent(self, parent: str, status: ExperimentStatus, analysis: StudyAnalysis) -> None:
+        assert analysis.results is not None
+        self.finished.append((parent, str(status), len(analysis.results.rows)))
 
     def links(self, *ids: Any) -> dict[str, str | None]:
         return {}

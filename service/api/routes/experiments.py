@@ -13,12 +13,15 @@ from sqlalchemy.exc import IntegrityError
 
 from dst.spec import flatten
 from service import crud, lifecycle
+from service.analysis import StudyAnalysis, build_figure, figure_names, render
 from service.api.deps import DispatcherDep, ServicesDep, SessionDep, SettingsDep
 from service.core.config import Settings
 from service.db import Experiment, Trial
 from service.schemas import (
+    AnalysisOut,
     ExperimentOut,
     ExperimentPage,
+    FigureRef,
     MlflowLinks,
     Problem,
     ResultsOut,
@@ -273,3 +276,78 @@ def get_results(experiment_id: str, session: SessionDep) -> ResultsOut:
         group_by=results.group_by,
         rows=results.rows,
     )
+
+
+FIGURE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
+NOTHING_FINISHED: dict[int | str, dict[str, Any]] = {
+    409: {"model": Problem, "description": "no trial has finished yet: nothing to analyse"},
+}
+
+
+def _analysis(session: SessionDep, experiment_id: str) -> StudyAnalysis:
+    _get(session, experiment_id)
+    analysis = crud.study_analysis(session, experiment_id)
+    if analysis.n_finished == 0:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"no trial of experiment {experiment_id!r} has finished yet; retry later",
+        )
+    return analysis
+
+
+def _figure_refs(experiment_id: str, analysis: StudyAnalysis) -> list[FigureRef]:
+    base = f"/experiments/{experiment_id}/figures"
+    return [
+        FigureRef(name=n, png=f"{base}/{n}.png", svg=f"{base}/{n}.svg")
+        for n in figure_names(analysis)
+    ]
+
+
+@router.get("/{experiment_id}/analysis", responses=NOT_FOUND | NOTHING_FINISHED)
+def get_analysis(experiment_id: str, session: SessionDep) -> AnalysisOut:
+    """The paper's answers for this study over its succeeded trials: criteria rankings with
+    Friedman's test and the Nemenyi critical distance (Figure 3: all densities, ≤ 0.2, > 0.2)
+    and the figures it has data for; ``partial`` while trials are still running."""
+    analysis = _analysis(session, experiment_id)
+    experiment = _get(session, experiment_id)
+    return AnalysisOut(
+        experiment_id=experiment_id,
+        status=experiment.status,
+        figures=_figure_refs(experiment_id, analysis),
+        **{k: v for k, v in analysis.to_dict().items()},
+    )
+
+
+@router.get("/{experiment_id}/figures", responses=NOT_FOUND | NOTHING_FINISHED)
+def list_figures(experiment_id: str, session: SessionDep) -> list[FigureRef]:
+    """The figures this study has the data for (drawn over its succeeded trials)."""
+    return _figure_refs(experiment_id, _analysis(session, experiment_id))
+
+
+@router.get(
+    "/{experiment_id}/figures/{filename}",
+    response_class=Response,
+    responses=NOT_FOUND
+    | NOTHING_FINISHED
+    | {
+        200: {
+            "content": {t: {} for t in FIGURE_TYPES.values()},
+            "description": "the figure",
+        }
+    },
+)
+def get_figure(experiment_id: str, filename: str, session: SessionDep) -> Response:
+    """One figure as ``NAME.png`` or ``NAME.svg`` (names from the figure list)."""
+    name, _, kind = filename.rpartition(".")
+    if kind not in FIGURE_TYPES:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"no figure {filename!r}: ask for NAME.png or NAME.svg"
+        )
+    analysis = _analysis(session, experiment_id)
+    if name not in figure_names(analysis):
+        known = ", ".join(figure_names(analysis)) or "none"
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"no figure {name!r} for this study; it has: {known}"
+        )
+    image = render(build_figure(analysis, name), kind)
+    return Response(content=image, media_type=FIGURE_TYPES[kind])

@@ -1,0 +1,157 @@
+"""A study's analysis over REST: rankings by density split from hand-set final accuracies,
+the figures it has the data for (real PNG and SVG), ``partial`` while trials run, 409 before
+anything finished and 404 for a figure it does not have."""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from dst.spec import RunSpec
+from service import crud
+from service.states import TrialState
+from tests.service.test_api import AUTH, unreachable_app
+
+# final test accuracy by (criterion, density): magnitude best at low density, snip at high
+ACCURACY = {
+    ("magnitude", 0.1): 0.90,
+    ("set", 0.1): 0.85,
+    ("snip", 0.1): 0.70,
+    ("magnitude", 0.5): 0.93,
+    ("set", 0.5): 0.92,
+    ("snip", 0.5): 0.95,
+}
+
+
+def study() -> dict[str, Any]:
+    return {
+        "name": "analysis",
+        "model": "small-mlp",
+        "dataset": "digits",
+        "training": {"epochs": 1},
+        "grid": {
+            "sparsity.criterion": ["magnitude", "set", "snip"],
+            "sparsity.density": [0.1, 0.5],
+            "sparsity.growth": ["random", "gradient"],
+            "seed": [0, 1],
+        },
+        "baselines": {"dense": True, "static": True},
+    }
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[TestClient]:
+    with TestClient(unreachable_app(tmp_path)) as test_client:
+        yield test_client
+
+
+def finish(client: TestClient, experiment_id: str, keep_running: int = 0) -> None:
+    """Mark every trial succeeded with its hand-set accuracy (seed 1 a little lower), except
+    the last ``keep_running`` DST trials."""
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        trials = crud.list_trials(session, experiment_id)
+        left = keep_running
+        for trial in reversed(trials):
+            spec = RunSpec.model_validate_json(trial.spec_json)
+            s = spec.sparsity
+            if s.mode == "dst" and left > 0:
+                trial.state, left = TrialState.RUNNING, left - 1
+                continue
+            acc = {"dense": 0.97, "static": 0.6 + s.density / 10}.get(s.mode)
+            acc = acc if acc is not None else ACCURACY[(s.criterion, s.density)]
+            acc -= 0.01 * spec.seed
+            trial.state = TrialState.SUCCEEDED
+            trial.metrics_json = json.dumps({"test_acc": acc, "test_loss": 1 - acc})
+        session.commit()
+
+
+def submit(client: TestClient) -> str:
+    answer = client.post("/experiments", json=study(), headers=AUTH)
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["id"])
+
+
+def test_nothing_to_analyse_before_a_trial_finished(client: TestClient) -> None:
+    experiment_id = submit(client)
+    for path in ("analysis", "figures", "figures/accuracy_vs_density.png"):
+        answer = client.get(f"/experiments/{experiment_id}/{path}", headers=AUTH)
+        assert answer.status_code == 409, (path, answer.text)
+        assert "finished" in answer.json()["detail"]
+    assert client.get("/experiments/nope/analysis", headers=AUTH).status_code == 404
+
+
+def test_rankings_by_density_split(client: TestClient) -> None:
+    experiment_id = submit(client)
+    finish(client, experiment_id)
+    answer = client.get(f"/experiments/{experiment_id}/analysis", headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    analysis = answer.json()
+    assert analysis["partial"] is False and analysis["n_finished"] == 24 + 2 + 4
+    assert analysis["ranked_within"] == ["sparsity.density", "sparsity.growth"]
+    low, high, every = (analysis["rankings"][s] for s in ("low", "high", "all"))
+    assert low["criteria"] == ["magnitude", "set", "snip"]
+    assert low["average_ranks"] == {"magnitude": 1.0, "set": 2.0, "snip": 3.0}
+    assert low["n_groups"] == 2  # density 0.1 x two growths
+    assert sorted(low["groups"], key=json.dumps) == [
+        {"sparsity.density": 0.1, "sparsity.growth": "gradient"},
+        {"sparsity.density": 0.1, "sparsity.growth": "random"},
+    ]
+    # Nemenyi CD = q_0.05(k=3)/√2·√(k(k+1)/6N) with q/√2 = 2.343 (Demšar 2006, Table 5)
+    assert math.isclose(low["critical_distance"], 2.343 * math.sqrt(12 / (6 * 2)), rel_tol=1e-3)
+    assert high["criteria"] == ["snip", "magnitude", "set"]
+    assert every["average_ranks"] == {"magnitude": 1.5, "set": 2.5, "snip": 2.0}
+    assert every["n_groups"] == 4
+    assert every["friedman"] is not None and 0 <= every["friedman"]["p_value"] <= 1
+    names = {f["name"] for f in analysis["figures"]}
+    assert names == {
+        "accuracy_vs_density",
+        "critical_distance_all",
+        "critical_distance_low",
+        "critical_distance_high",
+    }
+
+
+def test_figures_are_real_images(client: TestClient) -> None:
+    experiment_id = submit(client)
+    finish(client, experiment_id)
+    listed = client.get(f"/experiments/{experiment_id}/figures", headers=AUTH).json()
+    for figure in listed:
+        png = client.get(figure["png"], headers=AUTH)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG\r\n\x1a\n") and len(png.content) > 10_000
+        svg = client.get(figure["svg"], headers=AUTH)
+        assert svg.headers["content-type"].startswith("image/svg+xml")
+        assert ET.fromstring(svg.content).tag.endswith("svg")
+    svg_text = client.get(
+        f"/experiments/{experiment_id}/figures/critical_distance_low.svg", headers=AUTH
+    ).text
+    assert "CD" in svg_text and "magnitude" in svg_text
+
+
+def test_unknown_figures_are_404_and_name_what_exists(client: TestClient) -> None:
+    experiment_id = submit(client)
+    finish(client, experiment_id)
+    base = f"/experiments/{experiment_id}/figures"
+    missing = client.get(f"{base}/accuracy_vs_mest_lambda.png", headers=AUTH)
+    assert missing.status_code == 404 and "accuracy_vs_density" in missing.json()["detail"]
+    assert client.get(f"{base}/accuracy_vs_density.gif", headers=AUTH).status_code == 404
+    assert client.get(f"{base}/..%2Fetc.png", headers=AUTH).status_code == 404
+
+
+def test_a_running_study_is_analysed_partially(client: TestClient) -> None:
+    experiment_id = submit(client)
+    finish(client, experiment_id, keep_running=3)
+    analysis = client.get(f"/experiments/{experiment_id}/analysis", headers=AUTH).json()
+    assert analysis["partial"] is True and analysis["n_finished"] == 30 - 3
+    ranking = analysis["rankings"]["all"]
+    # the unfinished trials leave their groups incomplete: ranked without them, and named
+    assert ranking["dropped_groups"] and ranking["n_groups"] + len(ranking["dropped_groups"]) == 4

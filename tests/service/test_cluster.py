@@ -1,0 +1,287 @@
+"""The service on a multi-node Ray cluster: a head (dashboard, Jobs API, no CPUs) and two
+one-CPU worker nodes, each a session of processes of its own on this machine. The trials of
+a study spread over both workers; SIGKILL one worker node mid-study and the study still
+succeeds, the trials it ran resumed from their checkpoints on the other node, with one child
+run each."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.util.state import list_actors, list_nodes
+
+from service.execution import RayExecutor
+from service.local import free_port, wait_until
+from service.tracking import PARENT_TAG, TAG_RESUMED, TAG_TRIAL
+from tests.service.e2e import api, processes_with, study, wait_for, wait_terminal
+
+pytestmark = pytest.mark.slow
+EPOCHS = 120  # ~0.15 s each with four trials on two cores: the kill lands mid-trial
+WORKERS = ("node_a", "node_b")
+RAY_START = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block"]
+
+
+@dataclass
+class LocalCluster:
+    """A Ray head and worker nodes started with ``ray start --block``, each in a session of
+    its own, every port explicit (another Ray may run on this machine) and a short temporary
+    directory per node. Every process started here, the job drivers the Jobs API starts in
+    sessions of their own included, carries ``marker`` in its environment."""
+
+    logs: Path
+    marker: str = field(default_factory=lambda: f"dst-cluster-test-{uuid.uuid4().hex}")
+    nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    temp_dirs: list[Path] = field(default_factory=list)
+    gcs_port: int = 0
+    address: str = ""  # the dashboard: Jobs API and state API
+    node_ids: dict[str, str] = field(default_factory=dict)  # worker name -> Ray node id
+
+    def env(self) -> dict[str, str]:
+        return os.environ | {
+            "DST_TEST_MARKER": self.marker,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            # a local ray.init() leaves ~/.ray/auth_token behind, which turns token
+            # authentication on for a new head but not for the nodes that join it
+            "RAY_AUTH_MODE": "disabled",
+            # the head sees a dead node after ~3 s rather than ~15 s
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+        }
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        temp = Path(tempfile.mkdtemp(prefix="dstc-", dir="/tmp"))  # short: Ray's socket paths
+        self.temp_dirs.append(temp)
+        ports = [
+            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            "--min-worker-port=0", "--max-worker-port=0",  # workers bind ports the OS picks
+        ]  # fmt: skip
+        cmd = [
+            *RAY_START, *args, *ports, f"--temp-dir={temp}", "--disable-usage-stats",
+            f"--object-store-memory={100 * 2**20}",
+        ]  # fmt: skip
+        with (self.logs / f"{name}.log").open("w") as log:
+            proc = subprocess.Popen(
+                cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.nodes[name] = proc
+        return proc
+
+    def start(self, workers: tuple[str, ...]) -> None:
+        """A head that runs no trials (no CPUs) with the dashboard, then one-CPU workers,
+        each with a custom resource of its name; returns once every worker is alive."""
+        try:
+            self.address = self._start_head()
+        except RuntimeError:
+            if self.nodes["head"].poll() is None:
+                raise
+            self.kill("head")  # its `ray start` gave up (see _alive): once more
+            self.address = self._start_head()
+        attempts = dict.fromkeys(workers, 1)
+        for name in workers:
+            self._start_worker(name, 1)
+        self.node_ids = wait_for(
+            lambda: self._alive(workers, attempts), "the worker nodes to join", 180
+        )
+
+    def _start_head(self) -> str:
+        """Start the head; its dashboard address once the Jobs API answers."""
+        self.gcs_port, dashboard = free_port(), free_port()
+        head = self._start("head", [
+            "--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={free_port()}",
+        ])  # fmt: skip
+        address = f"http://127.0.0.1:{dashboard}"
+        wait_until(lambda: _ok(f"{address}/api/jobs/"), "the Ray Jobs API", 120, head)
+        return address
+
+    def _start_worker(self, name: str, attempt: int) -> None:
+        resources = {name: 1, f"{name}_try{attempt}": 1}  # tells the tries apart
+        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1",
+                           f"--resources={json.dumps(resources)}"])  # fmt: skip
+
+    def _alive(self, workers: tuple[str, ...], attempts: dict[str, int]) -> dict[str, str] | None:
+        """The workers' node ids once all are alive. ``ray start`` gives up when its raylet
+        has not registered within 30 s, which a loaded machine can take: start it again."""
+        for name in workers:
+            if self.nodes[name].poll() is None:
+                continue
+            if attempts[name] == 3:
+                raise AssertionError(f"{name} exited:\n{self.log(name)}")
+            self.kill(name)  # what the failed try left behind
+            attempts[name] += 1
+            self._start_worker(name, attempts[name])
+        found = {
+            name: node.node_id
+            for node in list_nodes(address=self.address)
+            for name in workers
+            if node.state == "ALIVE" and f"{name}_try{attempts[name]}" in node.resources_total
+        }
+        return found if len(found) == len(workers) else None
+
+    def node_state(self, name: str) -> str | None:
+        """ALIVE or DEAD, as the head sees the worker ``name``."""
+        node_id = self.node_ids[name]
+        nodes = list_nodes(address=self.address)
+        return next((n.state for n in nodes if n.node_id == node_id), None)
+
+    def trial_actors(self) -> Counter[str]:
+        """Alive Tune trial actors (function trainables) by the name of their node."""
+        names = {node_id: name for name, node_id in self.node_ids.items()}
+        return Counter(
+            names.get(actor.node_id, actor.node_id)
+            for actor in list_actors(address=self.address, limit=10_000)
+            if actor.class_name == "ImplicitFunc" and actor.state == "ALIVE"
+        )
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def kill(self, name: str) -> None:
+        """SIGKILL everything of a node: its ``ray start`` session (raylet, agents, and the
+        Ray workers, which the raylet puts in process groups of their own)."""
+        proc = self.nodes.pop(name)
+        deadline = time.monotonic() + 10
+        while (members := _session(proc.pid)) and time.monotonic() < deadline:
+            for pid in members:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        proc.wait()
+
+    def stop(self) -> None:
+        """Kill every node, then whatever else carries the marker (job drivers)."""
+        for name in list(self.nodes):
+            self.kill(name)
+        deadline = time.monotonic() + 10
+        while (left := processes_with(self.marker, "environ")) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        for temp in self.temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+        self.temp_dirs.clear()
+
+
+def _session(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (zombies, already dead, left out)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone
+            continue
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _ok(url: str) -> bool:
+    return httpx.get(url, timeout=2.0).status_code == 200
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A running head and workers ``WORKERS``; every process it started is gone afterwards
+    (node logs stay in ``tmp_path``)."""
+    local = LocalCluster(logs=tmp_path)
+    try:
+        local.start(WORKERS)
+        yield local
+    finally:
+        local.stop()
+    assert processes_with(local.marker, "environ") == [], "cluster processes left running"
+
+
+def resumed_reports(storage: Path, experiment_id: str, index: int) -> list[dict[str, Any]]:
+    """The reports of trial ``index`` made right after restoring a checkpoint (from Tune's
+    result log on the storage)."""
+    path = storage / "ray_results" / experiment_id / f"trial-{index}" / "result.json"
+    reports = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in reports if r.get("dst_resumed_from_epoch") is not None]
+
+
+def job_log(address: str, experiment_id: str) -> str:
+    """The end of the experiment's job driver output (for failure messages)."""
+    return RayExecutor(address).logs(experiment_id)[-6000:]
+
+
+def test_a_study_survives_losing_a_worker_node(
+    cluster: LocalCluster, mlflow_sqlite: str, tmp_path: Path
+) -> None:
+    """Four trials of half a CPU fill both one-CPU workers, two each; SIGKILL node_a once
+    every trial has checkpointed: its trials resume on node_b and the study succeeds."""
+    storage = tmp_path / "storage"
+    database = f"sqlite:///{tmp_path / 'cluster.db'}"
+    with api(storage, database, cluster.address, mlflow_sqlite) as client:
+        created = client.submit(study("lose-a-node", epochs=EPOCHS))
+        experiment_id = created["id"]
+        assert created["n_trials"] == 4
+        wait_for(
+            lambda: {t["state"] for t in client.trials(experiment_id)} == {"running"},
+            "every trial to start",
+            240,
+        )
+        placed = cluster.trial_actors()
+        assert placed == {"node_a": 2, "node_b": 2}, placed
+        wait_for(
+            lambda: all(t["epoch"] >= 3 for t in client.trials(experiment_id)),
+            "every trial to checkpoint three epochs",
+            120,
+        )
+        cluster.kill("node_a")
+        wait_for(lambda: cluster.node_state("node_a") == "DEAD", "node_a to be seen dead", 60)
+        final = wait_terminal(client, experiment_id, timeout=240)
+        assert final["status"] == "succeeded", (final, job_log(cluster.address, experiment_id))
+        trials = client.trials(experiment_id)
+    assert sorted(t["index"] for t in trials) == [0, 1, 2, 3]
+    for trial in trials:
+        assert trial["state"] == "succeeded" and trial["epoch"] == EPOCHS, trial
+    resumed = {t["index"]: t["resumed_from_epoch"] for t in trials if t["resumed_from_epoch"]}
+    assert 1 <= len(resumed) <= placed["node_a"], resumed
+    for index, epoch in resumed.items():
+        assert 2 <= epoch < EPOCHS, (index, epoch)  # from a checkpoint, not from scratch
+        # the retried trial restored that checkpoint: its first report is the next epoch
+        reports = resumed_reports(storage, experiment_id, index)
+        assert [(r["dst_resumed_from_epoch"], r["dst"]["epoch"]) for r in reports] == [
+            (epoch, epoch + 1)
+        ], index
+    mlflow = MlflowClient(mlflow_sqlite)
+    parent = mlflow.get_run(final["mlflow"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = mlflow.search_runs(
+        [parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
+    )
+    assert sorted(int(c.data.tags[TAG_TRIAL]) for c in children) == [0, 1, 2, 3]
+    run_ids = {t["index"]: t["mlflow_run_id"] for t in trials}
+    for child in children:
+        index = int(child.data.tags[TAG_TRIAL])
+        assert child.info.status == "FINISHED" and child.info.run_id == run_ids[index], index
+        history = mlflow.get_metric_history(child.info.run_id, "test_acc")
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), index
+        expected = str(resumed[index]) if index in resumed else None
+        assert child.data.tags.get(TAG_RESUMED) == expected, index
