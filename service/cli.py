@@ -273,6 +273,23 @@ def results(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) 
 
 
 @app.command()
+def report(
+    experiment_id: str,
+    out: Annotated[Path, typer.Option(help="directory to write report.html into")] = Path("."),
+    api: ApiUrl = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """Write a self-contained HTML report of a study: results, rankings, figures, links."""
+    from service.report import write_report
+
+    try:
+        path = write_report(_client(api, token), experiment_id, out)
+    except ApiError as error:
+        raise fail(str(error)) from None
+    typer.echo(f"report: {path}")
+
+
+@app.command()
 def demo(
     spec_path: Annotated[Path, typer.Option("--spec", help="study to run")] = EXAMPLES
     / "demo.yaml",
@@ -308,6 +325,10 @@ def demo(
         typer.echo(results_table(client.results(created["id"])))
         mlflow = final.get("mlflow") or {}
         typer.echo(f"MLflow UI: {mlflow.get('experiment_url') or mlflow.get('tracking_uri')}")
+        from service.report import write_report
+
+        path = write_report(client, created["id"], storage / "report")
+        typer.echo(f"report: {path}")
         if keep_open:
             typer.echo("services stay up; Ctrl-C to stop")
             try:

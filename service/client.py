@@ -65,7 +65,7 @@ class ApiClient:
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self._errors = httpx.HTTPError
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, raw: bool = False, **kwargs: Any) -> Any:
         try:
             response = self.http.request(method, path, **kwargs)
         except self._errors as error:
@@ -76,7 +76,7 @@ class ApiClient:
             except ValueError:
                 detail = response.text
             raise ApiError(response.status_code, detail)
-        return response.json()
+        return response.content if raw else response.json()
 
     def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
@@ -99,6 +99,15 @@ class ApiClient:
 
     def results(self, experiment_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/experiments/{experiment_id}/results"))
+
+    def analysis(self, experiment_id: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/experiments/{experiment_id}/analysis"))
+
+    def figure(self, experiment_id: str, filename: str) -> bytes:
+        """A figure's image (``NAME.png`` or ``NAME.svg``)."""
+        return bytes(
+            self._call("GET", f"/experiments/{experiment_id}/figures/{filename}", raw=True)
+        )
 
     def healthy(self) -> bool:
         try:

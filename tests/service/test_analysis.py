@@ -4,10 +4,12 @@ anything finished and 404 for a figure it does not have."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,10 @@ from sqlalchemy.orm import Session
 
 from dst.spec import RunSpec
 from service import crud
+from service.client import ApiClient
+from service.report import write_report
 from service.states import TrialState
-from tests.service.test_api import AUTH, unreachable_app
+from tests.service.test_api import AUTH, TOKEN, unreachable_app
 
 # final test accuracy by (criterion, density): magnitude best at low density, snip at high
 ACCURACY = {
@@ -155,3 +159,48 @@ def test_a_running_study_is_analysed_partially(client: TestClient) -> None:
     ranking = analysis["rankings"]["all"]
     # the unfinished trials leave their groups incomplete: ranked without them, and named
     assert ranking["dropped_groups"] and ranking["n_groups"] + len(ranking["dropped_groups"]) == 4
+
+
+class _Images(HTMLParser):
+    """The ``<img>`` tags of a page: alt text and decoded PNG data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: dict[str, bytes] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            found = dict(attrs)
+            prefix, _, data = (found["src"] or "").partition(",")
+            assert prefix == "data:image/png;base64"
+            self.images[str(found["alt"])] = base64.b64decode(data)
+
+
+def api_client(client: TestClient) -> ApiClient:
+    """The CLI's REST client, over the in-process app."""
+    api = ApiClient("http://testserver", TOKEN)
+    client.headers.update(AUTH)
+    api.http = client
+    return api
+
+
+def test_the_report_is_one_file_with_every_figure(client: TestClient, tmp_path: Path) -> None:
+    experiment_id = submit(client)
+    finish(client, experiment_id)
+    path = write_report(api_client(client), experiment_id, tmp_path / "out")
+    page = path.read_text()
+    parser = _Images()
+    parser.feed(page)
+    names = {f["name"] for f in client.get(f"/experiments/{experiment_id}/figures").json()}
+    assert set(parser.images) == names and len(names) == 4
+    assert all(data.startswith(b"\x89PNG") for data in parser.images.values())
+    assert "Friedman" in page and "magnitude" in page  # rankings
+    assert "0.8950 ± 0.0071" in page  # magnitude at density 0.1: seeds 0.90 and 0.89
+    assert "small-mlp" in page  # the shared spec
+
+
+def test_a_report_before_anything_finished_says_so(client: TestClient, tmp_path: Path) -> None:
+    experiment_id = submit(client)
+    page = write_report(api_client(client), experiment_id, tmp_path).read_text()
+    assert "nothing to rank before a trial has finished" in page
+    assert "no figures for this study" in page

@@ -1,0 +1,202 @@
+"""A study's report as one self-contained HTML file (runs on the user's machine, via REST).
+
+``dst report ID --out DIR`` and the end of ``dst demo`` write ``DIR/report.html``: the study's
+status and MLflow links, what its trials have in common (the spec) and what they vary, the
+results table, the criteria rankings with Friedman's test and the critical distance, and
+every figure the API draws for it, inlined as PNG, so the file opens anywhere, offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from service.client import ApiError
+
+SPLIT_TITLES = {"all": "all densities", "low": "densities ≤ 0.2", "high": "densities > 0.2"}
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }
+table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; }
+th { background: #f3f3f3; }
+figure { margin: 1rem 0 2rem; }
+img { max-width: 100%; border: 1px solid #eee; }
+.note { color: #666; }
+"""
+
+
+class ReportSource(Protocol):
+    """What the report reads (the REST client)."""
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]: ...
+    def trials(self, experiment_id: str) -> list[dict[str, Any]]: ...
+    def results(self, experiment_id: str) -> dict[str, Any]: ...
+    def analysis(self, experiment_id: str) -> dict[str, Any]: ...
+    def figure(self, experiment_id: str, filename: str) -> bytes: ...
+
+
+def write_report(source: ReportSource, experiment_id: str, out: Path) -> Path:
+    """Fetch everything about ``experiment_id`` and write ``out/report.html``."""
+    experiment = source.experiment(experiment_id)
+    trials = source.trials(experiment_id)
+    results = source.results(experiment_id)
+    try:
+        analysis: dict[str, Any] | None = source.analysis(experiment_id)
+    except ApiError as error:
+        if error.status != 409:  # 409: nothing has finished yet
+            raise
+        analysis = None
+    images = {
+        f["name"]: source.figure(experiment_id, f"{f['name']}.png")
+        for f in (analysis or {}).get("figures", [])
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.html"
+    path.write_text(render(experiment, trials, results, analysis, images), encoding="utf-8")
+    return path
+
+
+def render(
+    experiment: dict[str, Any],
+    trials: Sequence[dict[str, Any]],
+    results: dict[str, Any],
+    analysis: dict[str, Any] | None,
+    images: dict[str, bytes],
+) -> str:
+    """The report's HTML (pure: everything it shows is passed in)."""
+    name = html.escape(str(experiment["name"]))
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{name}: DST Lab report</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{name}</h1>",
+        _overview(experiment),
+        "<h2>Spec</h2>",
+        _spec(trials, results.get("group_by", [])),
+        "<h2>Results</h2>",
+        _results(results),
+        "<h2>Criteria rankings</h2>",
+        _rankings(analysis),
+        "<h2>Figures</h2>",
+        _figures(images),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_text(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _link(url: str | None, text: str) -> str:
+    if not url:
+        return html.escape(text) + " (no link)"
+    return f"<a href='{html.escape(url, quote=True)}'>{html.escape(text)}</a>"
+
+
+def _overview(experiment: dict[str, Any]) -> str:
+    mlflow = experiment.get("mlflow") or {}
+    counts = ", ".join(f"{k}: {v}" for k, v in experiment.get("trial_counts", {}).items())
+    rows = [
+        ("experiment", experiment["id"]),
+        ("status", experiment["status"]),
+        ("trials", f"{experiment['n_trials']} ({counts})"),
+        ("created", experiment.get("created_at")),
+        ("finished", experiment.get("finished_at")),
+    ]
+    links = " · ".join(
+        [
+            _link(mlflow.get("experiment_url"), "MLflow runs"),
+            _link(mlflow.get("parent_run_url"), "MLflow parent run"),
+        ]
+    )
+    return _table(["", ""], rows) + f"<p>{links}</p>"
+
+
+def _spec(trials: Sequence[dict[str, Any]], varied: Sequence[str]) -> str:
+    """What every trial shares (the study's spec without its grid) and what varies."""
+    if not trials:
+        return "<p class='note'>no trials</p>"
+    shared = {
+        k: v for k, v in trials[0]["params"].items() if all(t["params"].get(k) == v for t in trials)
+    }
+    note = ", ".join(varied) if varied else "nothing besides the seed"
+    return _table(["field", "value"], sorted(shared.items())) + (
+        f"<p>Varied across trials: {html.escape(note)}.</p>"
+    )
+
+
+def _results(results: dict[str, Any]) -> str:
+    group_by: list[str] = results.get("group_by", [])
+    metrics = ("test_acc", "test_acc_at_best_val", "test_loss")
+    header = [*(f.rpartition(".")[2] for f in group_by), "n"]
+    header += [f"{m} (mean ± std)" for m in metrics]
+    rows = [
+        [
+            *(r["config"].get(f) for f in group_by),
+            r["n"],
+            *(_mean_std(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
+        ]
+        for r in results.get("rows", [])
+    ]
+    if not rows:
+        return "<p class='note'>no trial has finished yet</p>"
+    note = "" if results.get("complete") else "<p class='note'>partial: trials still run</p>"
+    return _table(header, rows) + note
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _rankings(analysis: dict[str, Any] | None) -> str:
+    if analysis is None:
+        return "<p class='note'>nothing to rank before a trial has finished</p>"
+    parts = []
+    if analysis.get("partial"):
+        parts.append("<p class='note'>partial: computed over the trials finished so far</p>")
+    for split, ranking in analysis.get("rankings", {}).items():
+        friedman = ranking.get("friedman")
+        test = (
+            f"Friedman χ² = {friedman['statistic']:.3g}, p = {friedman['p_value']:.3g}"
+            if friedman
+            else f"Friedman test not run: {ranking.get('friedman_skipped')}"
+        )
+        cd = ranking.get("critical_distance")
+        parts.append(
+            f"<h3>{html.escape(SPLIT_TITLES.get(split, split))}</h3>"
+            f"<p>N = {ranking['n_groups']} groups; {html.escape(test)}; Nemenyi critical "
+            f"distance at α = {ranking['alpha']}: {_text(cd)}</p>"
+        )
+        rows = [[c, ranking["average_ranks"][c]] for c in ranking["criteria"]]
+        parts.append(_table(["criterion (best first)", "average rank"], rows))
+    for split, reason in analysis.get("skipped", {}).items():
+        title = SPLIT_TITLES.get(split, split)
+        parts.append(f"<p class='note'>{html.escape(title)}: {html.escape(reason)}</p>")
+    return "\n".join(parts)
+
+
+def _figures(images: dict[str, bytes]) -> str:
+    if not images:
+        return "<p class='note'>no figures for this study (yet)</p>"
+    return "\n".join(
+        f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
+        f"{base64.b64encode(data).decode()}'><figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, data in images.items()
+    )
