@@ -204,18 +204,26 @@ def results_table(results: dict[str, Any]) -> str:
 
 @app.command()
 def submit(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="study spec (YAML or JSON)")],
+    spec_path: Annotated[
+        Path | None, typer.Argument(metavar="[SPEC]", help="study spec (YAML or JSON)")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="submit a preset (dst presets) instead of a SPEC file")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override, e.g. training.epochs=5 or grid.seed=[0,1]"),
+    ] = None,
     wait: Annotated[bool, typer.Option(help="wait and show progress, then the results")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="retry-safe submission key")] = None,
     api: ApiUrl = DEFAULT_URL,
     token: Token = None,
 ) -> None:
-    """Submit a study to the REST API."""
-    import yaml
-
+    """Submit a study (a SPEC file or a --preset, with --set overrides) to the REST API."""
+    study = _study(spec_path, preset, set_ or [])
     client = _client(api, token)
     try:
-        created = client.submit(yaml.safe_load(spec_path.read_text()), idempotency_key)
+        created = client.submit(study, idempotency_key)
         typer.echo(
             f"experiment {created['id']}: {created['status']} ({created['n_trials']} trials)"
         )
@@ -223,7 +231,7 @@ def submit(
             final = wait_for(client, created["id"])
             typer.echo(f"status: {final['status']}")
             typer.echo(results_table(client.results(created["id"])))
-    except (ApiError, OSError, yaml.YAMLError) as error:
+    except (ApiError, OSError) as error:
         raise fail(str(error)) from None
 
 
@@ -270,6 +278,42 @@ def results(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) 
         typer.echo(results_table(_client(api, token).results(experiment_id)))
     except ApiError as error:
         raise fail(str(error)) from None
+
+
+def _study(spec_path: Path | None, preset: str | None, overrides: list[str]) -> dict[str, Any]:
+    """The study to submit: a spec file or a preset, with ``key.path=value`` overrides."""
+    import yaml
+
+    from dst.spec import set_path
+    from service.presets import parse_overrides, preset_study, presets
+
+    if (spec_path is None) == (preset is None):
+        raise fail("give either a SPEC file or --preset NAME")
+    try:
+        parsed = parse_overrides(overrides)
+        if preset is not None:
+            if preset not in presets():
+                raise fail(f"no preset {preset!r}; one of: {', '.join(presets())}")
+            return preset_study(preset, parsed)
+        assert spec_path is not None
+        data = dict(yaml.safe_load(spec_path.read_text()))
+        for key, value in parsed.items():
+            set_path(data, key, value)
+        return data
+    except (ValueError, OSError, yaml.YAMLError) as error:
+        raise fail(str(error)) from None
+
+
+@app.command()
+def presets() -> None:
+    """The paper's experiments as presets: name, DST runs of the grid, description."""
+    from service.presets import presets as known
+
+    for preset in known().values():
+        n_grid = 1
+        for values in preset.study.get("grid", {}).values():
+            n_grid *= len(values)
+        typer.echo(f"{preset.name:36} {n_grid:5} runs  {preset.description}")
 
 
 @app.command()

@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI
 from service.api.deps import require_database, require_token
 from service.api.errors import install_error_handlers
 from service.api.limits import BodySizeLimit
-from service.api.routes import experiments, health
+from service.api.routes import experiments, health, presets
 from service.core.config import Settings
 from service.db import make_engine, upgrade_database, upgrade_when_reachable
 from service.dispatcher import Dispatcher
@@ -94,9 +94,9 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(health.router)
-    app.include_router(
-        experiments.router, dependencies=[Depends(require_token), Depends(require_database)]
-    )
+    protected = [Depends(require_token), Depends(require_database)]
+    app.include_router(experiments.router, dependencies=protected)
+    app.include_router(presets.router, dependencies=protected)
     return app
 
 

@@ -152,16 +152,15 @@ def _replay(
     return experiment_out(session, services, existing)
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_201_CREATED,
-    responses={
-        200: {"model": ExperimentOut, "description": "a replay of an Idempotency-Key"},
-        400: {"model": Problem, "description": "the body cannot be read as UTF-8 JSON"},
-        409: {"model": Problem, "description": "the Idempotency-Key was used for another body"},
-        413: {"model": Problem, "description": "the body is larger than DST_MAX_BODY_BYTES"},
-    },
-)
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": ExperimentOut, "description": "a replay of an Idempotency-Key"},
+    400: {"model": Problem, "description": "the body cannot be read as UTF-8 JSON"},
+    409: {"model": Problem, "description": "the Idempotency-Key was used for another body"},
+    413: {"model": Problem, "description": "the body is larger than DST_MAX_BODY_BYTES"},
+}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=SUBMIT_RESPONSES)
 def submit_experiment(
     study: StudySpec,
     session: SessionDep,
