@@ -12,8 +12,10 @@ marked ``partial``.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dst.spec import RunSpec
@@ -30,6 +32,16 @@ CRITERION, GROWTH, DENSITY, MODE = (
 )
 PERIOD, LAMBDA = "sparsity.update_period", "sparsity.mest_lambda"
 SPLITS = ("all", "low", "high")  # Figure 3a-c: all densities, ≤ 0.2, > 0.2
+INITIAL, FINAL = "initial.npz", "final.npz"  # a finished trial's masks, kept by the driver
+
+
+def experiment_masks_dir(storage_path: Path, experiment_id: str) -> Path:
+    """Where a study's finished trials keep their masks (shared by the driver and the API)."""
+    return storage_path / "masks" / experiment_id
+
+
+def trial_masks_dir(experiment_dir: Path, index: int) -> Path:
+    return experiment_dir / str(index)
 
 
 @dataclass(frozen=True)
@@ -38,6 +50,7 @@ class FinishedTrial:
 
     spec: RunSpec
     metrics: dict[str, float]
+    index: int = -1  # the trial's index (its masks' directory)
 
 
 @dataclass
@@ -51,6 +64,7 @@ class StudyAnalysis:
     rankings: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # split -> why there is no ranking
     results: Results | None = None
+    structure: list[dict[str, Any]] = field(default_factory=list)  # Figure 6b per setting
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -59,12 +73,18 @@ class StudyAnalysis:
 
 
 def analyze(
-    specs: Sequence[RunSpec], finished: Sequence[FinishedTrial], partial: bool
+    specs: Sequence[RunSpec],
+    finished: Sequence[FinishedTrial],
+    partial: bool,
+    mask_dir: Path | None = None,
 ) -> StudyAnalysis:
-    """The analysis of a study whose trials are ``specs``, from its ``finished`` trials."""
+    """The analysis of a study whose trials are ``specs``, from its ``finished`` trials (and
+    their masks in ``mask_dir``, for the structure of Figure 6b)."""
     results = summarize(specs, [(t.spec, t.metrics) for t in finished])
     within = [f for f in results.group_by if f not in (CRITERION, MODE)]
     analysis = StudyAnalysis(partial, len(finished), results.group_by, within, results=results)
+    if mask_dir is not None and CRITERION in results.group_by:
+        analysis.structure = end_mask_structure(finished, within, mask_dir)
     if CRITERION not in results.group_by:
         analysis.skipped = {s: "the study does not vary the pruning criterion" for s in SPLITS}
         return analysis
@@ -155,6 +175,48 @@ def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
     return metrics, tags
 
 
+def end_mask_structure(
+    finished: Sequence[FinishedTrial], within: Sequence[str], mask_dir: Path
+) -> list[dict[str, Any]]:
+    """Figure 6b per setting (everything varied but the criterion and the seed): the Jaccard
+    index (Eq. 1, mean over layers) between the end masks of trials that differ only in the
+    criterion (same seed, so the same initial mask), and of each with that initial mask
+    (row ``init``), mean and std over seeds (Appendix K), with J_init, the mean pairwise
+    Jaccard of the initial masks of different seeds. Only seeds where every criterion of the
+    setting finished count; settings with fewer than two criteria are left out."""
+    from dst.masks import load_masks
+    from dst.structure import end_mask_jaccard_over_seeds, initial_mask_reference
+
+    settings: dict[str, dict[int, dict[str, Path]]] = {}
+    criteria: dict[str, list[str]] = {}
+    for trial in finished:
+        directory = trial_masks_dir(mask_dir, trial.index)
+        if trial.spec.sparsity.mode != "dst" or not (directory / FINAL).exists():
+            continue
+        config = run_config(trial.spec)
+        key = json.dumps({f: config.get(f) for f in within})
+        criterion = str(config[CRITERION])
+        settings.setdefault(key, {}).setdefault(trial.spec.seed, {})[criterion] = directory
+        if criterion not in criteria.setdefault(key, []):
+            criteria[key].append(criterion)
+    out = []
+    for key, seeds in settings.items():
+        names = criteria[key]
+        complete = {seed: runs for seed, runs in seeds.items() if set(runs) == set(names)}
+        if len(names) < 2 or not complete:
+            continue
+        per_seed, initials = [], []
+        for runs in complete.values():
+            masks = {name: load_masks(runs[name] / FINAL) for name in names}
+            masks["init"] = load_masks(runs[names[0]] / INITIAL)
+            initials.append(masks["init"])
+            per_seed.append(masks)
+        stats = end_mask_jaccard_over_seeds(per_seed, [*names, "init"])
+        j_init = initial_mask_reference(initials) if len(initials) > 1 else None
+        out.append({"setting": json.loads(key), "jaccard": stats.to_dict(), "j_init": j_init})
+    return out
+
+
 # -- figures ----------------------------------------------------------------------------------
 
 
@@ -193,6 +255,9 @@ def _builders(analysis: StudyAnalysis) -> dict[str, Callable[[], Figure]]:
     for split, ranking in analysis.rankings.items():
         if ranking["critical_distance"] is not None:
             builders[f"critical_distance_{split}"] = _cd_builder(ranking, split)
+    for number, entry in enumerate(analysis.structure):
+        name = "jaccard_end_masks" + (f"_{number + 1}" if len(analysis.structure) > 1 else "")
+        builders[name] = _jaccard_builder(entry)
     if PERIOD in varied and dst_rows:
         builders["accuracy_vs_update_period"] = lambda: _accuracy_vs_update_period(rows)
     if LAMBDA in varied and dst_rows:
@@ -247,6 +312,30 @@ def _cd_builder(ranking: dict[str, Any], split: str) -> Callable[[], Figure]:
             ranking["cliques"],
             title=f"Critical distance of the pruning criteria ({titles[split]}, "
             f"N = {ranking['n_groups']} groups, Nemenyi α = {ranking['alpha']})",
+        )
+
+    return build
+
+
+def _jaccard_builder(entry: dict[str, Any]) -> Callable[[], Figure]:
+    def build() -> Figure:
+        from dst import figures
+
+        jaccard = entry["jaccard"]
+        names = jaccard["names"]
+        setting = ", ".join(f"{k.rpartition('.')[2]} {v}" for k, v in entry["setting"].items())
+
+        def matrix(values: list[list[float | None]]) -> list[list[float]]:
+            return [[math.nan if v is None else v for v in row] for row in values]
+
+        return figures.jaccard_heatmap(
+            matrix(jaccard["mean"]),
+            names,
+            std=matrix(jaccard["std"]) if jaccard["n_seeds"] > 1 else None,
+            reference=entry["j_init"],
+            reference_name="J_init",
+            title=f"Jaccard index of the end masks ({setting or 'the study'}; "
+            f"{jaccard['n_seeds']} seeds; row init: the initial mask)",
         )
 
     return build

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -228,17 +229,20 @@ def study_results(session: Session, experiment_id: str) -> Results:
     return summarize(specs, finished)
 
 
-def study_analysis(session: Session, experiment_id: str) -> StudyAnalysis:
-    """Rankings and figure data over every succeeded trial (``partial`` while some run)."""
+def study_analysis(
+    session: Session, experiment_id: str, mask_dir: Path | None = None
+) -> StudyAnalysis:
+    """Rankings, end-mask structure (masks in ``mask_dir``) and figure data over every
+    succeeded trial (``partial`` while some run)."""
     specs, finished, unfinished = [], [], 0
     for trial in list_trials(session, experiment_id):
         spec = RunSpec.model_validate_json(trial.spec_json)
         specs.append(spec)
         metrics = trial_metrics(trial)
         if trial.state == TrialState.SUCCEEDED and metrics is not None:
-            finished.append(FinishedTrial(spec, metrics))
+            finished.append(FinishedTrial(spec, metrics, trial.index))
         unfinished += trial.state in UNFINISHED_TRIAL
-    return analyze(specs, finished, partial=unfinished > 0)
+    return analyze(specs, finished, partial=unfinished > 0, mask_dir=mask_dir)
 
 
 def as_aware(moment: datetime | None) -> datetime | None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from service import crud
-from service.analysis import StudyAnalysis
+from service.analysis import StudyAnalysis, experiment_masks_dir
 from service.db import Experiment
 from service.states import TRANSITIONS, ExperimentStatus, JobStatus, TrialState
 from service.study import StudySpec, TrialPlan, expand
@@ -56,6 +57,7 @@ class Services:
     engine: Engine
     executor: Executor
     tracker: Tracker
+    storage_path: Path | None = None  # where the job drivers keep finished trials' masks
 
 
 def launch(services: Services, experiment_id: str) -> None:
@@ -150,7 +152,8 @@ def _finish_parent(
 ) -> None:
     if experiment.mlflow_parent_run_id is None:
         return
-    analysis = crud.study_analysis(session, experiment.id)
+    masks = services.storage_path and experiment_masks_dir(services.storage_path, experiment.id)
+    analysis = crud.study_analysis(session, experiment.id, masks or None)
     session.commit()  # no transaction stays open across the MLflow calls
     try:
         services.tracker.finish_parent(experiment.mlflow_parent_run_id, status, analysis)

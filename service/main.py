@@ -52,7 +52,9 @@ def create_app(
         )
         tracker = tracker or MlflowTracker(settings.mlflow_tracking_uri, settings.mlflow_ui_url)
     engine = make_engine(settings.database_url)
-    services = Services(engine=engine, executor=executor, tracker=tracker)
+    services = Services(
+        engine=engine, executor=executor, tracker=tracker, storage_path=settings.storage_path
+    )
     dispatcher = Dispatcher(services, settings.reconcile_interval_s)
 
     database_ready, stopping = threading.Event(), threading.Event()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from dst.spec import RunSpec, resolve_training
 from service import crud
+from service.analysis import FINAL, INITIAL, experiment_masks_dir, trial_masks_dir
 from service.core.config import Settings
 from service.db import make_engine
 from service.states import TrialState
@@ -63,8 +65,15 @@ class TrialRecorder(tune.Callback):
     """Writes what the trials of experiment ``experiment_id`` report to the database and
     (through ``runs``, which never blocks) to MLflow."""
 
-    def __init__(self, engine: Engine, experiment_id: str, runs: ChildRuns | None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        experiment_id: str,
+        runs: ChildRuns | None,
+        mask_root: Path | None = None,
+    ) -> None:
         self.engine, self.experiment_id, self.runs = engine, experiment_id, runs
+        self.mask_root = mask_root  # where finished trials' masks are kept for the analysis
         self._epochs: dict[int, int] = {}  # last epoch each trial reported to this driver
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
@@ -120,20 +129,31 @@ class TrialRecorder(tune.Callback):
             self._record(index, epoch=epoch, metrics=metrics, resumed_from_epoch=resumed)
         else:
             self._record(index, epoch=epoch, metrics=metrics)
-        if self.runs is None:
-            return
-        if resumed is not None:
-            self.runs.mark_resumed(index, resumed)
-        if epoch > last:  # an epoch repeated after a restore has the same values: log once
-            self.runs.log_epoch(index, metrics)
+        if self.runs is not None:
+            if resumed is not None:
+                self.runs.mark_resumed(index, resumed)
+            if epoch > last:  # an epoch repeated after a restore has the same values: log once
+                self.runs.log_epoch(index, metrics)
         directory = checkpoint_dir(trial, result)
         epochs = resolve_training(RunSpec.model_validate(trial.config["trial"]["spec"])).epochs
         if directory is None or not (directory / MASKS).exists():
             return  # a dense run has no masks
-        if epoch == 1 and last == 0:
+        if epoch == 1 and last == 0 and self.runs is not None:
             self.runs.log_masks(index, directory / INITIAL_MASKS, "initial")
         if epoch == epochs:
-            self.runs.log_masks(index, directory / MASKS, "final")
+            if self.runs is not None:
+                self.runs.log_masks(index, directory / MASKS, "final")
+            self._keep_masks(index, directory)
+
+    def _keep_masks(self, index: int, directory: Path) -> None:
+        """Copy a finished trial's initial and final masks to the shared storage, where the
+        API's structure analysis reads them (no MLflow round trip)."""
+        if self.mask_root is None:
+            return
+        target = trial_masks_dir(self.mask_root, index)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(directory / INITIAL_MASKS, target / INITIAL)
+        shutil.copyfile(directory / MASKS, target / FINAL)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
         """Failed, and Tune will retry it from its last checkpoint: keep the error visible."""
@@ -172,7 +192,9 @@ def recorder_for(experiment_id: str) -> TrialRecorder:
         experiment = crud.get_experiment(session, experiment_id)
         parent_run_id = experiment.mlflow_parent_run_id if experiment else None
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.mlflow_tracking_uri
-    recorder = TrialRecorder(engine, experiment_id, None)
+    recorder = TrialRecorder(
+        engine, experiment_id, None, experiment_masks_dir(settings.storage_path, experiment_id)
+    )
     if tracking_uri and parent_run_id:
         recorder.runs = ChildRuns(tracking_uri, parent_run_id, experiment_id, recorder.store_run_id)
     else:

@@ -89,6 +89,10 @@ class AnalysisOut(BaseModel):
         "Friedman test, Nemenyi critical distance and p-values, cliques"
     )
     skipped: dict[str, str] = Field(description="why a split has no ranking")
+    structure: list[dict[str, Any]] = Field(
+        description="Figure 6b per setting: Jaccard index of the end masks between criteria "
+        "and with the initial mask (row init), mean and std over seeds, and J_init"
+    )
     figures: list[FigureRef]
 
 

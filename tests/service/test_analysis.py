@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+from dst.masks import save_masks
 from dst.spec import RunSpec
 from service import crud
+from service.analysis import FINAL, INITIAL, experiment_masks_dir, trial_masks_dir
 from service.client import ApiClient
 from service.report import write_report
 from service.states import TrialState
@@ -149,6 +152,52 @@ def test_unknown_figures_are_404_and_name_what_exists(client: TestClient) -> Non
     assert missing.status_code == 404 and "accuracy_vs_density" in missing.json()["detail"]
     assert client.get(f"{base}/accuracy_vs_density.gif", headers=AUTH).status_code == 404
     assert client.get(f"{base}/..%2Fetc.png", headers=AUTH).status_code == 404
+
+
+def keep_masks(client: TestClient, storage: Path, experiment_id: str) -> None:
+    """Hand-made masks (one layer of 8) for the density-0.1 random-growth trials: seed 0
+    starts from {0,1,2,3}, seed 1 from {0,1,4,5}; both end at magnitude {0,1,2,4}, set
+    {0,1,5,6}, snip {4,5,6,7}."""
+    finals = {"magnitude": [0, 1, 2, 4], "set": [0, 1, 5, 6], "snip": [4, 5, 6, 7]}
+    initials = {0: [0, 1, 2, 3], 1: [0, 1, 4, 5]}
+
+    def masks(on: list[int]) -> dict[str, torch.Tensor]:
+        mask = torch.zeros(8, dtype=torch.bool)
+        mask[on] = True
+        return {"fc.weight": mask}
+
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        for trial in crud.list_trials(session, experiment_id):
+            spec = RunSpec.model_validate_json(trial.spec_json)
+            s = spec.sparsity
+            if s.mode != "dst" or s.density != 0.1 or s.growth != "random":
+                continue
+            directory = trial_masks_dir(experiment_masks_dir(storage, experiment_id), trial.index)
+            save_masks(masks(initials[spec.seed]), directory / INITIAL)
+            save_masks(masks(finals[s.criterion]), directory / FINAL)
+
+
+def test_end_mask_structure_from_the_kept_masks(client: TestClient, tmp_path: Path) -> None:
+    experiment_id = submit(client)
+    finish(client, experiment_id)
+    keep_masks(client, tmp_path, experiment_id)
+    analysis = client.get(f"/experiments/{experiment_id}/analysis", headers=AUTH).json()
+    (entry,) = analysis["structure"]  # only one setting has masks
+    assert entry["setting"] == {"sparsity.density": 0.1, "sparsity.growth": "random"}
+    jaccard = entry["jaccard"]
+    assert jaccard["names"] == ["magnitude", "set", "snip", "init"] and jaccard["n_seeds"] == 2
+    mean = dict(zip(jaccard["names"], jaccard["mean"], strict=True))
+    assert math.isclose(mean["magnitude"][1], 2 / 6)  # {0,1} of {0,1,2,4,5,6}
+    assert math.isclose(mean["magnitude"][2], 1 / 7)  # {4} of {0,1,2,4,5,6,7}
+    assert math.isclose(mean["set"][2], 2 / 6)
+    assert math.isclose(mean["magnitude"][3], (3 / 5 + 3 / 5) / 2)  # vs the initial masks
+    assert math.isclose(mean["snip"][3], (0 / 8 + 2 / 6) / 2)
+    assert math.isclose(entry["j_init"], 2 / 6)  # {0,1,2,3} vs {0,1,4,5}
+    names = {f["name"] for f in analysis["figures"]}
+    assert "jaccard_end_masks" in names
+    png = client.get(f"/experiments/{experiment_id}/figures/jaccard_end_masks.png", headers=AUTH)
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
 
 
 def test_a_running_study_is_analysed_partially(client: TestClient) -> None:

@@ -37,6 +37,10 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
     assert set(analysis["rankings"]["all"]["average_ranks"]) == {"magnitude", "snip"}
     figures = {a.path for a in client.list_artifacts(parent_id, "figures")}
     assert {"figures/critical_distance_all.png", "figures/critical_distance_all.svg"} <= figures
+    (structure,) = analysis["structure"]  # end masks kept by the driver, compared per seed
+    assert structure["jaccard"]["names"] == ["magnitude", "snip", "init"]
+    assert structure["jaccard"]["n_seeds"] == 2 and 0 < structure["j_init"] < 1
+    assert "figures/jaccard_end_masks.png" in figures
     assert {"mean_test_acc.magnitude", "mean_test_acc.snip"} <= set(parent.data.metrics)
     table = Path(client.download_artifacts(parent_id, "results.txt")).read_text()
     assert table.splitlines()[0].split()[:2] == ["criterion", "n"]

@@ -14,8 +14,9 @@ import torch
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from dst.masks import save_masks
+from dst.masks import load_masks, save_masks
 from service import crud
+from service.analysis import FINAL, INITIAL
 from service.db import make_engine, upgrade_database
 from service.recorder import TrialRecorder, checkpoint_dir, recorder_for
 from service.states import TrialState
@@ -219,3 +220,18 @@ def test_a_restored_trial_reports_its_resume_and_epochs_are_logged_once(
     recorder.on_trial_result(0, [], trial, again)  # type: ignore[arg-type]
     assert row(engine).resumed_from_epoch == 1 and row(engine).epoch == 2
     assert runs.calls == [("epoch", 0, 1), ("epoch", 0, 2), ("resumed", 0, 1)]
+
+
+def test_a_finished_trial_keeps_its_masks_for_the_analysis(engine: Engine, tmp_path: Path) -> None:
+    """Without MLflow too: the masks go to the shared storage after the last epoch only."""
+    store = tmp_path / "masks" / EXPERIMENT
+    recorder = TrialRecorder(engine, EXPERIMENT, None, store)
+    trial = tune_trial(tmp_path)
+    checkpoint(tmp_path, "checkpoint_000000")
+    recorder.on_trial_result(0, [], trial, result(1, "checkpoint_000000"))  # type: ignore[arg-type]
+    assert not (store / "0").exists()  # epoch 1 of 2
+    checkpoint(tmp_path, "checkpoint_000001")
+    recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
+    kept = {p.name for p in (store / "0").iterdir()}
+    assert kept == {INITIAL, FINAL}
+    assert load_masks(store / "0" / FINAL)["fc1.weight"].all()
