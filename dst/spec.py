@@ -155,6 +155,17 @@ class SparsitySpec(_Strict):
     mest_lambda: float = Field(1.0, ge=0, le=1e6, description="λ of the MEST criterion")
 
 
+class AnalysisSpec(_Strict):
+    """Extra measurements a run can make while it trains."""
+
+    removal_sets: bool = Field(
+        False,
+        description="at every topology update, the Jaccard index of the set this run prunes "
+        "with the set every other criterion would prune from the same state (Section 5.4, "
+        "Figures 6a and 18); one extra scoring per criterion per update",
+    )
+
+
 class DataSpec(_Strict):
     """Where the data lives and whether it may be downloaded."""
 
@@ -174,6 +185,7 @@ class RunSpec(_Strict):
     training: TrainingSpec = TrainingSpec()
     sparsity: SparsitySpec = SparsitySpec()
     data: DataSpec = DataSpec()
+    analysis: AnalysisSpec = AnalysisSpec()
     seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = Field("cpu", max_length=16, description="cpu, cuda, cuda:N, mps or auto")
 

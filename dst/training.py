@@ -206,6 +206,10 @@ class Trainer:
             self.steps_per_epoch = min(self.steps_per_epoch, self.config.max_steps_per_epoch)
         self.total_steps = epochs * self.steps_per_epoch
         self.mask_generator = torch.Generator().manual_seed(spec.seed + 1)
+        # with analysis.removal_sets: criterion -> Jaccard with this run's removal set, at the
+        # latest and at the first topology update
+        self.removal_jaccard: dict[str, float] = {}
+        self.first_removal_jaccard: dict[str, float] = {}
         self.sparsity = self._build_sparsity()
         self.optimizer = MaskedSGD(
             self.model.parameters(),
@@ -353,12 +357,35 @@ class Trainer:
         self.step += 1
         sp = self.sparsity
         if sp and sp.updater and sp.updater.schedule.is_update_step(self.step):
+            if self.spec.analysis.removal_sets:
+                self._compare_removal_sets(sp, sp.updater.schedule.fraction(self.step))
             changes = sp.updater.update(sp.weights, sp.masks, self.optimizer, self.step)
             check_masks_agree(sp.masks, self.world, self.step)
             self.new_connections += sum(len(c.new) for c in changes.values())
             sp.itop.update(sp.masks)
         self.optimizer.step()
         return loss_sum.detach(), correct
+
+    def _compare_removal_sets(self, sp: Sparsity, fraction: float) -> None:
+        """Section 5.4: the Jaccard index (Eq. 1, mean over layers) of the set this run's
+        criterion prunes now with the set each other criterion would prune from the same
+        network state: a row of Figure 18, and of Figure 6a at the first update (when every
+        criterion of a seed still shares this state). Before the update changes anything."""
+        from dst.criteria import CRITERIA
+        from dst.structure import mean_jaccard, removal_sets
+
+        s = self.spec.sparsity
+        grads = {name: w.grad for name, w in sp.weights.items()}
+        generator = torch.Generator().manual_seed(self.spec.seed * 1_000_003 + self.step)
+        sets = removal_sets(
+            sp.weights, grads, sp.masks, CRITERIA.names(), fraction,
+            scope=s.scope, mest_lambda=s.mest_lambda, generator=generator,
+        )  # fmt: skip
+        own = sets[s.criterion]
+        row = {name: mean_jaccard(own, other) for name, other in sets.items()}
+        self.removal_jaccard = row
+        if not self.first_removal_jaccard:
+            self.first_removal_jaccard = dict(row)
 
     def train_epoch(
         self, progress: bool = False, on_checkpoint: Callable[[], None] | None = None
@@ -479,6 +506,8 @@ class Trainer:
             "new_connections": self.new_connections,
             "epoch_time_s": time.perf_counter() - start,
         }
+        metrics |= {f"removal_jaccard.{k}": v for k, v in self.removal_jaccard.items()}
+        metrics |= {f"removal_jaccard_first.{k}": v for k, v in self.first_removal_jaccard.items()}
         metrics |= best_validation(self.history, metrics)
         self.history.append(metrics)
         return metrics
@@ -532,6 +561,7 @@ class Trainer:
             "mask_rng": self.mask_generator.get_state(),
             "progress": self.progress.state_dict() if self.progress else None,
             "new_connections": self.new_connections,
+            "removal_jaccard": (self.removal_jaccard, self.first_removal_jaccard),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -546,6 +576,9 @@ class Trainer:
             sp.itop.load_state_dict(state["itop"])
         self.step, self.epoch = state["step"], state["epoch"]
         self.history = list(state["history"])
+        self.removal_jaccard, self.first_removal_jaccard = map(
+            dict, state.get("removal_jaccard", ({}, {}))
+        )
         self.mask_generator.set_state(state["mask_rng"])
         progress = state.get("progress")
         self.progress = EpochProgress.from_state(progress, self.device) if progress else None

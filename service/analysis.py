@@ -65,6 +65,7 @@ class StudyAnalysis:
     skipped: dict[str, str] = field(default_factory=dict)  # split -> why there is no ranking
     results: Results | None = None
     structure: list[dict[str, Any]] = field(default_factory=list)  # Figure 6b per setting
+    removal: list[dict[str, Any]] = field(default_factory=list)  # Figure 6a per setting
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -85,6 +86,7 @@ def analyze(
     analysis = StudyAnalysis(partial, len(finished), results.group_by, within, results=results)
     if mask_dir is not None and CRITERION in results.group_by:
         analysis.structure = end_mask_structure(finished, within, mask_dir)
+    analysis.removal = first_update_structure(finished, within)
     if CRITERION not in results.group_by:
         analysis.skipped = {s: "the study does not vary the pruning criterion" for s in SPLITS}
         return analysis
@@ -175,6 +177,58 @@ def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
     return metrics, tags
 
 
+FIRST_UPDATE = "removal_jaccard_first."  # a run's metrics with analysis.removal_sets
+
+
+def first_update_structure(
+    finished: Sequence[FinishedTrial], within: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Figure 6a per setting, from runs with ``analysis.removal_sets``: row = the run's own
+    criterion, column = another criterion, value = the Jaccard index (Eq. 1, mean over layers)
+    of the sets both would prune at the run's first topology update, from its own state;
+    mean and std over seeds."""
+    import statistics
+
+    cells: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for trial in finished:
+        row = {
+            k[len(FIRST_UPDATE) :]: v
+            for k, v in trial.metrics.items()
+            if k.startswith(FIRST_UPDATE)
+        }
+        if not row:
+            continue
+        config = run_config(trial.spec)
+        key = json.dumps({f: config.get(f) for f in within})
+        own = cells.setdefault(key, {}).setdefault(str(config[CRITERION] or ""), {})
+        for other, value in row.items():
+            own.setdefault(other, []).append(value)
+    out = []
+    for key, rows in cells.items():
+        names = list(rows)
+        columns = names + sorted({c for r in rows.values() for c in r} - set(names))
+
+        def stat(values: list[float] | None, how: Callable[[list[float]], float]) -> float | None:
+            if not values or (how is statistics.stdev and len(values) < 2):
+                return None
+            return how(values)
+
+        mean = [[stat(rows[r].get(c), statistics.fmean) for c in columns] for r in names]
+        std = [[stat(rows[r].get(c), statistics.stdev) for c in columns] for r in names]
+        seeds = max(len(v) for r in rows.values() for v in r.values())
+        out.append(
+            {
+                "setting": json.loads(key),
+                "rows": names,
+                "columns": columns,
+                "mean": mean,
+                "std": std,
+                "n_seeds": seeds,
+            }
+        )
+    return out
+
+
 def end_mask_structure(
     finished: Sequence[FinishedTrial], within: Sequence[str], mask_dir: Path
 ) -> list[dict[str, Any]]:
@@ -255,6 +309,9 @@ def _builders(analysis: StudyAnalysis) -> dict[str, Callable[[], Figure]]:
     for split, ranking in analysis.rankings.items():
         if ranking["critical_distance"] is not None:
             builders[f"critical_distance_{split}"] = _cd_builder(ranking, split)
+    for number, entry in enumerate(analysis.removal):
+        name = "jaccard_first_update" + (f"_{number + 1}" if len(analysis.removal) > 1 else "")
+        builders[name] = _removal_builder(entry)
     for number, entry in enumerate(analysis.structure):
         name = "jaccard_end_masks" + (f"_{number + 1}" if len(analysis.structure) > 1 else "")
         builders[name] = _jaccard_builder(entry)
@@ -312,6 +369,28 @@ def _cd_builder(ranking: dict[str, Any], split: str) -> Callable[[], Figure]:
             ranking["cliques"],
             title=f"Critical distance of the pruning criteria ({titles[split]}, "
             f"N = {ranking['n_groups']} groups, Nemenyi α = {ranking['alpha']})",
+        )
+
+    return build
+
+
+def _nan(values: list[list[float | None]]) -> list[list[float]]:
+    return [[math.nan if v is None else v for v in row] for row in values]
+
+
+def _removal_builder(entry: dict[str, Any]) -> Callable[[], Figure]:
+    def build() -> Figure:
+        from dst import figures
+
+        setting = ", ".join(f"{k.rpartition('.')[2]} {v}" for k, v in entry["setting"].items())
+        return figures.jaccard_heatmap(
+            _nan(entry["mean"]),
+            entry["rows"],
+            entry["columns"],
+            std=_nan(entry["std"]) if entry["n_seeds"] > 1 else None,
+            title="Jaccard index of the sets pruned at the first update "
+            f"({setting or 'the study'}; row: the run's criterion, column: what another "
+            "would prune from the same state)",
         )
 
     return build

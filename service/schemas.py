@@ -93,6 +93,10 @@ class AnalysisOut(BaseModel):
         description="Figure 6b per setting: Jaccard index of the end masks between criteria "
         "and with the initial mask (row init), mean and std over seeds, and J_init"
     )
+    removal: list[dict[str, Any]] = Field(
+        description="Figure 6a per setting, from runs with analysis.removal_sets: Jaccard "
+        "index of the sets each criterion would prune at the first update, mean/std over seeds"
+    )
     figures: list[FigureRef]
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dst.criteria import CRITERIA
 from dst.masks import density
 from dst.spec import RunSpec
 from dst.training import Trainer, best_validation
@@ -302,3 +303,31 @@ def test_resnet50_trains_on_an_imagenet_folder_with_decoding_in_loader_workers(
     assert metrics["step"] == 2 and trainer.last_count == 4  # the whole val set, once
     assert metrics["density"] == pytest.approx(0.2, abs=1e-3)
     assert metrics["new_connections"] > 0  # the topology update ran
+
+
+def test_removal_sets_are_compared_at_every_update_without_changing_training() -> None:
+    """MEST with λ = 0 scores exactly |θ|: it would prune the very set magnitude prunes."""
+    measured = RunSpec.model_validate(
+        {
+            **spec(criterion="magnitude", mest_lambda=0.0).model_dump(),
+            "analysis": {"removal_sets": True},
+        }
+    )
+    plain = spec(criterion="magnitude", mest_lambda=0.0)
+    history = Trainer(measured).fit()
+    first = {
+        k.split(".", 1)[1]: v
+        for k, v in history[-1].items()
+        if k.startswith("removal_jaccard_first.")
+    }
+    assert set(first) == set(CRITERIA.names())
+    assert first["magnitude"] == 1.0 and first["mest"] == 1.0
+    assert all(0.0 <= v <= 1.0 for v in first.values())
+    assert first["random"] < 0.5  # a random set barely overlaps a magnitude set
+    assert "removal_jaccard.snip" in history[-1]
+    # measuring changes nothing the run computes
+    reference = Trainer(plain).fit()
+    keep = ("test_acc", "train_loss", "itop", "new_connections")
+    assert [{k: m[k] for k in keep} for m in history] == [
+        {k: m[k] for k in keep} for m in reference
+    ]

@@ -253,3 +253,46 @@ def test_a_report_before_anything_finished_says_so(client: TestClient, tmp_path:
     page = write_report(api_client(client), experiment_id, tmp_path).read_text()
     assert "nothing to rank before a trial has finished" in page
     assert "no figures for this study" in page
+
+
+def test_first_update_removal_sets_from_the_runs_metrics(client: TestClient) -> None:
+    """Runs with analysis.removal_sets report, per other criterion, the Jaccard index of the
+    sets pruned at their first update; the study averages them over seeds (Figure 6a)."""
+    experiment_id = submit(client)
+    finish(client, experiment_id)
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        for trial in crud.list_trials(session, experiment_id):
+            spec = RunSpec.model_validate_json(trial.spec_json)
+            s = spec.sparsity
+            if s.mode != "dst" or s.density != 0.1 or s.growth != "random":
+                continue
+            # magnitude vs set: 0.8 (seed 0) and 0.6 (seed 1); anything else 0.1
+            row = {c: 1.0 if c == s.criterion else 0.1 for c in ("magnitude", "set", "snip")}
+            if s.criterion in ("magnitude", "set"):
+                row["set" if s.criterion == "magnitude" else "magnitude"] = 0.8 - 0.2 * spec.seed
+            metrics = json.loads(trial.metrics_json or "{}")
+            metrics |= {f"removal_jaccard_first.{c}": v for c, v in row.items()}
+            trial.metrics_json = json.dumps(metrics)
+        session.commit()
+    analysis = client.get(f"/experiments/{experiment_id}/analysis", headers=AUTH).json()
+    (entry,) = analysis["removal"]
+    assert entry["setting"] == {"sparsity.density": 0.1, "sparsity.growth": "random"}
+    assert sorted(entry["rows"]) == ["magnitude", "set", "snip"] and entry["n_seeds"] == 2
+    mean = {
+        r: dict(zip(entry["columns"], m, strict=True))
+        for r, m in zip(entry["rows"], entry["mean"], strict=True)
+    }
+    std = {
+        r: dict(zip(entry["columns"], m, strict=True))
+        for r, m in zip(entry["rows"], entry["std"], strict=True)
+    }
+    assert math.isclose(mean["magnitude"]["set"], 0.7) and math.isclose(
+        mean["set"]["magnitude"], 0.7
+    )
+    assert math.isclose(std["magnitude"]["set"], math.sqrt(0.02))  # sample std of 0.8, 0.6
+    assert mean["snip"]["snip"] == 1.0 and math.isclose(mean["snip"]["magnitude"], 0.1)
+    names = {f["name"] for f in analysis["figures"]}
+    assert "jaccard_first_update" in names
+    png = client.get(f"/experiments/{experiment_id}/figures/jaccard_first_update.png", headers=AUTH)
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
