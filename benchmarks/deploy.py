@@ -31,6 +31,7 @@ from tests.deploy.stack import (
     missing_tools,
     podman,
 )
+from tests.service import e2e
 
 log = logging.getLogger("benchmarks.deploy")
 EPOCHS = 30
@@ -45,17 +46,11 @@ def export_tree(directory: Path) -> Path:
 
 
 def study(name: str, trials: int, epochs: int) -> dict[str, Any]:
-    seeds = list(range(trials // 2)) or [0]
-    grid = {"sparsity.criterion": ["magnitude", "snip"][: max(1, min(2, trials))], "seed": seeds}
-    return {
-        "name": name,
-        "model": "small-mlp",
-        "dataset": "digits",
-        "training": {"epochs": epochs, "batch_size": 64, "lr": 0.05},
-        "sparsity": {"density": 0.1, "update_period": 10},
-        "grid": grid,
-        "resources": {"cpus_per_trial": 1},
-    }
+    """The suite's digits study (4 trials, or 1) with single-CPU trials: one per worker."""
+    spec = e2e.study(name, epochs=epochs, resources={"cpus_per_trial": 1})
+    if trials == 1:
+        spec["grid"] = {"seed": [0]}
+    return spec
 
 
 def wait(predicate: Any, what: str, timeout: float = 600, poll: float = 0.2) -> float:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from service.client import ApiError
+from service.results import format_cell, format_stat
 
 SPLIT_TITLES = {"all": "all densities", "low": "densities ≤ 0.2", "high": "densities > 0.2"}
 STYLE = """
@@ -89,17 +90,10 @@ def render(
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_text(c))}</td>" for c in row) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(c))}</td>" for c in row) + "</tr>"
+        for row in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _link(url: str | None, text: str) -> str:
@@ -149,7 +143,7 @@ def _results(results: dict[str, Any]) -> str:
         [
             *(r["config"].get(f) for f in group_by),
             r["n"],
-            *(_mean_std(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
+            *(format_stat(r[f"{m}_mean"], r[f"{m}_std"]) for m in metrics),
         ]
         for r in results.get("rows", [])
     ]
@@ -157,12 +151,6 @@ def _results(results: dict[str, Any]) -> str:
         return "<p class='note'>no trial has finished yet</p>"
     note = "" if results.get("complete") else "<p class='note'>partial: trials still run</p>"
     return _table(header, rows) + note
-
-
-def _mean_std(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
 
 
 def _rankings(analysis: dict[str, Any] | None) -> str:
@@ -182,7 +170,7 @@ def _rankings(analysis: dict[str, Any] | None) -> str:
         parts.append(
             f"<h3>{html.escape(SPLIT_TITLES.get(split, split))}</h3>"
             f"<p>N = {ranking['n_groups']} groups; {html.escape(test)}; Nemenyi critical "
-            f"distance at α = {ranking['alpha']}: {_text(cd)}</p>"
+            f"distance at α = {ranking['alpha']}: {format_cell(cd)}</p>"
         )
         rows = [[c, ranking["average_ranks"][c]] for c in ranking["criteria"]]
         parts.append(_table(["criterion (best first)", "average rank"], rows))

@@ -123,7 +123,8 @@ def summarize(
     return Results(group_by, aggregate(finished, group_by))
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: ``-`` for nothing, floats to 4 significant digits."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -131,7 +132,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _stat(mean: float | None, std: float | None) -> str:
+def format_stat(mean: float | None, std: float | None) -> str:
     """``mean ± std``; the mean alone for a single seed; ``-`` when nothing was recorded."""
     if mean is None:
         return "-"
@@ -145,9 +146,9 @@ def format_table(group_by: Sequence[str], rows: Sequence[dict[str, Any]]) -> str
     header += ["test acc (best val)", "test loss"]
     body = [
         [
-            *(_cell(r["config"].get(f)) for f in group_by),
+            *(format_cell(r["config"].get(f)) for f in group_by),
             str(r["n"]),
-            *(_stat(r[f"{m}_mean"], r[f"{m}_std"]) for m in RESULT_METRICS),
+            *(format_stat(r[f"{m}_mean"], r[f"{m}_std"]) for m in RESULT_METRICS),
         ]
         for r in rows
     ]

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from service.client import ApiClient
 from service.tracking import PARENT_TAG
 from tests.deploy.stack import INSTALL_HINT, Stack, ensure_base_image, missing_tools, podman
-from tests.service.e2e import wait_for, wait_terminal
+from tests.service.e2e import study, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
@@ -47,17 +47,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     assert not left, f"the stack left {left} behind"
 
 
-def study(name: str) -> dict[str, Any]:
-    """Four single-CPU trials on 1-CPU workers (the head runs none): one trial per worker."""
-    return {
-        "name": name,
-        "model": "small-mlp",
-        "dataset": "digits",
-        "training": {"epochs": EPOCHS, "batch_size": 64, "lr": 0.05},
-        "sparsity": {"density": 0.1, "update_period": 10},
-        "grid": {"sparsity.criterion": ["magnitude", "snip"], "seed": [0, 1]},
-        "resources": {"cpus_per_trial": 1},
-    }
+def one_trial_per_worker(name: str) -> dict[str, Any]:
+    """The suite's 4-trial study with single-CPU trials on 1-CPU workers (the head runs
+    none): one trial per worker."""
+    return study(name, epochs=EPOCHS, resources={"cpus_per_trial": 1})
 
 
 def running_trials(client: ApiClient, experiment_id: str, min_epoch: int) -> list[dict]:
@@ -67,9 +60,9 @@ def running_trials(client: ApiClient, experiment_id: str, min_epoch: int) -> lis
 
 def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:
     client = ApiClient(stack.api_url, stack.api_token)
-    created = client.submit(study("compose-worker-loss"), idempotency_key="compose-1")
+    created = client.submit(one_trial_per_worker("compose-loss"), idempotency_key="compose-1")
     assert (
-        client.submit(study("compose-worker-loss"), idempotency_key="compose-1")["id"]
+        client.submit(one_trial_per_worker("compose-loss"), idempotency_key="compose-1")["id"]
         == (created["id"])
     )
     experiment_id = created["id"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -28,15 +29,24 @@ def mlflow_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield services.start_mlflow(tmp_path_factory.mktemp("mlflow"))
 
 
-@pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database on the local server, dropped afterwards; yields its name."""
-    name = f"dstlab_{uuid.uuid4().hex[:10]}"
+@contextmanager
+def fresh_database(prefix: str = "dstlab") -> Iterator[str]:
+    """A new PostgreSQL database on the local server, dropped afterwards; yields its name."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(POSTGRES, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    yield name
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield name
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database shared by the session's tests."""
+    with fresh_database() as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

@@ -154,6 +154,21 @@ def test_unknown_figures_are_404_and_name_what_exists(client: TestClient) -> Non
     assert client.get(f"{base}/..%2Fetc.png", headers=AUTH).status_code == 404
 
 
+def low_density_random_trials(
+    client: TestClient, experiment_id: str
+) -> Iterator[tuple[Any, RunSpec]]:
+    """The density-0.1, random-growth DST trials (rows, writable in the open session) and
+    their specs; changes are committed at the end."""
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        for trial in crud.list_trials(session, experiment_id):
+            spec = RunSpec.model_validate_json(trial.spec_json)
+            s = spec.sparsity
+            if s.mode == "dst" and s.density == 0.1 and s.growth == "random":
+                yield trial, spec
+        session.commit()
+
+
 def keep_masks(client: TestClient, storage: Path, experiment_id: str) -> None:
     """Hand-made masks (one layer of 8) for the density-0.1 random-growth trials: seed 0
     starts from {0,1,2,3}, seed 1 from {0,1,4,5}; both end at magnitude {0,1,2,4}, set
@@ -166,16 +181,10 @@ def keep_masks(client: TestClient, storage: Path, experiment_id: str) -> None:
         mask[on] = True
         return {"fc.weight": mask}
 
-    engine = client.app.state.services.engine  # type: ignore[attr-defined]
-    with Session(engine) as session:
-        for trial in crud.list_trials(session, experiment_id):
-            spec = RunSpec.model_validate_json(trial.spec_json)
-            s = spec.sparsity
-            if s.mode != "dst" or s.density != 0.1 or s.growth != "random":
-                continue
-            directory = trial_masks_dir(experiment_masks_dir(storage, experiment_id), trial.index)
-            save_masks(masks(initials[spec.seed]), directory / INITIAL)
-            save_masks(masks(finals[s.criterion]), directory / FINAL)
+    for trial, spec in low_density_random_trials(client, experiment_id):
+        directory = trial_masks_dir(experiment_masks_dir(storage, experiment_id), trial.index)
+        save_masks(masks(initials[spec.seed]), directory / INITIAL)
+        save_masks(masks(finals[spec.sparsity.criterion]), directory / FINAL)
 
 
 def test_end_mask_structure_from_the_kept_masks(client: TestClient, tmp_path: Path) -> None:
@@ -260,21 +269,15 @@ def test_first_update_removal_sets_from_the_runs_metrics(client: TestClient) -> 
     sets pruned at their first update; the study averages them over seeds (Figure 6a)."""
     experiment_id = submit(client)
     finish(client, experiment_id)
-    engine = client.app.state.services.engine  # type: ignore[attr-defined]
-    with Session(engine) as session:
-        for trial in crud.list_trials(session, experiment_id):
-            spec = RunSpec.model_validate_json(trial.spec_json)
-            s = spec.sparsity
-            if s.mode != "dst" or s.density != 0.1 or s.growth != "random":
-                continue
-            # magnitude vs set: 0.8 (seed 0) and 0.6 (seed 1); anything else 0.1
-            row = {c: 1.0 if c == s.criterion else 0.1 for c in ("magnitude", "set", "snip")}
-            if s.criterion in ("magnitude", "set"):
-                row["set" if s.criterion == "magnitude" else "magnitude"] = 0.8 - 0.2 * spec.seed
-            metrics = json.loads(trial.metrics_json or "{}")
-            metrics |= {f"removal_jaccard_first.{c}": v for c, v in row.items()}
-            trial.metrics_json = json.dumps(metrics)
-        session.commit()
+    for trial, spec in low_density_random_trials(client, experiment_id):
+        criterion = spec.sparsity.criterion
+        # magnitude vs set: 0.8 (seed 0) and 0.6 (seed 1); anything else 0.1
+        row = {c: 1.0 if c == criterion else 0.1 for c in ("magnitude", "set", "snip")}
+        if criterion in ("magnitude", "set"):
+            row["set" if criterion == "magnitude" else "magnitude"] = 0.8 - 0.2 * spec.seed
+        metrics = json.loads(trial.metrics_json or "{}")
+        metrics |= {f"removal_jaccard_first.{c}": v for c, v in row.items()}
+        trial.metrics_json = json.dumps(metrics)
     analysis = client.get(f"/experiments/{experiment_id}/analysis", headers=AUTH).json()
     (entry,) = analysis["removal"]
     assert entry["setting"] == {"sparsity.density": 0.1, "sparsity.growth": "random"}

@@ -9,10 +9,8 @@ import logging
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
@@ -21,7 +19,7 @@ from service.execution import RayExecutor
 from service.local import free_port
 from service.main import create_app
 from service.tracking import MlflowTracker
-from tests.service.conftest import POSTGRES
+from tests.service.conftest import fresh_database
 from tests.service.test_api import AUTH, TOKEN, UNREACHABLE, valid_study
 
 
@@ -61,12 +59,8 @@ def _pipe(source: socket.socket, sink: socket.socket) -> None:
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    name = f"dstlab_outage_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield name
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database("dstlab_outage") as name:
+        yield name
 
 
 def test_api_waits_for_a_database_that_is_down_at_start(
