@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from dst.spec import RunSpec, resolve_training
 from service.analysis import FinishedTrial, StudyAnalysis, analyze
-from service.db import Experiment, Trial, utcnow
+from service.db import Experiment, Trial, TrialEpoch, utcnow
 from service.results import Results, summarize
 from service.states import (
     LIVE_EXPERIMENT,
@@ -211,6 +211,41 @@ def finish_unfinished_trials(
     )
     session.expire_all()
     return int(getattr(result, "rowcount", 0))
+
+
+def record_epoch(
+    session: Session, experiment_id: str, index: int, metrics: dict[str, float]
+) -> None:
+    """Add trial ``index``'s epoch ``metrics["epoch"]`` to its history (replacing that epoch's
+    row if a trial restored from a checkpoint reports it again)."""
+    epoch = int(metrics["epoch"])
+    session.execute(
+        delete(TrialEpoch).where(
+            TrialEpoch.experiment_id == experiment_id,
+            TrialEpoch.index == index,
+            TrialEpoch.epoch == epoch,
+        )
+    )
+    session.add(
+        TrialEpoch(
+            experiment_id=experiment_id, index=index, epoch=epoch, metrics_json=json.dumps(metrics)
+        )
+    )
+
+
+def trial_histories(
+    session: Session, experiment_id: str, indices: Sequence[int] | None = None
+) -> dict[int, list[dict[str, float]]]:
+    """Per trial index, its per-epoch metrics in epoch order (only ``indices``, if given)."""
+    query = select(TrialEpoch.index, TrialEpoch.metrics_json).where(
+        TrialEpoch.experiment_id == experiment_id
+    )
+    if indices is not None:
+        query = query.where(TrialEpoch.index.in_(list(indices)))
+    histories: dict[int, list[dict[str, float]]] = {}
+    for index, metrics_json in session.execute(query.order_by(TrialEpoch.index, TrialEpoch.epoch)):
+        histories.setdefault(index, []).append(json.loads(metrics_json))
+    return histories
 
 
 def trial_metrics(trial: Trial) -> dict[str, float] | None:

@@ -1,4 +1,5 @@
-"""The service database: experiments and their trials (SQLAlchemy ORM, Alembic migrations).
+"""The service database: experiments, their trials and the trials' per-epoch metrics
+(SQLAlchemy ORM, Alembic migrations).
 
 SQLite (the embedded default) and PostgreSQL (a cluster) are both supported. The API and the
 Ray job drivers write to it (trials never do), so SQLite runs in WAL mode with a busy timeout.
@@ -96,6 +97,23 @@ class Trial(Base):
     )
 
     experiment: Mapped[Experiment] = relationship(back_populates="trials")
+
+
+class TrialEpoch(Base):
+    """One epoch's metrics of one trial: the history its learning curves are drawn from
+    (Figures 2, 4 and 18). Written by the job driver once per epoch; an epoch repeated after
+    a restore from a checkpoint replaces its row."""
+
+    __tablename__ = "dst_trial_epochs"
+    __table_args__ = (UniqueConstraint("experiment_id", "trial_index", "epoch"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[str] = mapped_column(
+        ForeignKey("dst_experiments.id", ondelete="CASCADE"), index=True
+    )
+    index: Mapped[int] = mapped_column("trial_index", Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    metrics_json: Mapped[str] = mapped_column(Text)
 
 
 # enough connections for every request thread (the server's pool of 40) and the background

@@ -2,8 +2,9 @@
 
 Trials only train and report (:mod:`service.trial`). This callback, in the experiment's job
 driver, turns Tune's events into the trial's row in the service database (state, epoch,
-latest metrics, error, resume) and its MLflow child run (params, spec, per-epoch metrics, the
-initial and final masks read from the reported checkpoint on the shared storage). So the
+latest metrics, error, resume; the per-epoch history) and its MLflow child run (params, spec,
+per-epoch metrics, the initial and final masks read from the reported checkpoint on the
+shared storage, and at the end the trial's own figures). So the
 database URL and the MLflow server are needed by the driver alone, never by a Ray worker,
 and only one process writes each trial's state.
 """
@@ -88,6 +89,8 @@ class TrialRecorder(tune.Callback):
     def _record(self, index: int, **fields: Any) -> None:
         with Session(self.engine) as session:
             crud.update_trial(session, self.experiment_id, index, **fields)
+            if fields.get("metrics") is not None:  # an epoch: also into the trial's history
+                crud.record_epoch(session, self.experiment_id, index, fields["metrics"])
             session.commit()
 
     def on_trial_start(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:

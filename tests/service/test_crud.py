@@ -75,8 +75,36 @@ def test_migrations_match_the_models_and_are_idempotent(engine: Engine) -> None:
     with engine.connect() as conn:
         ours = {"version_table": VERSION_TABLE, "include_name": only_service_tables}
         context = MigrationContext.configure(conn, opts=ours)
-        assert context.get_current_revision() == "0002"
+        assert context.get_current_revision() == head_revision()
         assert compare_metadata(context, Base.metadata) == []
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    from service.db import alembic_config
+
+    heads = ScriptDirectory.from_config(alembic_config("sqlite://")).get_heads()
+    assert len(heads) == 1, f"the migrations branch: {heads}"
+    return str(heads[0])
+
+
+def test_epochs_form_each_trials_history_and_a_repeated_epoch_replaces_its_row(
+    engine: Engine,
+) -> None:
+    with Session(engine) as session:
+        experiment_id = add_experiment(session)
+        for index, epoch, loss in [(0, 1, 0.9), (0, 2, 0.5), (1, 1, 0.8), (0, 2, 0.4)]:
+            crud.record_epoch(session, experiment_id, index, {"epoch": epoch, "loss": loss})
+        session.commit()
+    with Session(engine) as session:
+        histories = crud.trial_histories(session, experiment_id)
+        assert histories == {
+            0: [{"epoch": 1, "loss": 0.9}, {"epoch": 2, "loss": 0.4}],
+            1: [{"epoch": 1, "loss": 0.8}],
+        }
+        assert crud.trial_histories(session, experiment_id, [1]) == {1: histories[1]}
+        assert crud.trial_histories(session, "unknown") == {}
 
 
 def test_experiment_with_trials_round_trips(engine: Engine) -> None:

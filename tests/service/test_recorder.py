@@ -220,6 +220,9 @@ def test_a_restored_trial_reports_its_resume_and_epochs_are_logged_once(
     recorder.on_trial_result(0, [], trial, again)  # type: ignore[arg-type]
     assert row(engine).resumed_from_epoch == 1 and row(engine).epoch == 2
     assert runs.calls == [("epoch", 0, 1), ("epoch", 0, 2), ("resumed", 0, 1)]
+    with Session(engine) as session:  # the history holds each epoch once
+        history = crud.trial_histories(session, EXPERIMENT)[0]
+    assert [m["epoch"] for m in history] == [1, 2]
 
 
 def test_a_finished_trial_keeps_its_masks_for_the_analysis(engine: Engine, tmp_path: Path) -> None:
