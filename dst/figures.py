@@ -541,26 +541,26 @@ def accuracy_vs_mest_lambda(
 
 
 def jaccard_over_time(
-    trained_with: str,
-    series: Sequence[Series],
+    panels: Mapping[str, Sequence[Series]],
     reference: float | None = None,
     *,
     reference_name: str = "J_r",
-    title: str | None = None,
+    title: str = "Removal-set Jaccard index over training",
 ) -> Figure:
-    """Figure 18 (one row): a run trained with criterion ``trained_with``; every few thousand
-    steps each other criterion picks the weights it would remove from the same state, and each
-    line is the Jaccard index of its pick with ``trained_with``'s own. Not symmetric between
-    criteria. ``reference`` (the overlap of random sets) is a dotted line."""
-    fig, axes = _panels(1, width=6.0, height=4.0)
-    ax = axes[0]
-    _plot_all(ax, series)
-    if reference is not None:
-        ax.axhline(reference, label=reference_name, color="gray", linestyle=":")
-    _label(ax, "training step", "Jaccard index of removal sets (1 = same)")
-    _unit_y(ax)
-    _legend(ax)
-    fig.suptitle(title or f"Removal-set Jaccard index over training, trained with {trained_with}")
+    """Figure 18: one panel per criterion a run was trained with (``panels`` maps it to its
+    lines). At every topology update each other criterion picks the weights it would remove
+    from the run's state; each line is the Jaccard index of that pick with what the run's
+    own criterion removed, against the training step. Not symmetric between criteria.
+    ``reference`` (the overlap of random sets, J_r) is a dotted line."""
+    fig, axes = _panels(len(panels), width=4.6, height=3.8)
+    for ax, (trained_with, series) in zip(axes, panels.items(), strict=True):
+        _plot_all(ax, series)
+        if reference is not None:
+            ax.axhline(reference, label=reference_name, color="gray", linestyle=":")
+        _label(ax, "training step", "Jaccard index of removal sets (1 = same)")
+        _unit_y(ax)
+        ax.set_title(f"trained with {trained_with}")
+    _finish_panels(fig, axes, title)
     return fig
 
 

@@ -1,28 +1,29 @@
 """A study's paper-style analysis from its stored trials (runs in the API process).
 
-From the trials' final metrics alone (no MLflow call, nothing slow): the criteria rankings of
-Figure 3 (average ranks within each group of everything else the study varies, Friedman's
-test, the Nemenyi critical distance and its cliques; for all densities, ≤ 0.2 and > 0.2) and
-the figures whose data the study holds: accuracy vs density per growth (Figure 1), the
-critical-distance diagrams (Figure 3), accuracy vs update period (Figure 5) and accuracy vs
-MEST λ (Figure 7). A study still running gets the same analysis over what has finished,
-marked ``partial``.
+From the trials' final metrics, their per-epoch histories and the masks the job driver keeps
+(no MLflow call): the criteria rankings of Figure 3 (average ranks within each group of
+everything else the study varies, Friedman's test, the Nemenyi critical distance and its
+cliques; for all densities, ≤ 0.2 and > 0.2); the learning curves and loss gaps of Figures 2
+and 4 per setting, with the baselines; the structure of Section 5.4: the removal-set Jaccard
+index at the first update (Figure 6a) and over training (Figure 18) with J_r, the end-mask
+Jaccard index (Figure 6b) with J_init and the weights every criterion keeps or removes
+(Figure 19). A study still running gets the same analysis over what has finished, marked
+``partial``. Which figures are drawn from it is :mod:`service.figures`'s business.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import statistics
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dst.spec import RunSpec
 from service.results import Results, run_config, summarize
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 CRITERION, GROWTH, DENSITY, MODE = (
     "sparsity.criterion",
@@ -31,6 +32,8 @@ CRITERION, GROWTH, DENSITY, MODE = (
     "sparsity.mode",
 )
 PERIOD, LAMBDA = "sparsity.update_period", "sparsity.mest_lambda"
+DROPOUT = "training.dropout"
+CURVE_METRICS = ("val_acc", "train_loss", "loss_gap")  # Figures 2 and 4, per epoch
 SPLITS = ("all", "low", "high")  # Figure 3a-c: all densities, ≤ 0.2, > 0.2
 INITIAL, FINAL = "initial.npz", "final.npz"  # a finished trial's masks, kept by the driver
 
@@ -51,6 +54,7 @@ class FinishedTrial:
     spec: RunSpec
     metrics: dict[str, float]
     index: int = -1  # the trial's index (its masks' directory)
+    history: Sequence[dict[str, float]] = ()  # its per-epoch metrics, in epoch order
 
 
 @dataclass
@@ -64,8 +68,11 @@ class StudyAnalysis:
     rankings: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # split -> why there is no ranking
     results: Results | None = None
-    structure: list[dict[str, Any]] = field(default_factory=list)  # Figure 6b per setting
+    structure: list[dict[str, Any]] = field(default_factory=list)  # Figures 6b, 19 per setting
     removal: list[dict[str, Any]] = field(default_factory=list)  # Figure 6a per setting
+    over_time: list[dict[str, Any]] = field(default_factory=list)  # Figure 18 per setting
+    curves: list[dict[str, Any]] = field(default_factory=list)  # Figures 2, 4 per setting
+    itop: list[dict[str, Any]] = field(default_factory=list)  # final ITOP rows (Figure 11)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -80,13 +87,17 @@ def analyze(
     mask_dir: Path | None = None,
 ) -> StudyAnalysis:
     """The analysis of a study whose trials are ``specs``, from its ``finished`` trials (and
-    their masks in ``mask_dir``, for the structure of Figure 6b)."""
+    their masks in ``mask_dir``, for the structure of Figures 6 and 19 and J_r)."""
     results = summarize(specs, [(t.spec, t.metrics) for t in finished])
     within = [f for f in results.group_by if f not in (CRITERION, MODE)]
     analysis = StudyAnalysis(partial, len(finished), results.group_by, within, results=results)
     if mask_dir is not None and CRITERION in results.group_by:
         analysis.structure = end_mask_structure(finished, within, mask_dir)
-    analysis.removal = first_update_structure(finished, within)
+    references = random_references(finished, within, mask_dir) if mask_dir else {}
+    analysis.removal = first_update_structure(finished, within, references)
+    analysis.over_time = removal_over_time(finished, within, references)
+    analysis.curves = learning_curves(finished, within)
+    analysis.itop = metric_rows(finished, results.group_by, "itop")
     if CRITERION not in results.group_by:
         analysis.skipped = {s: "the study does not vary the pruning criterion" for s in SPLITS}
         return analysis
@@ -98,6 +109,24 @@ def analyze(
         else:
             analysis.skipped[split] = reason or "nothing to rank"
     return analysis
+
+
+def _setting(trial: FinishedTrial, within: Sequence[str]) -> str:
+    """The setting a trial belongs to: its values of ``within`` (as a JSON key)."""
+    config = run_config(trial.spec)
+    return json.dumps({f: config.get(f) for f in within})
+
+
+def _is_dst(trial: FinishedTrial) -> bool:
+    return trial.spec.sparsity.mode == "dst"
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _std(values: Sequence[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _scores(finished: Sequence[FinishedTrial], within: Sequence[str]) -> list[dict[str, Any]]:
@@ -144,6 +173,12 @@ def _ranking(
     return out, None
 
 
+def result_rows(analysis: StudyAnalysis) -> list[dict[str, Any]]:
+    """The results table's rows in their JSON form (what :mod:`dst.figures` draws from)."""
+    assert analysis.results is not None
+    return [asdict(row) for row in analysis.results.rows]
+
+
 def rankings_csv(analysis: StudyAnalysis) -> str:
     """One line per density split and criterion: its average rank, best first."""
     lines = ["split,criterion,average_rank,n_groups,critical_distance"]
@@ -161,7 +196,7 @@ def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
     """What the MLflow runs table shows of a study: the mean final test accuracy of each
     criterion (metrics ``mean_test_acc.<criterion>``, over every DST configuration and seed)
     and the best criterion at each density (tags ``best_criterion.density_<d>``)."""
-    rows = [r for r in _rows(analysis) if r["config"].get(MODE, "dst") == "dst"]
+    rows = [r for r in result_rows(analysis) if r["config"].get(MODE, "dst") == "dst"]
     by_criterion: dict[str, list[float]] = {}
     best: dict[str, tuple[float, str]] = {}
     for row in rows:
@@ -181,14 +216,14 @@ FIRST_UPDATE = "removal_jaccard_first."  # a run's metrics with analysis.removal
 
 
 def first_update_structure(
-    finished: Sequence[FinishedTrial], within: Sequence[str]
+    finished: Sequence[FinishedTrial],
+    within: Sequence[str],
+    references: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Figure 6a per setting, from runs with ``analysis.removal_sets``: row = the run's own
     criterion, column = another criterion, value = the Jaccard index (Eq. 1, mean over layers)
     of the sets both would prune at the run's first topology update, from its own state;
-    mean and std over seeds."""
-    import statistics
-
+    mean and std over seeds, with the setting's J_r (``references``) where known."""
     cells: dict[str, dict[str, dict[str, list[float]]]] = {}
     for trial in finished:
         row = {
@@ -198,9 +233,8 @@ def first_update_structure(
         }
         if not row:
             continue
-        config = run_config(trial.spec)
-        key = json.dumps({f: config.get(f) for f in within})
-        own = cells.setdefault(key, {}).setdefault(str(config[CRITERION] or ""), {})
+        key = _setting(trial, within)
+        own = cells.setdefault(key, {}).setdefault(str(trial.spec.sparsity.criterion), {})
         for other, value in row.items():
             own.setdefault(other, []).append(value)
     out = []
@@ -208,13 +242,8 @@ def first_update_structure(
         names = list(rows)
         columns = names + sorted({c for r in rows.values() for c in r} - set(names))
 
-        def stat(values: list[float] | None, how: Callable[[list[float]], float]) -> float | None:
-            if not values or (how is statistics.stdev and len(values) < 2):
-                return None
-            return how(values)
-
-        mean = [[stat(rows[r].get(c), statistics.fmean) for c in columns] for r in names]
-        std = [[stat(rows[r].get(c), statistics.stdev) for c in columns] for r in names]
+        mean = [[_mean(rows[r].get(c, [])) for c in columns] for r in names]
+        std = [[_std(rows[r].get(c, [])) for c in columns] for r in names]
         seeds = max(len(v) for r in rows.values() for v in r.values())
         out.append(
             {
@@ -224,6 +253,7 @@ def first_update_structure(
                 "mean": mean,
                 "std": std,
                 "n_seeds": seeds,
+                "j_r": (references or {}).get(key),
             }
         )
     return out
@@ -237,19 +267,21 @@ def end_mask_structure(
     criterion (same seed, so the same initial mask), and of each with that initial mask
     (row ``init``), mean and std over seeds (Appendix K), with J_init, the mean pairwise
     Jaccard of the initial masks of different seeds. Only seeds where every criterion of the
-    setting finished count; settings with fewer than two criteria are left out."""
+    setting finished count; settings with fewer than two criteria are left out.
+
+    Beside it, Figure 19: the share of the active weights that every criterion's end mask
+    keeps and of the inactive weights that every one removes, mean and std over seeds."""
     from dst.masks import load_masks
-    from dst.structure import end_mask_jaccard_over_seeds, initial_mask_reference
+    from dst.structure import consensus, end_mask_jaccard_over_seeds, initial_mask_reference
 
     settings: dict[str, dict[int, dict[str, Path]]] = {}
     criteria: dict[str, list[str]] = {}
     for trial in finished:
         directory = trial_masks_dir(mask_dir, trial.index)
-        if trial.spec.sparsity.mode != "dst" or not (directory / FINAL).exists():
+        if not _is_dst(trial) or not (directory / FINAL).exists():
             continue
-        config = run_config(trial.spec)
-        key = json.dumps({f: config.get(f) for f in within})
-        criterion = str(config[CRITERION])
+        key = _setting(trial, within)
+        criterion = str(trial.spec.sparsity.criterion)
         settings.setdefault(key, {}).setdefault(trial.spec.seed, {})[criterion] = directory
         if criterion not in criteria.setdefault(key, []):
             criteria[key].append(criterion)
@@ -259,191 +291,243 @@ def end_mask_structure(
         complete = {seed: runs for seed, runs in seeds.items() if set(runs) == set(names)}
         if len(names) < 2 or not complete:
             continue
-        per_seed, initials = [], []
+        per_seed, initials, kept, removed = [], [], [], []
         for runs in complete.values():
             masks = {name: load_masks(runs[name] / FINAL) for name in names}
+            agreed = consensus(masks)
+            kept.append(agreed.kept_by_all)
+            removed.append(agreed.removed_by_all)
             masks["init"] = load_masks(runs[names[0]] / INITIAL)
             initials.append(masks["init"])
             per_seed.append(masks)
         stats = end_mask_jaccard_over_seeds(per_seed, [*names, "init"])
         j_init = initial_mask_reference(initials) if len(initials) > 1 else None
-        out.append({"setting": json.loads(key), "jaccard": stats.to_dict(), "j_init": j_init})
+        shares = {
+            "kept_by_all": {"mean": _mean(kept), "std": _std(kept)},
+            "removed_by_all": {"mean": _mean(removed), "std": _std(removed)},
+        }
+        out.append(
+            {
+                "setting": json.loads(key),
+                "jaccard": stats.to_dict(),
+                "j_init": j_init,
+                "consensus": shares,
+            }
+        )
     return out
 
 
-# -- figures ----------------------------------------------------------------------------------
+def first_update_fraction(spec: RunSpec, total_steps: int) -> float:
+    """ρ at a run's first topology update (step Δt), from its spec and its total step count
+    (what the prune schedule's stop step T defaults to)."""
+    from dst.schedules import PruneSchedule
 
-
-def figure_names(analysis: StudyAnalysis) -> list[str]:
-    """The figures this study has the data for."""
-    return list(_builders(analysis))
-
-
-def build_figure(analysis: StudyAnalysis, name: str) -> Figure:
-    """Draw figure ``name`` (one of :func:`figure_names`); ``KeyError`` if the study has no
-    such figure."""
-    return _builders(analysis)[name]()
-
-
-def render(figure: Figure, kind: str) -> bytes:
-    """``figure`` as PNG or SVG bytes (no pyplot, no global state: safe on any thread)."""
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=kind, dpi=150 if kind == "png" else "figure")
-    return buffer.getvalue()
-
-
-def _rows(analysis: StudyAnalysis) -> list[dict[str, Any]]:
-    assert analysis.results is not None
-    return [asdict(row) for row in analysis.results.rows]
-
-
-def _builders(analysis: StudyAnalysis) -> dict[str, Callable[[], Figure]]:
-    varied = set(analysis.group_by)
-    rows = _rows(analysis)
-    builders: dict[str, Callable[[], Figure]] = {}
-    dst_rows = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
-    if DENSITY in varied and dst_rows:
-        builders["accuracy_vs_density"] = lambda: _accuracy_vs_density(rows)
-    for split, ranking in analysis.rankings.items():
-        if ranking["critical_distance"] is not None:
-            builders[f"critical_distance_{split}"] = _cd_builder(ranking, split)
-    for number, entry in enumerate(analysis.removal):
-        name = "jaccard_first_update" + (f"_{number + 1}" if len(analysis.removal) > 1 else "")
-        builders[name] = _removal_builder(entry)
-    for number, entry in enumerate(analysis.structure):
-        name = "jaccard_end_masks" + (f"_{number + 1}" if len(analysis.structure) > 1 else "")
-        builders[name] = _jaccard_builder(entry)
-    if PERIOD in varied and dst_rows:
-        builders["accuracy_vs_update_period"] = lambda: _accuracy_vs_update_period(rows)
-    if LAMBDA in varied and dst_rows:
-        builders["accuracy_vs_mest_lambda"] = lambda: _accuracy_vs_mest_lambda(rows)
-    return builders
-
-
-def _values(rows: Sequence[dict[str, Any]], key: str) -> list[Any]:
-    seen: list[Any] = []
-    for row in rows:
-        value = row["config"].get(key)
-        if value is not None and value not in seen:
-            seen.append(value)
-    return seen
-
-
-def _baseline(rows: Sequence[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    return [r for r in rows if r["config"].get(MODE) == mode and r["test_acc_mean"] is not None]
-
-
-def _accuracy_vs_density(rows: list[dict[str, Any]]) -> Figure:
-    """Figure 1: one panel per growth, one line per criterion, dense and static baselines."""
-    from dst import figures
-
-    dst = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
-    growths = _values(dst, GROWTH) or [None]
-    panels = {
-        str(g or "random"): figures.result_series(
-            dst, DENSITY, CRITERION, where={GROWTH: g} if g is not None else None
-        )
-        for g in growths
-    }
-    dense = _baseline(rows, "dense")
-    static = _baseline(rows, "static")
-    static_series = figures.result_series(static, DENSITY, MODE) if static else []
-    return figures.accuracy_vs_density(
-        panels,
-        dense=dense[0]["test_acc_mean"] if dense else None,
-        static=static_series[0] if static_series else None,
+    s = spec.sparsity
+    stop = s.stop_step or total_steps
+    schedule = PruneSchedule(
+        s.schedule, s.prune_fraction, s.update_period, stop, s.schedule_interval, s.schedule_factor
     )
+    return schedule.fraction(s.update_period)
 
 
-def _cd_builder(ranking: dict[str, Any], split: str) -> Callable[[], Figure]:
-    titles = {"all": "all densities", "low": "densities ≤ 0.2", "high": "densities > 0.2"}
+def random_references(
+    finished: Sequence[FinishedTrial], within: Sequence[str], mask_dir: Path
+) -> dict[str, float]:
+    """J_r per setting (Figure 6a): the mean pairwise Jaccard index of random removal sets of
+    the first update's size drawn from the initial masks of the setting's different seeds,
+    the overlap two unrelated removal sets have by chance. Settings with one seed have none."""
+    from dst.masks import load_masks
+    from dst.structure import random_removal_reference
 
-    def build() -> Figure:
-        from dst import figures
+    seeds: dict[str, dict[int, FinishedTrial]] = {}
+    for trial in finished:
+        if _is_dst(trial) and (trial_masks_dir(mask_dir, trial.index) / INITIAL).exists():
+            seeds.setdefault(_setting(trial, within), {}).setdefault(trial.spec.seed, trial)
+    out = {}
+    for key, trials in seeds.items():
+        first = next(iter(trials.values()))
+        total = int(first.metrics.get("step", 0))
+        if len(trials) < 2 or total <= first.spec.sparsity.update_period:
+            continue  # one seed, or no topology update at all
+        initials = [
+            load_masks(trial_masks_dir(mask_dir, t.index) / INITIAL) for t in trials.values()
+        ]
+        fraction = first_update_fraction(first.spec, total)
+        out[key] = random_removal_reference(initials, fraction, scope=first.spec.sparsity.scope)
+    return out
 
-        return figures.critical_distance(
-            ranking["average_ranks"],
-            ranking["critical_distance"],
-            ranking["cliques"],
-            title=f"Critical distance of the pruning criteria ({titles[split]}, "
-            f"N = {ranking['n_groups']} groups, Nemenyi α = {ranking['alpha']})",
+
+OVER_TIME = "removal_jaccard."  # a run's per-epoch metrics with analysis.removal_sets
+
+
+def _points(history: Sequence[dict[str, float]], metric: str) -> list[tuple[float, float]]:
+    """(step, value) of every epoch that has ``metric`` (an epoch before the first topology
+    update has no removal-set Jaccard index)."""
+    return [(h["step"], h[metric]) for h in history if metric in h]
+
+
+def removal_over_time(
+    finished: Sequence[FinishedTrial],
+    within: Sequence[str],
+    references: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Figure 18 per setting, from runs with ``analysis.removal_sets``: for each criterion a
+    run was trained with (row) and each other criterion (column), the Jaccard index of what
+    the run removed at its latest topology update of each epoch with what the other criterion
+    would have removed from the same state, against the training step; mean and std over
+    seeds (cut to the shortest history). Not symmetric (Appendix K)."""
+    runs: dict[str, dict[str, list[Sequence[dict[str, float]]]]] = {}
+    for trial in finished:
+        if _is_dst(trial) and any(OVER_TIME in k for k in trial.metrics):
+            row = str(trial.spec.sparsity.criterion)
+            runs.setdefault(_setting(trial, within), {}).setdefault(row, []).append(trial.history)
+    out = []
+    for key, rows in runs.items():
+        columns = sorted(
+            {
+                k[len(OVER_TIME) :]
+                for h in _all(rows)
+                for m in h
+                for k in m
+                if k.startswith(OVER_TIME)
+            }
         )
-
-    return build
-
-
-def _nan(values: list[list[float | None]]) -> list[list[float]]:
-    return [[math.nan if v is None else v for v in row] for row in values]
-
-
-def _removal_builder(entry: dict[str, Any]) -> Callable[[], Figure]:
-    def build() -> Figure:
-        from dst import figures
-
-        setting = ", ".join(f"{k.rpartition('.')[2]} {v}" for k, v in entry["setting"].items())
-        return figures.jaccard_heatmap(
-            _nan(entry["mean"]),
-            entry["rows"],
-            entry["columns"],
-            std=_nan(entry["std"]) if entry["n_seeds"] > 1 else None,
-            title="Jaccard index of the sets pruned at the first update "
-            f"({setting or 'the study'}; row: the run's criterion, column: what another "
-            "would prune from the same state)",
-        )
-
-    return build
+        lines: dict[str, dict[str, Any]] = {}
+        for row, histories in rows.items():
+            lines[row] = {}
+            for column in columns:
+                seeds = [p for p in (_points(h, OVER_TIME + column) for h in histories) if p]
+                if not seeds:
+                    continue
+                length = min(len(p) for p in seeds)
+                values = [[p[i][1] for p in seeds] for i in range(length)]
+                lines[row][column] = {
+                    "step": [seeds[0][i][0] for i in range(length)],
+                    "mean": [statistics.fmean(v) for v in values],
+                    "std": [statistics.stdev(v) for v in values] if len(seeds) > 1 else None,
+                    "n_seeds": len(seeds),
+                }
+        out.append({"setting": json.loads(key), "lines": lines, "j_r": (references or {}).get(key)})
+    return out
 
 
-def _jaccard_builder(entry: dict[str, Any]) -> Callable[[], Figure]:
-    def build() -> Figure:
-        from dst import figures
-
-        jaccard = entry["jaccard"]
-        names = jaccard["names"]
-        setting = ", ".join(f"{k.rpartition('.')[2]} {v}" for k, v in entry["setting"].items())
-
-        def matrix(values: list[list[float | None]]) -> list[list[float]]:
-            return [[math.nan if v is None else v for v in row] for row in values]
-
-        return figures.jaccard_heatmap(
-            matrix(jaccard["mean"]),
-            names,
-            std=matrix(jaccard["std"]) if jaccard["n_seeds"] > 1 else None,
-            reference=entry["j_init"],
-            reference_name="J_init",
-            title=f"Jaccard index of the end masks ({setting or 'the study'}; "
-            f"{jaccard['n_seeds']} seeds; row init: the initial mask)",
-        )
-
-    return build
+def _all(rows: dict[str, list[Sequence[dict[str, float]]]]) -> list[Sequence[dict[str, float]]]:
+    return [h for histories in rows.values() for h in histories]
 
 
-def _accuracy_vs_update_period(rows: list[dict[str, Any]]) -> Figure:
-    """Figure 5: one panel per density, one line per criterion, static as the reference."""
-    from dst import figures
-
-    dst = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
-    densities = _values(dst, DENSITY) or [None]
-    panels, static = {}, {}
-    for d in densities:
-        name = f"density {d}" if d is not None else "all"
-        where = {DENSITY: d} if d is not None else None
-        panels[name] = figures.result_series(dst, PERIOD, CRITERION, where=where)
-        for row in _baseline(rows, "static"):
-            if d is None or row["config"].get(DENSITY) == d:
-                static[name] = row["test_acc_mean"]
-    return figures.accuracy_vs_update_period(panels, static, ylabel="test accuracy")
+def _baseline_label(spec: RunSpec) -> str:
+    """How Figures 1 and 4 name a baseline run."""
+    if spec.sparsity.mode == "dense":
+        return "dense + dropout" if spec.training.dropout else "dense"
+    return spec.sparsity.mode
 
 
-def _accuracy_vs_mest_lambda(rows: list[dict[str, Any]]) -> Figure:
-    """Figure 7: MEST's accuracy against λ, one line per density."""
-    from dst import figures
+def _baseline_matches(trial: FinishedTrial, setting: dict[str, Any]) -> bool:
+    """A baseline belongs beside a setting when it agrees on every field it has a value for:
+    a static run on the density, a dense run on nothing sparse; dropout never counts (the
+    dense + dropout baseline differs in it on purpose)."""
+    config = run_config(trial.spec)
+    for key, value in setting.items():
+        own = config.get(key)
+        dense_ignores = trial.spec.sparsity.mode == "dense" and key.startswith("sparsity.")
+        if own is None or dense_ignores or key == DROPOUT:
+            continue
+        if own != value:
+            return False
+    return True
 
-    mest = [
-        r
-        for r in rows
-        if r["config"].get(MODE, "dst") == "dst" and r["config"].get(CRITERION, "mest") == "mest"
+
+def _curve(histories: Sequence[Sequence[dict[str, float]]]) -> dict[str, Any]:
+    """Per-epoch mean and std over seeds of :data:`CURVE_METRICS` (cut to the shortest)."""
+    length = min(len(h) for h in histories)
+    out: dict[str, Any] = {"epoch": [h["epoch"] for h in histories[0][:length]]}
+    out["n_seeds"] = len(histories)
+    for metric in CURVE_METRICS:
+        values = [[h[i][metric] for h in histories] for i in range(length)]
+        out[metric] = {
+            "mean": [statistics.fmean(v) for v in values],
+            "std": [statistics.stdev(v) for v in values] if len(histories) > 1 else None,
+        }
+    return out
+
+
+def learning_curves(
+    finished: Sequence[FinishedTrial], within: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Figures 2 and 4 per setting (everything varied but the criterion and the seed): for
+    each criterion and each baseline beside it (dense, dense + dropout, static at the same
+    density), the per-epoch validation accuracy, training loss and loss gap, mean and std over
+    seeds, and each line's mean final test accuracy."""
+    groups: dict[str, dict[str, list[FinishedTrial]]] = {}
+    for trial in finished:
+        if _is_dst(trial) and trial.history:
+            label = str(trial.spec.sparsity.criterion)
+            groups.setdefault(_setting(trial, within), {}).setdefault(label, []).append(trial)
+    baselines = [t for t in finished if not _is_dst(t) and t.history]
+    out = []
+    for key, lines in groups.items():
+        setting = json.loads(key)
+        for baseline in baselines:
+            if _baseline_matches(baseline, setting):
+                lines.setdefault(_baseline_label(baseline.spec), []).append(baseline)
+        curves = {}
+        for label, trials in lines.items():
+            curves[label] = _curve([t.history for t in trials])
+            curves[label]["test_acc"] = _mean(
+                [t.metrics["test_acc"] for t in trials if "test_acc" in t.metrics]
+            )
+        out.append({"setting": setting, "lines": curves})
+    return out
+
+
+def metric_rows(
+    finished: Sequence[FinishedTrial], group_by: Sequence[str], metric: str
+) -> list[dict[str, Any]]:
+    """A final metric (e.g. ``itop``) averaged over seeds per configuration, as rows of the
+    results table's JSON form (``config``, ``<metric>_mean``, ``<metric>_std``, ``n``)."""
+    groups: dict[str, list[float]] = {}
+    for trial in finished:
+        if metric in trial.metrics:
+            config = run_config(trial.spec)
+            key = json.dumps({f: config.get(f) for f in group_by})
+            groups.setdefault(key, []).append(trial.metrics[metric])
+    return [
+        {
+            "config": json.loads(key),
+            "n": len(values),
+            f"{metric}_mean": _mean(values),
+            f"{metric}_std": _std(values),
+        }
+        for key, values in groups.items()
     ]
-    return figures.accuracy_vs_mest_lambda(figures.result_series(mest, LAMBDA, DENSITY))
+
+
+class AnalysisCache:
+    """The latest analyses of a few studies, each kept while its trials have not changed.
+
+    A study's analysis reads every trial's history and masks; a report or a page of figures
+    asks for it once per figure. ``version`` is what changes whenever a trial reports (see
+    :func:`service.crud.trials_version`), so a finished study is analysed once.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[object, StudyAnalysis]] = OrderedDict()
+
+    def get(
+        self, experiment_id: str, version: object, compute: Callable[[], StudyAnalysis]
+    ) -> StudyAnalysis:
+        """The cached analysis of ``experiment_id`` at ``version``, else ``compute()`` it."""
+        with self._lock:
+            found = self._entries.get(experiment_id)
+            if found is not None and found[0] == version:
+                self._entries.move_to_end(experiment_id)
+                return found[1]
+        analysis = compute()  # outside the lock: another study's request need not wait
+        with self._lock:
+            self._entries[experiment_id] = (version, analysis)
+            self._entries.move_to_end(experiment_id)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return analysis

@@ -327,7 +327,7 @@ def report(
     from service.report import write_report
 
     try:
-        path = write_report(_client(api, token), experiment_id, out)
+        path = write_report(_client(api, token), experiment_id, out, progress=True)
     except ApiError as error:
         raise fail(str(error)) from None
     typer.echo(f"report: {path}")

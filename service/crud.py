@@ -264,18 +264,30 @@ def study_results(session: Session, experiment_id: str) -> Results:
     return summarize(specs, finished)
 
 
+def trials_version(session: Session, experiment_id: str) -> str:
+    """What changes whenever one of the experiment's trials changes (a report, a state): the
+    number of its trials in each state and their latest update."""
+    latest = session.scalar(
+        select(func.max(Trial.updated_at)).where(Trial.experiment_id == experiment_id)
+    )
+    states = sorted(trial_counts_by_state(session, experiment_id).items())
+    return f"{latest}|{states}"
+
+
 def study_analysis(
     session: Session, experiment_id: str, mask_dir: Path | None = None
 ) -> StudyAnalysis:
-    """Rankings, end-mask structure (masks in ``mask_dir``) and figure data over every
-    succeeded trial (``partial`` while some run)."""
+    """Rankings, learning curves, structure (masks in ``mask_dir``) and figure data over
+    every succeeded trial (``partial`` while some run)."""
     specs, finished, unfinished = [], [], 0
+    histories = trial_histories(session, experiment_id)
     for trial in list_trials(session, experiment_id):
         spec = RunSpec.model_validate_json(trial.spec_json)
         specs.append(spec)
         metrics = trial_metrics(trial)
         if trial.state == TrialState.SUCCEEDED and metrics is not None:
-            finished.append(FinishedTrial(spec, metrics, trial.index))
+            history = histories.get(trial.index, [])
+            finished.append(FinishedTrial(spec, metrics, trial.index, history))
         unfinished += trial.state in UNFINISHED_TRIAL
     return analyze(specs, finished, partial=unfinished > 0, mask_dir=mask_dir)
 

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
+from service.analysis import AnalysisCache
 from service.api.deps import require_database, require_token
 from service.api.errors import install_error_handlers
 from service.api.limits import BodySizeLimit
@@ -93,6 +94,7 @@ def create_app(
     app.state.services = services
     app.state.dispatcher = dispatcher
     app.state.database_ready = database_ready
+    app.state.analyses = AnalysisCache()
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(health.router)

@@ -15,9 +15,10 @@ import functools
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
@@ -32,6 +33,9 @@ from service.db import make_engine
 from service.states import TrialState
 from service.tracking import ChildRuns
 from service.trial import INITIAL_MASKS, MASKS, METRICS, RESUMED
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +183,20 @@ class TrialRecorder(tune.Callback):
         index = trial_index(trial)
         self._record(index, state=TrialState.SUCCEEDED, finished_at=datetime.now(UTC))
         if self.runs is not None:
+            self.runs.log_figures(index, self._figures(index))
             self.runs.finish(index, TrialState.SUCCEEDED)
+
+    def _figures(self, index: int) -> dict[str, Callable[[], Figure]]:
+        """A finished trial's own figures, from its history in the database."""
+        from service.figures import trial_figures
+
+        with Session(self.engine) as session:
+            row = crud.get_trial(session, self.experiment_id, index)
+            history = crud.trial_histories(session, self.experiment_id, [index]).get(index, [])
+            if row is None:
+                return {}
+            spec = RunSpec.model_validate_json(row.spec_json)
+        return trial_figures(spec, history)
 
 
 @functools.cache

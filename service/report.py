@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from service.client import ApiError
+from service.figures import KINDS, SPLIT_TITLES, kind_of, setting_title
 from service.results import format_cell, format_stat
 
-SPLIT_TITLES = {"all": "all densities", "low": "densities ≤ 0.2", "high": "densities > 0.2"}
+FETCHERS = 4  # figures requested at once
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }
 table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
@@ -39,8 +40,11 @@ class ReportSource(Protocol):
     def figure(self, experiment_id: str, filename: str) -> bytes: ...
 
 
-def write_report(source: ReportSource, experiment_id: str, out: Path) -> Path:
-    """Fetch everything about ``experiment_id`` and write ``out/report.html``."""
+def write_report(
+    source: ReportSource, experiment_id: str, out: Path, progress: bool = False
+) -> Path:
+    """Fetch everything about ``experiment_id`` and write ``out/report.html`` (with
+    ``progress``, a progress bar over the figures, fetched a few at a time)."""
     experiment = source.experiment(experiment_id)
     trials = source.trials(experiment_id)
     results = source.results(experiment_id)
@@ -50,14 +54,25 @@ def write_report(source: ReportSource, experiment_id: str, out: Path) -> Path:
         if error.status != 409:  # 409: nothing has finished yet
             raise
         analysis = None
-    images = {
-        f["name"]: source.figure(experiment_id, f"{f['name']}.png")
-        for f in (analysis or {}).get("figures", [])
-    }
+    names = [f["name"] for f in (analysis or {}).get("figures", [])]
+    images = dict(zip(names, _fetch_figures(source, experiment_id, names, progress), strict=True))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
     path.write_text(render(experiment, trials, results, analysis, images), encoding="utf-8")
     return path
+
+
+def _fetch_figures(
+    source: ReportSource, experiment_id: str, names: Sequence[str], progress: bool
+) -> list[bytes]:
+    """The figures as PNG, in order; the API draws them in parallel threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(FETCHERS) as pool:
+        images = pool.map(lambda name: source.figure(experiment_id, f"{name}.png"), names)
+        return list(tqdm(images, total=len(names), desc="figures", disable=not progress))
 
 
 def render(
@@ -80,6 +95,8 @@ def render(
         _results(results),
         "<h2>Criteria rankings</h2>",
         _rankings(analysis),
+        "<h2>Structure</h2>",
+        _structure(analysis),
         "<h2>Figures</h2>",
         _figures(images),
         "</body></html>",
@@ -180,11 +197,47 @@ def _rankings(analysis: dict[str, Any] | None) -> str:
     return "\n".join(parts)
 
 
+def _structure(analysis: dict[str, Any] | None) -> str:
+    """Per setting, the reference overlaps and the consensus of the end masks (Section 5.4):
+    J_r (random removal sets), J_init (random initial masks), and the shares of the weights
+    every criterion keeps and every one removes (Figure 19)."""
+    settings: dict[str, dict[str, Any]] = {}
+    for entry in (analysis or {}).get("removal", []):
+        settings.setdefault(setting_title(entry["setting"]), {})["j_r"] = entry.get("j_r")
+    for entry in (analysis or {}).get("structure", []):
+        row = settings.setdefault(setting_title(entry["setting"]), {})
+        row["j_init"] = entry.get("j_init")
+        shares = entry.get("consensus") or {}
+        for key in ("kept_by_all", "removed_by_all"):
+            if key in shares:
+                row[key] = format_stat(shares[key]["mean"], shares[key]["std"])
+    if not settings:
+        return (
+            "<p class='note'>no structure data (the runs need analysis.removal_sets, or "
+            "kept masks of several criteria)</p>"
+        )
+    header = ["setting", "J_r", "J_init", "kept by all criteria", "removed by all criteria"]
+    rows = [
+        [name, row.get("j_r"), row.get("j_init"), row.get("kept_by_all"), row.get("removed_by_all")]
+        for name, row in settings.items()
+    ]
+    return _table(header, rows)
+
+
 def _figures(images: dict[str, bytes]) -> str:
+    """The figures, grouped by the paper's figure they reproduce."""
     if not images:
         return "<p class='note'>no figures for this study (yet)</p>"
-    return "\n".join(
-        f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
-        f"{base64.b64encode(data).decode()}'><figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, data in images.items()
-    )
+    groups: dict[str, list[str]] = {}
+    for name in images:
+        groups.setdefault(kind_of(name), []).append(name)
+    parts = []
+    for kind, names in groups.items():
+        parts.append(f"<h3>{html.escape(KINDS.get(kind, kind))}</h3>")
+        parts += [
+            f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
+            f"{base64.b64encode(images[name]).decode()}'>"
+            f"<figcaption>{html.escape(name)}</figcaption></figure>"
+            for name in names
+        ]
+    return "\n".join(parts)

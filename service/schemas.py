@@ -91,11 +91,26 @@ class AnalysisOut(BaseModel):
     skipped: dict[str, str] = Field(description="why a split has no ranking")
     structure: list[dict[str, Any]] = Field(
         description="Figure 6b per setting: Jaccard index of the end masks between criteria "
-        "and with the initial mask (row init), mean and std over seeds, and J_init"
+        "and with the initial mask (row init), mean and std over seeds, and J_init; Figure 19 "
+        "(consensus): the share of weights every criterion keeps and every one removes"
     )
     removal: list[dict[str, Any]] = Field(
         description="Figure 6a per setting, from runs with analysis.removal_sets: Jaccard "
-        "index of the sets each criterion would prune at the first update, mean/std over seeds"
+        "index of the sets each criterion would prune at the first update, mean/std over "
+        "seeds, and J_r (random removal sets from the initial masks of different seeds)"
+    )
+    over_time: list[dict[str, Any]] = Field(
+        description="Figure 18 per setting, from runs with analysis.removal_sets: for each "
+        "criterion trained with and each other criterion, the removal-set Jaccard index "
+        "against the training step (mean/std over seeds), and J_r"
+    )
+    curves: list[dict[str, Any]] = Field(
+        description="Figures 2 and 4 per setting: per criterion and baseline, validation "
+        "accuracy, training loss and loss gap per epoch (mean/std over seeds), final test "
+        "accuracy"
+    )
+    itop: list[dict[str, Any]] = Field(
+        description="final ITOP ratio per configuration, mean/std over seeds (Figure 11)"
     )
     figures: list[FigureRef]
 

@@ -1,22 +1,23 @@
 """MLflow bookkeeping: one parent run per experiment, one nested child run per trial.
 
 The API creates the MLflow experiment and the parent run before the Ray job is submitted, so
-trials never race to create them. Trials log flattened params, per-epoch metrics, their spec
-and their initial and final masks (compressed ``.npz``) to their child run.
+trials never race to create them. Each trial's child run gets flattened params, per-epoch
+metrics, its spec, its initial and final masks (compressed ``.npz``) and its own figures.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -27,6 +28,9 @@ from dst.spec import RunSpec, flatten
 from service.analysis import StudyAnalysis
 from service.results import format_table
 from service.study import StudySpec, TrialPlan
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,8 @@ class MlflowTracker:
         self.client.set_terminated(parent_run_id, RUN_STATUS.get(status, "FINISHED"))
 
     def _log_analysis(self, run_id: str, analysis: StudyAnalysis) -> None:
-        from service.analysis import build_figure, figure_names, rankings_csv, summary
+        from service.analysis import rankings_csv, summary
+        from service.figures import build_figure, figure_names
 
         self.client.log_dict(run_id, analysis.to_dict(), "analysis.json")
         if analysis.rankings:
@@ -208,8 +213,16 @@ class TrialRun:
             shutil.copyfile(path, target)
             self.client.log_artifact(self.run_id, str(target), "masks")
 
+    def log_figure(self, figure: Figure, name: str) -> None:
+        """A figure as ``figures/<name>.png``."""
+        self.client.log_figure(self.run_id, figure, f"figures/{name}.png")
+
     def finish(self, status: str) -> None:
         self.client.set_terminated(self.run_id, RUN_STATUS.get(status, "FINISHED"))
+
+
+def _log_figure(name: str, build: Callable[[], Figure], run: TrialRun) -> None:
+    run.log_figure(build(), name)
 
 
 RETRIED = (MlflowException, OSError)  # an outage (requests' errors are OSErrors too)
@@ -320,6 +333,11 @@ class ChildRuns:
             shutil.rmtree(keep, ignore_errors=True)
 
         self._put(index, f"{name} masks", write)
+
+    def log_figures(self, index: int, builders: Mapping[str, Callable[[], Figure]]) -> None:
+        """Draw (on the outbox thread, not the caller's) and upload the trial's figures."""
+        for name, build in builders.items():
+            self._put(index, f"figure {name}", functools.partial(_log_figure, name, build))
 
     def finish(self, index: int, status: str) -> None:
         self._put(index, f"ending ({status})", lambda run: run.finish(status))

@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from service.analysis import AnalysisCache
 from service.core.config import Settings
 from service.core.security import check_bearer
 from service.dispatcher import Dispatcher
@@ -32,7 +33,13 @@ def get_dispatcher(request: Request) -> Dispatcher:
     return dispatcher
 
 
+def get_analyses(request: Request) -> AnalysisCache:
+    analyses: AnalysisCache = request.app.state.analyses
+    return analyses
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+AnalysesDep = Annotated[AnalysisCache, Depends(get_analyses)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 ServicesDep = Annotated[Services, Depends(get_services)]
 

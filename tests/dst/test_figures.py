@@ -289,13 +289,14 @@ def test_itop_vs_update_period(tmp_path: Path) -> None:
 
 def test_jaccard_over_time(tmp_path: Path) -> None:
     steps = [3200.0, 6400.0, 9600.0]
-    others = [line(c, steps, std=False) for c in CRITERIA[1:]]
-    fig = jaccard_over_time("magnitude", others, reference=0.2)
-    (ax,) = fig.axes
-    assert len(ax.get_lines()) == len(others) + 1
-    assert [ln.get_label() for ln in ax.get_lines()] == ["set", "snip", "J_r"]
-    assert "magnitude" in title_of(fig)
-    assert "Jaccard" in ax.get_ylabel()
+    panels = {c: [line(o, steps, std=False) for o in CRITERIA if o != c] for c in CRITERIA[:2]}
+    fig = jaccard_over_time(panels, reference=0.2, title="Jaccard over time")
+    axes = fig.axes
+    assert len(axes) == 2
+    assert [ln.get_label() for ln in axes[0].get_lines()] == ["set", "snip", "J_r"]
+    assert [ln.get_label() for ln in axes[1].get_lines()] == ["magnitude", "snip", "J_r"]
+    assert [ax.get_title() for ax in axes] == ["trained with magnitude", "trained with set"]
+    assert "Jaccard" in axes[0].get_ylabel() and title_of(fig) == "Jaccard over time"
     assert_saved(fig, tmp_path, "jaccard-over-time")
 
 

@@ -21,8 +21,17 @@ from sqlalchemy.orm import Session
 from dst.masks import save_masks
 from dst.spec import RunSpec
 from service import crud
-from service.analysis import FINAL, INITIAL, experiment_masks_dir, trial_masks_dir
+from service.analysis import (
+    FINAL,
+    INITIAL,
+    FinishedTrial,
+    analyze,
+    experiment_masks_dir,
+    first_update_fraction,
+    trial_masks_dir,
+)
 from service.client import ApiClient
+from service.figures import build_figure, figure_names, render, setting_slug, trial_figures
 from service.report import write_report
 from service.states import TrialState
 from tests.service.test_api import AUTH, TOKEN, unreachable_app
@@ -203,6 +212,10 @@ def test_end_mask_structure_from_the_kept_masks(client: TestClient, tmp_path: Pa
     assert math.isclose(mean["magnitude"][3], (3 / 5 + 3 / 5) / 2)  # vs the initial masks
     assert math.isclose(mean["snip"][3], (0 / 8 + 2 / 6) / 2)
     assert math.isclose(entry["j_init"], 2 / 6)  # {0,1,2,3} vs {0,1,4,5}
+    # Figure 19: no weight is in all three end masks; only weight 3 is in none of them
+    shares = entry["consensus"]
+    assert shares["kept_by_all"] == {"mean": 0.0, "std": 0.0}
+    assert shares["removed_by_all"] == {"mean": 0.25, "std": 0.0}
     names = {f["name"] for f in analysis["figures"]}
     assert "jaccard_end_masks" in names
     png = client.get(f"/experiments/{experiment_id}/figures/jaccard_end_masks.png", headers=AUTH)
@@ -299,3 +312,142 @@ def test_first_update_removal_sets_from_the_runs_metrics(client: TestClient) -> 
     assert "jaccard_first_update" in names
     png = client.get(f"/experiments/{experiment_id}/figures/jaccard_first_update.png", headers=AUTH)
     assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+# -- the analysis itself, from hand-made finished trials -------------------------------------
+
+
+def run(criterion: str | None, seed: int, density: float = 0.1, mode: str = "dst") -> RunSpec:
+    sparsity: dict[str, Any] = {"mode": mode, "density": density}
+    if mode == "dst":
+        sparsity |= {"criterion": criterion, "growth": "random", "update_period": 10}
+    return RunSpec.model_validate(
+        {"model": "small-mlp", "dataset": "digits", "seed": seed, "sparsity": sparsity}
+    )
+
+
+def history(*rows: dict[str, float]) -> list[dict[str, float]]:
+    """Per-epoch metrics: each row's values over defaults for the curve metrics."""
+    base = {"val_acc": 0.5, "train_loss": 1.0, "loss_gap": 0.1}
+    return [base | {"epoch": e + 1, "step": 10.0 * (e + 1)} | r for e, r in enumerate(rows)]
+
+
+def test_learning_curves_average_seeds_and_set_each_baseline_beside_its_setting() -> None:
+    t = FinishedTrial
+    finished = [
+        t(run("magnitude", 0), {"test_acc": 0.8}, 0, history({"val_acc": 0.6}, {"val_acc": 0.7})),
+        t(run("magnitude", 1), {"test_acc": 0.9}, 1, history({"val_acc": 0.8}, {"val_acc": 0.9})),
+        t(run("magnitude", 0, 0.5), {"test_acc": 0.9}, 2, history({}, {})),
+        t(run(None, 0, 0.1, "static"), {"test_acc": 0.5}, 3, history({"loss_gap": 0.3}, {})),
+        t(run(None, 0, 0.5, "static"), {"test_acc": 0.6}, 4, history({"loss_gap": 0.7}, {})),
+        t(run(None, 0, 1.0, "dense"), {"test_acc": 0.95}, 5, history({}, {}, {})),
+    ]
+    analysis = analyze([t.spec for t in finished], finished, partial=False)
+    curves = {json.dumps(c["setting"]): c["lines"] for c in analysis.curves}
+    low = curves[json.dumps({"sparsity.density": 0.1})]
+    assert set(low) == {"magnitude", "static", "dense"}  # the static run of its density only
+    magnitude = low["magnitude"]
+    assert magnitude["epoch"] == [1, 2] and magnitude["n_seeds"] == 2
+    assert magnitude["val_acc"]["mean"] == pytest.approx([0.7, 0.8])
+    assert magnitude["val_acc"]["std"] == pytest.approx([math.sqrt(0.02)] * 2)
+    assert magnitude["test_acc"] == pytest.approx(0.85)
+    assert (
+        low["static"]["loss_gap"]["mean"] == [0.3, 0.1] and low["static"]["loss_gap"]["std"] is None
+    )
+    assert low["dense"]["epoch"] == [1, 2, 3]
+    high = curves[json.dumps({"sparsity.density": 0.5})]
+    assert high["static"]["loss_gap"]["mean"] == [0.7, 0.1]
+    names = figure_names(analysis)
+    assert {"learning_curves_density-0.1", "loss_gap_density-0.5"} <= set(names)
+    for name in ("learning_curves_density-0.1", "loss_gap_density-0.1"):
+        assert render(build_figure(analysis, name), "png").startswith(b"\x89PNG")
+
+
+def test_removal_jaccard_over_time_skips_epochs_before_the_first_update() -> None:
+    def trial(criterion: str, seed: int, values: list[float | None]) -> FinishedTrial:
+        other = "set" if criterion == "magnitude" else "magnitude"
+        rows = [{} if v is None else {f"removal_jaccard.{other}": v} for v in values]
+        metrics = {"test_acc": 0.5, f"removal_jaccard.{other}": values[-1] or 0.0}
+        return FinishedTrial(run(criterion, seed), metrics, seed, history(*rows))
+
+    finished = [
+        trial("magnitude", 0, [None, 0.4, 0.6]),
+        trial("magnitude", 1, [None, 0.6, 0.8]),
+        trial("set", 0, [0.2, 0.3, 0.4]),
+    ]
+    analysis = analyze([t.spec for t in finished], finished, partial=False)
+    (entry,) = analysis.over_time
+    line = entry["lines"]["magnitude"]["set"]
+    assert line["step"] == [20.0, 30.0] and line["mean"] == pytest.approx([0.5, 0.7])
+    assert line["std"] == pytest.approx([math.sqrt(0.02)] * 2) and line["n_seeds"] == 2
+    assert entry["lines"]["set"]["magnitude"]["std"] is None
+    assert entry["j_r"] is None  # no masks given
+    assert "jaccard_over_time" in figure_names(analysis)
+    assert render(build_figure(analysis, "jaccard_over_time"), "svg").lstrip().startswith(b"<?xml")
+
+
+def test_first_update_fraction_follows_the_cosine_schedule() -> None:
+    # ρ_t = ρ/2 (1 + cos(π t / T)) at t = Δt = 10, T = 40 steps, ρ = 0.5
+    assert first_update_fraction(run("magnitude", 0), 40) == pytest.approx(
+        0.25 * (1 + math.cos(math.pi / 4))
+    )
+
+
+def test_j_r_is_the_overlap_of_random_removal_sets_from_each_seeds_initial_mask(
+    tmp_path: Path,
+) -> None:
+    """Disjoint initial masks can only give disjoint random removal sets: J_r = 0; the same
+    initial mask with ρ_t = ρ removes 2 of 4 twice: J_r of two random 2-subsets of 4."""
+    initials = {0: [0, 1, 2, 3], 1: [4, 5, 6, 7]}
+    finished = []
+    for seed, on in initials.items():
+        for index, criterion in enumerate(("magnitude", "set")):
+            spec = run(criterion, seed)
+            metrics = {"test_acc": 0.5, "step": 40.0, "removal_jaccard_first.set": 0.5}
+            finished.append(FinishedTrial(spec, metrics, 2 * seed + index))
+            mask = torch.zeros(8, dtype=torch.bool)
+            mask[on] = True
+            save_masks({"fc.weight": mask}, trial_masks_dir(tmp_path, 2 * seed + index) / INITIAL)
+    analysis = analyze([t.spec for t in finished], finished, partial=False, mask_dir=tmp_path)
+    (entry,) = analysis.removal
+    assert entry["j_r"] == 0.0
+
+
+def test_figure_names_carry_the_setting_only_when_a_study_has_several() -> None:
+    assert setting_slug({"sparsity.growth": "gradient", "sparsity.density": 0.1}) == (
+        "growth-gradient_density-0.1"
+    )
+    one = [FinishedTrial(run("magnitude", 0), {"test_acc": 0.8}, 0, history({}))]
+    assert "learning_curves" in figure_names(analyze([one[0].spec], one, partial=False))
+
+
+def test_a_trials_own_figures() -> None:
+    spec = run("magnitude", 0)
+    rows = history({}, {"removal_jaccard.set": 0.3, "removal_jaccard.snip": 0.1})
+    figures = trial_figures(spec, rows)
+    assert set(figures) == {"learning_curves", "jaccard_over_time"}
+    (ax,) = figures["jaccard_over_time"]().axes
+    assert [line.get_label() for line in ax.get_lines()] == ["set", "snip"]
+    assert set(trial_figures(spec, history({}))) == {"learning_curves"}
+    assert trial_figures(spec, []) == {}
+
+
+def test_a_studys_analysis_is_computed_once_until_a_trial_changes(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    computed: list[str] = []
+    original = crud.study_analysis
+
+    def counted(session: Session, experiment_id: str, mask_dir: Path | None = None) -> Any:
+        computed.append(experiment_id)
+        return original(session, experiment_id, mask_dir)
+
+    monkeypatch.setattr(crud, "study_analysis", counted)
+    experiment_id = submit(client)
+    finish(client, experiment_id, keep_running=1)
+    for path in ("analysis", "figures", "figures/accuracy_vs_density.png", "analysis"):
+        assert client.get(f"/experiments/{experiment_id}/{path}", headers=AUTH).status_code == 200
+    assert computed == [experiment_id]
+    finish(client, experiment_id)  # the last trial finishes
+    analysis = client.get(f"/experiments/{experiment_id}/analysis", headers=AUTH).json()
+    assert computed == [experiment_id] * 2 and analysis["partial"] is False

@@ -41,6 +41,18 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
     assert structure["jaccard"]["names"] == ["magnitude", "snip", "init"]
     assert structure["jaccard"]["n_seeds"] == 2 and 0 < structure["j_init"] < 1
     assert "figures/jaccard_end_masks.png" in figures
+    # the runs compare removal sets at every update (analysis.removal_sets); the histories
+    # the driver stored give the learning curves, the loss gap and the Jaccard over time
+    assert {
+        f"figures/{name}.png"
+        for name in ("learning_curves", "loss_gap", "jaccard_first_update", "jaccard_over_time")
+    } <= figures
+    (removal,) = analysis["removal"]
+    assert 0 <= removal["j_r"] < 1  # two seeds' initial masks
+    (over_time,) = analysis["over_time"]
+    assert set(over_time["lines"]) == {"magnitude", "snip"}
+    (curves,) = analysis["curves"]
+    assert curves["lines"]["snip"]["epoch"] == list(range(1, epochs + 1))
     assert {"mean_test_acc.magnitude", "mean_test_acc.snip"} <= set(parent.data.metrics)
     table = Path(client.download_artifacts(parent_id, "results.txt")).read_text()
     assert table.splitlines()[0].split()[:2] == ["criterion", "n"]
@@ -54,14 +66,17 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
         assert child.data.params["sparsity.density"] == "0.1"
         names = {a.path for a in client.list_artifacts(child.info.run_id, "masks")}
         assert names == {"masks/initial.npz", "masks/final.npz"}
+        own = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
+        assert own == {"figures/learning_curves.png", "figures/jaccard_over_time.png"}
         local = client.download_artifacts(child.info.run_id, "masks/final.npz")
         with np.load(local) as data:
             assert any(key.endswith("::bits") for key in data.files)
 
 
 def run_study(client, mlflow_uri: str, name: str) -> None:
-    created = client.submit(study(name), idempotency_key=f"key-{name}")
-    again = client.submit(study(name), idempotency_key=f"key-{name}")
+    spec = study(name, analysis={"removal_sets": True})
+    created = client.submit(spec, idempotency_key=f"key-{name}")
+    again = client.submit(spec, idempotency_key=f"key-{name}")
     assert again["id"] == created["id"] and created["n_trials"] == 4
     listed = client.experiments()
     assert sum(1 for e in listed["items"] if e["id"] == created["id"]) == 1

@@ -52,6 +52,11 @@ class FakeRuns:
         assert source.exists()
         self.calls.append(("masks", index, name, source.name))
 
+    def log_figures(self, index: int, builders: dict[str, Any]) -> None:
+        for name, build in builders.items():
+            assert build().axes  # a drawn figure
+            self.calls.append(("figure", index, name))
+
     def finish(self, index: int, status: str) -> None:
         self.calls.append(("finish", index, str(status)))
 
@@ -106,7 +111,8 @@ def row(engine: Engine, index: int = 0) -> Any:
 
 
 def result(epoch: int, directory: str) -> dict[str, Any]:
-    return {METRICS: {"epoch": epoch, "test_acc": 0.5}, "checkpoint_dir_name": directory}
+    metrics = {"epoch": epoch, "test_acc": 0.5, "val_acc": 0.4, "train_loss": 1.0 / epoch}
+    return {METRICS: metrics, "checkpoint_dir_name": directory}
 
 
 def test_a_trial_from_start_to_success(engine: Engine, tmp_path: Path) -> None:
@@ -130,6 +136,7 @@ def test_a_trial_from_start_to_success(engine: Engine, tmp_path: Path) -> None:
         ("masks", 0, "initial", INITIAL_MASKS),
         ("epoch", 0, 2),
         ("masks", 0, "final", MASKS),  # epoch 2 is the last
+        ("figure", 0, "learning_curves"),  # from the history the recorder stored
         ("finish", 0, "succeeded"),
     ]
 

@@ -13,16 +13,11 @@ from sqlalchemy.exc import IntegrityError
 
 from dst.spec import flatten
 from service import crud, lifecycle
-from service.analysis import (
-    StudyAnalysis,
-    build_figure,
-    experiment_masks_dir,
-    figure_names,
-    render,
-)
-from service.api.deps import DispatcherDep, ServicesDep, SessionDep, SettingsDep
+from service.analysis import AnalysisCache, StudyAnalysis, experiment_masks_dir
+from service.api.deps import AnalysesDep, DispatcherDep, ServicesDep, SessionDep, SettingsDep
 from service.core.config import Settings
 from service.db import Experiment, Trial
+from service.figures import build_figure, figure_names, render
 from service.schemas import (
     AnalysisOut,
     ExperimentOut,
@@ -289,10 +284,16 @@ NOTHING_FINISHED: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _analysis(session: SessionDep, settings: Settings, experiment_id: str) -> StudyAnalysis:
+def _analysis(
+    session: SessionDep, settings: Settings, analyses: AnalysisCache, experiment_id: str
+) -> StudyAnalysis:
     _get(session, experiment_id)
     masks = experiment_masks_dir(settings.storage_path, experiment_id)
-    analysis = crud.study_analysis(session, experiment_id, masks)
+    analysis = analyses.get(
+        experiment_id,
+        crud.trials_version(session, experiment_id),
+        lambda: crud.study_analysis(session, experiment_id, masks),
+    )
     if analysis.n_finished == 0:
         raise HTTPException(
             status.HTTP_409_CONFLICT,
@@ -310,11 +311,13 @@ def _figure_refs(experiment_id: str, analysis: StudyAnalysis) -> list[FigureRef]
 
 
 @router.get("/{experiment_id}/analysis", responses=NOT_FOUND | NOTHING_FINISHED)
-def get_analysis(experiment_id: str, session: SessionDep, settings: SettingsDep) -> AnalysisOut:
+def get_analysis(
+    experiment_id: str, session: SessionDep, settings: SettingsDep, analyses: AnalysesDep
+) -> AnalysisOut:
     """The paper's answers for this study over its succeeded trials: criteria rankings with
     Friedman's test and the Nemenyi critical distance (Figure 3: all densities, ≤ 0.2, > 0.2)
     and the figures it has data for; ``partial`` while trials are still running."""
-    analysis = _analysis(session, settings, experiment_id)
+    analysis = _analysis(session, settings, analyses, experiment_id)
     experiment = _get(session, experiment_id)
     return AnalysisOut(
         experiment_id=experiment_id,
@@ -325,9 +328,11 @@ def get_analysis(experiment_id: str, session: SessionDep, settings: SettingsDep)
 
 
 @router.get("/{experiment_id}/figures", responses=NOT_FOUND | NOTHING_FINISHED)
-def list_figures(experiment_id: str, session: SessionDep, settings: SettingsDep) -> list[FigureRef]:
+def list_figures(
+    experiment_id: str, session: SessionDep, settings: SettingsDep, analyses: AnalysesDep
+) -> list[FigureRef]:
     """The figures this study has the data for (drawn over its succeeded trials)."""
-    return _figure_refs(experiment_id, _analysis(session, settings, experiment_id))
+    return _figure_refs(experiment_id, _analysis(session, settings, analyses, experiment_id))
 
 
 @router.get(
@@ -343,7 +348,11 @@ def list_figures(experiment_id: str, session: SessionDep, settings: SettingsDep)
     },
 )
 def get_figure(
-    experiment_id: str, filename: str, session: SessionDep, settings: SettingsDep
+    experiment_id: str,
+    filename: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    analyses: AnalysesDep,
 ) -> Response:
     """One figure as ``NAME.png`` or ``NAME.svg`` (names from the figure list)."""
     name, _, kind = filename.rpartition(".")
@@ -351,7 +360,7 @@ def get_figure(
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"no figure {filename!r}: ask for NAME.png or NAME.svg"
         )
-    analysis = _analysis(session, settings, experiment_id)
+    analysis = _analysis(session, settings, analyses, experiment_id)
     if name not in figure_names(analysis):
         known = ", ".join(figure_names(analysis)) or "none"
         raise HTTPException(

@@ -1,0 +1,391 @@
+"""Which figures a study has, and how each is drawn from its analysis (API and job driver).
+
+A study's figures are named: ``accuracy_vs_density`` (Figure 1), ``learning_curves`` (2),
+``critical_distance_<split>`` (3), ``loss_gap`` (4), ``accuracy_vs_update_period`` (5),
+``jaccard_first_update`` and ``jaccard_end_masks`` (6), ``accuracy_vs_mest_lambda`` (7),
+``itop_vs_update_period`` (11) and ``jaccard_over_time`` (18). A figure drawn per setting
+(everything the study varies but the criterion and the seed) carries the setting in its name
+when the study has several, e.g. ``loss_gap_growth-gradient_density-0.1``. Each appears only
+when the study holds what it needs. A trial's own figures (:func:`trial_figures`) go to its
+MLflow child run. The drawing itself is :mod:`dst.figures`'.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from dst.spec import RunSpec
+from service.analysis import (
+    CRITERION,
+    DENSITY,
+    GROWTH,
+    LAMBDA,
+    MODE,
+    OVER_TIME,
+    PERIOD,
+    StudyAnalysis,
+    result_rows,
+)
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from dst.figures import Series
+
+Builder = Callable[[], "Figure"]
+SPLIT_TITLES = {"all": "all densities", "low": "densities ≤ 0.2", "high": "densities > 0.2"}
+KINDS = {  # a figure name's stem -> what it shows (the paper's figure)
+    "accuracy_vs_density": "Accuracy vs density (Figure 1)",
+    "critical_distance": "Critical-distance diagrams (Figure 3)",
+    "learning_curves": "Learning curves (Figure 2)",
+    "loss_gap": "Loss gap over training (Figure 4)",
+    "accuracy_vs_update_period": "Accuracy vs update period (Figure 5)",
+    "itop_vs_update_period": "ITOP vs update period (Figure 11)",
+    "jaccard_first_update": "Removal sets at the first update (Figure 6a)",
+    "jaccard_over_time": "Removal sets over training (Figure 18)",
+    "jaccard_end_masks": "End masks (Figure 6b)",
+    "accuracy_vs_mest_lambda": "Accuracy vs MEST λ (Figure 7)",
+}
+
+
+def kind_of(name: str) -> str:
+    """The stem of figure ``name`` (a key of :data:`KINDS`), or the name itself."""
+    return next((k for k in KINDS if name == k or name.startswith(f"{k}_")), name)
+
+
+BASELINES = ("dense", "dense + dropout", "static")
+
+
+def figure_names(analysis: StudyAnalysis) -> list[str]:
+    """The figures this study has the data for."""
+    return list(_builders(analysis))
+
+
+def build_figure(analysis: StudyAnalysis, name: str) -> Figure:
+    """Draw figure ``name`` (one of :func:`figure_names`); ``KeyError`` if the study has no
+    such figure."""
+    return _builders(analysis)[name]()
+
+
+def render(figure: Figure, kind: str) -> bytes:
+    """``figure`` as PNG or SVG bytes (no pyplot, no global state: safe on any thread)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=kind, dpi=150 if kind == "png" else "figure")
+    return buffer.getvalue()
+
+
+def setting_slug(setting: Mapping[str, Any]) -> str:
+    """A setting as a file-name part: ``growth-gradient_density-0.1``."""
+    parts = [f"{key.rpartition('.')[2]}-{value}" for key, value in setting.items()]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
+
+
+def setting_title(setting: Mapping[str, Any]) -> str:
+    """A setting as a title part: ``growth gradient, density 0.1``."""
+    return ", ".join(f"{k.rpartition('.')[2]} {v}" for k, v in setting.items()) or "the study"
+
+
+def _per_setting(
+    builders: dict[str, Builder],
+    stem: str,
+    entries: Sequence[dict[str, Any]],
+    make: Callable[[dict[str, Any]], Builder],
+) -> None:
+    """Add one figure per entry, named ``stem`` (one entry) or ``stem_<setting>``."""
+    for entry in entries:
+        name = stem if len(entries) == 1 else f"{stem}_{setting_slug(entry['setting'])}"
+        builders[name] = make(entry)
+
+
+def _builders(analysis: StudyAnalysis) -> dict[str, Builder]:
+    varied = set(analysis.group_by)
+    rows = result_rows(analysis)
+    builders: dict[str, Builder] = {}
+    dst_rows = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
+    if DENSITY in varied and dst_rows:
+        builders["accuracy_vs_density"] = lambda: _accuracy_vs_density(rows)
+    for split, ranking in analysis.rankings.items():
+        if ranking["critical_distance"] is not None:
+            builders[f"critical_distance_{split}"] = _cd_builder(ranking, split)
+    _per_setting(builders, "learning_curves", analysis.curves, _curves_builder)
+    _per_setting(builders, "loss_gap", analysis.curves, _loss_gap_builder)
+    _per_setting(builders, "jaccard_first_update", analysis.removal, _removal_builder)
+    _per_setting(builders, "jaccard_end_masks", analysis.structure, _jaccard_builder)
+    _per_setting(builders, "jaccard_over_time", analysis.over_time, _over_time_builder)
+    if PERIOD in varied and dst_rows:
+        builders["accuracy_vs_update_period"] = lambda: _accuracy_vs_update_period(rows)
+        itop = [r for r in analysis.itop if r["config"].get(MODE, "dst") == "dst"]
+        if itop:
+            builders["itop_vs_update_period"] = lambda: _itop_vs_update_period(itop)
+    if LAMBDA in varied and dst_rows:
+        builders["accuracy_vs_mest_lambda"] = lambda: _accuracy_vs_mest_lambda(rows)
+    return builders
+
+
+def _values(rows: Sequence[dict[str, Any]], key: str) -> list[Any]:
+    seen: list[Any] = []
+    for row in rows:
+        value = row["config"].get(key)
+        if value is not None and value not in seen:
+            seen.append(value)
+    return seen
+
+
+def _baseline(rows: Sequence[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    return [r for r in rows if r["config"].get(MODE) == mode and r["test_acc_mean"] is not None]
+
+
+def _nan(values: Sequence[Sequence[float | None]]) -> list[list[float]]:
+    return [[math.nan if v is None else v for v in row] for row in values]
+
+
+# -- figures from the results table --------------------------------------------------------
+
+
+def _accuracy_vs_density(rows: list[dict[str, Any]]) -> Figure:
+    """Figure 1: one panel per growth, one line per criterion, dense and static baselines."""
+    from dst import figures
+
+    dst = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
+    growths = _values(dst, GROWTH) or [None]
+    panels = {
+        str(g or "random"): figures.result_series(
+            dst, DENSITY, CRITERION, where={GROWTH: g} if g is not None else None
+        )
+        for g in growths
+    }
+    dense = _baseline(rows, "dense")
+    static = _baseline(rows, "static")
+    static_series = figures.result_series(static, DENSITY, MODE) if static else []
+    return figures.accuracy_vs_density(
+        panels,
+        dense=dense[0]["test_acc_mean"] if dense else None,
+        static=static_series[0] if static_series else None,
+    )
+
+
+def _cd_builder(ranking: dict[str, Any], split: str) -> Builder:
+    def build() -> Figure:
+        from dst import figures
+
+        return figures.critical_distance(
+            ranking["average_ranks"],
+            ranking["critical_distance"],
+            ranking["cliques"],
+            title=f"Critical distance of the pruning criteria ({SPLIT_TITLES[split]}, "
+            f"N = {ranking['n_groups']} groups, Nemenyi α = {ranking['alpha']})",
+        )
+
+    return build
+
+
+def _accuracy_vs_update_period(rows: list[dict[str, Any]]) -> Figure:
+    """Figure 5: one panel per density, one line per criterion, static as the reference."""
+    from dst import figures
+
+    dst = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
+    densities = _values(dst, DENSITY) or [None]
+    panels, static = {}, {}
+    for d in densities:
+        name = f"density {d}" if d is not None else "all"
+        where = {DENSITY: d} if d is not None else None
+        panels[name] = figures.result_series(dst, PERIOD, CRITERION, where=where)
+        for row in _baseline(rows, "static"):
+            if d is None or row["config"].get(DENSITY) == d:
+                static[name] = row["test_acc_mean"]
+    return figures.accuracy_vs_update_period(panels, static, ylabel="test accuracy")
+
+
+def _itop_vs_update_period(rows: list[dict[str, Any]]) -> Figure:
+    """Figure 11: the final ITOP ratio against Δt, one panel per growth (and density, when
+    the study has several), one line per criterion."""
+    from dst import figures
+
+    panels = {}
+    for growth in _values(rows, GROWTH) or [None]:
+        for density in _values(rows, DENSITY) or [None]:
+            where = {k: v for k, v in ((GROWTH, growth), (DENSITY, density)) if v is not None}
+            series = figures.result_series(rows, PERIOD, CRITERION, metric="itop", where=where)
+            if series:
+                name = str(growth or "random")
+                panels[name if density is None else f"{name}, density {density}"] = series
+    return figures.itop_vs_update_period(panels)
+
+
+def _accuracy_vs_mest_lambda(rows: list[dict[str, Any]]) -> Figure:
+    """Figure 7: MEST's accuracy against λ, one line per density."""
+    from dst import figures
+
+    mest = [
+        r
+        for r in rows
+        if r["config"].get(MODE, "dst") == "dst" and r["config"].get(CRITERION, "mest") == "mest"
+    ]
+    return figures.accuracy_vs_mest_lambda(figures.result_series(mest, LAMBDA, DENSITY))
+
+
+# -- figures from the histories ------------------------------------------------------------
+
+
+def _series(label: str, line: dict[str, Any], metric: str) -> Series:
+    from dst.figures import Series
+
+    return Series(label, line["epoch"], line[metric]["mean"], line[metric]["std"])
+
+
+def _split_lines(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A setting's curves: the criteria's and the baselines'."""
+    lines: dict[str, Any] = entry["lines"]
+    criteria = {k: v for k, v in lines.items() if k not in BASELINES}
+    baselines = {k: v for k, v in lines.items() if k in BASELINES}
+    return criteria, baselines
+
+
+def _curves_builder(entry: dict[str, Any]) -> Builder:
+    def build() -> Figure:
+        """Figure 2: validation accuracy and training loss per epoch, one line per criterion
+        (mean over seeds, ±std), the dense model's best validation accuracy dashed."""
+        from dst import figures
+
+        criteria, baselines = _split_lines(entry)
+        dense = baselines.get("dense")
+        return figures.learning_curves(
+            [_series(c, line, "val_acc") for c, line in criteria.items()],
+            [_series(c, line, "train_loss") for c, line in criteria.items()],
+            dense_val_acc=max(dense["val_acc"]["mean"]) if dense else None,
+            title=f"Learning curves per pruning criterion ({setting_title(entry['setting'])})",
+        )
+
+    return build
+
+
+def _loss_gap_builder(entry: dict[str, Any]) -> Builder:
+    def build() -> Figure:
+        """Figure 4: the loss gap per epoch of each criterion and baseline, with each
+        criterion's final test accuracy beside it."""
+        from dst import figures
+
+        criteria, baselines = _split_lines(entry)
+        accuracy = {c: line["test_acc"] for c, line in criteria.items() if line["test_acc"]}
+        return figures.loss_gap_over_time(
+            [_series(c, line, "loss_gap") for c, line in criteria.items()],
+            [_series(b, line, "loss_gap") for b, line in baselines.items()],
+            test_acc=accuracy or None,
+            title="Loss gap (validation − training loss) over training "
+            f"({setting_title(entry['setting'])})",
+        )
+
+    return build
+
+
+def _over_time_builder(entry: dict[str, Any]) -> Builder:
+    def build() -> Figure:
+        """Figure 18: one panel per criterion a run was trained with."""
+        from dst import figures
+        from dst.figures import Series
+
+        panels = {
+            row: [
+                Series(column, line["step"], line["mean"], line["std"])
+                for column, line in columns.items()
+            ]
+            for row, columns in entry["lines"].items()
+        }
+        return figures.jaccard_over_time(
+            panels,
+            entry["j_r"],
+            title="Removal-set Jaccard index over training: what the run removed vs what each "
+            f"criterion would have removed ({setting_title(entry['setting'])})",
+        )
+
+    return build
+
+
+# -- Jaccard heatmaps ------------------------------------------------------------------------
+
+
+def _removal_builder(entry: dict[str, Any]) -> Builder:
+    def build() -> Figure:
+        from dst import figures
+
+        return figures.jaccard_heatmap(
+            _nan(entry["mean"]),
+            entry["rows"],
+            entry["columns"],
+            std=_nan(entry["std"]) if entry["n_seeds"] > 1 else None,
+            reference=entry.get("j_r"),
+            title="Jaccard index of the sets pruned at the first update "
+            f"({setting_title(entry['setting'])}; row: the run's criterion, column: what "
+            "another would prune from the same state)",
+        )
+
+    return build
+
+
+def _jaccard_builder(entry: dict[str, Any]) -> Builder:
+    def build() -> Figure:
+        from dst import figures
+
+        jaccard = entry["jaccard"]
+        shares = entry.get("consensus")
+        agreed = ""
+        if shares and shares["kept_by_all"]["mean"] is not None:
+            agreed = (
+                f"; kept by all {shares['kept_by_all']['mean']:.0%}, "
+                f"removed by all {shares['removed_by_all']['mean']:.0%}"
+            )
+        return figures.jaccard_heatmap(
+            _nan(jaccard["mean"]),
+            jaccard["names"],
+            std=_nan(jaccard["std"]) if jaccard["n_seeds"] > 1 else None,
+            reference=entry["j_init"],
+            reference_name="J_init",
+            title=f"Jaccard index of the end masks ({setting_title(entry['setting'])}; "
+            f"{jaccard['n_seeds']} seeds; row init: the initial mask{agreed})",
+        )
+
+    return build
+
+
+# -- a trial's own figures (its MLflow child run) ----------------------------------------------
+
+
+def trial_figures(spec: RunSpec, history: Sequence[Mapping[str, float]]) -> dict[str, Builder]:
+    """One trial's learning curves (Figure 2) and, with ``analysis.removal_sets``, its
+    removal-set Jaccard index over training (Figure 18's row for its criterion)."""
+    if not history:
+        return {}
+    name = spec.sparsity.criterion if spec.sparsity.mode == "dst" else spec.sparsity.mode
+    columns = sorted({k[len(OVER_TIME) :] for h in history for k in h if k.startswith(OVER_TIME)})
+
+    def curves() -> Figure:
+        from dst import figures
+        from dst.figures import Series
+
+        epochs = [h["epoch"] for h in history]
+        return figures.learning_curves(
+            [Series(str(name), epochs, [h["val_acc"] for h in history])],
+            [Series(str(name), epochs, [h["train_loss"] for h in history])],
+            title=f"Learning curves of {spec.name or name}",
+        )
+
+    def over_time() -> Figure:
+        from dst import figures
+        from dst.figures import Series
+
+        series = []
+        for column in columns:
+            points = [
+                (h["step"], h[OVER_TIME + column]) for h in history if OVER_TIME + column in h
+            ]
+            series.append(Series(column, [p[0] for p in points], [p[1] for p in points]))
+        return figures.jaccard_over_time({str(name): series})
+
+    builders: dict[str, Builder] = {"learning_curves": curves}
+    if columns:
+        builders["jaccard_over_time"] = over_time
+    return builders
