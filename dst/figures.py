@@ -140,6 +140,22 @@ def _panels(
     return fig, list(axes.flat)
 
 
+def _grid(
+    count: int, columns: int = 3, width: float = 4.6, height: float = 3.6
+) -> tuple[Figure, list[Axes]]:
+    """A figure of ``count`` panels, ``columns`` to a row, sharing both axes; unused cells of
+    the last row are removed."""
+    if count < 1:
+        raise ValueError("a figure needs at least one panel")
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    fig = Figure(figsize=(width * columns, height * rows), layout="constrained")
+    axes = list(fig.subplots(rows, columns, squeeze=False, sharex=True, sharey=True).flat)
+    for extra in axes[count:]:
+        extra.remove()
+    return fig, axes[:count]
+
+
 def _color(label: str, index: int) -> str:
     """The criterion's own colour, else the palette by position."""
     return CRITERION_COLORS.get(label.lower(), PALETTE[index % len(PALETTE)])
@@ -552,7 +568,7 @@ def jaccard_over_time(
     from the run's state; each line is the Jaccard index of that pick with what the run's
     own criterion removed, against the training step. Not symmetric between criteria.
     ``reference`` (the overlap of random sets, J_r) is a dotted line."""
-    fig, axes = _panels(len(panels), width=4.6, height=3.8)
+    fig, axes = _grid(len(panels))
     for ax, (trained_with, series) in zip(axes, panels.items(), strict=True):
         _plot_all(ax, series)
         if reference is not None:

@@ -400,11 +400,9 @@ def removal_over_time(
                 if not seeds:
                     continue
                 length = min(len(p) for p in seeds)
-                values = [[p[i][1] for p in seeds] for i in range(length)]
                 lines[row][column] = {
                     "step": [seeds[0][i][0] for i in range(length)],
-                    "mean": [statistics.fmean(v) for v in values],
-                    "std": [statistics.stdev(v) for v in values] if len(seeds) > 1 else None,
+                    **_mean_std_over_seeds([[v for _, v in p[:length]] for p in seeds]),
                     "n_seeds": len(seeds),
                 }
         out.append({"setting": json.loads(key), "lines": lines, "j_r": (references or {}).get(key)})
@@ -443,12 +441,19 @@ def _curve(histories: Sequence[Sequence[dict[str, float]]]) -> dict[str, Any]:
     out: dict[str, Any] = {"epoch": [h["epoch"] for h in histories[0][:length]]}
     out["n_seeds"] = len(histories)
     for metric in CURVE_METRICS:
-        values = [[h[i][metric] for h in histories] for i in range(length)]
-        out[metric] = {
-            "mean": [statistics.fmean(v) for v in values],
-            "std": [statistics.stdev(v) for v in values] if len(histories) > 1 else None,
-        }
+        out[metric] = _mean_std_over_seeds(
+            [[h[i][metric] for i in range(length)] for h in histories]
+        )
     return out
+
+
+def _mean_std_over_seeds(values: list[list[float]]) -> dict[str, list[float] | None]:
+    """``values[seed][point]``: mean and sample std over seeds per point (no std for one)."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=float)  # [seeds, points]
+    std = array.std(axis=0, ddof=1).tolist() if len(values) > 1 else None
+    return {"mean": array.mean(axis=0).tolist(), "std": std}
 
 
 def learning_curves(

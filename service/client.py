@@ -94,6 +94,10 @@ class ApiClient:
     def trials(self, experiment_id: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/experiments/{experiment_id}/trials"))
 
+    def history(self, experiment_id: str, index: int) -> list[dict[str, float]]:
+        """Trial ``index``'s metrics per epoch."""
+        return list(self._call("GET", f"/experiments/{experiment_id}/trials/{index}/history"))
+
     def cancel(self, experiment_id: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/experiments/{experiment_id}/cancel"))
 
@@ -103,11 +107,11 @@ class ApiClient:
     def analysis(self, experiment_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/experiments/{experiment_id}/analysis"))
 
-    def figure(self, experiment_id: str, filename: str) -> bytes:
-        """A figure's image (``NAME.png`` or ``NAME.svg``)."""
-        return bytes(
-            self._call("GET", f"/experiments/{experiment_id}/figures/{filename}", raw=True)
-        )
+    def figure(self, experiment_id: str, filename: str, dpi: int | None = None) -> bytes:
+        """A figure's image (``NAME.png``, at ``dpi`` if given, or ``NAME.svg``)."""
+        params = {"dpi": dpi} if dpi is not None else None
+        path = f"/experiments/{experiment_id}/figures/{filename}"
+        return bytes(self._call("GET", path, raw=True, params=params))
 
     def healthy(self) -> bool:
         try:

@@ -71,10 +71,14 @@ def build_figure(analysis: StudyAnalysis, name: str) -> Figure:
     return _builders(analysis)[name]()
 
 
-def render(figure: Figure, kind: str) -> bytes:
-    """``figure`` as PNG or SVG bytes (no pyplot, no global state: safe on any thread)."""
+PNG_DPI = 150  # a PNG's resolution unless asked otherwise
+
+
+def render(figure: Figure, kind: str, dpi: int = PNG_DPI) -> bytes:
+    """``figure`` as PNG (at ``dpi``) or SVG bytes (no pyplot, no global state: safe on any
+    thread)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format=kind, dpi=150 if kind == "png" else "figure")
+    figure.savefig(buffer, format=kind, dpi=dpi if kind == "png" else "figure")
     return buffer.getvalue()
 
 

@@ -19,6 +19,7 @@ from service.figures import KINDS, SPLIT_TITLES, kind_of, setting_title
 from service.results import format_cell, format_stat
 
 FETCHERS = 4  # figures requested at once
+REPORT_DPI = 80  # enough to read on a screen; a study's many figures stay a few MB
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #222; }
 table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
@@ -37,7 +38,7 @@ class ReportSource(Protocol):
     def trials(self, experiment_id: str) -> list[dict[str, Any]]: ...
     def results(self, experiment_id: str) -> dict[str, Any]: ...
     def analysis(self, experiment_id: str) -> dict[str, Any]: ...
-    def figure(self, experiment_id: str, filename: str) -> bytes: ...
+    def figure(self, experiment_id: str, filename: str, dpi: int | None = None) -> bytes: ...
 
 
 def write_report(
@@ -71,7 +72,7 @@ def _fetch_figures(
     from tqdm import tqdm
 
     with ThreadPoolExecutor(FETCHERS) as pool:
-        images = pool.map(lambda name: source.figure(experiment_id, f"{name}.png"), names)
+        images = pool.map(lambda n: source.figure(experiment_id, f"{n}.png", REPORT_DPI), names)
         return list(tqdm(images, total=len(names), desc="figures", disable=not progress))
 
 

@@ -151,6 +151,14 @@ def test_figures_are_real_images(client: TestClient) -> None:
         f"/experiments/{experiment_id}/figures/critical_distance_low.svg", headers=AUTH
     ).text
     assert "CD" in svg_text and "magnitude" in svg_text
+    base = f"/experiments/{experiment_id}/figures/accuracy_vs_density.png"
+
+    def width(dpi: int) -> int:  # a PNG's IHDR chunk starts with its width
+        png = client.get(base, params={"dpi": dpi}, headers=AUTH).content
+        return int.from_bytes(png[16:20], "big")
+
+    assert width(150) == 2 * width(75)
+    assert client.get(base, params={"dpi": 10}, headers=AUTH).status_code == 422
 
 
 def test_unknown_figures_are_404_and_name_what_exists(client: TestClient) -> None:
@@ -451,3 +459,21 @@ def test_a_studys_analysis_is_computed_once_until_a_trial_changes(
     finish(client, experiment_id)  # the last trial finishes
     analysis = client.get(f"/experiments/{experiment_id}/analysis", headers=AUTH).json()
     assert computed == [experiment_id] * 2 and analysis["partial"] is False
+
+
+def test_a_trials_history_over_rest(client: TestClient) -> None:
+    experiment_id = submit(client)
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        for epoch in (2, 1):
+            crud.record_epoch(session, experiment_id, 3, {"epoch": epoch, "val_acc": epoch / 10})
+        session.commit()
+    base = f"/experiments/{experiment_id}/trials"
+    answer = client.get(f"{base}/3/history", headers=AUTH)
+    assert answer.status_code == 200
+    assert answer.json() == [{"epoch": 1, "val_acc": 0.1}, {"epoch": 2, "val_acc": 0.2}]
+    assert client.get(f"{base}/0/history", headers=AUTH).json() == []  # no epoch yet
+    assert client.get(f"{base}/999/history", headers=AUTH).status_code == 404
+    assert client.get(f"{base}/-1/history", headers=AUTH).status_code == 422
+    assert client.get("/experiments/nope/trials/0/history", headers=AUTH).status_code == 404
+    assert api_client(client).history(experiment_id, 3)[1]["val_acc"] == 0.2

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import Path as FastApiPath
 from sqlalchemy.exc import IntegrityError
 
 from dst.spec import flatten
@@ -17,7 +18,7 @@ from service.analysis import AnalysisCache, StudyAnalysis, experiment_masks_dir
 from service.api.deps import AnalysesDep, DispatcherDep, ServicesDep, SessionDep, SettingsDep
 from service.core.config import Settings
 from service.db import Experiment, Trial
-from service.figures import build_figure, figure_names, render
+from service.figures import PNG_DPI, build_figure, figure_names, render
 from service.schemas import (
     AnalysisOut,
     ExperimentOut,
@@ -239,6 +240,22 @@ def list_trials(experiment_id: str, session: SessionDep) -> list[TrialOut]:
     return [trial_out(t) for t in crud.list_trials(session, experiment_id)]
 
 
+@router.get("/{experiment_id}/trials/{index}/history", responses=NOT_FOUND)
+def get_trial_history(
+    experiment_id: str,
+    index: Annotated[int, FastApiPath(ge=0, le=2**31 - 1)],
+    session: SessionDep,
+) -> list[dict[str, float]]:
+    """One trial's metrics per epoch, in epoch order (what its learning curves show); empty
+    before its first epoch."""
+    _get(session, experiment_id)
+    if crud.get_trial(session, experiment_id, index) is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"experiment {experiment_id!r} has no trial {index}"
+        )
+    return crud.trial_histories(session, experiment_id, [index]).get(index, [])
+
+
 @router.post(
     "/{experiment_id}/cancel",
     responses=NOT_FOUND | {409: {"model": Problem, "description": "the experiment has ended"}},
@@ -353,6 +370,7 @@ def get_figure(
     session: SessionDep,
     settings: SettingsDep,
     analyses: AnalysesDep,
+    dpi: Annotated[int, Query(ge=50, le=300, description="a PNG's resolution")] = PNG_DPI,
 ) -> Response:
     """One figure as ``NAME.png`` or ``NAME.svg`` (names from the figure list)."""
     name, _, kind = filename.rpartition(".")
@@ -366,5 +384,5 @@ def get_figure(
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"no figure {name!r} for this study; it has: {known}"
         )
-    image = render(build_figure(analysis, name), kind)
+    image = render(build_figure(analysis, name), kind, dpi)
     return Response(content=image, media_type=FIGURE_TYPES[kind])
