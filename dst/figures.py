@@ -230,6 +230,13 @@ def _label(ax: Axes, xlabel: str, ylabel: str) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def _wrapped(text: str, fig: Figure) -> str:
+    """``text`` broken into lines that fit the figure's width (long titles name a setting)."""
+    import textwrap
+
+    return textwrap.fill(text, max(30, int(fig.get_figwidth() * 11)))
+
+
 def _finish_panels(fig: Figure, axes: Sequence[Axes], title: str) -> None:
     """The legend on the last panel, the y label on the first only (the panels share y), and
     the figure's title."""
@@ -515,15 +522,16 @@ def jaccard_heatmap(
     _check_matrix(matrix, len(rows), len(columns), "the matrix")
     if std is not None:
         _check_matrix(std, len(rows), len(columns), "the std matrix")
-    fig = Figure(figsize=(1.0 + 0.9 * len(columns), 0.9 + 0.75 * len(rows)), layout="constrained")
+    size = (max(4.5, 1.0 + 0.9 * len(columns)), 1.4 + 0.75 * len(rows))
+    fig = Figure(figsize=size, layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow([list(r) for r in matrix], vmin=0.0, vmax=1.0, cmap="viridis")
     fig.colorbar(image, ax=ax, label="Jaccard index (1 = same weights)")
     ax.set_xticks(range(len(columns)), labels=columns, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), labels=rows)
     _annotate_cells(ax, matrix, std)
-    note = "" if reference is None else f" ({reference_name} = {reference:.3f})"
-    ax.set_title(f"{title}{note}")
+    note = "" if reference is None else f"\n{reference_name} = {reference:.3f}"
+    fig.suptitle(_wrapped(title, fig) + note, fontsize="medium")
     return fig
 
 

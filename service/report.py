@@ -71,9 +71,26 @@ def _fetch_figures(
 
     from tqdm import tqdm
 
+    def fetch(name: str) -> bytes:
+        return compact_png(source.figure(experiment_id, f"{name}.png", REPORT_DPI))
+
     with ThreadPoolExecutor(FETCHERS) as pool:
-        images = pool.map(lambda n: source.figure(experiment_id, f"{n}.png", REPORT_DPI), names)
+        images = pool.map(fetch, names)
         return list(tqdm(images, total=len(names), desc="figures", disable=not progress))
+
+
+def compact_png(png: bytes) -> bytes:
+    """``png`` with a 256-colour palette: a third of the size for line plots with shaded
+    bands, so a study's dozens of inlined figures keep the report a few MB."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    out = io.BytesIO()
+    palette.save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def render(

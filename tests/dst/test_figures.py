@@ -247,7 +247,7 @@ def test_jaccard_heatmap(tmp_path: Path) -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == rows
     assert [t.get_text() for t in ax.get_xticklabels()] == CRITERIA
     assert "0.80\n±0.05" in texts(ax)
-    assert "J_init = 0.118" in ax.get_title()
+    assert "J_init = 0.118" in title_of(fig)
     assert_saved(fig, tmp_path, "jaccard")
 
 
@@ -257,7 +257,7 @@ def test_jaccard_heatmap_checks_shapes() -> None:
     with pytest.raises(ValueError, match="std"):
         jaccard_heatmap([[1.0, 0.5], [0.5, 1.0]], ["a", "b"], std=[[0.1]])
     fig = jaccard_heatmap([[1.0, 0.5], [0.5, 1.0]], ["a", "b"])
-    assert "J_r" not in fig.axes[0].get_title()  # no reference given
+    assert "J_r" not in title_of(fig)  # no reference given
     assert "0.50" in texts(fig.axes[0])
 
 

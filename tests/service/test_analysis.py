@@ -477,3 +477,49 @@ def test_a_trials_history_over_rest(client: TestClient) -> None:
     assert client.get(f"{base}/-1/history", headers=AUTH).status_code == 422
     assert client.get("/experiments/nope/trials/0/history", headers=AUTH).status_code == 404
     assert api_client(client).history(experiment_id, 3)[1]["val_acc"] == 0.2
+
+
+def test_report_figures_keep_their_size_in_a_palette(client: TestClient) -> None:
+    import io
+
+    from PIL import Image
+
+    from service.report import compact_png
+
+    experiment_id = submit(client)
+    finish(client, experiment_id)
+    png = api_client(client).figure(experiment_id, "accuracy_vs_density.png", 80)
+    small = compact_png(png)
+    with Image.open(io.BytesIO(png)) as before, Image.open(io.BytesIO(small)) as after:
+        assert after.mode == "P" and after.size == before.size
+    assert len(small) < len(png) / 2
+
+
+def test_itop_vs_update_period_from_the_final_itop_of_a_period_sweep() -> None:
+    def trial(criterion: str, period: int, seed: int, itop: float) -> FinishedTrial:
+        spec = run(criterion, seed)
+        spec = spec.model_copy(
+            update={"sparsity": spec.sparsity.model_copy(update={"update_period": period})}
+        )
+        return FinishedTrial(spec, {"test_acc": 0.5, "itop": itop}, -1)
+
+    finished = [
+        trial("magnitude", 25, 0, 0.6),
+        trial("magnitude", 25, 1, 0.8),
+        trial("magnitude", 100, 0, 0.3),
+        trial("snip", 25, 0, 0.9),
+        trial("snip", 100, 0, 0.5),
+    ]
+    analysis = analyze([t.spec for t in finished], finished, partial=False)
+    rows = {
+        (r["config"]["sparsity.criterion"], r["config"]["sparsity.update_period"]): r
+        for r in analysis.itop
+    }
+    assert rows[("magnitude", 25)]["itop_mean"] == pytest.approx(0.7)
+    assert rows[("magnitude", 25)]["itop_std"] == pytest.approx(math.sqrt(0.02))
+    assert rows[("snip", 100)]["itop_std"] is None and rows[("snip", 100)]["n"] == 1
+    names = figure_names(analysis)
+    assert {"accuracy_vs_update_period", "itop_vs_update_period"} <= set(names)
+    (ax,) = build_figure(analysis, "itop_vs_update_period").axes
+    assert [line.get_label() for line in ax.get_lines()] == ["magnitude", "snip"]
+    assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([0.7, 0.3])
