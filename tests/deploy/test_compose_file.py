@@ -139,3 +139,19 @@ def test_hadolint_rejects_what_it_should(tmp_path: Path, line: str, rule: str) -
     dockerfile.write_text(DOCKERFILE.read_text() + f"\n{line}\n")
     done = hadolint(dockerfile)
     assert done.returncode != 0 and rule in done.stdout
+
+
+def secrets_on_command_lines(data: dict[str, Any]) -> list[str]:
+    """Services whose command names a secret (``ps`` on the host would show its value)."""
+    found = []
+    for name, service in data["services"].items():
+        words = service.get("command") or []
+        text = " ".join(words) if isinstance(words, list) else str(words)
+        found += [f"{name}: {s}" for s in SECRETS if f"${{{s}" in text]
+    return found
+
+
+def test_no_secret_is_on_a_command_line() -> None:
+    assert secrets_on_command_lines(compose()) == []
+    leaky = {"services": {"mlflow": {"command": ["mlflow", "--uri", "x:${POSTGRES_PASSWORD}@db"]}}}
+    assert secrets_on_command_lines(leaky) == ["mlflow: POSTGRES_PASSWORD"]
