@@ -512,27 +512,40 @@ class AnalysisCache:
 
     A study's analysis reads every trial's history and masks; a report or a page of figures
     asks for it once per figure. ``version`` is what changes whenever a trial reports (see
-    :func:`service.crud.trials_version`), so a finished study is analysed once.
+    :func:`service.crud.trials_version`), so a finished study is analysed once, and requests
+    that arrive together for the same study wait for one computation rather than each doing
+    it (requests for other studies do not wait).
     """
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[object, StudyAnalysis]] = OrderedDict()
+        self._computing: dict[str, threading.Lock] = {}
 
     def get(
         self, experiment_id: str, version: object, compute: Callable[[], StudyAnalysis]
     ) -> StudyAnalysis:
         """The cached analysis of ``experiment_id`` at ``version``, else ``compute()`` it."""
         with self._lock:
-            found = self._entries.get(experiment_id)
-            if found is not None and found[0] == version:
+            study_lock = self._computing.setdefault(experiment_id, threading.Lock())
+        with study_lock:  # one computation per study at a time
+            found = self._lookup(experiment_id, version)
+            if found is not None:
+                return found
+            analysis = compute()
+            with self._lock:
+                self._entries[experiment_id] = (version, analysis)
                 self._entries.move_to_end(experiment_id)
-                return found[1]
-        analysis = compute()  # outside the lock: another study's request need not wait
+                while len(self._entries) > self.size:
+                    dropped, _ = self._entries.popitem(last=False)
+                    self._computing.pop(dropped, None)
+            return analysis
+
+    def _lookup(self, experiment_id: str, version: object) -> StudyAnalysis | None:
         with self._lock:
-            self._entries[experiment_id] = (version, analysis)
+            found = self._entries.get(experiment_id)
+            if found is None or found[0] != version:
+                return None
             self._entries.move_to_end(experiment_id)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-        return analysis
+            return found[1]

@@ -523,3 +523,39 @@ def test_itop_vs_update_period_from_the_final_itop_of_a_period_sweep() -> None:
     (ax,) = build_figure(analysis, "itop_vs_update_period").axes
     assert [line.get_label() for line in ax.get_lines()] == ["magnitude", "snip"]
     assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([0.7, 0.3])
+
+
+def test_the_cache_computes_a_study_once_for_requests_that_arrive_together() -> None:
+    import threading
+
+    from service.analysis import AnalysisCache, StudyAnalysis
+
+    cache = AnalysisCache(size=2)
+    calls: list[str] = []
+    release, started = threading.Event(), threading.Event()
+
+    def compute(name: str) -> StudyAnalysis:
+        calls.append(name)
+        if name == "a" and len(calls) == 1:
+            started.set()
+            assert release.wait(5)  # the first computation of a is slow
+        return StudyAnalysis(False, 0, [], [])
+
+    got: list[StudyAnalysis] = []
+    threads = [
+        threading.Thread(target=lambda: got.append(cache.get("a", 1, lambda: compute("a"))))
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    assert started.wait(5)
+    assert cache.get("b", 1, lambda: compute("b")) is not None  # another study: no waiting
+    assert not release.is_set() and calls == ["a", "b"]  # a is still being computed
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert calls.count("a") == 1 and len({id(a) for a in got}) == 1
+    cache.get("a", 2, lambda: compute("a"))  # a new version
+    cache.get("c", 1, lambda: compute("c"))  # evicts the least recently used: b
+    cache.get("b", 1, lambda: compute("b"))
+    assert calls == ["a", "b", "a", "c", "b"]
