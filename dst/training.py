@@ -210,6 +210,9 @@ class Trainer:
         # latest and at the first topology update
         self.removal_jaccard: dict[str, float] = {}
         self.first_removal_jaccard: dict[str, float] = {}
+        # ... and per layer at the first update (criterion -> layer -> J), so a study can take
+        # the std over seeds per layer, as Appendix K does for Figure 20
+        self.first_removal_layers: dict[str, dict[str, float]] = {}
         self.sparsity = self._build_sparsity()
         self.optimizer = MaskedSGD(
             self.model.parameters(),
@@ -372,7 +375,7 @@ class Trainer:
         network state: a row of Figure 18, and of Figure 6a at the first update (when every
         criterion of a seed still shares this state). Before the update changes anything."""
         from dst.criteria import CRITERIA
-        from dst.structure import mean_jaccard, removal_sets
+        from dst.structure import layer_jaccards, removal_sets
 
         s = self.spec.sparsity
         grads = {name: w.grad for name, w in sp.weights.items()}
@@ -382,10 +385,12 @@ class Trainer:
             scope=s.scope, mest_lambda=s.mest_lambda, generator=generator,
         )  # fmt: skip
         own = sets[s.criterion]
-        row = {name: mean_jaccard(own, other) for name, other in sets.items()}
+        layers = {name: layer_jaccards(own, other) for name, other in sets.items()}
+        row = {name: sum(js.values()) / len(js) for name, js in layers.items()}  # Eq. (1)
         self.removal_jaccard = row
         if not self.first_removal_jaccard:
             self.first_removal_jaccard = dict(row)
+            self.first_removal_layers = layers
 
     def train_epoch(
         self, progress: bool = False, on_checkpoint: Callable[[], None] | None = None
@@ -562,6 +567,7 @@ class Trainer:
             "progress": self.progress.state_dict() if self.progress else None,
             "new_connections": self.new_connections,
             "removal_jaccard": (self.removal_jaccard, self.first_removal_jaccard),
+            "removal_layers": self.first_removal_layers,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -579,6 +585,7 @@ class Trainer:
         self.removal_jaccard, self.first_removal_jaccard = map(
             dict, state.get("removal_jaccard", ({}, {}))
         )
+        self.first_removal_layers = dict(state.get("removal_layers", {}))
         self.mask_generator.set_state(state["mask_rng"])
         progress = state.get("progress")
         self.progress = EpochProgress.from_state(progress, self.device) if progress else None

@@ -36,6 +36,7 @@ DROPOUT = "training.dropout"
 CURVE_METRICS = ("val_acc", "train_loss", "loss_gap")  # Figures 2 and 4, per epoch
 SPLITS = ("all", "low", "high")  # Figure 3a-c: all densities, ≤ 0.2, > 0.2
 INITIAL, FINAL = "initial.npz", "final.npz"  # a finished trial's masks, kept by the driver
+FIRST_REMOVAL = "removal_first.json"  # its per-layer removal-set Jaccard at the first update
 
 
 def experiment_masks_dir(storage_path: Path, experiment_id: str) -> Path:
@@ -94,7 +95,7 @@ def analyze(
     if mask_dir is not None and CRITERION in results.group_by:
         analysis.structure = end_mask_structure(finished, within, mask_dir)
     references = random_references(finished, within, mask_dir) if mask_dir else {}
-    analysis.removal = first_update_structure(finished, within, references)
+    analysis.removal = first_update_structure(finished, within, references, mask_dir)
     analysis.over_time = removal_over_time(finished, within, references)
     analysis.curves = learning_curves(finished, within)
     analysis.itop = metric_rows(finished, results.group_by, "itop")
@@ -219,12 +220,19 @@ def first_update_structure(
     finished: Sequence[FinishedTrial],
     within: Sequence[str],
     references: dict[str, float] | None = None,
+    mask_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Figure 6a per setting, from runs with ``analysis.removal_sets``: row = the run's own
     criterion, column = another criterion, value = the Jaccard index (Eq. 1, mean over layers)
     of the sets both would prune at the run's first topology update, from its own state;
-    mean and std over seeds, with the setting's J_r (``references``) where known."""
+    mean over seeds, with the setting's J_r (``references``) where known.
+
+    The std is Appendix K's (Figure 20): over seeds for each layer, then averaged over layers,
+    from the per-layer indices the driver keeps in ``mask_dir``; where a row's runs have none
+    (older runs), it is the std over seeds of the layer mean (``std_per_layer`` false)."""
     cells: dict[str, dict[str, dict[str, list[float]]]] = {}
+    runs: dict[str, dict[str, int]] = {}  # setting -> row criterion -> runs (seeds)
+    layers: dict[str, dict[str, list[dict[str, dict[str, float]]]]] = {}
     for trial in finished:
         row = {
             k[len(FIRST_UPDATE) :]: v
@@ -233,18 +241,26 @@ def first_update_structure(
         }
         if not row:
             continue
-        key = _setting(trial, within)
-        own = cells.setdefault(key, {}).setdefault(str(trial.spec.sparsity.criterion), {})
+        key, criterion = _setting(trial, within), str(trial.spec.sparsity.criterion)
+        own = cells.setdefault(key, {}).setdefault(criterion, {})
+        runs.setdefault(key, {})[criterion] = runs.get(key, {}).get(criterion, 0) + 1
         for other, value in row.items():
             own.setdefault(other, []).append(value)
+        kept = _first_removal_layers(mask_dir, trial.index)
+        if kept is not None:
+            layers.setdefault(key, {}).setdefault(criterion, []).append(kept)
     out = []
     for key, rows in cells.items():
         names = list(rows)
         columns = names + sorted({c for r in rows.values() for c in r} - set(names))
-
         mean = [[_mean(rows[r].get(c, [])) for c in columns] for r in names]
-        std = [[_std(rows[r].get(c, [])) for c in columns] for r in names]
         seeds = max(len(v) for r in rows.values() for v in r.values())
+        by_layer = layers.get(key, {})
+        per_layer = all(len(by_layer.get(r, [])) == runs[key][r] for r in names)
+        if per_layer:  # every run of the setting kept its per-layer indices
+            std = [[_layer_std(by_layer[r], c) for c in columns] for r in names]
+        else:
+            std = [[_std(rows[r].get(c, [])) for c in columns] for r in names]
         out.append(
             {
                 "setting": json.loads(key),
@@ -252,11 +268,32 @@ def first_update_structure(
                 "columns": columns,
                 "mean": mean,
                 "std": std,
+                "std_per_layer": per_layer,
                 "n_seeds": seeds,
                 "j_r": (references or {}).get(key),
             }
         )
     return out
+
+
+def _first_removal_layers(mask_dir: Path | None, index: int) -> dict[str, dict[str, float]] | None:
+    """A trial's per-layer removal-set Jaccard index at its first update, if kept."""
+    if mask_dir is None:
+        return None
+    path = trial_masks_dir(mask_dir, index) / FIRST_REMOVAL
+    return dict(json.loads(path.read_text())) if path.exists() else None
+
+
+def _layer_std(seeds: list[dict[str, dict[str, float]]], column: str) -> float | None:
+    """Appendix K: the std over seeds of each layer's index, averaged over the layers."""
+    import numpy as np
+
+    runs = [seed[column] for seed in seeds if column in seed]
+    if len(runs) < 2:
+        return None
+    names = list(runs[0])
+    values = np.array([[run[name] for name in names] for run in runs])  # [seeds, layers]
+    return float(values.std(axis=0, ddof=1).mean())
 
 
 def end_mask_structure(

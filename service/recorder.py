@@ -27,12 +27,18 @@ from sqlalchemy.orm import Session
 
 from dst.spec import RunSpec, resolve_training
 from service import crud
-from service.analysis import FINAL, INITIAL, experiment_masks_dir, trial_masks_dir
+from service.analysis import (
+    FINAL,
+    FIRST_REMOVAL,
+    INITIAL,
+    experiment_masks_dir,
+    trial_masks_dir,
+)
 from service.core.config import Settings
 from service.db import make_engine
 from service.states import TrialState
 from service.tracking import ChildRuns
-from service.trial import INITIAL_MASKS, MASKS, METRICS, RESUMED
+from service.trial import INITIAL_MASKS, MASKS, METRICS, REMOVAL_LAYERS, RESUMED
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -153,14 +159,17 @@ class TrialRecorder(tune.Callback):
             self._keep_masks(index, directory)
 
     def _keep_masks(self, index: int, directory: Path) -> None:
-        """Copy a finished trial's initial and final masks to the shared storage, where the
-        API's structure analysis reads them (no MLflow round trip)."""
+        """Copy a finished trial's initial and final masks (and its first update's per-layer
+        removal-set Jaccard index) to the shared storage, where the API's structure analysis
+        reads them (no MLflow round trip)."""
         if self.mask_root is None:
             return
         target = trial_masks_dir(self.mask_root, index)
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(directory / INITIAL_MASKS, target / INITIAL)
         shutil.copyfile(directory / MASKS, target / FINAL)
+        if (directory / REMOVAL_LAYERS).exists():
+            shutil.copyfile(directory / REMOVAL_LAYERS, target / FIRST_REMOVAL)
 
     def on_trial_recover(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
         """Failed, and Tune will retry it from its last checkpoint: keep the error visible."""

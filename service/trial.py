@@ -2,8 +2,9 @@
 
 A trial only trains. Each epoch it reports its metrics (under :data:`METRICS`) with a
 checkpoint directory holding the whole training state (:data:`STATE_FILE`: model, optimizer,
-masks, schedules, mask generator, ITOP, history) and the initial and current masks as packed
-bits, so the job driver can record them without unpickling anything. With
+masks, schedules, mask generator, ITOP, history), the initial and current masks as packed
+bits and, with ``analysis.removal_sets``, the first update's per-layer removal-set Jaccard
+index as JSON, so the job driver can record them without unpickling anything. With
 ``training.checkpoint_every_steps`` it also reports a checkpoint without metrics (under
 :data:`STEP`) every N steps inside an epoch. It needs no database and
 no MLflow: the driver's :class:`service.recorder.TrialRecorder` records what it reports.
@@ -17,6 +18,7 @@ rank 0's reports (with the checkpoint's path) to Tune.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -39,6 +41,7 @@ STEP = "dst_checkpoint_step"  # a report inside an epoch: only a checkpoint, at 
 STATE_FILE = "state.pt"
 INITIAL_MASKS = "masks_initial.npz"
 MASKS = "masks.npz"
+REMOVAL_LAYERS = "removal_first.json"  # per-layer removal-set Jaccard at the first update
 DDP_MAX_FAILURES = 2  # worker-group restarts of one multi-worker trial
 
 
@@ -51,6 +54,8 @@ def checkpoint_directory(trainer: Trainer) -> Iterator[Path]:
         if trainer.initial_masks:
             save_masks(trainer.initial_masks, directory / INITIAL_MASKS)
             save_masks(trainer.masks, directory / MASKS)
+        if trainer.first_removal_layers:
+            (directory / REMOVAL_LAYERS).write_text(json.dumps(trainer.first_removal_layers))
         yield directory
 
 

@@ -314,7 +314,8 @@ def test_removal_sets_are_compared_at_every_update_without_changing_training() -
         }
     )
     plain = spec(criterion="magnitude", mest_lambda=0.0)
-    history = Trainer(measured).fit()
+    trainer = Trainer(measured)
+    history = trainer.fit()
     first = {
         k.split(".", 1)[1]: v
         for k, v in history[-1].items()
@@ -325,6 +326,14 @@ def test_removal_sets_are_compared_at_every_update_without_changing_training() -
     assert all(0.0 <= v <= 1.0 for v in first.values())
     assert first["random"] < 0.5  # a random set barely overlaps a magnitude set
     assert "removal_jaccard.snip" in history[-1]
+    # the first update per layer, for Appendix K's per-layer std; Eq. (1) is their mean
+    layers = trainer.first_removal_layers
+    assert set(layers) == set(first) and set(layers["snip"]) == set(trainer.masks)
+    for criterion, per_layer in layers.items():
+        assert first[criterion] == pytest.approx(sum(per_layer.values()) / len(per_layer))
+    restored = Trainer(measured)
+    restored.load_state_dict(trainer.state_dict())
+    assert restored.first_removal_layers == layers
     # measuring changes nothing the run computes
     reference = Trainer(plain).fit()
     keep = ("test_acc", "train_loss", "itop", "new_connections")

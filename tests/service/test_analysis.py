@@ -23,6 +23,7 @@ from dst.spec import RunSpec
 from service import crud
 from service.analysis import (
     FINAL,
+    FIRST_REMOVAL,
     INITIAL,
     FinishedTrial,
     analyze,
@@ -559,3 +560,27 @@ def test_the_cache_computes_a_study_once_for_requests_that_arrive_together() -> 
     cache.get("c", 1, lambda: compute("c"))  # evicts the least recently used: b
     cache.get("b", 1, lambda: compute("b"))
     assert calls == ["a", "b", "a", "c", "b"]
+
+
+def test_first_update_std_is_taken_per_layer_when_the_runs_kept_their_layers(
+    tmp_path: Path,
+) -> None:
+    """Appendix K (Figure 20): layer A gives 0.8 and 0.6 over two seeds, layer B 0.6 and 0.8.
+    Per layer the std is √0.02 in both; the layer means (0.7 and 0.7) would give 0."""
+    finished = []
+    for seed, (a, b) in enumerate([(0.8, 0.6), (0.6, 0.8)]):
+        metrics = {"test_acc": 0.5, "removal_jaccard_first.set": (a + b) / 2}
+        finished.append(FinishedTrial(run("magnitude", seed), metrics, seed))
+        kept = trial_masks_dir(tmp_path, seed) / FIRST_REMOVAL
+        kept.parent.mkdir(parents=True)
+        kept.write_text(json.dumps({"set": {"A": a, "B": b}}))
+    analysis = analyze([t.spec for t in finished], finished, partial=False, mask_dir=tmp_path)
+    (entry,) = analysis.removal
+    assert entry["rows"] == ["magnitude"] and entry["columns"] == ["magnitude", "set"]
+    assert entry["std_per_layer"] is True
+    assert entry["mean"] == [[None, pytest.approx(0.7)]]
+    assert entry["std"] == [[None, pytest.approx(math.sqrt(0.02))]]
+    (trial_masks_dir(tmp_path, 1) / FIRST_REMOVAL).unlink()  # a run without its layers
+    analysis = analyze([t.spec for t in finished], finished, partial=False, mask_dir=tmp_path)
+    (entry,) = analysis.removal
+    assert entry["std_per_layer"] is False and entry["std"] == [[None, pytest.approx(0.0)]]

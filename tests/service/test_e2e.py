@@ -49,6 +49,7 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
     } <= figures
     (removal,) = analysis["removal"]
     assert 0 <= removal["j_r"] < 1  # two seeds' initial masks
+    assert removal["std_per_layer"] is True  # the driver kept each run's per-layer indices
     (over_time,) = analysis["over_time"]
     assert set(over_time["lines"]) == {"magnitude", "snip"}
     (curves,) = analysis["curves"]

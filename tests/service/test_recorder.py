@@ -16,12 +16,12 @@ from sqlalchemy.orm import Session
 
 from dst.masks import load_masks, save_masks
 from service import crud
-from service.analysis import FINAL, INITIAL
+from service.analysis import FINAL, FIRST_REMOVAL, INITIAL
 from service.db import make_engine, upgrade_database
 from service.recorder import TrialRecorder, checkpoint_dir, recorder_for
 from service.states import TrialState
 from service.study import StudySpec, expand
-from service.trial import INITIAL_MASKS, MASKS, METRICS, RESUMED
+from service.trial import INITIAL_MASKS, MASKS, METRICS, REMOVAL_LAYERS, RESUMED
 
 EXPERIMENT = "e" * 32
 
@@ -100,6 +100,7 @@ def checkpoint(tmp_path: Path, name: str) -> None:
     masks = {"fc1.weight": torch.ones(2, 2, dtype=torch.bool)}
     save_masks(masks, directory / INITIAL_MASKS)
     save_masks(masks, directory / MASKS)
+    (directory / REMOVAL_LAYERS).write_text('{"set": {"fc1.weight": 0.5}}')
 
 
 def row(engine: Engine, index: int = 0) -> Any:
@@ -243,5 +244,5 @@ def test_a_finished_trial_keeps_its_masks_for_the_analysis(engine: Engine, tmp_p
     checkpoint(tmp_path, "checkpoint_000001")
     recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
     kept = {p.name for p in (store / "0").iterdir()}
-    assert kept == {INITIAL, FINAL}
+    assert kept == {INITIAL, FINAL, FIRST_REMOVAL}
     assert load_masks(store / "0" / FINAL)["fc1.weight"].all()
