@@ -107,6 +107,25 @@ def live_experiments(session: Session) -> list[Experiment]:
     return list(session.scalars(query.order_by(Experiment.created_at)))
 
 
+def unclosed_parents(session: Session) -> list[str]:
+    """Ended experiments whose MLflow parent run is still to be closed (MLflow was down)."""
+    query = select(Experiment.id).where(
+        Experiment.status.in_(TERMINAL_EXPERIMENT),
+        Experiment.mlflow_parent_run_id.is_not(None),
+        Experiment.mlflow_closed_at.is_(None),
+    )
+    return list(session.scalars(query.order_by(Experiment.created_at)))
+
+
+def mark_parent_closed(session: Session, experiment_id: str) -> None:
+    session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id)
+        .values(mlflow_closed_at=utcnow())
+        .execution_options(synchronize_session="fetch")
+    )
+
+
 def set_experiment_status(
     session: Session,
     experiment_id: str,

@@ -64,6 +64,9 @@ class Experiment(Base):
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # when its MLflow parent run was closed (results, analysis, status); unset while that is
+    # still to do, so an MLflow outage at the end is retried
+    mlflow_closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     trials: Mapped[list[Trial]] = relationship(
         back_populates="experiment", cascade="all, delete-orphan", order_by="Trial.index"

@@ -5,7 +5,8 @@ Requests only validate and write the database; everything that talks to Ray or M
 :func:`service.lifecycle.advance` call per experiment at a time. A slow launch holds up only
 its own experiment, never a request, another experiment or the server's shutdown (the threads
 are daemons and every Ray and MLflow call has a timeout). A ticker asks for a pass over every
-live experiment every ``interval`` seconds; :meth:`Dispatcher.request` asks for one at once.
+live experiment (and every ended one whose MLflow parent run is still open) every
+``interval`` seconds; :meth:`Dispatcher.request` asks for one at once.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import threading
 
 from sqlalchemy.orm import Session
 
-from service import crud
-from service.lifecycle import Services, advance
+from service.lifecycle import Services, advance, to_advance
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 with Session(self.services.engine) as session:
-                    live = [e.id for e in crud.live_experiments(session)]
+                    live = to_advance(session)
             except Exception:
-                log.exception("listing live experiments failed")
+                log.exception("listing the experiments to advance failed")
                 live = []
             for experiment_id in live:
                 self.request(experiment_id)

@@ -150,15 +150,33 @@ def finalize(
 def _finish_parent(
     services: Services, session: Session, experiment: Experiment, status: ExperimentStatus
 ) -> None:
-    if experiment.mlflow_parent_run_id is None:
+    """Close the experiment's MLflow parent run with its results and analysis, and record
+    that it is closed. If MLflow fails, it stays unclosed: the dispatcher's next passes
+    retry (:func:`advance`) once MLflow answers again."""
+    parent, experiment_id = experiment.mlflow_parent_run_id, experiment.id
+    if parent is None or experiment.mlflow_closed_at is not None:
         return
-    masks = services.storage_path and experiment_masks_dir(services.storage_path, experiment.id)
-    analysis = crud.study_analysis(session, experiment.id, masks or None)
+    masks = services.storage_path and experiment_masks_dir(services.storage_path, experiment_id)
+    analysis = crud.study_analysis(session, experiment_id, masks or None)
     session.commit()  # no transaction stays open across the MLflow calls
     try:
-        services.tracker.finish_parent(experiment.mlflow_parent_run_id, status, analysis)
+        services.tracker.finish_parent(parent, status, analysis)
     except Exception as error:
-        log.warning("could not finish MLflow parent run of %s: %s", experiment.id, error)
+        log.warning(
+            "could not close the MLflow parent run of %s (retried later): %s", experiment_id, error
+        )
+        return
+    crud.mark_parent_closed(session, experiment_id)
+    session.commit()
+
+
+def _close_parent_when_reachable(
+    services: Services, session: Session, experiment: Experiment, status: ExperimentStatus
+) -> None:
+    """Close the parent run of an ended experiment if it is still open and MLflow answers
+    (a quick check first: the analysis is not computed again while MLflow is down)."""
+    if experiment.mlflow_closed_at is None and services.tracker.ping():
+        _finish_parent(services, session, experiment, status)
 
 
 def _log_tail(services: Services, experiment_id: str, chars: int = 2000) -> str:
@@ -168,23 +186,30 @@ def _log_tail(services: Services, experiment_id: str, chars: int = 2000) -> str:
         return f"(no logs: {error})"
 
 
+def to_advance(session: Session) -> list[str]:
+    """What a pass looks after: every live experiment, and every ended one whose MLflow parent
+    run is still to be closed."""
+    return [e.id for e in crud.live_experiments(session)] + crud.unclosed_parents(session)
+
+
 def reconcile(services: Services) -> None:
-    """One pass over every live experiment (what the dispatcher does in the background)."""
+    """One pass (what the dispatcher does in the background)."""
     with Session(services.engine) as session:
-        live = [e.id for e in crud.live_experiments(session)]
-    for experiment_id in live:
+        experiment_ids = to_advance(session)
+    for experiment_id in experiment_ids:
         advance(services, experiment_id)
 
 
 def advance(services: Services, experiment_id: str) -> None:
     """Move one experiment on: launch it if queued, stop its job if cancelling, and record
-    its end once its job has ended (or Ray has none); close the MLflow parent run of one
-    cancelled while queued."""
+    its end once its job has ended (or Ray has none); close the MLflow parent run of an
+    ended one whose run is still open (cancelled while queued, or MLflow was down at its
+    end), once MLflow answers."""
     with Session(services.engine) as session:
         experiment = crud.get_experiment(session, experiment_id)
         status = None if experiment is None else ExperimentStatus(experiment.status)
-        if experiment is not None and status == ExperimentStatus.CANCELLED:
-            _finish_parent(services, session, experiment, status)  # cancelled while queued
+        if experiment is not None and status is not None and status.terminal:
+            _close_parent_when_reachable(services, session, experiment, status)
     if status is None or status.terminal:
         return
     if status == ExperimentStatus.QUEUED:

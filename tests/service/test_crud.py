@@ -89,6 +89,33 @@ def head_revision() -> str:
     return str(heads[0])
 
 
+def test_experiments_that_ended_before_the_closing_time_was_kept_count_as_closed(
+    tmp_path: Path,
+) -> None:
+    from alembic import command
+
+    from service.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0003")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for name, state, parent in [("a", "succeeded", "p"), ("b", "running", "p")]:
+            conn.execute(
+                text(
+                    "INSERT INTO dst_experiments (id, name, status, spec_json, n_trials, "
+                    "mlflow_parent_run_id, created_at, updated_at, finished_at) VALUES "
+                    "(:id, 'x', :state, '{}', 0, :parent, '2026-01-01', '2026-01-01', "
+                    "'2026-01-02')"
+                ),
+                {"id": name, "state": state, "parent": parent},
+            )
+    upgrade_database(engine)
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT id, mlflow_closed_at FROM dst_experiments")).all())
+    assert rows["a"] is not None and rows["b"] is None
+
+
 def test_epochs_form_each_trials_history_and_a_repeated_epoch_replaces_its_row(
     engine: Engine,
 ) -> None:

@@ -58,6 +58,8 @@ class FakeMlflow:
         return "1", f"parent-{experiment_id}"
 
     def finish_parent(self, parent: str, status: ExperimentStatus, analysis: StudyAnalysis) -> None:
+        if self.down:
+            raise ConnectionError("MLflow is down")
         assert analysis.results is not None
         self.finished.append((parent, str(status), len(analysis.results.rows)))
 
@@ -187,6 +189,31 @@ def test_a_succeeded_job_with_every_trial_done_succeeds(services: Services) -> N
     assert status(services) == (ExperimentStatus.SUCCEEDED, None)
     # the seeds of the one configuration average into one results row
     assert services.tracker.finished == [("parent-e1", "succeeded", 1)]  # type: ignore[attr-defined]
+
+
+def test_a_parent_run_mlflow_could_not_close_is_closed_once_mlflow_is_back(
+    services: Services,
+) -> None:
+    add(services)
+    lifecycle.reconcile(services)
+    set_trials(services, TrialState.SUCCEEDED, TrialState.SUCCEEDED)
+    services.executor.jobs["e1"] = JobStatus.SUCCEEDED  # type: ignore[attr-defined]
+    services.tracker.down = True  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    assert status(services) == (ExperimentStatus.SUCCEEDED, None)  # ends all the same
+    with Session(services.engine) as session:
+        assert crud.unclosed_parents(session) == ["e1"]
+        assert lifecycle.to_advance(session) == ["e1"]  # the passes keep looking after it
+    lifecycle.reconcile(services)  # still down: nothing is tried
+    assert services.tracker.finished == []  # type: ignore[attr-defined]
+    services.tracker.down = False  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    lifecycle.reconcile(services)
+    assert services.tracker.finished == [("parent-e1", "succeeded", 1)]  # type: ignore[attr-defined]
+    with Session(services.engine) as session:
+        assert crud.unclosed_parents(session) == [] and lifecycle.to_advance(session) == []
+        experiment = crud.get_experiment(session, "e1")
+        assert experiment is not None and experiment.mlflow_closed_at is not None
 
 
 def test_a_succeeded_job_with_unfinished_trials_fails(services: Services) -> None:
