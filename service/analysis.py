@@ -450,11 +450,14 @@ def _all(rows: dict[str, list[Sequence[dict[str, float]]]]) -> list[Sequence[dic
     return [h for histories in rows.values() for h in histories]
 
 
+BASELINE_LABELS = ("dense", "dense + dropout", "static")  # the lines of Figures 1 and 4
+
+
 def _baseline_label(spec: RunSpec) -> str:
-    """How Figures 1 and 4 name a baseline run."""
+    """How Figures 1 and 4 name a baseline run (one of :data:`BASELINE_LABELS`)."""
     if spec.sparsity.mode == "dense":
-        return "dense + dropout" if spec.training.dropout else "dense"
-    return spec.sparsity.mode
+        return BASELINE_LABELS[1] if spec.training.dropout else BASELINE_LABELS[0]
+    return BASELINE_LABELS[2]
 
 
 def _baseline_matches(trial: FinishedTrial, setting: dict[str, Any]) -> bool:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dst.spec import RunSpec
 from service.analysis import (
+    BASELINE_LABELS,
     CRITERION,
     DENSITY,
     GROWTH,
@@ -55,9 +56,6 @@ KINDS = {  # a figure name's stem -> what it shows (the paper's figure)
 def kind_of(name: str) -> str:
     """The stem of figure ``name`` (a key of :data:`KINDS`), or the name itself."""
     return next((k for k in KINDS if name == k or name.startswith(f"{k}_")), name)
-
-
-BASELINES = ("dense", "dense + dropout", "static")
 
 
 def figure_names(analysis: StudyAnalysis) -> list[str]:
@@ -244,8 +242,8 @@ def _series(label: str, line: dict[str, Any], metric: str) -> Series:
 def _split_lines(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A setting's curves: the criteria's and the baselines'."""
     lines: dict[str, Any] = entry["lines"]
-    criteria = {k: v for k, v in lines.items() if k not in BASELINES}
-    baselines = {k: v for k, v in lines.items() if k in BASELINES}
+    criteria = {k: v for k, v in lines.items() if k not in BASELINE_LABELS}
+    baselines = {k: v for k, v in lines.items() if k in BASELINE_LABELS}
     return criteria, baselines
 
 

@@ -69,6 +69,8 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
         assert names == {"masks/initial.npz", "masks/final.npz"}
         own = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}
         assert own == {"figures/learning_curves.png", "figures/jaccard_over_time.png"}
+        curves = client.download_artifacts(child.info.run_id, "figures/learning_curves.png")
+        assert Path(curves).read_bytes().startswith(b"\x89PNG")
         local = client.download_artifacts(child.info.run_id, "masks/final.npz")
         with np.load(local) as data:
             assert any(key.endswith("::bits") for key in data.files)
@@ -101,6 +103,11 @@ def run_study(client, mlflow_uri: str, name: str) -> None:
         assert row["test_acc_mean"] > 0.15 and row["test_acc_std"] >= 0  # chance: 0.1
         assert 0 <= row["test_acc_at_best_val_mean"] <= 1
     check_mlflow(mlflow_uri, final, 4, 2)
+    figures = client.analysis(created["id"])["figures"]
+    assert {"learning_curves", "loss_gap", "jaccard_over_time"} <= {f["name"] for f in figures}
+    for figure in figures:  # drawn from what the real trials recorded
+        png = client.figure(created["id"], f"{figure['name']}.png")
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, figure["name"]
 
 
 def test_study_end_to_end_on_sqlite(local_ray: str, mlflow_sqlite: str, storage: Path) -> None:
