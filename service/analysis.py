@@ -17,13 +17,13 @@ import json
 import statistics
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dst.spec import RunSpec
-from service.results import Results, run_config, summarize
+from service.results import Results, grouped_stats, run_config, summarize
 
 CRITERION, GROWTH, DENSITY, MODE = (
     "sparsity.criterion",
@@ -397,10 +397,20 @@ def random_references(
 OVER_TIME = "removal_jaccard."  # a run's per-epoch metrics with analysis.removal_sets
 
 
-def _points(history: Sequence[dict[str, float]], metric: str) -> list[tuple[float, float]]:
-    """(step, value) of every epoch that has ``metric`` (an epoch before the first topology
-    update has no removal-set Jaccard index)."""
+def removal_points(
+    history: Sequence[Mapping[str, float]], column: str
+) -> list[tuple[float, float]]:
+    """(step, Jaccard with ``column``'s removal set) of every epoch that has one (an epoch
+    before the first topology update has none)."""
+    metric = OVER_TIME + column
     return [(h["step"], h[metric]) for h in history if metric in h]
+
+
+def removal_columns(histories: Iterable[Sequence[Mapping[str, float]]]) -> list[str]:
+    """The criteria whose removal sets the runs of ``histories`` were compared with."""
+    return sorted(
+        {k[len(OVER_TIME) :] for h in histories for m in h for k in m if k.startswith(OVER_TIME)}
+    )
 
 
 def removal_over_time(
@@ -420,20 +430,12 @@ def removal_over_time(
             runs.setdefault(_setting(trial, within), {}).setdefault(row, []).append(trial.history)
     out = []
     for key, rows in runs.items():
-        columns = sorted(
-            {
-                k[len(OVER_TIME) :]
-                for h in _all(rows)
-                for m in h
-                for k in m
-                if k.startswith(OVER_TIME)
-            }
-        )
+        columns = removal_columns(h for histories in rows.values() for h in histories)
         lines: dict[str, dict[str, Any]] = {}
         for row, histories in rows.items():
             lines[row] = {}
             for column in columns:
-                seeds = [p for p in (_points(h, OVER_TIME + column) for h in histories) if p]
+                seeds = [p for p in (removal_points(h, column) for h in histories) if p]
                 if not seeds:
                     continue
                 length = min(len(p) for p in seeds)
@@ -444,10 +446,6 @@ def removal_over_time(
                 }
         out.append({"setting": json.loads(key), "lines": lines, "j_r": (references or {}).get(key)})
     return out
-
-
-def _all(rows: dict[str, list[Sequence[dict[str, float]]]]) -> list[Sequence[dict[str, float]]]:
-    return [h for histories in rows.values() for h in histories]
 
 
 BASELINE_LABELS = ("dense", "dense + dropout", "static")  # the lines of Figures 1 and 4
@@ -528,23 +526,10 @@ def learning_curves(
 def metric_rows(
     finished: Sequence[FinishedTrial], group_by: Sequence[str], metric: str
 ) -> list[dict[str, Any]]:
-    """A final metric (e.g. ``itop``) averaged over seeds per configuration, as rows of the
-    results table's JSON form (``config``, ``<metric>_mean``, ``<metric>_std``, ``n``)."""
-    groups: dict[str, list[float]] = {}
-    for trial in finished:
-        if metric in trial.metrics:
-            config = run_config(trial.spec)
-            key = json.dumps({f: config.get(f) for f in group_by})
-            groups.setdefault(key, []).append(trial.metrics[metric])
-    return [
-        {
-            "config": json.loads(key),
-            "n": len(values),
-            f"{metric}_mean": _mean(values),
-            f"{metric}_std": _std(values),
-        }
-        for key, values in groups.items()
-    ]
+    """A final metric (e.g. ``itop``) averaged over the seeds that recorded it, per
+    configuration, as rows of the results table's JSON form."""
+    recorded = [(t.spec, t.metrics) for t in finished if metric in t.metrics]
+    return grouped_stats(recorded, group_by, [metric])
 
 
 class AnalysisCache:

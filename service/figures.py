@@ -26,9 +26,10 @@ from service.analysis import (
     GROWTH,
     LAMBDA,
     MODE,
-    OVER_TIME,
     PERIOD,
     StudyAnalysis,
+    removal_columns,
+    removal_points,
     result_rows,
 )
 
@@ -362,7 +363,7 @@ def trial_figures(spec: RunSpec, history: Sequence[Mapping[str, float]]) -> dict
     if not history:
         return {}
     name = spec.sparsity.criterion if spec.sparsity.mode == "dst" else spec.sparsity.mode
-    columns = sorted({k[len(OVER_TIME) :] for h in history for k in h if k.startswith(OVER_TIME)})
+    columns = removal_columns([history])
 
     def curves() -> Figure:
         from dst import figures
@@ -381,9 +382,7 @@ def trial_figures(spec: RunSpec, history: Sequence[Mapping[str, float]]) -> dict
 
         series = []
         for column in columns:
-            points = [
-                (h["step"], h[OVER_TIME + column]) for h in history if OVER_TIME + column in h
-            ]
+            points = removal_points(history, column)
             series.append(Series(column, [p[0] for p in points], [p[1] for p in points]))
         return figures.jaccard_over_time({str(name): series})
 

@@ -87,23 +87,34 @@ def _sort_key(row: ResultRow) -> tuple[int, list[tuple[int, float, str]]]:
     return order.get(str(mode), 3), [_orderable(v) for v in row.config.values()]
 
 
+def grouped_stats(
+    finished: Iterable[tuple[RunSpec, dict[str, float]]],
+    group_by: Sequence[str],
+    metrics: Sequence[str],
+) -> list[dict[str, Any]]:
+    """Group finished trials by the fields in ``group_by`` (see :func:`varied_fields`) and
+    average each of ``metrics`` over the seeds of each group: rows in the results table's
+    JSON form (``config``, ``n``, ``<metric>_mean``, ``<metric>_std``)."""
+    groups: dict[str, tuple[dict[str, Any], list[dict[str, float]]]] = {}
+    for spec, values in finished:
+        config = run_config(spec)
+        key = {field: config.get(field) for field in group_by}
+        groups.setdefault(json.dumps(key), (key, []))[1].append(values)
+    rows = []
+    for key, items in groups.values():
+        row: dict[str, Any] = {"config": key, "n": len(items)}
+        for metric in metrics:
+            mean, std = _mean_std([m[metric] for m in items if metric in m])
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean, std
+        rows.append(row)
+    return rows
+
+
 def aggregate(
     finished: Iterable[tuple[RunSpec, dict[str, float]]], group_by: Sequence[str]
 ) -> list[ResultRow]:
-    """Group finished trials by the fields in ``group_by`` (see :func:`varied_fields`) and
-    average each metric of :data:`RESULT_METRICS` over the seeds of each group."""
-    groups: dict[str, tuple[dict[str, Any], list[dict[str, float]]]] = {}
-    for spec, metrics in finished:
-        config = run_config(spec)
-        key = {field: config.get(field) for field in group_by}
-        groups.setdefault(json.dumps(key), (key, []))[1].append(metrics)
-    rows = []
-    for key, items in groups.values():
-        stats: dict[str, float | None] = {}
-        for metric in RESULT_METRICS:
-            mean, std = _mean_std([m[metric] for m in items if metric in m])
-            stats[f"{metric}_mean"], stats[f"{metric}_std"] = mean, std
-        rows.append(ResultRow(config=key, n=len(items), **stats))
+    """The results table's rows: :data:`RESULT_METRICS` per configuration, sorted."""
+    rows = [ResultRow(**row) for row in grouped_stats(finished, group_by, RESULT_METRICS)]
     return sorted(rows, key=_sort_key)
 
 
