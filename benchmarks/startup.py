@@ -111,8 +111,8 @@ def serve_and_submit(repeats: int) -> None:
         line("submit -> trial running, warm (median)", statistics.median(to_running), 5)
         done = statistics.median(to_end)
         print(f"{'submit -> 1-epoch study done, warm (median)':<44} {done:7.2f} s")
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
+    finally:  # SIGTERM, as a process manager stops it (a shell's `cmd &` ignores SIGINT)
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
 
 

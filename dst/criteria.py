@@ -4,6 +4,9 @@ Every criterion maps ``(weight, grad, mask, generator) -> scores`` of the weight
 Only active weights are ever selected (:func:`select_pruned`); ties are broken by flat index
 (lowest first) and zero denominators have a fixed value, so selection is deterministic.
 Gradient criteria reuse the gradient of the current training batch (Section 5.1, after MEST).
+
+The registry imports no torch (the spec, the REST API and the job driver name criteria
+without training anything): the functions import it when they run.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
-import torch
 
-from dst.masks import num_active, true_indices
 from dst.registry import Registry
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Generator], torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+ScoreFn: TypeAlias = (
+    "Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Generator], torch.Tensor]"
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ def _grad(grad: torch.Tensor | None) -> torch.Tensor:
 
 def safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` for non-negative tensors, with x/0 = +inf for x > 0 and 0/0 = 0."""
+    import torch
+
     ratio = num / den
     return torch.where(den == 0, torch.where(num > 0, math.inf, 0.0), ratio)
 
@@ -64,6 +73,10 @@ def set_balanced(
     closest to zero; a group with too few active weights is exhausted and the rest come from
     the other. Inactive entries get +inf (they are never selected anyway).
     """
+    import torch
+
+    from dst.masks import true_indices
+
     flat, active = weight.detach().flatten(), mask.flatten()  # [n], [n]
     scores = torch.full_like(flat, math.inf)
     for group in ((flat >= 0) & active, (flat < 0) & active):
@@ -112,6 +125,8 @@ def random_scores(
     weight: torch.Tensor, grad: torch.Tensor | None, mask: torch.Tensor, gen: torch.Generator
 ) -> torch.Tensor:
     """Control: i.i.d. uniform scores, i.e. a uniformly random subset of the active weights."""
+    import torch
+
     return torch.rand(weight.shape, generator=gen).to(weight.device)
 
 
@@ -144,6 +159,8 @@ def kth_smallest(values: torch.Tensor, k: int) -> float:
     """
     if values.device.type == "cpu":
         return float(np.partition(values.detach().numpy(), k - 1)[k - 1])
+    import torch
+
     return float(torch.kthvalue(values, k).values)
 
 
@@ -153,6 +170,10 @@ def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
     O(n) (a selection for the threshold, then a scan) rather than a full sort: it runs on every
     topology update over layers of millions of weights. Returned in ascending position order.
     """
+    import torch
+
+    from dst.masks import num_active, true_indices
+
     if k <= 0:
         return torch.empty(0, dtype=torch.long, device=values.device)
     if k >= len(values):
@@ -172,6 +193,10 @@ def select_pruned(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Ten
     Ties go to the lowest flat index; NaN scores (a diverged weight) count as the lowest.
     Inactive entries are never chosen.
     """
+    import torch
+
+    from dst.masks import true_indices
+
     active_idx = true_indices(mask)  # [a]
     if k > len(active_idx):
         raise ValueError(f"cannot prune {k} weights: only {len(active_idx)} are active")

@@ -1,27 +1,25 @@
 """Datasets of the paper (Table 4) plus two offline datasets that ship with scikit-learn.
 
 Each registered dataset knows its static shape (:class:`DataInfo`) without loading anything,
-so specs can be validated (model/dataset compatibility) before any data is touched.
+so specs can be validated (model/dataset compatibility) before any data is touched. The
+registry imports no torch: how each dataset is read (or downloaded) lives in
+:mod:`dst.loaders`, imported when a dataset is loaded.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import pickle
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import numpy as np
-import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from typing import TYPE_CHECKING, Literal
 
 from dst.registry import Registry
-from dst.tensor_data import ImageNorm, TensorSplit
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from dst.tensor_data import TensorSplit
+
 DataKind = Literal["image", "tabular"]
 
 
@@ -73,9 +71,15 @@ class DatasetEntry:
 
     name: str
     info: DataInfo
-    load: Callable[[DataConfig], DataSplits]
+    loader: str  # the function of :mod:`dst.loaders` that reads it, (config) -> splits
     description: str
     in_memory: bool = True  # its splits come as tensors too (``training.data_path: tensor``)
+
+    def load(self, config: DataConfig) -> DataSplits:
+        """The dataset's splits (imports :mod:`dst.loaders`, hence torch)."""
+        from dst import loaders
+
+        return getattr(loaders, self.loader)(config)
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -95,375 +99,42 @@ def load_dataset(name: str, config: DataConfig) -> DataSplits:
     return get_dataset(name).load(config)
 
 
-def _unavailable(name: str, missing: Path, how: str) -> DatasetUnavailableError:
-    return DatasetUnavailableError(
-        f"dataset {name!r} is not available: {missing} is missing and downloading is "
-        f"{'not possible' if 'image-net' in how else 'disabled (data.download: false)'}. {how}"
-    )
-
-
-# -- splitting helpers ------------------------------------------------------------------
-def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random (keep, held-out) index arrays with ``round(fraction * n)`` held out."""
-    perm = np.random.default_rng(seed).permutation(n)
-    k = round(fraction * n)
-    return np.sort(perm[k:]), np.sort(perm[:k])
-
-
-def stratified_split(
-    y: np.ndarray, fractions: tuple[float, float, float], seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class random split into train/val/test index arrays (e.g. 70/15/15)."""
-    rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[], [], []]
-    for cls in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == cls))
-        n_val = round(fractions[1] * len(idx))
-        n_test = round(fractions[2] * len(idx))
-        parts[1] += idx[:n_val].tolist()
-        parts[2] += idx[n_val : n_val + n_test].tolist()
-        parts[0] += idx[n_val + n_test :].tolist()
-    return tuple(np.sort(np.asarray(p, dtype=np.int64)) for p in parts)  # type: ignore[return-value]
-
-
-def _tensor_splits(
-    x: np.ndarray,
-    y: np.ndarray,
-    parts: tuple[np.ndarray, np.ndarray, np.ndarray],
-    info: DataInfo,
-    standardize: bool,
-) -> DataSplits:
-    """Tabular splits as tensors, standardized with the train set's mean and std if asked
-    (no test leakage)."""
-    mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
-    if standardize:
-        train = x[parts[0]]
-        mean, std = train.mean(0), train.std(0)
-        std[std == 0] = 1.0
-
-    def make(idx: np.ndarray) -> TensorDataset:
-        xs = torch.from_numpy(((x[idx] - mean) / std).astype(np.float32))
-        return TensorDataset(xs.view(len(idx), *info.input_shape), torch.from_numpy(y[idx]).long())
-
-    train, val, test = (make(p) for p in parts)
-
-    def as_split(d: TensorDataset) -> TensorSplit:
-        return TensorSplit(d.tensors[0], d.tensors[1])  # the same memory, no copy
-
-    tensors = (as_split(train), as_split(val), as_split(test))
-    return DataSplits(train, val, test, info, tensors=tensors)
-
-
-# -- scikit-learn datasets (offline) ------------------------------------------------------
 DIGITS = DataInfo("digits", "image", (1, 8, 8), 10)
 BREAST_CANCER = DataInfo("breast_cancer", "tabular", (30,), 2)
-
-
-def load_digits_splits(config: DataConfig) -> DataSplits:
-    """scikit-learn's 8x8 digits (1,797 images), stratified 70/15/15, standardized."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = data.data.astype(np.float64) / 16.0
-    y = data.target.astype(np.int64)
-    parts = stratified_split(y, (0.7, 0.15, 0.15), config.split_seed)
-    return _tensor_splits(x, y, parts, DIGITS, standardize=True)
-
-
-def load_breast_cancer_splits(config: DataConfig) -> DataSplits:
-    """scikit-learn's breast cancer (569 samples, 30 features, binary), stratified 70/15/15."""
-    from sklearn.datasets import load_breast_cancer
-
-    data = load_breast_cancer()
-    y = data.target.astype(np.int64)
-    parts = stratified_split(y, (0.7, 0.15, 0.15), config.split_seed)
-    return _tensor_splits(data.data.astype(np.float64), y, parts, BREAST_CANCER, standardize=True)
-
-
-# -- Higgs (OpenML 44129) -----------------------------------------------------------------
 HIGGS = DataInfo("higgs", "tabular", (24,), 2)
-HIGGS_FILE = Path("higgs") / "higgs.npz"
-
-
-def fetch_higgs(root: Path) -> None:
-    """Download OpenML dataset 44129 and cache it as ``higgs/higgs.npz`` (X, y)."""
-    from sklearn.datasets import fetch_openml
-
-    bunch = fetch_openml(
-        data_id=44129, data_home=str(root / "openml"), as_frame=False, parser="auto"
-    )
-    labels = np.unique(bunch.target)
-    y = np.searchsorted(labels, bunch.target).astype(np.int64)
-    (root / HIGGS_FILE).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(root / HIGGS_FILE, X=np.asarray(bunch.data, dtype=np.float32), y=y)
-
-
-def load_higgs_splits(config: DataConfig) -> DataSplits:
-    """Higgs, 24 features, binary, stratified 70/15/15 split (Table 4), features as OpenML
-    serves them: Table 4 names no preprocessing (and the paper's code does none)."""
-    path = config.root / HIGGS_FILE
-    if not path.exists():
-        if not config.download:
-            raise _unavailable("higgs", path, "Get it from https://www.openml.org/d/44129.")
-        fetch_higgs(config.root)
-    with np.load(path) as data:
-        x, y = data["X"].astype(np.float64), data["y"].astype(np.int64)
-    parts = stratified_split(y, (0.7, 0.15, 0.15), config.split_seed)
-    return _tensor_splits(x, y, parts, HIGGS, standardize=False)
-
-
-# -- image datasets ------------------------------------------------------------------------
-class ArrayImages(Dataset):
-    """uint8 HWC images in memory with a transform (CIFAR)."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.images[i]), torch.tensor(int(self.labels[i]))
-
-
-class Transformed(Dataset):
-    """A view of a dataset (or subset of it) with its own transform."""
-
-    def __init__(self, base: Dataset, indices: np.ndarray | None, transform: Callable) -> None:
-        self.base = base if indices is None else Subset(base, indices.tolist())
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.base[i]
-        return self.transform(x), torch.tensor(int(y))
-
-
-def _image_transforms(
-    mean: tuple[float, ...], std: tuple[float, ...], size: int, augment: bool
-) -> tuple[Callable, Callable]:
-    """(train, eval) transforms: random crop with padding 4 + flip when augmenting."""
-    from torchvision import transforms as T
-
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if augment else []
-    return T.Compose([T.ToPILImage(), *train, *normalize]), T.Compose([T.ToPILImage(), *normalize])
-
-
-CIFAR_URL = "https://www.cs.toronto.edu/~kriz/{}.tar.gz"
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 CIFAR10 = DataInfo("cifar10", "image", (3, 32, 32), 10)
 CIFAR100 = DataInfo("cifar100", "image", (3, 32, 32), 100)
-
-
-def _read_cifar_batches(files: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Read python-pickle CIFAR batches into (N, 32, 32, 3) uint8 images and labels."""
-    images, labels = [], []
-    for file in files:
-        with file.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
-    return np.concatenate(images).transpose(0, 2, 3, 1), np.concatenate(labels)
-
-
-def _load_cifar(config: DataConfig, info: DataInfo, archive: str, folder: str) -> DataSplits:
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    directory = config.root / folder
-    if not directory.exists():
-        if not config.download:
-            raise _unavailable(info.name, directory, f"Get it from {CIFAR_URL.format(archive)}.")
-        download_and_extract_archive(CIFAR_URL.format(archive), str(config.root))
-    if info.num_classes == 10:
-        train_files = [directory / f"data_batch_{i}" for i in range(1, 6)]
-        test_files, key = [directory / "test_batch"], b"labels"
-        mean, std = CIFAR_MEAN, CIFAR_STD
-    else:
-        train_files, test_files, key = [directory / "train"], [directory / "test"], b"fine_labels"
-        mean, std = CIFAR100_MEAN, CIFAR100_STD
-    x, y = _read_cifar_batches(train_files, key)
-    xt, yt = _read_cifar_batches(test_files, key)
-    keep, val = holdout(len(y), 0.1, config.split_seed)  # 45k / 5k (Table 4, footnote 13)
-    train_tf, eval_tf = _image_transforms(mean, std, 32, config.augment)
-    norm = ImageNorm(mean, std)
-
-    def tensors(images: np.ndarray, labels: np.ndarray, augment: bool) -> TensorSplit:
-        nchw = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-        pad = 4 if augment else 0  # the same augmentation as the per-sample transforms
-        return TensorSplit(nchw, torch.from_numpy(labels).long(), norm, pad, augment)
-
-    return DataSplits(
-        ArrayImages(x[keep], y[keep], train_tf),
-        ArrayImages(x[val], y[val], eval_tf),
-        ArrayImages(xt, yt, eval_tf),
-        info,
-        tensors=(
-            tensors(x[keep], y[keep], config.augment),
-            tensors(x[val], y[val], False),
-            tensors(xt, yt, False),
-        ),
-    )
-
-
-def load_cifar10(config: DataConfig) -> DataSplits:
-    """CIFAR-10, 45,000/5,000/10,000 (Table 4)."""
-    return _load_cifar(config, CIFAR10, "cifar-10-python", "cifar-10-batches-py")
-
-
-def load_cifar100(config: DataConfig) -> DataSplits:
-    """CIFAR-100, 45,000/5,000/10,000 (Table 4)."""
-    return _load_cifar(config, CIFAR100, "cifar-100-python", "cifar-100-python")
-
-
 FASHION = DataInfo("fashion-mnist", "image", (1, 28, 28), 10)
-
-
-def load_fashion_mnist(config: DataConfig) -> DataSplits:
-    """FashionMNIST: default 60k/10k split, a random 10% of train held out (footnote 17)."""
-    from torchvision import datasets as tvd
-    from torchvision import transforms as T
-
-    raw = config.root / "FashionMNIST" / "raw"
-    if not (raw / "train-images-idx3-ubyte").exists() and not config.download:
-        raise _unavailable(
-            "fashion-mnist", raw, "Get it from https://github.com/zalandoresearch/fashion-mnist."
-        )
-    train = tvd.FashionMNIST(str(config.root), train=True, download=config.download)
-    test = tvd.FashionMNIST(str(config.root), train=False, download=config.download)
-    normalize = T.Compose([T.ToTensor(), T.Normalize((0.2860,), (0.3530,))])
-    keep, val = holdout(len(train), 0.1, config.split_seed)
-    norm = ImageNorm((0.2860,), (0.3530,))
-    images, labels = train.data[:, None], train.targets.long()  # [N, 1, 28, 28] uint8, [N]
-    keep_t, val_t = torch.from_numpy(keep), torch.from_numpy(val)
-    return DataSplits(
-        Transformed(train, keep, normalize),
-        Transformed(train, val, normalize),
-        Transformed(test, None, normalize),
-        FASHION,
-        tensors=(
-            TensorSplit(images[keep_t], labels[keep_t], norm),
-            TensorSplit(images[val_t], labels[val_t], norm),
-            TensorSplit(test.data[:, None], test.targets.long(), norm),
-        ),
-    )
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TINY = DataInfo("tiny-imagenet", "image", (3, 64, 64), 200)
-TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-
-
-class TinyImageNetVal(Dataset):
-    """Tiny-ImageNet's val split (labels in ``val_annotations.txt``), used as the test set."""
-
-    def __init__(self, root: Path, class_to_idx: dict[str, int]) -> None:
-        lines = (root / "val" / "val_annotations.txt").read_text().splitlines()
-        rows = [line.split("\t") for line in lines if line.strip()]
-        self.items = [(root / "val" / "images" / r[0], class_to_idx[r[1]]) for r in rows]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[object, int]:
-        from torchvision import datasets as tvd
-
-        path, label = self.items[i]
-        return tvd.folder.default_loader(str(path)), label
-
-
-def load_tiny_imagenet(config: DataConfig) -> DataSplits:
-    """Tiny-ImageNet at 64x64 with its standard split (Table 4, footnote 18): all 100,000
-    train images for training; the 10,000-image val split is both validation and test ("we
-    use the validation set as the test set"; no hyperparameters are tuned on it). Training
-    augmentation is a horizontal flip."""
-    from torchvision import datasets as tvd
-    from torchvision import transforms as T
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    root = config.root / "tiny-imagenet-200"
-    if not root.exists():
-        if not config.download:
-            raise _unavailable("tiny-imagenet", root, f"Get it from {TINY_URL}.")
-        download_and_extract_archive(TINY_URL, str(config.root))
-    train = tvd.ImageFolder(str(root / "train"))
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    augment = [T.RandomHorizontalFlip()] if config.augment else []
-    train_tf, eval_tf = T.Compose([*augment, *normalize]), T.Compose(normalize)
-    val = Transformed(TinyImageNetVal(root, train.class_to_idx), None, eval_tf)
-    return DataSplits(Transformed(train, None, train_tf), val, val, TINY)
-
-
-def _label_tensor(label: int) -> torch.Tensor:
-    return torch.tensor(label)
-
-
 IMAGENET = DataInfo("imagenet", "image", (3, 224, 224), 1000)
 
 
-def load_imagenet(config: DataConfig) -> DataSplits:
-    """ImageNet as ImageFolder; the standard val set is both validation and test (fn. 16)."""
-    from torchvision import datasets as tvd
-    from torchvision import transforms as T
-
-    root = config.root / "imagenet"
-    for split in ("train", "val"):
-        if not (root / split).exists():
-            raise _unavailable(
-                "imagenet",
-                root / split,
-                "ImageNet cannot be downloaded automatically (licence): get ILSVRC2012 from "
-                "https://image-net.org/ and arrange it as imagenet/train/<wnid>/*.JPEG and "
-                "imagenet/val/<wnid>/*.JPEG under the data root.",
-            )
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    augment = (
-        [T.RandomResizedCrop(224), T.RandomHorizontalFlip()]
-        if config.augment
-        else [T.Resize(256), T.CenterCrop(224)]
-    )
-    train = tvd.ImageFolder(
-        str(root / "train"),
-        transform=T.Compose([*augment, *normalize]),
-        target_transform=_label_tensor,
-    )
-    val = tvd.ImageFolder(
-        str(root / "val"),
-        transform=T.Compose([T.Resize(256), T.CenterCrop(224), *normalize]),
-        target_transform=_label_tensor,
-    )
-    return DataSplits(train, val, val, IMAGENET)
-
-
 for _entry in (
-    DatasetEntry("higgs", HIGGS, load_higgs_splits, "Higgs (OpenML 44129), tabular, 70/15/15"),
-    DatasetEntry("cifar10", CIFAR10, load_cifar10, "CIFAR-10, 45k/5k/10k"),
-    DatasetEntry("cifar100", CIFAR100, load_cifar100, "CIFAR-100, 45k/5k/10k"),
-    DatasetEntry("fashion-mnist", FASHION, load_fashion_mnist, "FashionMNIST, 54k/6k/10k"),
+    DatasetEntry("higgs", HIGGS, "load_higgs_splits", "Higgs (OpenML 44129), tabular, 70/15/15"),
+    DatasetEntry("cifar10", CIFAR10, "load_cifar10", "CIFAR-10, 45k/5k/10k"),
+    DatasetEntry("cifar100", CIFAR100, "load_cifar100", "CIFAR-100, 45k/5k/10k"),
+    DatasetEntry("fashion-mnist", FASHION, "load_fashion_mnist", "FashionMNIST, 54k/6k/10k"),
     DatasetEntry(
         "tiny-imagenet",
         TINY,
-        load_tiny_imagenet,
+        "load_tiny_imagenet",
         "Tiny-ImageNet 64x64, 100k/10k (val as val and test)",
         in_memory=False,
     ),
     DatasetEntry(
         "imagenet",
         IMAGENET,
-        load_imagenet,
+        "load_imagenet",
         "ImageNet ImageFolder, val as validation and test",
         in_memory=False,
     ),
     DatasetEntry(
-        "digits", DIGITS, load_digits_splits, "scikit-learn digits 8x8 (offline), 70/15/15"
+        "digits", DIGITS, "load_digits_splits", "scikit-learn digits 8x8 (offline), 70/15/15"
     ),
     DatasetEntry(
         "breast_cancer",
         BREAST_CANCER,
-        load_breast_cancer_splits,
+        "load_breast_cancer_splits",
         "scikit-learn breast cancer (offline), binary, 70/15/15",
     ),
 ):

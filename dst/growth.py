@@ -2,7 +2,8 @@
 
 A growth function returns the flat indices of ``k`` inactive positions of ``mask`` (the mask
 after pruning, so just-pruned positions are candidates, as in RigL). Grown weights start at
-zero; :mod:`dst.topology` zeroes them and resets their optimizer state.
+zero; :mod:`dst.topology` zeroes them and resets their optimizer state. The registry imports
+no torch (naming a growth criterion trains nothing): the functions import it when they run.
 """
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING, TypeAlias
 
 from dst.criteria import lowest_k
-from dst.masks import num_active, true_indices
 from dst.registry import Registry
 
-GrowFn = Callable[[torch.Tensor | None, torch.Tensor, int, torch.Generator], torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+GrowFn: TypeAlias = (
+    "Callable[[torch.Tensor | None, torch.Tensor, int, torch.Generator], torch.Tensor]"
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ def random_growth(
     permuting all (millions of) inactive positions.
     Mostly-active layers fall back to permuting the few inactive positions.
     """
+    import torch
+
+    from dst.masks import num_active, true_indices
+
     flat = mask.flatten().cpu()  # [n]
     n, inactive = len(flat), len(flat) - num_active(flat)
     if k > inactive:
@@ -72,6 +80,10 @@ def gradient_growth(
 
     Ties go to the lowest flat index.
     """
+    import torch
+
+    from dst.masks import num_active
+
     if grad is None:
         raise ValueError("gradient growth needs the dense gradient of the masked weights")
     inactive = mask.numel() - num_active(mask)

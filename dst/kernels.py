@@ -39,16 +39,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast, get_args
+from typing import cast, get_args
 
 import numpy as np
 import torch
 from torch.optim.optimizer import _get_fused_kernels_supported_devices
 from torch.optim.sgd import sgd as torch_sgd
 
+from dst.spec import OptimizerKernel as Kernel  # the names, declared where specs see them
+
 log = logging.getLogger(__name__)
 
-Kernel = Literal["auto", "native", "compiled", "eager"]
 KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 
 # (weights, grads, momentum buffers, byte masks: lists of flat tensors; lr, weight decay,

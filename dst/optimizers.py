@@ -108,9 +108,22 @@ class MaskedSGD(torch.optim.Optimizer):
         self._masks = checked  # by id(param): Tensor hashing is a Python call, ids are not
         self._entries: dict[int, _Masked] = {}
 
+    # torch wraps these four methods so that torch.compile never traces them, and the wrapper
+    # imports torch._dynamo on its first call: seconds of CPU in every fresh trial process.
+    # This optimizer never runs under torch.compile (the model and the masked update are
+    # compiled, never the optimizer's bookkeeping), so it calls them unwrapped.
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _unwrapped(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _unwrapped(torch.optim.Optimizer.zero_grad)(self, set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(_unwrapped(torch.optim.Optimizer.state_dict)(self))
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load momentum buffers (then re-zero them off the masks before the next update)."""
-        super().load_state_dict(state_dict)
+        _unwrapped(torch.optim.Optimizer.load_state_dict)(self, state_dict)
         self._entries = {}
 
     def masked_kernel(self, device: torch.device, dtype: torch.dtype) -> MaskedKernel:
@@ -186,6 +199,11 @@ def _restore_invariant(kernel: MaskedKernel, entries: list[_Masked]) -> None:
         kernel.zero_off_mask(
             [e.weight for e in stale] + [e.buf for e in stale], [e.mask for e in stale] * 2
         )
+
+
+def _unwrapped(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` without torch's compile-disabling wrapper (the function it wraps)."""
+    return getattr(method, "__wrapped__", method)
 
 
 def _grad(p: nn.Parameter) -> torch.Tensor:

@@ -21,7 +21,6 @@ from dst.datasets import DATASETS, get_dataset
 from dst.distributions import DISTRIBUTIONS
 from dst.growth import GROWTH
 from dst.models import MODELS, ModelOptions, check_options, get_model
-from dst.optimizers import Kernel as OptimizerKernel
 from dst.schedules import SCHEDULES
 
 
@@ -45,6 +44,8 @@ else:
     InitName = _names(DISTRIBUTIONS.names())
     ScheduleName = _names(SCHEDULES.names())
 Mode = Literal["dense", "static", "dst"]
+# how the masked SGD update runs (:mod:`dst.kernels`)
+OptimizerKernel = Literal["auto", "native", "compiled", "eager"]
 DataPath = Literal["loader", "tensor"]
 Precision = Literal["fp32", "bf16"]
 Scope = Literal["local", "global"]

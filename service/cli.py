@@ -121,7 +121,7 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
         signal.signal(signal.SIGTERM, hard_stop)
         server.should_exit = True
         thread.join(timeout=5)
-        local.stop(grace=5)
+        local.stop(grace=2)  # nothing left in local Ray or MLflow is worth a longer wait
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-from typing import Any
-
-from ray.job_submission import JobSubmissionClient
+from typing import TYPE_CHECKING, Any
 
 from service.core.config import Settings
 from service.states import JobStatus
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 log = logging.getLogger(__name__)
 # `ray job stop` sends the driver SIGINT (Tune's graceful stop: trials stop, state is saved)
@@ -80,7 +81,7 @@ class RayExecutor:
     @property
     def client(self) -> JobSubmissionClient:
         if self._client is None:
-            self._client = _TimedJobClient(self.address, timeout=self.timeout)
+            self._client = timed_job_client(self.address, timeout=self.timeout)
         return self._client
 
     def entrypoint(self, experiment_id: str) -> str:
@@ -137,14 +138,19 @@ class RayExecutor:
         return True
 
 
-class _TimedJobClient(JobSubmissionClient):
+def timed_job_client(address: str, timeout: float) -> JobSubmissionClient:
     """Ray's Jobs API client with a timeout on every HTTP call (Ray's has none), so a
-    blackholed or hung head node costs one bounded wait, not a stuck thread."""
+    blackholed or hung head node costs one bounded wait, not a stuck thread. (Imported here:
+    the job drivers share this module's constants and need no Jobs client.)"""
+    from ray.job_submission import JobSubmissionClient
 
-    def __init__(self, address: str, timeout: float) -> None:
-        self._timeout = timeout  # set first: the constructor already makes a request
-        super().__init__(address)
+    class TimedJobClient(JobSubmissionClient):
+        def __init__(self) -> None:
+            self._timeout = timeout  # set first: the constructor already makes a request
+            super().__init__(address)
 
-    def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
-        kwargs.setdefault("timeout", self._timeout)
-        return super()._do_request(method, endpoint, **kwargs)
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", self._timeout)
+            return super()._do_request(method, endpoint, **kwargs)
+
+    return TimedJobClient()

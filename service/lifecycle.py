@@ -241,12 +241,18 @@ def _end(
     status: ExperimentStatus,
     error: str | None = None,
 ) -> None:
-    """Close ``experiment``'s MLflow parent run, then move it to a terminal ``status``: once
-    the API shows an experiment ended, its parent run has ended too (unless MLflow failed)."""
+    """Move ``experiment`` to a terminal ``status``, then close its MLflow parent run.
+
+    The end is recorded first: the study's analysis and figures take seconds to compute and
+    upload, and a user waiting on the experiment should not wait on MLflow. The parent run is
+    closed right after (``mlflow_closed_at`` records when); if MLflow fails, the dispatcher's
+    next passes close it once MLflow answers.
+    """
     session.commit()  # the trials' final states, which the parent run's results table reads
     if status not in TRANSITIONS.get(ExperimentStatus(experiment.status), frozenset()):
         return
-    _finish_parent(services, session, experiment, status)
     if crud.set_experiment_status(session, experiment.id, status, error=error):
         log.info("experiment %s %s", experiment.id, status)
     session.commit()
+    session.refresh(experiment)
+    _finish_parent(services, session, experiment, status)

@@ -17,6 +17,11 @@ class MlflowLinks(BaseModel):
     parent_run_id: str | None = None
     experiment_url: str | None = None
     parent_run_url: str | None = None
+    parent_closed_at: datetime | None = Field(
+        None,
+        description="when the parent run was closed with the study's results, analysis and "
+        "figures (a few seconds after the experiment ends; later if MLflow was down)",
+    )
 
 
 class ExperimentOut(BaseModel):

@@ -19,11 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-
 from dst.spec import RunSpec, flatten
 from service.analysis import StudyAnalysis
 from service.results import format_table
@@ -31,6 +26,11 @@ from service.study import StudySpec, TrialPlan
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+# MLflow is imported where it is used: its import takes seconds, and a job driver should
+# start its trials first and connect to MLflow meanwhile, on its outbox thread
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,21 @@ TAG_TRIAL = "dst.trial_index"
 TAG_RESUMED = "dst.resumed_from_epoch"  # set on a child run when its trial resumed
 PARENT_TAG = "mlflow.parentRunId"
 RUN_STATUS = {  # the MLflow status that ends the run of an experiment or trial in this state
-    "succeeded": RunStatus.to_string(RunStatus.FINISHED),
-    "failed": RunStatus.to_string(RunStatus.FAILED),
-    "cancelled": RunStatus.to_string(RunStatus.KILLED),
+    "succeeded": "FINISHED",
+    "failed": "FAILED",
+    "cancelled": "KILLED",
 }
 
 
+def _client(tracking_uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
 def _params(data: dict[str, Any]) -> list[Param]:
+    from mlflow.entities import Param
+
     return [Param(k, str(v)[:6000]) for k, v in flatten(data).items()]
 
 
@@ -63,10 +71,12 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, ui_url: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.ui_url = ui_url or tracking_uri  # what a person's browser reaches
-        self.client = MlflowClient(tracking_uri)
+        self.client = _client(tracking_uri)
 
     def _experiment_id(self, name: str) -> str:
         """The MLflow experiment ``name``, created as a model-training experiment."""
+        from mlflow.exceptions import MlflowException
+
         found = self.client.get_experiment_by_name(name)
         if found is None:
             try:
@@ -116,6 +126,8 @@ class MlflowTracker:
         self.client.set_terminated(parent_run_id, RUN_STATUS.get(status, "FINISHED"))
 
     def _log_analysis(self, run_id: str, analysis: StudyAnalysis) -> None:
+        from mlflow.entities import Metric, RunTag
+
         from service.analysis import rankings_csv, summary
         from service.figures import build_figure, figure_names
 
@@ -201,8 +213,10 @@ class TrialRun:
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         """Per-epoch metrics, stepped by epoch."""
+        from mlflow.entities import Metric
+
         epoch = int(metrics["epoch"])
-        now = int(mlflow.utils.time.get_current_time_millis())
+        now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
         self.client.log_batch(self.run_id, metrics=batch)
 
@@ -225,7 +239,12 @@ def _log_figure(name: str, build: Callable[[], Figure], run: TrialRun) -> None:
     run.log_figure(build(), name)
 
 
-RETRIED = (MlflowException, OSError)  # an outage (requests' errors are OSErrors too)
+def _outage(error: Exception) -> bool:
+    """An error that retrying may cure (an outage): MLflow's own, or a connection's (requests'
+    errors are OSErrors too)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException | OSError)
 
 
 class Outbox:
@@ -262,7 +281,10 @@ class Outbox:
                 try:
                     write()
                     break
-                except RETRIED as error:
+                except Exception as error:
+                    if not _outage(error):  # a bug, not an outage: retrying cannot help
+                        log.exception("MLflow: %s failed; skipping it", what)
+                        break
                     failures += 1
                     if failures == 1:
                         log.warning("MLflow: %s failed, retrying until it works: %s", what, error)
@@ -270,9 +292,6 @@ class Outbox:
                         log.error("MLflow: giving up on %s and what follows it", what)
                         return
                     time.sleep(self.retry_s)
-                except Exception:  # a bug, not an outage: retrying cannot help
-                    log.exception("MLflow: %s failed; skipping it", what)
-                    break
             if failures:
                 log.info("MLflow: %s went through after %d failures", what, failures)
 
@@ -292,7 +311,8 @@ class ChildRuns:
         on_run: Callable[[int, str], None],
         outbox: Outbox | None = None,
     ) -> None:
-        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self._client: MlflowClient | None = None  # made on the outbox thread
         self.parent_run_id, self.experiment_id = parent_run_id, experiment_id
         self.on_run = on_run
         self.outbox = outbox or Outbox()
@@ -305,7 +325,7 @@ class ChildRuns:
 
         def write() -> None:
             run = TrialRun.open(
-                self.client, self.parent_run_id, self.experiment_id, index, label, spec, run_id
+                self.client(), self.parent_run_id, self.experiment_id, index, label, spec, run_id
             )
             self._runs[index] = run
             if resumed is not None:
@@ -314,6 +334,12 @@ class ChildRuns:
                 self.on_run(index, run.run_id)
 
         self.outbox.put(f"opening the run of trial {index}", write)
+
+    def client(self) -> MlflowClient:
+        """The MLflow client (imported and made on first use, on the outbox thread)."""
+        if self._client is None:
+            self._client = _client(self.tracking_uri)
+        return self._client
 
     def mark_resumed(self, index: int, epoch: int) -> None:
         """Tag the run: its trial resumed from a checkpoint after ``epoch``."""

@@ -24,15 +24,15 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from dst.distributed import World
-from dst.masks import save_masks
 from dst.spec import RunSpec
-from dst.training import Metrics, Trainer
 
+if TYPE_CHECKING:
+    from dst.training import Metrics, Trainer
+
+# torch and the trainer are imported in the functions that train: the job driver imports
+# this module (for the trainable and its constants) and trains nothing
 log = logging.getLogger(__name__)
 
 METRICS = "dst"  # the key of a report's epoch metrics (Tune adds its own keys beside it)
@@ -48,6 +48,10 @@ DDP_MAX_FAILURES = 2  # worker-group restarts of one multi-worker trial
 @contextmanager
 def checkpoint_directory(trainer: Trainer) -> Iterator[Path]:
     """A temporary directory holding the trainer's state and its masks."""
+    import torch
+
+    from dst.masks import save_masks
+
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         torch.save(trainer.state_dict(), directory / STATE_FILE)
@@ -64,6 +68,8 @@ def restore(trainer: Trainer, checkpoint: Any) -> dict[str, int]:
     what the next report should add to say so (``{RESUMED: epoch}``, or nothing)."""
     if checkpoint is None:
         return {}
+    import torch
+
     with checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, weights_only=False, map_location="cpu")
     trainer.load_state_dict(state)
@@ -77,7 +83,10 @@ def run_trial(config: dict[str, Any]) -> None:
     if trial["workers"] > 1:
         _run_data_parallel(trial)
         return
+    import torch
     from ray import tune
+
+    from dst.training import Trainer
 
     torch.set_num_threads(max(1, int(trial["cpus"])))
     trainer = Trainer(RunSpec.model_validate(trial["spec"]))
@@ -131,6 +140,10 @@ def _data_parallel_worker(trial: dict[str, Any]) -> None:
     """One DDP worker: every rank trains its share of each global batch; rank 0 checkpoints."""
     import ray.train
     import ray.train.torch
+    import torch
+
+    from dst.distributed import World
+    from dst.training import Trainer
 
     world = World.current()
     torch.set_num_threads(max(1, int(float(trial["cpus"]) / world.size)))

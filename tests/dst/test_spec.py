@@ -76,3 +76,24 @@ def test_overrides_parse_values_as_yaml() -> None:
     assert s.sparsity.density == 0.05 and s.training.nesterov is False
     with pytest.raises(ValueError, match=r"key\.path=value"):
         apply_overrides({}, ["density"])
+
+
+def test_naming_and_checking_a_run_imports_no_torch() -> None:
+    """The spec, the REST API and the job driver validate specs and list the registries'
+    names without training anything: none of that may pay torch's seconds of import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dst.spec import RunSpec, resolve_training, resolve_init\n"
+        "from dst import criteria, datasets, growth, models\n"
+        "spec = RunSpec.model_validate({'model': 'resnet56', 'dataset': 'cifar10',"
+        " 'sparsity': {'criterion': 'snip', 'growth': 'gradient'}})\n"
+        "resolve_training(spec), resolve_init(spec), models.get_model('vgg16').defaults\n"
+        "assert criteria.CRITERIA.get('snip').needs_grad and 'gradient' in growth.GROWTH\n"
+        "assert datasets.get_dataset('imagenet').info.num_classes == 1000\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

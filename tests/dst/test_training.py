@@ -340,3 +340,32 @@ def test_removal_sets_are_compared_at_every_update_without_changing_training() -
     assert [{k: m[k] for k in keep} for m in history] == [
         {k: m[k] for k in keep} for m in reference
     ]
+
+
+FRESH_PROCESS_RUN = """
+import sys
+from dst.spec import RunSpec
+from dst.training import Trainer
+for mode in ("dst", "static", "dense"):
+    spec = RunSpec.model_validate({
+        "model": "small-mlp", "dataset": "digits", "training": {"epochs": 2},
+        "sparsity": {"mode": mode, "update_period": 5},
+    })
+    trainer = Trainer(spec)
+    trainer.fit()
+    Trainer(spec).load_state_dict(trainer.state_dict())
+print(" ".join(m for m in ("torch._dynamo", "sklearn", "torchvision") if m in sys.modules))
+"""
+
+
+def test_a_fresh_process_trains_without_importing_what_it_does_not_use() -> None:
+    """torch._dynamo (imported by torch's optimizer wrappers on first call), scikit-learn
+    (for two data files it ships) and torchvision cost seconds each in every new trial
+    process; an uncompiled digits run needs none of them."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_RUN], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == ""

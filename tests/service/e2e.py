@@ -47,13 +47,16 @@ def api(storage: Path, database_url: str, ray: str, mlflow: str) -> Iterator[Api
 
 
 def wait_terminal(client: ApiClient, experiment_id: str, timeout: float = 240) -> dict[str, Any]:
-    """Poll until the experiment reaches a terminal state."""
+    """Poll until the experiment reaches a terminal state and its MLflow parent run (if it
+    has one) is closed, which follows the end within seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         experiment = client.experiment(experiment_id)
-        if experiment["status"] in TERMINAL:
+        mlflow = experiment["mlflow"]
+        closed = mlflow["parent_run_id"] is None or mlflow["parent_closed_at"] is not None
+        if experiment["status"] in TERMINAL and closed:
             return experiment
-        time.sleep(1)
+        time.sleep(0.5)
     raise AssertionError(f"experiment {experiment_id} did not finish: {experiment}")
 
 

@@ -135,3 +135,16 @@ def test_a_node_from_another_image_version_is_named() -> None:
     assert "10.0.0.2" in lines[0] and "1.3.9" in lines[0] and "1.4.0" in lines[0]
     assert version_mismatches(nodes, None) == []
     assert version_mismatches(nodes[:1], "1.4.0") == []
+
+
+def test_the_driver_starts_without_what_its_trials_and_its_outbox_import() -> None:
+    """The driver stands between a submitted study and its first trial: it imports Ray Tune
+    and the database, but not torch (its trials train), not MLflow (its outbox thread
+    connects while the trials start), not Alembic (the API migrates) and not the Jobs client."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "mlflow", "alembic", "ray.job_submission")
+    code = f"import sys, service.driver; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

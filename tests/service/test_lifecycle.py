@@ -191,6 +191,28 @@ def test_a_succeeded_job_with_every_trial_done_succeeds(services: Services) -> N
     assert services.tracker.finished == [("parent-e1", "succeeded", 1)]  # type: ignore[attr-defined]
 
 
+def test_the_end_is_recorded_before_the_parent_run_is_closed(services: Services) -> None:
+    """Closing the parent run computes and uploads the study's analysis (seconds): whoever
+    waits on the experiment sees its end first."""
+    seen: list[ExperimentStatus] = []
+    close = services.tracker.finish_parent
+
+    def finish_parent(parent: str, outcome: ExperimentStatus, analysis: StudyAnalysis) -> None:
+        seen.append(ExperimentStatus(status(services)[0]))  # the stored status at this moment
+        close(parent, outcome, analysis)
+
+    services.tracker.finish_parent = finish_parent  # type: ignore[method-assign]
+    add(services)
+    lifecycle.reconcile(services)
+    set_trials(services, TrialState.SUCCEEDED, TrialState.SUCCEEDED)
+    services.executor.jobs["e1"] = JobStatus.SUCCEEDED  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    assert seen == [ExperimentStatus.SUCCEEDED]
+    with Session(services.engine) as session:
+        experiment = crud.get_experiment(session, "e1")
+        assert experiment is not None and experiment.mlflow_closed_at is not None
+
+
 def test_a_parent_run_mlflow_could_not_close_is_closed_once_mlflow_is_back(
     services: Services,
 ) -> None:

@@ -66,7 +66,10 @@ def experiment_out(
         updated_at=crud.as_aware(e.updated_at),
         finished_at=crud.as_aware(e.finished_at),
         mlflow=MlflowLinks(
-            experiment_id=e.mlflow_experiment_id, parent_run_id=e.mlflow_parent_run_id, **links
+            experiment_id=e.mlflow_experiment_id,
+            parent_run_id=e.mlflow_parent_run_id,
+            parent_closed_at=crud.as_aware(e.mlflow_closed_at),
+            **links,
         ),
     )
 
