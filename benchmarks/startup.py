@@ -63,6 +63,11 @@ def study_ended(client: httpx.Client, path: str) -> bool:
     return client.get(path).json()["status"] in ("succeeded", "failed")
 
 
+def parent_closed(client: httpx.Client, path: str) -> bool:
+    """The study's MLflow parent run is closed: the stack has nothing left to do for it."""
+    return client.get(path).json()["mlflow"]["parent_closed_at"] is not None
+
+
 def line(what: str, value: float, target: float) -> None:
     verdict = "ok" if value < target else "OVER"
     print(f"{what:<44} {value:7.2f} s   target < {target:g} s   {verdict}")
@@ -105,9 +110,11 @@ def serve_and_submit(repeats: int) -> None:
             seconds_until(partial(trial_started, client, path))
             running = time.perf_counter() - start
             seconds_until(partial(study_ended, client, path))
+            ended = time.perf_counter()
+            seconds_until(partial(parent_closed, client, path))  # idle again: warm, not busy
             if i > 0:
                 to_running.append(running)
-                to_end.append(time.perf_counter() - start)
+                to_end.append(ended - start)
         line("submit -> trial running, warm (median)", statistics.median(to_running), 5)
         done = statistics.median(to_end)
         print(f"{'submit -> 1-epoch study done, warm (median)':<44} {done:7.2f} s")

@@ -101,7 +101,7 @@ class LocalServices:
         port = port or free_port()
         backend = backend_store_uri or f"sqlite:///{storage / 'mlflow.db'}"
         cmd = [
-            sys.executable, "-m", "mlflow", "server",
+            sys.executable, "-m", "service.mlflow_server",  # `mlflow server`, in one process
             "--backend-store-uri", backend,
             "--artifacts-destination", str(storage / "mlartifacts"),
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

@@ -71,7 +71,15 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, ui_url: str | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.ui_url = ui_url or tracking_uri  # what a person's browser reaches
-        self.client = _client(tracking_uri)
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        """The MLflow client, made on first use (importing MLflow takes seconds, and the API
+        answers while it starts)."""
+        if self._client is None:
+            self._client = _client(self.tracking_uri)
+        return self._client
 
     def _experiment_id(self, name: str) -> str:
         """The MLflow experiment ``name``, created as a model-training experiment."""
