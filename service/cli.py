@@ -119,8 +119,8 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
 
         signal.signal(signal.SIGINT, hard_stop)
         signal.signal(signal.SIGTERM, hard_stop)
-        server.should_exit = True
-        thread.join(timeout=5)
+        server.should_exit = True  # then the app waits for its background work (bounded)
+        thread.join(timeout=settings.shutdown_wait_s + 5)
         local.stop(grace=2)  # nothing left in local Ray or MLflow is worth a longer wait
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -193,6 +193,18 @@ def wait_for(client: ApiClient, experiment_id: str, poll: float = 1.0) -> dict[s
                 return experiment
             time.sleep(poll)
             experiment = client.experiment(experiment_id)
+
+
+def wait_parent_closed(client: ApiClient, experiment_id: str, timeout: float = 120) -> bool:
+    """Wait (bounded) until the ended experiment's MLflow parent run is closed with its
+    results, analysis and figures; False if it is not closed in time (MLflow is down)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mlflow = client.experiment(experiment_id).get("mlflow") or {}
+        if mlflow.get("parent_run_id") is None or mlflow.get("parent_closed_at") is not None:
+            return True
+        time.sleep(0.25)
+    return False
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -367,12 +379,15 @@ def demo(
         final = wait_for(client, created["id"])
         typer.echo(f"status: {final['status']}")
         typer.echo(results_table(client.results(created["id"])))
-        mlflow = final.get("mlflow") or {}
-        typer.echo(f"MLflow UI: {mlflow.get('experiment_url') or mlflow.get('tracking_uri')}")
         from service.report import write_report
 
+        # the report is written while the API closes the MLflow parent run in the background
         path = write_report(client, created["id"], storage / "report")
         typer.echo(f"report: {path}")
+        mlflow = final.get("mlflow") or {}
+        if not wait_parent_closed(client, created["id"]):
+            typer.echo("the MLflow parent run is not closed yet (MLflow did not answer)")
+        typer.echo(f"MLflow UI: {mlflow.get('experiment_url') or mlflow.get('tracking_uri')}")
         if keep_open:
             typer.echo("services stay up; Ctrl-C to stop")
             try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from sqlalchemy.orm import Session
 
@@ -32,15 +33,30 @@ class Dispatcher:
         self._pending: set[str] = set()  # queued or being advanced
         self._again: set[str] = set()  # asked for again while being advanced
         self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
 
     def start(self) -> None:
-        for i in range(self.threads):
-            threading.Thread(target=self._work, name=f"dst-dispatch-{i}", daemon=True).start()
+        workers = [
+            threading.Thread(target=self._work, name=f"dst-dispatch-{i}", daemon=True)
+            for i in range(self.threads)
+        ]
+        self._workers = workers
+        for thread in workers:
+            thread.start()
         threading.Thread(target=self._tick, name="dst-dispatch-tick", daemon=True).start()
 
-    def stop(self) -> None:
-        """Stop taking work; a call in flight ends on its own timeout (daemon threads)."""
+    def stop(self, wait: float = 0.0) -> bool:
+        """Stop taking work and wait up to ``wait`` s for the calls in flight (every Ray and
+        MLflow call has a timeout; a parent run being closed finishes its upload), so the
+        process does not exit in the middle of one. True if none is left running."""
         self._stop.set()
+        deadline = time.monotonic() + wait
+        for thread in self._workers:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        busy = [t.name for t in self._workers if t.is_alive()]
+        if busy:
+            log.warning("stopping with work in flight on %s", ", ".join(busy))
+        return not busy
 
     def request(self, experiment_id: str) -> None:
         """Advance ``experiment_id`` soon (returns at once)."""

@@ -81,7 +81,7 @@ def create_app(
             yield
         finally:
             stopping.set()
-            dispatcher.stop()
+            dispatcher.stop(wait=settings.shutdown_wait_s)
             engine.dispose()
 
     app = FastAPI(

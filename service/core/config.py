@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     max_trials: int = Field(1000, ge=1, description="largest study (trials) the API accepts")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    shutdown_wait_s: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="on shutdown, how long the API waits for background work in flight (a "
+        "launch, a parent run being closed) before it exits",
+    )
     reconcile_interval_s: float = Field(
         5.0, gt=0, description="how often the API syncs experiment states with Ray"
     )
