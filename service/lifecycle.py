@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from service import crud
-from service.analysis import StudyAnalysis, experiment_masks_dir
+from service.analysis import AnalysisCache, StudyAnalysis, experiment_masks_dir
 from service.db import Experiment
 from service.states import TRANSITIONS, ExperimentStatus, JobStatus, TrialState
 from service.study import StudySpec, TrialPlan, expand
@@ -58,6 +58,7 @@ class Services:
     executor: Executor
     tracker: Tracker
     storage_path: Path | None = None  # where the job drivers keep finished trials' masks
+    analyses: AnalysisCache | None = None  # the API's: a parent run and a report share one
 
 
 def launch(services: Services, experiment_id: str) -> None:
@@ -157,7 +158,15 @@ def _finish_parent(
     if parent is None or experiment.mlflow_closed_at is not None:
         return
     masks = services.storage_path and experiment_masks_dir(services.storage_path, experiment_id)
-    analysis = crud.study_analysis(session, experiment_id, masks or None)
+
+    def compute() -> StudyAnalysis:
+        return crud.study_analysis(session, experiment_id, masks or None)
+
+    if services.analyses is None:
+        analysis = compute()
+    else:  # a report asked for at the same time waits for this computation, not a second one
+        version = crud.trials_version(session, experiment_id)
+        analysis = services.analyses.get(experiment_id, version, compute)
     session.commit()  # no transaction stays open across the MLflow calls
     try:
         services.tracker.finish_parent(parent, status, analysis)

@@ -53,8 +53,13 @@ def create_app(
         )
         tracker = tracker or MlflowTracker(settings.mlflow_tracking_uri, settings.mlflow_ui_url)
     engine = make_engine(settings.database_url)
+    analyses = AnalysisCache()  # shared by the routes and the closing of parent runs
     services = Services(
-        engine=engine, executor=executor, tracker=tracker, storage_path=settings.storage_path
+        engine=engine,
+        executor=executor,
+        tracker=tracker,
+        storage_path=settings.storage_path,
+        analyses=analyses,
     )
     dispatcher = Dispatcher(services, settings.reconcile_interval_s)
 
@@ -94,7 +99,7 @@ def create_app(
     app.state.services = services
     app.state.dispatcher = dispatcher
     app.state.database_ready = database_ready
-    app.state.analyses = AnalysisCache()
+    app.state.analyses = analyses
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.include_router(health.router)

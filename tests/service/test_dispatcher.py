@@ -28,29 +28,28 @@ def slow_advance(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list
     return started, done
 
 
-def dispatcher(tmp_path: Path) -> Dispatcher:
+def busy_dispatcher(tmp_path: Path, started: threading.Event) -> Dispatcher:
+    """A started dispatcher that is advancing experiment ``e1``."""
     engine = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
     upgrade_database(engine)
-    return Dispatcher(SimpleNamespace(engine=engine), interval=60, threads=2)  # type: ignore[arg-type]
+    d = Dispatcher(SimpleNamespace(engine=engine), interval=60, threads=2)  # type: ignore[arg-type]
+    d.start()
+    d.request("e1")
+    assert started.wait(5)
+    return d
 
 
 def test_stopping_waits_for_the_work_in_flight(tmp_path: Path, slow_advance) -> None:
     """A parent run being closed when the API stops is finished, not cut off at exit."""
     started, done = slow_advance
-    d = dispatcher(tmp_path)
-    d.start()
-    d.request("e1")
-    assert started.wait(5)
+    d = busy_dispatcher(tmp_path, started)
     assert d.stop(wait=5) is True
     assert done == ["e1"]
 
 
 def test_stopping_waits_no_longer_than_asked(tmp_path: Path, slow_advance) -> None:
     started, done = slow_advance
-    d = dispatcher(tmp_path)
-    d.start()
-    d.request("e1")
-    assert started.wait(5)
+    d = busy_dispatcher(tmp_path, started)
     begin = time.monotonic()
     assert d.stop(wait=0.1) is False  # still busy: the process may exit with it running
     assert time.monotonic() - begin < 0.4 and done == []

@@ -213,6 +213,31 @@ def test_the_end_is_recorded_before_the_parent_run_is_closed(services: Services)
         assert experiment is not None and experiment.mlflow_closed_at is not None
 
 
+def test_the_parent_run_and_the_api_share_one_analysis(services: Services) -> None:
+    """The analysis computed to close the parent run is the one the API's routes then serve
+    (a report asked for while the parent run closes waits for it instead of computing it
+    again)."""
+    from dataclasses import replace
+
+    from service.analysis import AnalysisCache
+
+    shared = replace(services, analyses=AnalysisCache())
+    add(shared)
+    lifecycle.reconcile(shared)
+    set_trials(shared, TrialState.SUCCEEDED, TrialState.SUCCEEDED)
+    shared.executor.jobs["e1"] = JobStatus.SUCCEEDED  # type: ignore[attr-defined]
+    lifecycle.reconcile(shared)
+    assert shared.tracker.finished == [("parent-e1", "succeeded", 1)]  # type: ignore[attr-defined]
+    assert shared.analyses is not None
+    with Session(shared.engine) as session:
+        version = crud.trials_version(session, "e1")
+
+    def again() -> StudyAnalysis:
+        raise AssertionError("computed a second time")
+
+    assert shared.analyses.get("e1", version, again).results is not None
+
+
 def test_a_parent_run_mlflow_could_not_close_is_closed_once_mlflow_is_back(
     services: Services,
 ) -> None:
