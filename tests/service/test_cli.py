@@ -103,6 +103,9 @@ def test_ctrl_c_stops_serve_and_everything_it_started(tmp_path: Path, presses: i
         ["uv", "run", "--frozen", "dst", "serve"],
         env=env,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        # with Ctrl-C's default action, as in a terminal, even when this suite runs as a
+        # shell's background job (`cmd &` makes a child ignore SIGINT, and Python respects it)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
