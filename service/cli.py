@@ -40,8 +40,35 @@ def _client(api: str, token: str | None) -> ApiClient:
     return ApiClient(api, token or default_token(Settings().storage_path))
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+DUPLICATE_SIGNAL_S = 1.0  # a second signal this soon is the first one delivered again
+
+
+class _Stopper:
+    """The SIGINT/SIGTERM handler of a command that started local services.
+
+    The first signal unwinds the command (its ``finally`` stops everything it started); a
+    signal within :data:`DUPLICATE_SIGNAL_S` of it is the same stop delivered twice (a
+    terminal or a process manager signals the whole process group, and ``uv run`` forwards
+    the signal to its child once more) and is ignored; any later one, or one that arrives
+    while stopping, kills what is left at once.
+    """
+
+    def __init__(self, local: Any) -> None:
+        self.local = local
+        self.first: float | None = None  # when the first signal came
+        self.stopping = False  # the command's cleanup has begun
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if self.first is not None and now - self.first < DUPLICATE_SIGNAL_S:
+            return
+        if self.first is None and not self.stopping:
+            self.first = now
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.local.kill()
+        os._exit(128 + signum)
 
 
 @contextmanager
@@ -57,9 +84,13 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
     from service.local import LocalServices, free_port
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    # SIGTERM (a process manager, `kill`) unwinds like Ctrl-C, so local services are stopped
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     local = LocalServices()
+    # SIGTERM (a process manager, `kill`) unwinds like Ctrl-C, so local services are stopped;
+    # a SIGINT this process was started ignoring (`cmd &` in a script) stays ignored
+    stopper = _Stopper(local)
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(sig, stopper)
     starters: list[tuple[str, Any]] = []
     ray_address, mlflow_uri = settings.ray_address, settings.mlflow_tracking_uri
     if not ray_address:
@@ -112,13 +143,7 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
             time.sleep(0.05)
         yield url
     finally:
-
-        def hard_stop(signum: int, frame: FrameType | None) -> None:
-            local.kill()
-            os._exit(128 + signum)
-
-        signal.signal(signal.SIGINT, hard_stop)
-        signal.signal(signal.SIGTERM, hard_stop)
+        stopper.stopping = True  # from here a new signal kills what is left
         server.should_exit = True  # then the app waits for its background work (bounded)
         thread.join(timeout=settings.shutdown_wait_s + 5)
         local.stop(grace=2)  # nothing left in local Ray or MLflow is worth a longer wait

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -83,10 +84,17 @@ def alive(pids: set[int]) -> set[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("presses", [1, 2], ids=["one-ctrl-c", "two-ctrl-c"])
-def test_ctrl_c_stops_serve_and_everything_it_started(tmp_path: Path, presses: int) -> None:
-    """As a terminal does it: SIGINT to the whole process group of `uv run dst serve` (uv
-    forwards it to the server once more). The API, Ray and MLflow are all gone in seconds."""
+@pytest.mark.parametrize(
+    ("signum", "presses"),
+    [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 1)],
+    ids=["one-ctrl-c", "two-ctrl-c", "sigterm-to-the-group"],
+)
+def test_ctrl_c_stops_serve_and_everything_it_started(
+    tmp_path: Path, signum: int, presses: int
+) -> None:
+    """As a terminal (SIGINT) or a process manager (SIGTERM) does it: the signal to the whole
+    process group of `uv run dst serve`, which uv forwards to the server once more. The API,
+    Ray and MLflow are all gone in seconds, whichever copy of the signal lands first."""
     import os
     import signal
     import subprocess
@@ -121,7 +129,7 @@ def test_ctrl_c_stops_serve_and_everything_it_started(tmp_path: Path, presses: i
         started = alive(descendants(proc.pid))
         assert len(started) >= 4  # uv's child, Ray's head processes, MLflow
         for _ in range(presses):
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, signum)
             time.sleep(0.3)
         proc.wait(timeout=30)
         wait_for(lambda: not alive(started), "every started process to end", 15)
