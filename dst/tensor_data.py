@@ -52,7 +52,7 @@ class TensorSplit:
         self, indices: torch.Tensor, gen: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The model inputs and labels of samples ``indices`` [B] (augmented if configured)."""
-        idx = indices.to(self.inputs.device)
+        idx = to_device(indices, self.inputs.device)
         x = self.inputs[idx]  # [B, ...]
         if self.pad_crop or self.flip:
             x = crop_and_flip(x, self.pad_crop, self.flip, gen)
@@ -61,11 +61,21 @@ class TensorSplit:
         return x, self.labels[idx]
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without making the host wait: a CPU tensor bound for a GPU goes
+    through page-locked memory, so the copy is queued behind the running kernels rather than
+    synchronizing with them (a synchronization per batch would hold the GPU to the host's pace).
+    """
+    if device.type != "cuda" or t.device == device:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _uniform(shape: tuple[int, ...], x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
     """Uniform [0, 1) draws on ``x``'s device (from ``gen``, on the CPU, when given)."""
     if gen is None:
         return torch.rand(shape, device=x.device)
-    return torch.rand(shape, generator=gen).to(x.device)
+    return to_device(torch.rand(shape, generator=gen), x.device)
 
 
 def crop_and_flip(
@@ -103,9 +113,9 @@ def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Te
 
 def normalize(x: torch.Tensor, norm: ImageNorm) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float32 (x / 255 - mean) / std."""
-    std = torch.tensor(norm.std, device=x.device).view(1, -1, 1, 1)
+    std = to_device(torch.tensor(norm.std), x.device).view(1, -1, 1, 1)
     scale = 1.0 / (255.0 * std)  # [1, C, 1, 1]
-    shift = -torch.tensor(norm.mean, device=x.device).view(1, -1, 1, 1) / std
+    shift = -to_device(torch.tensor(norm.mean), x.device).view(1, -1, 1, 1) / std
     return torch.addcmul(shift, x.float(), scale)
 
 

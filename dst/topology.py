@@ -166,13 +166,13 @@ class TopologyUpdater:
         updates = {}
         for name, w in weights.items():
             pruned = pruned_sets[name]  # [k], all active before the update
-            flat_mask, flat_w = masks[name].view(-1), w.detach().view(-1)
+            flat_mask, flat_w = masks[name].view(-1), w.detach().view(-1)  # [n], [n]
+            before = flat_mask.clone()  # [n]; lookups here are cheaper than set intersections
             flat_mask[pruned] = False
             grown = self.growth.select(w.grad, masks[name], len(pruned), self.generator)  # [k]
             flat_mask[grown] = True
-            regrown = torch.isin(grown, pruned)  # [k]: active before, so not new
-            new = grown[~regrown]  # [k_new]
-            flat_w[pruned[~torch.isin(pruned, grown)]] = 0.0
+            new = grown[~before[grown]]  # [k_new]: inactive before the update
+            flat_w[pruned[~flat_mask[pruned]]] = 0.0  # pruned and not regrown
             flat_w[new] = 0.0
             if optimizer is not None:
                 reset_optimizer_state(optimizer, w, new)

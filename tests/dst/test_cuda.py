@@ -7,17 +7,26 @@ They need a CUDA device, which CI does not have; run them where one is:
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 from torch import nn
 
+from dst.criteria import CRITERIA, lowest_k, resolve_criterion
+from dst.distributions import layer_densities
+from dst.growth import GROWTH
 from dst.kernels import compiled_kernel
-from dst.masks import density
+from dst.masks import Masks, apply_masks, density, init_masks, prunable_weights
 from dst.optimizers import Kernel, MaskedSGD
+from dst.schedules import PruneSchedule
 from dst.spec import RunSpec
+from dst.tensor_data import ImageNorm, TensorSplit
+from dst.topology import TopologyUpdater
 from dst.training import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -84,6 +93,91 @@ def test_masked_update_is_one_fused_kernel_per_tensor() -> None:
     assert 1 <= len(launched) <= len(sizes), launched
 
 
+@contextmanager
+def counted_syncs() -> Iterator[Counter[str]]:
+    """Host synchronizations with the GPU inside the block, by the Python line that made them
+    (PyTorch's synchronization debug mode)."""
+    syncs: Counter[str] = Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield syncs
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs.update(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+
+
+@pytest.mark.parametrize("n", [10, 1000, 300_000])
+def test_lowest_k_on_cuda_is_the_cpu_selection(n: int) -> None:
+    """The GPU's sort-based selection picks what the CPU's threshold selection picks, ties to
+    the lowest position included (values drawn from a few levels, so ties are many)."""
+    gen = torch.Generator().manual_seed(n)
+    values = torch.randint(0, 7, (n,), generator=gen).float()
+    values[torch.randperm(n, generator=gen)[: n // 10]] = -torch.inf
+    for k in (1, n // 3, n - 1):
+        assert torch.equal(lowest_k(values.to(CUDA), k).cpu(), lowest_k(values, k))
+
+
+def layered_state(device: torch.device) -> tuple[nn.Module, dict[str, nn.Parameter], Masks]:
+    """A small MLP with 30 %-dense masks and the gradient of one batch, on ``device``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    weights = prunable_weights(model)
+    shapes = {n: tuple(w.shape) for n, w in weights.items()}
+    masks = init_masks(
+        weights, layer_densities(shapes, 0.3, "er"), torch.Generator().manual_seed(1)
+    )
+    apply_masks(weights, masks)
+    model = model.to(device)
+    masks = {n: m.to(device) for n, m in masks.items()}
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(32, 64, generator=gen), torch.randint(0, 10, (32,), generator=gen)
+    nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+    return model, prunable_weights(model), masks
+
+
+@pytest.mark.parametrize(
+    ("criterion", "growth", "scope"),
+    list(itertools.product(CRITERIA.names(), GROWTH.names(), ["local", "global"])),
+)
+def test_a_topology_update_on_cuda_is_the_cpu_update(
+    criterion: str, growth: str, scope: str
+) -> None:
+    """Scores, selection and growth on the GPU choose exactly what they choose on the CPU."""
+    results = []
+    for device in (torch.device("cpu"), CUDA):
+        _, weights, masks = layered_state(device)
+        updater = TopologyUpdater(
+            resolve_criterion(criterion),
+            GROWTH.get(growth),
+            PruneSchedule("constant", 0.3, 1, 10_000),
+            scope,  # type: ignore[arg-type]
+            torch.Generator().manual_seed(3),
+        )
+        changes = updater.update(weights, masks, None, 1)
+        results.append(({n: m.cpu() for n, m in masks.items()}, changes))
+    (cpu_masks, cpu_changes), (gpu_masks, gpu_changes) = results
+    for name in cpu_masks:
+        assert torch.equal(gpu_masks[name], cpu_masks[name]), name
+        assert torch.equal(gpu_changes[name].new.cpu(), cpu_changes[name].new), name
+
+
+def test_augmented_tensor_batches_do_not_synchronize_per_batch() -> None:
+    """Indices and random draws reach the GPU through page-locked memory. (On torch 2.11 an H100
+    showed one synchronization in eight batches, inside ``torch.cuda``: not one per batch.)"""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    norm = ImageNorm((0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
+    split = TensorSplit(images, torch.randint(0, 10, (512,)), norm, 4, True).to(CUDA)
+    split.batch(torch.arange(64), gen)  # warm-up
+    with counted_syncs() as syncs:
+        for i in range(8):
+            x, _ = split.batch(torch.arange(64) + 64 * i, gen)
+            assert x.shape == (64, 3, 32, 32) and x.is_cuda
+    assert sum(syncs.values()) < 8, syncs
+
+
 def digits_spec(**training: object) -> RunSpec:
     return RunSpec.model_validate(
         {
@@ -103,14 +197,8 @@ def test_a_training_epoch_does_not_synchronize_every_step(data_path: str) -> Non
     trainer = Trainer(digits_spec(data_path=data_path))
     trainer.train_epoch()  # warm-up: first allocations, cuBLAS handles
     steps = trainer.steps_per_epoch
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            trainer.train_epoch()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message))
+    with counted_syncs() as syncs:
+        trainer.train_epoch()
     assert steps > 20
     assert sum(syncs.values()) <= 4, f"{sum(syncs.values())} syncs in {steps} steps: {syncs}"
 
