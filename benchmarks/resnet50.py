@@ -14,6 +14,7 @@ around forward and loss, channels-last inputs). Targets on a GPU: DST within 2 %
 
     uv run python -m benchmarks.resnet50 --device cuda --batches 64 128 256
     uv run python -m benchmarks.resnet50 --device cpu --image-size 64 --batches 8 --rounds 3
+    uv run python -m benchmarks.resnet50 --device cuda --batches 256 --profile-update
 """
 
 from __future__ import annotations
@@ -136,6 +137,41 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def profile_update(args: argparse.Namespace, device: torch.device) -> None:
+    """Where one topology update's time goes: PyTorch's profiler table of its operators (by
+    self time on the device, or on the CPU off CUDA) and, on CUDA, its host synchronizations."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    info = DataInfo("imagenet", "image", (3, args.image_size, args.image_size), 1000)
+    gen = torch.Generator().manual_seed(0)
+    model = build(info, device)
+    masks = sparsify(model, args.density, gen, init="erk")
+    weights, opt = prunable_weights(model), optimizer(model, masks, "auto")
+    updater = topology_updater(args.criterion, args.growth)
+    x = torch.randn(args.batches[0], *info.input_shape, generator=gen).to(device)
+    y = torch.randint(0, 1000, (args.batches[0],), generator=gen).to(device)
+    nn.functional.cross_entropy(model(x), y).backward()
+    for _ in range(2):  # warm-up
+        updater.update(weights, masks, opt, 800)
+    sync(device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        updater.update(weights, masks, opt, 800)
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+        sync(device)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=20))
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    print(f"one update over {len(weights)} layers: {syncs} host synchronizations")
+
+
 def report(setting: Setting, m: Measured) -> None:
     q1, ratio, q3 = m.ratio
     dense_ips = setting.batch / m.dense_s
@@ -164,6 +200,11 @@ def main() -> None:
     parser.add_argument("--criterion", default="magnitude")
     parser.add_argument("--growth", default="gradient")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--profile-update",
+        action="store_true",
+        help="profile one topology update (first batch size, fp32) instead of the comparison",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,6 +219,9 @@ def main() -> None:
         f"{args.criterion}/{args.growth}, {args.rounds} rounds x {args.steps} steps; "
         f"torch {torch.__version__}"
     )
+    if args.profile_update:
+        profile_update(args, device)
+        return
     for batch, precision, layout in itertools.product(args.batches, args.precision, args.layouts):
         setting = Setting(batch, precision == "bf16", layout == "nhwc")
         report(setting, measure(args, setting, device))

@@ -196,13 +196,12 @@ def select_pruned(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Ten
     Ties go to the lowest flat index; NaN scores (a diverged weight) count as the lowest.
     Inactive entries are never chosen.
     """
-    import torch
 
     from dst.masks import true_indices
 
     active_idx = true_indices(mask)  # [a]
     if k > len(active_idx):
         raise ValueError(f"cannot prune {k} weights: only {len(active_idx)} are active")
-    s = scores.detach().flatten()[active_idx]  # [a]
-    s = torch.where(torch.isnan(s), -math.inf, s)
+    s = scores.detach().flatten()[active_idx]  # [a], a copy
+    s.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN lowest, ±inf kept
     return active_idx[lowest_k(s, k)]

@@ -80,7 +80,6 @@ def gradient_growth(
 
     Ties go to the lowest flat index.
     """
-    import torch
 
     from dst.masks import num_active
 
@@ -89,9 +88,9 @@ def gradient_growth(
     inactive = mask.numel() - num_active(mask)
     if k > inactive:
         raise ValueError(f"cannot grow {k} weights: only {inactive} are inactive")
-    g = grad.detach().flatten().abs()  # [n]
     # lowest of -|∇θ| = largest |∇θ|; active positions and NaN gradients are never preferred
-    keys = torch.where(mask.flatten() | torch.isnan(g), math.inf, -g)  # [n]
+    keys = grad.detach().flatten().abs().neg_()  # [n], a copy
+    keys.masked_fill_(mask.flatten() | keys.isnan(), math.inf)
     return lowest_k(keys, k)
 
 
