@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from service.client import parent_closed
 from service.local import free_port
 
 STUDY = {
@@ -63,9 +64,9 @@ def study_ended(client: httpx.Client, path: str) -> bool:
     return client.get(path).json()["status"] in ("succeeded", "failed")
 
 
-def parent_closed(client: httpx.Client, path: str) -> bool:
+def settled(client: httpx.Client, path: str) -> bool:
     """The study's MLflow parent run is closed: the stack has nothing left to do for it."""
-    return client.get(path).json()["mlflow"]["parent_closed_at"] is not None
+    return parent_closed(client.get(path).json())
 
 
 def line(what: str, value: float, target: float) -> None:
@@ -111,7 +112,7 @@ def serve_and_submit(repeats: int) -> None:
             running = time.perf_counter() - start
             seconds_until(partial(study_ended, client, path))
             ended = time.perf_counter()
-            seconds_until(partial(parent_closed, client, path))  # idle again: warm, not busy
+            seconds_until(partial(settled, client, path))  # idle again: warm, not busy
             if i > 0:
                 to_running.append(running)
                 to_end.append(ended - start)

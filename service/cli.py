@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from dst.cli import app, fail
-from service.client import DEFAULT_URL, TERMINAL, ApiClient, ApiError, default_token, write_token
+from service.client import (
+    DEFAULT_URL,
+    TERMINAL,
+    ApiClient,
+    ApiError,
+    default_token,
+    parent_closed,
+    write_token,
+)
 from service.states import ExperimentStatus, TrialState
 
 if TYPE_CHECKING:
@@ -225,8 +233,7 @@ def wait_parent_closed(client: ApiClient, experiment_id: str, timeout: float = 1
     results, analysis and figures; False if it is not closed in time (MLflow is down)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        mlflow = client.experiment(experiment_id).get("mlflow") or {}
-        if mlflow.get("parent_run_id") is None or mlflow.get("parent_closed_at") is not None:
+        if parent_closed(client.experiment(experiment_id)):
             return True
         time.sleep(0.25)
     return False

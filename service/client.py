@@ -15,6 +15,13 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset(s.value for s in TERMINAL_EXPERIMENT)
 
 
+def parent_closed(experiment: dict[str, Any]) -> bool:
+    """The experiment's MLflow parent run is closed with its results, analysis and figures (or
+    it has none): after its end, nothing is left to do for it."""
+    mlflow = experiment.get("mlflow") or {}
+    return mlflow.get("parent_run_id") is None or mlflow.get("parent_closed_at") is not None
+
+
 def token_file(storage_path: Path) -> Path:
     """Where ``dst serve`` leaves its generated token for local CLI use (mode 0600)."""
     return storage_path / "api-token"

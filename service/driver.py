@@ -25,6 +25,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+from ray.tune.logger import JsonLoggerCallback
 from sqlalchemy.orm import Session
 
 from service import crud
@@ -95,7 +96,7 @@ def make_tuner(
             storage_path=os.path.dirname(path),
             failure_config=tune.FailureConfig(max_failures=2),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
+            callbacks=[*callbacks, JsonLoggerCallback()],  # result.json beside each trial
             verbose=1,
         ),
     )
@@ -166,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     # MLflow writes go through the recorder's outbox, which retries: one attempt each here
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # the recorder keeps the results; of Tune's own loggers (CSV, JSON, TensorBoard: about a
+    # tenth of a study of small trials) only the JSON log is kept, see make_tuner
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     settings = Settings()
     engine = make_engine(settings.database_url)
     with Session(engine) as session:

@@ -229,3 +229,12 @@ def test_registry() -> None:
     ]
     with pytest.raises(UnknownNameError, match="valid dataset names: higgs"):
         get_dataset("mnist")
+
+
+def test_every_registered_dataset_names_a_loader() -> None:
+    """The registry names loaders as strings (it imports no torch): each must exist."""
+    from dst import loaders
+    from dst.datasets import DATASETS
+
+    for name in DATASETS.names():
+        assert callable(getattr(loaders, DATASETS.get(name).loader, None)), name

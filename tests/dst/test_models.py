@@ -263,3 +263,12 @@ def test_dropout_is_refused_by_models_without_it() -> None:
         build_model("resnet56", CIFAR10, ModelOptions(dropout=0.1))
     with pytest.raises(ValueError, match=r"dropout rate must be in \[0, 1\)"):
         ModelOptions(dropout=1.0)
+
+
+def test_every_registered_model_names_a_network_builder() -> None:
+    """The registry names builders as strings (it imports no torch): each must exist."""
+    from dst import networks
+    from dst.models import MODELS
+
+    for name in MODELS.names():
+        assert callable(getattr(networks, MODELS.get(name).builder, None)), name

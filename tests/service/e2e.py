@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli import running_api
-from service.client import TERMINAL, ApiClient
+from service.client import TERMINAL, ApiClient, parent_closed
 from service.core.config import Settings
 from service.local import free_port
 
@@ -52,9 +52,7 @@ def wait_terminal(client: ApiClient, experiment_id: str, timeout: float = 240) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         experiment = client.experiment(experiment_id)
-        mlflow = experiment["mlflow"]
-        closed = mlflow["parent_run_id"] is None or mlflow["parent_closed_at"] is not None
-        if experiment["status"] in TERMINAL and closed:
+        if experiment["status"] in TERMINAL and parent_closed(experiment):
             return experiment
         time.sleep(0.5)
     raise AssertionError(f"experiment {experiment_id} did not finish: {experiment}")

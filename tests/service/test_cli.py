@@ -117,6 +117,7 @@ def test_ctrl_c_stops_serve_and_everything_it_started(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    started: set[int] = set()
     try:
 
         def ready() -> bool:
@@ -133,8 +134,9 @@ def test_ctrl_c_stops_serve_and_everything_it_started(
             time.sleep(0.3)
         proc.wait(timeout=30)
         wait_for(lambda: not alive(started), "every started process to end", 15)
-    finally:
+    finally:  # on failure: what it started, listed before killing re-parents it to init
+        leftover = started | descendants(proc.pid)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        for pid in alive(descendants(proc.pid)):
+        for pid in alive(leftover):
             os.kill(pid, signal.SIGKILL)

@@ -114,6 +114,10 @@ def test_study_end_to_end_on_sqlite(local_ray: str, mlflow_sqlite: str, storage:
     db = f"sqlite:///{storage / 'e2e.db'}"
     with api(storage / "e2e", db, local_ray, mlflow_sqlite) as client:
         run_study(client, mlflow_sqlite, "e2e-sqlite")
+    # of Tune's own logs only the JSON result log is written (the recorder keeps the results)
+    logs = {p.name for p in (storage / "e2e" / "ray_results").glob("*/trial-0/*") if p.is_file()}
+    assert "result.json" in logs and not {"progress.csv"} & logs, logs
+    assert not any(name.startswith("events.out.tfevents") for name in logs), logs
 
 
 def test_study_end_to_end_on_postgres(
