@@ -136,6 +136,18 @@ def demo() -> None:
     line("dst demo end to end", time.perf_counter() - start, 60)
 
 
+def bytecode() -> str:
+    """Whether the installed packages' bytecode is compiled: without it (and where Python may
+    not write it) every process compiles its imports from source, seconds each."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    origin = Path(spec.origin) if spec and spec.origin else None
+    cached = origin is not None and any((origin.parent / "__pycache__").glob("__init__.*.pyc"))
+    writes = "not written" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "written on import"
+    return f"installed packages' bytecode: {'compiled' if cached else 'not compiled'} ({writes})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -144,6 +156,7 @@ def main() -> None:
     parser.add_argument("--demo", action="store_true", help="also time `dst demo` (minutes)")
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs; every figure from real processes started by uv run")
+    print(bytecode())
     cli_help(args.repeats)
     serve_and_submit(args.repeats)
     if args.demo:
