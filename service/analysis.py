@@ -13,6 +13,7 @@ Jaccard index (Figure 6b) with J_init and the weights every criterion keeps or r
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import threading
@@ -79,6 +80,17 @@ class StudyAnalysis:
         out = asdict(self)
         out.pop("results")
         return out
+
+
+@functools.cache
+def preload() -> None:
+    """Import what analysing a study and drawing its figures import (SciPy's statistics and the
+    Nemenyi test, PyTorch for the masks, Matplotlib): seconds on a small machine. The API
+    calls this after launching a study, so the analysis at the study's end does not pay them.
+    """
+    import dst.figures
+    import dst.ranking
+    import dst.structure  # noqa: F401
 
 
 def analyze(

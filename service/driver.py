@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     # the recorder keeps the results; of Tune's own loggers (CSV, JSON, TensorBoard: about a
     # tenth of a study of small trials) only the JSON log is kept, see make_tuner
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # with num_to_keep, Tune saves its state whenever a trial has checkpointed that often, and
+    # warns on every save within 5 s: hundreds of lines in a study of short epochs
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     settings = Settings()
     engine = make_engine(settings.database_url)
     with Session(engine) as session:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from service import crud
 from service.analysis import AnalysisCache, StudyAnalysis, experiment_masks_dir
+from service.analysis import preload as preload_analysis
 from service.db import Experiment
 from service.states import TRANSITIONS, ExperimentStatus, JobStatus, TrialState
 from service.study import StudySpec, TrialPlan, expand
@@ -94,6 +95,8 @@ def launch(services: Services, experiment_id: str) -> None:
         session.commit()
     if not moved:  # cancelled while we were submitting: do not leave the job running
         services.executor.stop(experiment_id)
+        return
+    preload_analysis()  # while the job starts: the first analysis then needs no imports
 
 
 def cancel(services: Services, experiment_id: str) -> bool:
