@@ -13,9 +13,11 @@ MLflow child run. The drawing itself is :mod:`dst.figures`'.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dst.spec import RunSpec
@@ -53,6 +55,8 @@ KINDS = {  # a figure name's stem -> what it shows (the paper's figure)
     "accuracy_vs_mest_lambda": "Accuracy vs MEST λ (Figure 7)",
 }
 
+log = logging.getLogger(__name__)
+
 
 def kind_of(name: str) -> str:
     """The stem of figure ``name`` (a key of :data:`KINDS`), or the name itself."""
@@ -79,6 +83,38 @@ def render(figure: Figure, kind: str, dpi: int = PNG_DPI) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format=kind, dpi=dpi if kind == "png" else "figure")
     return buffer.getvalue()
+
+
+def write_figures(analysis: StudyAnalysis, directory: Path, processes: int = 2) -> None:
+    """Every figure of ``analysis`` as PNG and SVG files in ``directory``.
+
+    Drawn in ``processes`` child processes: a study's figures are seconds of CPU under the
+    GIL, which the API's requests need meanwhile, and a second core draws half of them. Where
+    child processes cannot start, they are drawn here.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    names = figure_names(analysis)
+    shares = [names[i::processes] for i in range(processes) if names[i::processes]]
+    if not shares:
+        return
+    try:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no copied threads
+        with ProcessPoolExecutor(len(shares), mp_context=context) as pool:
+            for done in [pool.submit(_write, analysis, share, directory) for share in shares]:
+                done.result()
+    except (OSError, BrokenProcessPool) as error:
+        log.warning("drawing the figures in this process (no child processes: %s)", error)
+        _write(analysis, names, directory)
+
+
+def _write(analysis: StudyAnalysis, names: Sequence[str], directory: Path) -> None:
+    for name in names:
+        figure = build_figure(analysis, name)
+        for kind in ("png", "svg"):
+            figure.savefig(directory / f"{name}.{kind}", format=kind)
 
 
 def setting_slug(setting: Mapping[str, Any]) -> str:

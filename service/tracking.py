@@ -137,7 +137,7 @@ class MlflowTracker:
         from mlflow.entities import Metric, RunTag
 
         from service.analysis import rankings_csv, summary
-        from service.figures import build_figure, figure_names
+        from service.figures import write_figures
 
         self.client.log_dict(run_id, analysis.to_dict(), "analysis.json")
         if analysis.rankings:
@@ -150,10 +150,7 @@ class MlflowTracker:
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
         with tempfile.TemporaryDirectory() as tmp:
-            for name in figure_names(analysis):
-                figure = build_figure(analysis, name)
-                for kind in ("png", "svg"):
-                    figure.savefig(Path(tmp) / f"{name}.{kind}", format=kind)
+            write_figures(analysis, Path(tmp))
             self.client.log_artifacts(run_id, tmp, "figures")
 
     def links(

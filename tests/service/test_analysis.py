@@ -584,3 +584,43 @@ def test_first_update_std_is_taken_per_layer_when_the_runs_kept_their_layers(
     analysis = analyze([t.spec for t in finished], finished, partial=False, mask_dir=tmp_path)
     (entry,) = analysis.removal
     assert entry["std_per_layer"] is False and entry["std"] == [[None, pytest.approx(0.0)]]
+
+
+def two_setting_analysis() -> Any:
+    trials = [
+        FinishedTrial(run(c, seed, density), {"test_acc": 0.5 + 0.1 * seed}, seed, history({}, {}))
+        for c in ("magnitude", "set")
+        for seed in (0, 1)
+        for density in (0.1, 0.5)
+    ]
+    return analyze([t.spec for t in trials], trials, partial=False)
+
+
+def test_figures_are_written_by_child_processes_or_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every figure as PNG and SVG, the same whether two processes draw them or this one (when
+    no child process can start)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from service.figures import write_figures
+
+    analysis = two_setting_analysis()
+    names = figure_names(analysis)
+    assert len(names) >= 4
+    (tmp_path / "children").mkdir()
+    with caplog.at_level("WARNING"):
+        write_figures(analysis, tmp_path / "children")
+    assert "drawing the figures in this process" not in caplog.text  # the children drew them
+    files = {p.name for p in (tmp_path / "children").iterdir()}
+    assert files == {f"{n}.{k}" for n in names for k in ("png", "svg")}
+
+    def no_processes(*args: object, **kwargs: object) -> ProcessPoolExecutor:
+        raise OSError("no more processes")
+
+    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", no_processes)
+    (tmp_path / "here").mkdir()
+    with caplog.at_level("WARNING"):
+        write_figures(analysis, tmp_path / "here")
+    assert {p.name for p in (tmp_path / "here").iterdir()} == files
+    assert "drawing the figures in this process" in caplog.text
