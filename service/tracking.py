@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +39,7 @@ TAG_EXPERIMENT = "dst.experiment_id"
 TAG_TRIAL = "dst.trial_index"
 TAG_RESUMED = "dst.resumed_from_epoch"  # set on a child run when its trial resumed
 PARENT_TAG = "mlflow.parentRunId"
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on the metrics of one log_batch request
 RUN_STATUS = {  # the MLflow status that ends the run of an experiment or trial in this state
     "succeeded": "FINISHED",
     "failed": "FAILED",
@@ -216,14 +217,19 @@ class TrialRun:
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
-    def log_epoch(self, metrics: dict[str, float]) -> None:
-        """Per-epoch metrics, stepped by epoch."""
+    def log_epochs(self, epochs: Sequence[Mapping[str, float]]) -> None:
+        """Per-epoch metrics, stepped by epoch, in as few requests as MLflow allows."""
         from mlflow.entities import Metric
 
-        epoch = int(metrics["epoch"])
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
-        self.client.log_batch(self.run_id, metrics=batch)
+        batch = [
+            Metric(k, float(v), now, int(metrics["epoch"]))
+            for metrics in epochs
+            for k, v in metrics.items()
+            if k != "epoch"
+        ]
+        for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + MAX_METRICS_PER_BATCH])
 
     def log_masks_file(self, path: Path, name: str) -> None:
         """A saved mask set (packed bits, :func:`dst.masks.save_masks`) as ``masks/<name>.npz``."""
@@ -322,6 +328,8 @@ class ChildRuns:
         self.on_run = on_run
         self.outbox = outbox or Outbox()
         self._runs: dict[int, TrialRun] = {}
+        self._epochs: dict[int, list[dict[str, float]]] = {}  # by trial: epochs not yet sent
+        self._lock = threading.Lock()
 
     def start(
         self, index: int, label: str, spec: RunSpec, run_id: str | None, resumed: int | None
@@ -351,7 +359,22 @@ class ChildRuns:
         self._put(index, f"resume tag {epoch}", lambda run: run.tag(TAG_RESUMED, str(epoch)))
 
     def log_epoch(self, index: int, metrics: dict[str, float]) -> None:
-        self._put(index, f"epoch {int(metrics['epoch'])}", lambda run: run.log_epoch(metrics))
+        """An epoch's metrics. Epochs that arrive while the outbox is behind go out together,
+        in one request, with the first of them (still before anything queued after them)."""
+        with self._lock:
+            waiting = self._epochs.setdefault(index, [])
+            waiting.append(dict(metrics))
+            if len(waiting) > 1:
+                return  # the send queued for the first one takes this one too
+        taken: list[dict[str, float]] = []  # kept across retries: a retry resends the same
+
+        def write(run: TrialRun) -> None:
+            if not taken:
+                with self._lock:
+                    taken.extend(self._epochs.pop(index, []))
+            run.log_epochs(taken)
+
+        self._put(index, f"epoch {int(metrics['epoch'])}", write)
 
     def log_masks(self, index: int, source: Path, name: str) -> None:
         """Upload a mask file; it is copied now, since checkpoints on storage get rotated."""

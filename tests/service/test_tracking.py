@@ -103,3 +103,28 @@ def test_links_point_at_the_ui_address_users_open() -> None:
     assert links["experiment_url"] == "https://mlflow.lab.example/#/experiments/7/runs"
     assert links["parent_run_url"] == "https://mlflow.lab.example/#/experiments/7/runs/r1"
     assert links["tracking_uri"] == "http://mlflow:5000"
+
+
+def test_epochs_queued_behind_other_writes_go_out_in_one_request_in_order() -> None:
+    class Run:
+        def log_epochs(self, epochs: list[dict[str, float]]) -> None:
+            calls.append(("epochs", [int(e["epoch"]) for e in epochs]))
+
+        def finish(self, status: str) -> None:
+            calls.append(("finish", status))
+
+    calls: list[tuple[str, object]] = []
+    runs = ChildRuns("http://127.0.0.1:9", "parent", "exp-1", lambda i, r: None, Outbox(0.01))
+    runs._runs[0] = Run()  # type: ignore[assignment]
+    gate = threading.Event()
+    runs.outbox.put("a slow write", lambda: gate.wait(10) and None)
+    for epoch in (1, 2, 3):  # the outbox is behind: they wait together
+        runs.log_epoch(0, {"epoch": epoch, "test_acc": 0.1 * epoch})
+    gate.set()
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runs.log_epoch(0, {"epoch": 4, "test_acc": 0.4})  # after that send: a request of its own
+    runs.finish(0, "succeeded")
+    assert runs.close(timeout=10)
+    assert calls == [("epochs", [1, 2, 3]), ("epochs", [4]), ("finish", "succeeded")]
