@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from service.client import parent_closed
-from service.local import free_port
+from service.local import free_port, uncached_bytecode
 
 STUDY = {
     "name": "startup-probe",
@@ -137,15 +137,9 @@ def demo() -> None:
 
 
 def bytecode() -> str:
-    """Whether the installed packages' bytecode is compiled: without it (and where Python may
-    not write it) every process compiles its imports from source, seconds each."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("torch")
-    origin = Path(spec.origin) if spec and spec.origin else None
-    cached = origin is not None and any((origin.parent / "__pycache__").glob("__init__.*.pyc"))
-    writes = "not written" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "written on import"
-    return f"installed packages' bytecode: {'compiled' if cached else 'not compiled'} ({writes})"
+    """Whether processes started here compile their imports from source (seconds each)."""
+    why = uncached_bytecode()
+    return f"bytecode: {why}" if why else "bytecode: compiled, or cached on first import"
 
 
 def main() -> None:

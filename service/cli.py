@@ -89,7 +89,10 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
     import uvicorn
 
     from service.deferred import DeferredApp
-    from service.local import LocalServices, free_port
+    from service.local import LocalServices, free_port, uncached_bytecode
+
+    if why := uncached_bytecode():
+        log.warning("starting slowly: %s", why)
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     local = LocalServices()
