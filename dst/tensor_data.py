@@ -12,6 +12,7 @@ Batches come from the same :class:`~dst.batches.GlobalBatchSampler` (training) o
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     through page-locked memory, so the copy is queued behind the running kernels rather than
     synchronizing with them (a synchronization per batch would hold the GPU to the host's pace).
     """
-    if device.type != "cuda" or t.device == device:
+    if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
@@ -113,10 +114,18 @@ def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Te
 
 def normalize(x: torch.Tensor, norm: ImageNorm) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float32 (x / 255 - mean) / std."""
-    std = to_device(torch.tensor(norm.std), x.device).view(1, -1, 1, 1)
-    scale = 1.0 / (255.0 * std)  # [1, C, 1, 1]
-    shift = -to_device(torch.tensor(norm.mean), x.device).view(1, -1, 1, 1) / std
+    scale, shift = _affine(norm, x.device)
     return torch.addcmul(shift, x.float(), scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _affine(norm: ImageNorm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, each [1, C, 1, 1] on ``device``, with x · scale + shift =
+    (x / 255 - mean) / std: made once per device, not at every batch."""
+    std = to_device(torch.tensor(norm.std), device).view(1, -1, 1, 1)
+    scale = 1.0 / (255.0 * std)
+    shift = -to_device(torch.tensor(norm.mean), device).view(1, -1, 1, 1) / std
+    return scale, shift
 
 
 class TensorBatches:

@@ -97,7 +97,7 @@ def write_figures(analysis: StudyAnalysis, directory: Path, processes: int = 2) 
     from concurrent.futures.process import BrokenProcessPool
 
     names = figure_names(analysis)
-    shares = [names[i::processes] for i in range(processes) if names[i::processes]]
+    shares = [share for i in range(processes) if (share := names[i::processes])]
     if not shares:
         return
     try:
