@@ -78,19 +78,20 @@ def gradient_growth(
 ) -> torch.Tensor:
     """RigL growth (Evci et al. 2020): the k inactive positions with the largest dense |∇θ|.
 
-    Ties go to the lowest flat index.
+    Ties go to the lowest flat index; a NaN gradient ranks below every number. On a GPU the
+    inactive count is not checked (counting would wait for the device): the topology update
+    grows what it pruned, so k never exceeds it.
     """
-
     from dst.masks import num_active
 
     if grad is None:
         raise ValueError("gradient growth needs the dense gradient of the masked weights")
-    inactive = mask.numel() - num_active(mask)
-    if k > inactive:
+    if mask.device.type == "cpu" and k > (inactive := mask.numel() - num_active(mask)):
         raise ValueError(f"cannot grow {k} weights: only {inactive} are inactive")
-    # lowest of -|∇θ| = largest |∇θ|; active positions and NaN gradients are never preferred
+    # lowest of -|∇θ| <= 0 = largest |∇θ|; then NaN gradients (1), never active ones (+inf)
     keys = grad.detach().flatten().abs().neg_()  # [n], a copy
-    keys.masked_fill_(mask.flatten() | keys.isnan(), math.inf)
+    keys.nan_to_num_(nan=1.0, posinf=math.inf, neginf=-math.inf)
+    keys.masked_fill_(mask.flatten(), math.inf)
     return lowest_k(keys, k)
 
 

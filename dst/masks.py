@@ -8,6 +8,7 @@ of ``n`` weights at density ``d`` has ``round(d * n)`` active weights, never sam
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,24 @@ def num_active(mask: torch.Tensor) -> int:
     if mask.device.type == "cpu":
         return int(np.count_nonzero(mask.detach().numpy()))
     return int(torch.count_nonzero(mask))
+
+
+def active_counts(masks: Iterable[torch.Tensor]) -> list[int]:
+    """:func:`num_active` of each mask, with one wait for each GPU rather than one per mask.
+
+    A topology update needs every layer's count before it can choose anything; counted one
+    layer at a time, a ResNet-50 update on a GPU waited for the device 54 times.
+    """
+    listed = list(masks)
+    counts = {i: num_active(m) for i, m in enumerate(listed) if m.device.type == "cpu"}
+    on_device: dict[torch.device, list[int]] = {}
+    for i, m in enumerate(listed):
+        if m.device.type != "cpu":
+            on_device.setdefault(m.device, []).append(i)
+    for positions in on_device.values():
+        totals = torch.stack([torch.count_nonzero(listed[i]) for i in positions]).tolist()
+        counts.update(zip(positions, totals, strict=True))
+    return [counts[i] for i in range(len(listed))]
 
 
 def true_indices(mask: torch.Tensor) -> torch.Tensor:

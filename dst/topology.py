@@ -22,7 +22,7 @@ from torch import nn
 
 from dst.criteria import Criterion, select_pruned
 from dst.growth import Growth
-from dst.masks import Masks, num_active
+from dst.masks import Masks, active_counts, num_active
 from dst.schedules import PruneSchedule
 
 Scope = Literal["local", "global"]
@@ -32,13 +32,19 @@ Scope = Literal["local", "global"]
 class LayerUpdate:
     """Flat indices pruned from and grown into one layer at one update.
 
-    ``new`` are the grown positions that were inactive before the update (grown minus the
-    old mask); ``grown`` minus ``new`` are weights pruned and regrown at once, left untouched.
+    ``is_new`` marks the grown positions that were inactive before the update; the others
+    were pruned and regrown at once, and are left untouched. Kept as a mask over ``grown``
+    rather than as indices so that nothing waits for a GPU to count them.
     """
 
     pruned: torch.Tensor  # [k] int64
     grown: torch.Tensor  # [k] int64
-    new: torch.Tensor  # [k_new <= k] int64
+    is_new: torch.Tensor  # [k] bool
+
+    @property
+    def new(self) -> torch.Tensor:
+        """Grown positions that were inactive before the update, [k_new <= k] int64."""
+        return self.grown[self.is_new]
 
 
 def prune_count(fraction: float, active: int) -> int:
@@ -55,16 +61,20 @@ def prune_indices(
     fraction: float,
     scope: Scope,
     generator: torch.Generator,
+    counts: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Flat indices (int64, ascending) that ``criterion`` prunes from each layer at fraction ρ.
 
     The selection of one topology update (Section 3.1) as a pure function of a network state:
     :class:`TopologyUpdater` prunes exactly these, and the structural analysis of Section 5.4
     (:mod:`dst.structure`) asks it what every criterion would prune from one state. Nothing is
-    modified; the random criterion draws from ``generator``.
+    modified; the random criterion draws from ``generator``. ``counts`` (each mask's active
+    count, when the caller knows them) spare a GPU the wait for counting them.
     """
     if scope == "local":
-        return _prune_local(criterion, weights, grads, masks, fraction, generator)
+        if counts is None:
+            counts = dict(zip(weights, active_counts(masks[n] for n in weights), strict=True))
+        return _prune_local(criterion, weights, grads, masks, counts, fraction, generator)
     return _prune_global(criterion, weights, grads, masks, fraction, generator)
 
 
@@ -73,6 +83,7 @@ def _prune_local(
     weights: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor | None],
     masks: Masks,
+    counts: Mapping[str, int],
     fraction: float,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
@@ -80,7 +91,7 @@ def _prune_local(
     within the layer."""
     out = {}
     for name, w in weights.items():
-        k = prune_count(fraction, num_active(masks[name]))
+        k = prune_count(fraction, counts[name])
         scores = criterion.score(w.detach(), grads[name], masks[name], generator)  # [*w.shape]
         out[name] = select_pruned(scores, masks[name], k)  # [k]
     return out
@@ -128,6 +139,9 @@ class TopologyUpdater:
         self.criterion, self.growth, self.schedule = criterion, growth, schedule
         self.scope: Scope = scope
         self.generator = generator  # CPU generator for random criterion / random growth
+        # each mask's active count, remembered with the mask and its version: an update keeps
+        # every count, and counting again would make a GPU update wait for the device
+        self._counted: dict[str, tuple[torch.Tensor, int, int]] = {}
 
     @property
     def needs_grad(self) -> bool:
@@ -146,8 +160,27 @@ class TopologyUpdater:
         """
         grads = {name: self._grad(w) for name, w in weights.items()}
         return prune_indices(
-            self.criterion, weights, grads, masks, fraction, self.scope, self.generator
+            self.criterion,
+            weights,
+            grads,
+            masks,
+            fraction,
+            self.scope,
+            self.generator,
+            self.active_counts(masks),
         )
+
+    def active_counts(self, masks: Masks) -> dict[str, int]:
+        """Each mask's active count: remembered at the mask's version, counted (all stale
+        masks at once) when something else edited a mask since (a checkpoint load, a user)."""
+        stale = [name for name, m in masks.items() if not self._knows(name, m)]
+        for name, count in zip(stale, active_counts(masks[n] for n in stale), strict=True):
+            self._counted[name] = (masks[name], masks[name]._version, count)
+        return {name: self._counted[name][2] for name in masks}
+
+    def _knows(self, name: str, mask: torch.Tensor) -> bool:
+        known = self._counted.get(name)
+        return known is not None and known[0] is mask and known[1] == mask._version
 
     @torch.no_grad()
     def update(
@@ -171,19 +204,35 @@ class TopologyUpdater:
             flat_mask[pruned] = False
             grown = self.growth.select(w.grad, masks[name], len(pruned), self.generator)  # [k]
             flat_mask[grown] = True
-            new = grown[~before[grown]]  # [k_new]: inactive before the update
-            flat_w[pruned[~flat_mask[pruned]]] = 0.0  # pruned and not regrown
-            flat_w[new] = 0.0
+            is_new = ~before[grown]  # [k]: inactive before the update
+            zero_where(flat_w, pruned, ~flat_mask[pruned])  # pruned and not regrown
+            zero_where(flat_w, grown, is_new)
             if optimizer is not None:
-                reset_optimizer_state(optimizer, w, new)
-            updates[name] = LayerUpdate(pruned, grown, new)
+                reset_optimizer_state(optimizer, w, grown, is_new)
+            updates[name] = LayerUpdate(pruned, grown, is_new)
+            # grown = pruned in number: the count is the same at the mask's new version
+            self._counted[name] = (masks[name], masks[name]._version, self._counted[name][2])
         return updates
 
 
+def zero_where(flat: torch.Tensor, idx: torch.Tensor, where: torch.Tensor) -> None:
+    """``flat[idx[where]] = 0`` without compacting ``idx`` (which would wait for a GPU to count
+    ``where``): the k entries at ``idx`` are read, zeroed where asked and written back.
+    ``idx`` must not repeat a position."""
+    flat[idx] = flat[idx].masked_fill_(where, 0)
+
+
 def reset_optimizer_state(
-    optimizer: torch.optim.Optimizer, param: nn.Parameter, idx: torch.Tensor
+    optimizer: torch.optim.Optimizer,
+    param: nn.Parameter,
+    idx: torch.Tensor,
+    where: torch.Tensor | None = None,
 ) -> None:
-    """Zero every per-element state tensor (e.g. SGD momentum) of ``param`` at ``idx``."""
+    """Zero every per-element state tensor (e.g. SGD momentum) of ``param`` at ``idx`` (at
+    ``idx[where]`` when ``where`` is given)."""
     for value in optimizer.state.get(param, {}).values():
         if isinstance(value, torch.Tensor) and value.shape == param.shape:
-            value.view(-1)[idx] = 0
+            if where is None:
+                value.view(-1)[idx] = 0
+            else:
+                zero_where(value.view(-1), idx, where)

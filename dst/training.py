@@ -235,11 +235,17 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.progress: EpochProgress | None = None  # set while an epoch is under way
-        self.new_connections = 0  # grown weights that were inactive before, this epoch
+        # grown weights that were inactive before, this epoch; counted on the device, so an
+        # update never waits for a GPU, and read once per epoch
+        self.new_connections = self._count(0)
         self.last_count = 0  # samples behind the last reported mean (all ranks)
         self.history: list[Metrics] = []
 
     # -- construction -------------------------------------------------------------------
+    def _count(self, value: int) -> torch.Tensor:
+        """An int64 counter on the training device."""
+        return torch.full((), value, dtype=torch.long, device=self.device)
+
     def _data_config(self) -> DataConfig:
         d = self.spec.data
         root = Path(d.root).expanduser() if d.root else default_data_root()
@@ -364,7 +370,7 @@ class Trainer:
                 self._compare_removal_sets(sp, sp.updater.schedule.fraction(self.step))
             changes = sp.updater.update(sp.weights, sp.masks, self.optimizer, self.step)
             check_masks_agree(sp.masks, self.world, self.step)
-            self.new_connections += sum(len(c.new) for c in changes.values())
+            self.new_connections += torch.cat([c.is_new for c in changes.values()]).sum()
             sp.itop.update(sp.masks)
         self.optimizer.step()
         return loss_sum.detach(), correct
@@ -407,7 +413,7 @@ class Trainer:
         p = self.progress or EpochProgress.start(self.device)
         self.progress = p
         if not resuming:
-            self.new_connections = 0
+            self.new_connections = self._count(0)
             # dropout and augmentation draw from here: fixed per (seed, rank, epoch), so a
             # resumed run draws what the uninterrupted one drew, and ranks draw differently
             torch.manual_seed(epoch_seed(self.spec.seed, self.world.rank, self.epoch))
@@ -508,7 +514,7 @@ class Trainer:
             "loss_gap": val_loss - train_loss,
             "density": density(sp.masks) if sp else 1.0,
             "itop": sp.itop.ratio() if sp else 1.0,
-            "new_connections": self.new_connections,
+            "new_connections": int(self.new_connections),
             "epoch_time_s": time.perf_counter() - start,
         }
         metrics |= {f"removal_jaccard.{k}": v for k, v in self.removal_jaccard.items()}
@@ -565,7 +571,7 @@ class Trainer:
             # epoch); the mask generator (random criterion and growth) is the only live stream
             "mask_rng": self.mask_generator.get_state(),
             "progress": self.progress.state_dict() if self.progress else None,
-            "new_connections": self.new_connections,
+            "new_connections": int(self.new_connections),
             "removal_jaccard": (self.removal_jaccard, self.first_removal_jaccard),
             "removal_layers": self.first_removal_layers,
         }
@@ -594,4 +600,4 @@ class Trainer:
             self.progress.loss.zero_()
             self.progress.correct.zero_()
             self.progress.seen = 0
-        self.new_connections = state.get("new_connections", 0)
+        self.new_connections = self._count(state.get("new_connections", 0))

@@ -111,10 +111,12 @@ def counted_syncs() -> Iterator[Counter[str]]:
 @pytest.mark.parametrize("n", [10, 1000, 300_000])
 def test_lowest_k_on_cuda_is_the_cpu_selection(n: int) -> None:
     """The GPU's sort-based selection picks what the CPU's threshold selection picks, ties to
-    the lowest position included (values drawn from a few levels, so ties are many)."""
+    the lowest position and NaN last included (values drawn from a few levels, so ties are
+    many)."""
     gen = torch.Generator().manual_seed(n)
     values = torch.randint(0, 7, (n,), generator=gen).float()
     values[torch.randperm(n, generator=gen)[: n // 10]] = -torch.inf
+    values[torch.randperm(n, generator=gen)[: n // 10]] = torch.nan  # ranked after numbers
     for k in (1, n // 3, n - 1):
         assert torch.equal(lowest_k(values.to(CUDA), k).cpu(), lowest_k(values, k))
 
@@ -161,6 +163,33 @@ def test_a_topology_update_on_cuda_is_the_cpu_update(
     for name in cpu_masks:
         assert torch.equal(gpu_masks[name], cpu_masks[name]), name
         assert torch.equal(gpu_changes[name].new.cpu(), cpu_changes[name].new), name
+
+
+def test_a_topology_update_on_cuda_does_not_wait_for_the_device() -> None:
+    """Choosing, growing, zeroing and resetting momentum only queue work on the GPU (the
+    paper's ImageNet setting: magnitude pruning, gradient growth). The first update counts
+    every layer's active weights, in one wait; later ones know the counts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(6)]).to(CUDA)
+    weights = prunable_weights(model)
+    masks = {n: torch.rand(w.shape, device=CUDA) < 0.3 for n, w in weights.items()}
+    opt = MaskedSGD(model.parameters(), lr=0.1, masks={weights[n]: m for n, m in masks.items()})
+    updater = TopologyUpdater(
+        resolve_criterion("magnitude"),
+        GROWTH.get("gradient"),
+        PruneSchedule("constant", 0.3, 1, 10_000),
+        "local",
+        torch.Generator().manual_seed(3),
+    )
+    waits = []
+    for step in (1, 2, 3):
+        model(torch.randn(64, 128, device=CUDA)).square().mean().backward()
+        opt.step()
+        with counted_syncs() as syncs:
+            changes = updater.update(weights, masks, opt, step)
+        waits.append(sum(syncs.values()))
+        assert all(len(c.grown) > 0 for c in changes.values())
+    assert waits[0] <= 1 and waits[1:] == [0, 0], waits
 
 
 def test_augmented_tensor_batches_do_not_synchronize_per_batch() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -179,6 +180,25 @@ def test_gradient_growth_picks_the_largest_inactive_gradients() -> None:
     assert changes2.grown.tolist() == [3, 6]
 
 
+def test_gradient_growth_takes_nan_gradients_last_and_active_positions_never() -> None:
+    mask = torch.tensor([True, False, True, False, False, True])
+    grad = torch.tensor([9.0, math.nan, 9.0, 1.0, math.nan, 9.0])
+    grow = GROWTH.get("gradient").select
+    gen = torch.Generator()
+    assert grow(grad, mask, 1, gen).tolist() == [3]
+    assert grow(grad, mask, 3, gen).tolist() == [1, 3, 4]  # never the active 9s
+
+
+def test_an_update_reports_which_grown_weights_are_new() -> None:
+    w = nn.Parameter(torch.tensor([0.5, 0.1, 0.0, 0.0]))
+    w.grad = torch.tensor([0.0, 5.0, 1.0, 2.0])  # 0.1 is pruned, then regrown (|g| = 5)
+    mask = torch.tensor([True, True, False, False])
+    change = updater("magnitude", "gradient", rho=0.5).update({"w": w}, {"w": mask}, None, 1)
+    assert change["w"].pruned.tolist() == [1] and change["w"].grown.tolist() == [1]
+    assert change["w"].is_new.tolist() == [False] and change["w"].new.tolist() == []
+    assert w.tolist() == pytest.approx([0.5, 0.1, 0.0, 0.0])  # kept its value
+
+
 def test_random_growth_is_uniform_over_inactive_positions() -> None:
     mask = torch.zeros(100, dtype=torch.bool)
     mask[:10] = True
@@ -201,6 +221,21 @@ def test_global_scope_uses_one_threshold_across_layers() -> None:
     local = updater("magnitude", "random", scope="local", rho=0.25)
     sets = local.prune_sets(weights, masks, 0.25)
     assert len(sets["small"]) == 4 and len(sets["large"]) == 4
+
+
+def test_the_updater_counts_again_after_someone_else_edits_a_mask() -> None:
+    """Counts are remembered across updates (they never change), not across outside edits."""
+    _, weights, masks, _ = setup(0.5)
+    up = updater("magnitude", "random")
+    for w in weights.values():
+        w.grad = torch.randn_like(w)
+    up.update(weights, masks, None, 1)
+    name = next(iter(masks))
+    masks[name].view(-1)[true_indices(~masks[name])[:100]] = True  # in place: 100 more
+    assert len(up.prune_sets(weights, masks, 0.2)[name]) == round(0.2 * int(masks[name].sum()))
+    fresh = {n: m.clone() for n, m in masks.items()}  # new tensors, perhaps equal versions
+    fresh[name].view(-1)[true_indices(fresh[name])[:50]] = False
+    assert len(up.prune_sets(weights, fresh, 0.2)[name]) == round(0.2 * int(fresh[name].sum()))
 
 
 def test_prune_count_is_fraction_of_active_weights() -> None:
