@@ -20,6 +20,7 @@ around forward and loss, channels-last inputs). Targets on a GPU: DST within 2 %
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 from collections.abc import Callable
@@ -138,38 +139,53 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> float:
 
 
 def profile_update(args: argparse.Namespace, device: torch.device) -> None:
-    """Where one topology update's time goes: PyTorch's profiler table of its operators (by
-    self time on the device, or on the CPU off CUDA) and, on CUDA, its host synchronizations."""
-    import warnings
-
-    from torch.profiler import ProfilerActivity, profile
-
+    """Where one topology update's time goes, all layers at once and layer by layer: the
+    median time of one update alone (no training step), its host synchronizations (CUDA),
+    and PyTorch's profiler table of its operators (by self time on the device, or on the CPU
+    off CUDA)."""
     info = DataInfo("imagenet", "image", (3, args.image_size, args.image_size), 1000)
     gen = torch.Generator().manual_seed(0)
     model = build(info, device)
     masks = sparsify(model, args.density, gen, init="erk")
     weights, opt = prunable_weights(model), optimizer(model, masks, "auto")
-    updater = topology_updater(args.criterion, args.growth)
     x = torch.randn(args.batches[0], *info.input_shape, generator=gen).to(device)
     y = torch.randint(0, 1000, (args.batches[0],), generator=gen).to(device)
     nn.functional.cross_entropy(model(x), y).backward()
-    for _ in range(2):  # warm-up
-        updater.update(weights, masks, opt, 800)
-    sync(device)
+    for together in (True, False):
+        updater = topology_updater(args.criterion, args.growth, together)
+        for _ in range(2):  # warm-up (and the first update counts the active weights)
+            updater.update(weights, masks, opt, 800)
+        one_update = functools.partial(updater.update, weights, masks, opt, 800)
+        seconds = [timed(one_update, 1, device) for _ in range(args.rounds)]
+        how = "all layers at once" if together else "layer by layer"
+        print(
+            f"one update, {how}, over {len(weights)} layers: "
+            f"{statistics.median(seconds) * 1e3:.2f} ms (median of {len(seconds)})"
+        )
+        profile_one(one_update, device)
+
+
+def profile_one(update: Callable[[], object], device: torch.device) -> None:
+    """PyTorch's profiler table of one call of ``update`` and, on CUDA, its host syncs."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
     with profile(activities=activities) as prof, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
-        updater.update(weights, masks, opt, 800)
+        update()
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
         sync(device)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=20))
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
     syncs = sum("synchroniz" in str(w.message) for w in caught)
-    print(f"one update over {len(weights)} layers: {syncs} host synchronizations")
+    print(f"host synchronizations: {syncs}")
 
 
 def report(setting: Setting, m: Measured) -> None:
@@ -203,7 +219,8 @@ def main() -> None:
     parser.add_argument(
         "--profile-update",
         action="store_true",
-        help="profile one topology update (first batch size, fp32) instead of the comparison",
+        help="time and profile one topology update, all layers at once and layer by layer "
+        "(gradient of the first batch size, fp32), instead of the comparison",
     )
     args = parser.parse_args()
     if args.threads:

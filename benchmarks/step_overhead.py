@@ -60,14 +60,16 @@ def sparsify(model: nn.Module, density: float, gen: torch.Generator, init: str =
     return masks
 
 
-def topology_updater(criterion: str, growth: str) -> TopologyUpdater:
-    """The updater of a DST run (local scope, cosine ρ = 0.5) with a fixed generator."""
+def topology_updater(criterion: str, growth: str, together: bool | None = None) -> TopologyUpdater:
+    """The updater of a DST run (local scope, cosine ρ = 0.5) with a fixed generator; all
+    layers at once or layer by layer as ``together`` says (None: as a run chooses)."""
     return TopologyUpdater(
         resolve_criterion(criterion),
         GROWTH.get(growth),
         PruneSchedule("cosine", 0.5, 800, 10**9),
         "local",
         torch.Generator().manual_seed(1),
+        together=together,
     )
 
 
@@ -90,7 +92,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:
+def timed(fn: Callable[[], object], steps: int, device: torch.device) -> float:
     """Mean seconds per call of ``fn`` over ``steps`` calls."""
     sync(device)
     start = time.perf_counter()

@@ -1,8 +1,9 @@
 """Pruning criteria of Section 3.2: pure score functions, lowest score pruned.
 
 Every criterion maps ``(weight, grad, mask, generator) -> scores`` of the weight's shape.
-Only active weights are ever selected (:func:`select_pruned`); ties are broken by flat index
-(lowest first) and zero denominators have a fixed value, so selection is deterministic.
+Only active weights are ever selected (:func:`dst.selection.select_pruned`); ties are broken by
+flat index (lowest first) and zero denominators have a fixed value, so selection is
+deterministic.
 Gradient criteria reuse the gradient of the current training batch (Section 5.1, after MEST).
 
 The registry imports no torch (the spec, the REST API and the job driver name criteria
@@ -16,8 +17,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
-
-import numpy as np
 
 from dst.registry import Registry
 
@@ -149,93 +148,3 @@ def resolve_criterion(name: str, *, mest_lambda: float = 1.0) -> Criterion:
         bound: ScoreFn = functools.partial(mest, lam=mest_lambda)
         return Criterion(criterion.name, bound, criterion.needs_grad, criterion.description)
     return criterion
-
-
-def _kth_smallest(values: torch.Tensor, k: int) -> float:
-    """The ``k``-th smallest (1-based) entry of a 1-D CPU tensor.
-
-    NumPy's introselect is about 20x faster than ``torch.topk`` or ``torch.kthvalue`` on
-    millions of entries, and topology updates run over such layers.
-    """
-    return float(np.partition(values.detach().numpy(), k - 1)[k - 1])
-
-
-def lowest_k(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the ``k`` smallest of a 1-D tensor, ties to the lowest position.
-
-    NaN ranks above +inf: a NaN position is chosen only when fewer than k others exist, which
-    is how callers exclude positions (inactive weights, active ones for growth) without first
-    listing the others. It runs on every topology update over layers of millions of weights.
-    On the CPU: O(n), a selection for the threshold, then a scan, rather than a full sort. On
-    a GPU, :func:`lowest_k_sorted`, which never waits for the device. Returned in ascending
-    position order.
-    """
-    import torch
-
-    from dst.masks import num_active, true_indices
-
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=values.device)
-    if k >= len(values):
-        return torch.arange(len(values), device=values.device)
-    if values.device.type != "cpu":
-        return lowest_k_sorted(values, k)
-    kth = _kth_smallest(values, k)
-    if math.isnan(kth):  # fewer than k numbers: all of them, then the first NaN positions
-        chosen, tied = ~values.isnan(), true_indices(values.isnan())
-    else:
-        chosen = values <= kth  # [n], at least k True
-        if num_active(chosen) == k:
-            return true_indices(chosen)  # [k], ascending
-        chosen = values < kth  # more ties at the threshold than places left: lowest first
-        tied = true_indices(values == kth)  # [t], ascending
-    chosen[tied[: k - num_active(chosen)]] = True
-    return true_indices(chosen)  # [k], ascending
-
-
-def lowest_k_sorted(values: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`lowest_k` by sorting, for GPUs: one stable radix sort, whose first k are exactly
-    the k smallest (ties stay in position order, NaN last), then a sort of those k.
-
-    Every shape is known in advance, so nothing waits for the device. (``torch.kthvalue``
-    selects within one thread block per slice there: with it a ResNet-50 update took 300 ms on
-    an H100, with this sort 140 ms.) On the CPU this is the reference the selection is tested
-    against.
-    """
-    import torch
-
-    first = torch.sort(values, stable=True).indices[:k]  # [k], the k smallest
-    return torch.sort(first).values  # [k], ascending
-
-
-def select_pruned(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices (ascending) of the ``k`` active entries with the lowest scores.
-
-    Ties go to the lowest flat index; NaN scores (a diverged weight) count as the lowest.
-    Inactive entries are never chosen. On the CPU the active entries are listed and only they
-    are ranked (a fifth of a layer at density 0.2); on a GPU, :func:`select_pruned_sorted`.
-    """
-    from dst.masks import true_indices
-
-    if mask.device.type != "cpu":
-        return select_pruned_sorted(scores, mask, k)
-    active_idx = true_indices(mask)  # [a]
-    if k > len(active_idx):
-        raise ValueError(f"cannot prune {k} weights: only {len(active_idx)} are active")
-    s = scores.detach().flatten()[active_idx]  # [a], a copy
-    s.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)  # NaN lowest, ±inf kept
-    return active_idx[lowest_k(s, k)]
-
-
-def select_pruned_sorted(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`select_pruned` for GPUs: listing the active entries would wait for the device,
-    so every entry is ranked, the inactive ones as NaN (after every score, +inf included).
-
-    The caller guarantees ``k`` <= the active count (counting here would wait as well);
-    :func:`dst.topology.prune_count` of an active count does.
-    """
-    import torch
-
-    keys = torch.nan_to_num(scores.detach().flatten(), -math.inf, math.inf, -math.inf)  # [n]
-    keys.masked_fill_(~mask.flatten(), math.nan)
-    return lowest_k_sorted(keys, k)  # [k]

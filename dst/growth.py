@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
-from dst.criteria import lowest_k
 from dst.registry import Registry
 
 if TYPE_CHECKING:
@@ -22,6 +21,7 @@ if TYPE_CHECKING:
 GrowFn: TypeAlias = (
     "Callable[[torch.Tensor | None, torch.Tensor, int, torch.Generator], torch.Tensor]"
 )
+KeysFn: TypeAlias = "Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]"
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class Growth:
     select: GrowFn  # (dense grad, mask after pruning, k, generator) -> flat indices [k]
     needs_grad: bool
     description: str
+    # a growth that ranks: (dense grad, mask after pruning) -> keys of their shape, elementwise,
+    # whose k lowest (ties to the lowest index) ``select`` grows; a GPU then ranks all layers at
+    # once (dst.topology). None for a growth that draws (random).
+    keys: KeysFn | None = None
 
 
 GROWTH: Registry[Growth] = Registry("growth")
@@ -73,27 +77,37 @@ def random_growth(
     return chosen[keep].to(mask.device)
 
 
+def gradient_keys(grad: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """RigL's ranking: -|∇θ| (lowest = largest gradient), then NaN gradients (key 1, above every
+    -|∇θ| <= 0), and active positions never (+inf, above those). Elementwise."""
+    if grad is None:
+        raise ValueError("gradient growth needs the dense gradient of the masked weights")
+    keys = grad.detach().abs().neg_()  # a copy
+    keys.nan_to_num_(nan=1.0, posinf=math.inf, neginf=-math.inf)
+    return keys.masked_fill_(mask, math.inf)
+
+
 def gradient_growth(
     grad: torch.Tensor | None, mask: torch.Tensor, k: int, gen: torch.Generator
 ) -> torch.Tensor:
-    """RigL growth (Evci et al. 2020): the k inactive positions with the largest dense |∇θ|.
+    """RigL growth (Evci et al. 2020): the k inactive positions with the largest dense |∇θ|
+    (:func:`gradient_keys`).
 
-    Ties go to the lowest flat index; a NaN gradient ranks below every number. On a GPU the
-    inactive count is not checked (counting would wait for the device): the topology update
-    grows what it pruned, so k never exceeds it.
+    Ties go to the lowest flat index. On a GPU the inactive count is not checked (counting
+    would wait for the device): the topology update grows what it pruned, so k never exceeds
+    it.
     """
     from dst.masks import num_active
+    from dst.selection import lowest_k
 
-    if grad is None:
-        raise ValueError("gradient growth needs the dense gradient of the masked weights")
+    keys = gradient_keys(grad, mask).flatten()  # [n]
     if mask.device.type == "cpu" and k > (inactive := mask.numel() - num_active(mask)):
         raise ValueError(f"cannot grow {k} weights: only {inactive} are inactive")
-    # lowest of -|∇θ| <= 0 = largest |∇θ|; then NaN gradients (1), never active ones (+inf)
-    keys = grad.detach().flatten().abs().neg_()  # [n], a copy
-    keys.nan_to_num_(nan=1.0, posinf=math.inf, neginf=-math.inf)
-    keys.masked_fill_(mask.flatten(), math.inf)
     return lowest_k(keys, k)
 
 
 GROWTH.add("random", Growth("random", random_growth, False, "uniform among inactive weights"))
-GROWTH.add("gradient", Growth("gradient", gradient_growth, True, "largest |∇θ| (RigL)"))
+GROWTH.add(
+    "gradient",
+    Growth("gradient", gradient_growth, True, "largest |∇θ| (RigL)", keys=gradient_keys),
+)

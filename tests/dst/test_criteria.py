@@ -7,16 +7,9 @@ import math
 import pytest
 import torch
 
-from dst.criteria import (
-    CRITERIA,
-    lowest_k,
-    lowest_k_sorted,
-    resolve_criterion,
-    safe_ratio,
-    select_pruned,
-    select_pruned_sorted,
-)
+from dst.criteria import CRITERIA, resolve_criterion, safe_ratio
 from dst.registry import UnknownNameError
+from dst.selection import select_pruned
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -102,49 +95,6 @@ def test_ties_go_to_the_lowest_index() -> None:
 
 def test_nan_scores_are_pruned_first() -> None:
     assert pruned("magnitude", [0.3, float("nan"), 0.1], None, 1) == {1}
-
-
-def test_lowest_k_ranks_nan_after_every_number() -> None:
-    nan, inf = math.nan, math.inf
-    values = torch.tensor([nan, 2.0, inf, nan, -inf, 2.0, nan])
-    assert lowest_k(values, 3).tolist() == [1, 4, 5]
-    assert lowest_k(values, 4).tolist() == [1, 2, 4, 5]  # every number before any NaN
-    assert lowest_k(values, 5).tolist() == [0, 1, 2, 4, 5]  # then NaN, lowest position first
-
-
-def tricky_values(n: int, seed: int) -> torch.Tensor:
-    """A few levels (many ties), ±inf and NaN."""
-    gen = torch.Generator().manual_seed(seed)
-    values = torch.randint(0, 5, (n,), generator=gen).float()
-    for fill in (-math.inf, math.inf, math.nan):
-        values[torch.randperm(n, generator=gen)[: n // 8]] = fill
-    return values
-
-
-@pytest.mark.parametrize("n", [1, 7, 1000, 50_000])
-def test_the_sorting_selection_is_the_threshold_selection(n: int) -> None:
-    """What a GPU runs (a full stable sort) chooses what the CPU's O(n) selection chooses,
-    ties, infinities and NaN included."""
-    values = tricky_values(n, n)
-    for k in sorted({1, n // 3, n // 2, n - 1, n}):
-        assert torch.equal(lowest_k_sorted(values, k), lowest_k(values, k)), k
-
-
-@pytest.mark.parametrize("name", ["magnitude", "set", "mest", "sensitivity", "snip", "random"])
-def test_the_sorting_pruning_selection_is_the_listing_one(name: str) -> None:
-    """A GPU ranks every entry with the inactive ones last instead of listing the active ones
-    (which would wait for the device): the chosen weights are the same."""
-    gen = torch.Generator().manual_seed(4)
-    w = torch.randint(-3, 4, (40, 50), generator=gen).float() / 4  # ties, zeros
-    g = torch.randint(-2, 3, (40, 50), generator=gen).float()  # zero gradients: x/0, 0/0
-    w[0, :5] = math.nan  # a diverged weight
-    mask = torch.rand(40, 50, generator=gen) < 0.3
-    scores = resolve_criterion(name).score(w, g, mask, torch.Generator().manual_seed(5))
-    active = int(mask.sum())
-    for k in (1, active // 3, active):
-        chosen = select_pruned_sorted(scores, mask, k)
-        assert torch.equal(chosen, select_pruned(scores, mask, k)), k
-        assert mask.flatten()[chosen].all()
 
 
 def test_random_is_reproducible_and_only_active() -> None:

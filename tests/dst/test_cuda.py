@@ -17,13 +17,14 @@ import pytest
 import torch
 from torch import nn
 
-from dst.criteria import CRITERIA, lowest_k, resolve_criterion
+from dst.criteria import CRITERIA, resolve_criterion
 from dst.distributions import layer_densities
 from dst.growth import GROWTH
 from dst.kernels import compiled_kernel
 from dst.masks import Masks, apply_masks, density, init_masks, prunable_weights
 from dst.optimizers import Kernel, MaskedSGD
 from dst.schedules import PruneSchedule
+from dst.selection import Segments, lowest_k
 from dst.spec import RunSpec
 from dst.tensor_data import ImageNorm, TensorSplit
 from dst.topology import TopologyUpdater
@@ -121,6 +122,16 @@ def test_lowest_k_on_cuda_is_the_cpu_selection(n: int) -> None:
         assert torch.equal(lowest_k(values.to(CUDA), k).cpu(), lowest_k(values, k))
 
 
+def test_segments_on_cuda_take_what_they_take_on_the_cpu() -> None:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [9, 1, 4000, 300_000, 70_000]
+    values = torch.randint(0, 7, (sum(sizes),), generator=gen).float()
+    values[torch.randperm(len(values), generator=gen)[: len(values) // 10]] = torch.nan
+    ks = [3, 1, 0, 100_000, 69_999]
+    on_cpu = Segments(sizes, torch.device("cpu")).lowest_k(values, ks)
+    assert torch.equal(Segments(sizes, CUDA).lowest_k(values.to(CUDA), ks).cpu(), on_cpu)
+
+
 def layered_state(device: torch.device) -> tuple[nn.Module, dict[str, nn.Parameter], Masks]:
     """A small MLP with 30 %-dense masks and the gradient of one batch, on ``device``."""
     torch.manual_seed(0)
@@ -165,10 +176,12 @@ def test_a_topology_update_on_cuda_is_the_cpu_update(
         assert torch.equal(gpu_changes[name].new.cpu(), cpu_changes[name].new), name
 
 
-def test_a_topology_update_on_cuda_does_not_wait_for_the_device() -> None:
+@pytest.mark.parametrize("together", [True, False])
+def test_a_topology_update_on_cuda_does_not_wait_for_the_device(together: bool) -> None:
     """Choosing, growing, zeroing and resetting momentum only queue work on the GPU (the
-    paper's ImageNet setting: magnitude pruning, gradient growth). The first update counts
-    every layer's active weights, in one wait; later ones know the counts."""
+    paper's ImageNet setting: magnitude pruning, gradient growth), all layers at once or layer
+    by layer. The first update counts every layer's active weights, in one wait; later ones
+    know the counts."""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(6)]).to(CUDA)
     weights = prunable_weights(model)
@@ -180,6 +193,7 @@ def test_a_topology_update_on_cuda_does_not_wait_for_the_device() -> None:
         PruneSchedule("constant", 0.3, 1, 10_000),
         "local",
         torch.Generator().manual_seed(3),
+        together=together,
     )
     waits = []
     for step in (1, 2, 3):

@@ -15,7 +15,7 @@ from dst.growth import GROWTH
 from dst.masks import apply_masks, init_masks, prunable_weights, true_indices
 from dst.optimizers import MaskedSGD
 from dst.schedules import PruneSchedule
-from dst.topology import TopologyUpdater
+from dst.topology import TopologyUpdater, optimizer_state
 
 
 def mlp() -> nn.Module:
@@ -70,6 +70,71 @@ def test_exact_density_after_many_updates(criterion: str, growth: str, scope: st
         assert {n: int(m.sum()) for n, m in masks.items()} == counts
         for name, w in weights.items():
             assert not w[~masks[name]].any()
+
+
+def deep_mlp() -> nn.Module:
+    """Six layers of different sizes: ties (zero gradients of dead units), and k = 0 layers."""
+    torch.manual_seed(0)
+    widths = [20, 40, 3, 30, 50, 2, 10]
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in itertools.pairwise(widths):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+@pytest.mark.parametrize("criterion", CRITERIA.names())
+def test_an_update_of_all_layers_at_once_is_the_update_layer_by_layer(criterion: str) -> None:
+    """What a GPU runs (all layers at once) changes exactly what the CPU's layer-by-layer
+    update changes: masks, weights, momentum and the reported changes, over a short run."""
+    runs = []
+    for together in (False, True):
+        model = deep_mlp()
+        weights = prunable_weights(model)
+        masks = init_masks(weights, {n: 0.3 for n in weights}, torch.Generator().manual_seed(1))
+        apply_masks(weights, masks)
+        # plain SGD: momentum off the masks is not zero, so resetting it is seen
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+        up = TopologyUpdater(
+            resolve_criterion(criterion),
+            GROWTH.get("gradient"),
+            PruneSchedule("cosine", 0.5, 1, 12),
+            "local",
+            torch.Generator().manual_seed(3),
+            together=together,
+        )
+        changes = []
+        for step in range(1, 9):
+            gen = torch.Generator().manual_seed(step)
+            x, y = torch.randn(16, 20, generator=gen), torch.randint(0, 2, (16,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            change = up.update(weights, masks, opt, step)
+            after = [w.detach().clone() for w in weights.values()]  # before the optimizer's
+            after += [t.clone() for w in weights.values() for t in optimizer_state(opt, w)]
+            changes.append((change, after))
+            opt.step()
+            apply_masks(weights, masks)
+        momentum = [opt.state[w]["momentum_buffer"].clone() for w in weights.values()]
+        runs.append((masks, [w.detach().clone() for w in weights.values()], momentum, changes))
+    (masks_a, weights_a, momentum_a, changes_a), (masks_b, weights_b, momentum_b, changes_b) = runs
+    assert all(torch.equal(masks_a[n], masks_b[n]) for n in masks_a)
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(momentum_a, momentum_b, strict=True))
+    for (step_a, after_a), (step_b, after_b) in zip(changes_a, changes_b, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(after_a, after_b, strict=True))
+        for name, a in step_a.items():
+            b = step_b[name]
+            assert torch.equal(a.pruned, b.pruned) and torch.equal(a.grown, b.grown), name
+            assert torch.equal(a.is_new, b.is_new), name
+
+
+def test_all_layers_at_once_needs_a_local_scope_and_a_ranking_growth() -> None:
+    args = (resolve_criterion("magnitude"), PruneSchedule("constant", 0.3, 1, 10))
+    gen = torch.Generator()
+    with pytest.raises(ValueError, match="scope 'local' and a growth that ranks"):
+        TopologyUpdater(args[0], GROWTH.get("random"), args[1], "local", gen, together=True)
+    with pytest.raises(ValueError, match="scope 'local' and a growth that ranks"):
+        TopologyUpdater(args[0], GROWTH.get("gradient"), args[1], "global", gen, together=True)
 
 
 def test_new_weights_start_at_zero_with_reset_momentum() -> None:
