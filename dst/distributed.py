@@ -78,8 +78,8 @@ def check_masks_agree(masks: Masks, world: World, step: int) -> None:
     """Raise :class:`MasksDivergedError` unless every rank holds the same masks."""
     if not world.distributed:
         return
-    mine = mask_fingerprint(masks)  # [L, 2]
-    backend_device = next(iter(masks.values())).device if masks else torch.device("cpu")
+    mine = mask_fingerprint(masks)  # [L, 2], on the CPU
+    backend_device = torch.device("cpu")  # gloo gathers CPU tensors; NCCL only CUDA ones
     if dist.get_backend() == "nccl":
         backend_device = torch.device("cuda", torch.cuda.current_device())
     local = mine.to(backend_device)

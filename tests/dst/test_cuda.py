@@ -7,17 +7,20 @@ They need a CUDA device, which CI does not have; run them where one is:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from dst.criteria import CRITERIA, resolve_criterion
+from dst.distributed import World
 from dst.distributions import layer_densities
 from dst.growth import GROWTH
 from dst.kernels import compiled_kernel
@@ -29,6 +32,7 @@ from dst.spec import RunSpec
 from dst.tensor_data import ImageNorm, TensorSplit
 from dst.topology import TopologyUpdater
 from dst.training import Trainer
+from tests import ddp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -274,3 +278,26 @@ def test_fast_options_train_on_cuda(model: str, options: dict[str, object]) -> N
     for name, w in trainer.sparsity.weights.items():
         assert w.is_cuda
         assert not w[~trainer.sparsity.masks[name]].any()
+
+
+def test_two_workers_sharing_the_gpu_do_what_one_worker_does(tmp_path: Path) -> None:
+    """Data-parallel training on CUDA tensors: two ranks on this one GPU (gloo; NCCL wants a
+    GPU per rank) train what one worker trains, topology updates on the GPU included."""
+    spec = {
+        "model": "small-mlp",
+        "dataset": "digits",
+        "device": "cuda",
+        "training": {"epochs": 2, "batch_size": 64, "lr": 0.05},
+        "sparsity": {"mode": "dst", "density": 0.1, "update_period": 5, "growth": "gradient"},
+    }
+    ranks = ddp.run_world(functools.partial(ddp.train, spec), 2, tmp_path)
+    single = ddp.train(spec, World())
+    keys = ("train_loss", "val_loss", "val_acc", "test_acc", "itop", "new_connections")
+    for rank in ranks:
+        for mine, ref in zip(rank["history"], single["history"], strict=True):
+            for key in keys:
+                assert mine[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+        for name, mask in single["masks"].items():  # summation orders differ: near-ties may
+            assert torch.equal(rank["masks"][name], ranks[0]["masks"][name]), name
+            shared = (rank["masks"][name].cpu() & mask.cpu()).sum() / mask.sum()  # flip
+            assert shared > 0.99, (name, float(shared))
