@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check of the engine in one go, most wanted figures first, each step's output kept
-# in LOG_DIR whatever the later steps do:
-#   1. ResNet-50 dense vs DST (images/s, DST/dense ratio, topology update cost, memory),
-#      and a profile of one topology update at batch 256,
-#   2. the CUDA tests (fused masked update, no per-step host sync, fast options),
-#   3. the per-step DST overhead of large-MLP on the GPU,
-#   4. the loader vs the tensor data path on CIFAR-10-format data.
+# in LOG_DIR whatever the later steps do, each step cut off after its time limit:
+#   1. one ResNet-50 topology update at batch 256, all layers at once and layer by layer:
+#      its time, host synchronizations and profile,
+#   2. ResNet-50 dense vs DST (images/s, DST/dense ratio, topology update cost, memory),
+#   3. the CUDA tests (fused masked update, no host sync per step or per update, fast
+#      options, two ranks sharing the GPU),
+#   4. the per-step DST overhead of large-MLP on the GPU,
+#   5. the loader vs the tensor data path on CIFAR-10-format data.
 #
 #   benchmarks/gpu.sh [LOG_DIR]          PYTHON="uv run python" by default
 set -u
@@ -14,19 +16,19 @@ LOG=${1:-gpu-logs}
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1
 
-step() {  # step NAME COMMAND...: run, keep its output in LOG/NAME.txt, say how long it took
-    local name=$1
-    shift
+step() {  # step NAME SECONDS COMMAND...: run, keep its output in LOG/NAME.txt, say how long
+    local name=$1 limit=$2
+    shift 2
     local start=$SECONDS
     echo "== $name: $*"
-    "$@" 2>&1 | tee "$LOG/$name.txt"
+    timeout "$limit" "$@" 2>&1 | tee "$LOG/$name.txt"
     echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 }
 
-step device nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step torch $PY -c 'import torch; print("torch", torch.__version__, torch.version.cuda)'
-step resnet50 $PY -m benchmarks.resnet50 --device cuda --batches 64 128 256 --rounds 5
-step update_profile $PY -m benchmarks.resnet50 --device cuda --batches 256 --profile-update
-step test_cuda $PY -m pytest tests/dst/test_cuda.py -q -p no:cacheprovider
-step step_overhead $PY -m benchmarks.step_overhead --device cuda --rounds 30
-step data_path $PY -m benchmarks.data_path --device cuda --rounds 2
+step device 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step torch 60 $PY -c 'import torch; print("torch", torch.__version__, torch.version.cuda)'
+step update_profile 120 $PY -m benchmarks.resnet50 --device cuda --batches 256 --profile-update --rounds 5
+step resnet50 240 $PY -m benchmarks.resnet50 --device cuda --batches 64 256 --rounds 5
+step test_cuda 240 $PY -m pytest tests/dst/test_cuda.py -q -p no:cacheprovider
+step step_overhead 90 $PY -m benchmarks.step_overhead --device cuda --rounds 10
+step data_path 120 $PY -m benchmarks.data_path --device cuda --rounds 2
