@@ -23,6 +23,7 @@ import argparse
 import functools
 import itertools
 import statistics
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -184,8 +185,8 @@ def profile_one(update: Callable[[], object], device: torch.device) -> None:
         sync(device)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
-    syncs = sum("synchroniz" in str(w.message) for w in caught)
-    print(f"host synchronizations: {syncs}")
+    syncs = Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"host synchronizations: {sum(syncs.values())} {dict(syncs)}")
 
 
 def report(setting: Setting, m: Measured) -> None:

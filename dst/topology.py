@@ -244,9 +244,9 @@ class TopologyUpdater:
             pruned = pruned_sets[name]  # [k], all active before the update
             flat_mask, flat_w = masks[name].view(-1), w.detach().view(-1)  # [n], [n]
             before = flat_mask.clone()  # [n]; lookups here are cheaper than set intersections
-            flat_mask[pruned] = False
+            flat_mask.index_fill_(0, pruned, False)  # not mask[i] = x: that waits for a GPU
             grown = self.growth.select(w.grad, masks[name], len(pruned), self.generator)  # [k]
-            flat_mask[grown] = True
+            flat_mask.index_fill_(0, grown, True)
             is_new = ~before[grown]  # [k]: inactive before the update
             zero_where(flat_w, pruned, ~flat_mask[pruned])  # pruned and not regrown
             zero_where(flat_w, grown, is_new)
@@ -281,12 +281,12 @@ class TopologyUpdater:
         )
         pruned = segments.lowest_k(pruning_keys(scores, old), ks)  # [K], all active
         mask = old.clone()  # [N]
-        mask[pruned] = False
+        mask.index_fill_(0, pruned, False)  # not mask[i] = x: that waits for a GPU
         grads = [g.flatten() for w in weights.values() if (g := self._grad(w)) is not None]
         grad = torch.cat(grads) if len(grads) == len(weights) else None  # [N]
         assert self.growth.keys is not None  # checked by _all_at_once
         grown = segments.lowest_k(self.growth.keys(grad, mask), ks)  # [K], all inactive
-        mask[grown] = True
+        mask.index_fill_(0, grown, True)
         changed, new = old ^ mask, mask & ~old  # [N]: pruned and not regrown, or new; new
         is_new = ~old[grown]  # [K]
         updates = {}
