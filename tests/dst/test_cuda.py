@@ -185,7 +185,8 @@ def test_a_topology_update_on_cuda_does_not_wait_for_the_device(together: bool) 
     """Choosing, growing, zeroing and resetting momentum only queue work on the GPU (the
     paper's ImageNet setting: magnitude pruning, gradient growth), all layers at once or layer
     by layer. The first update counts every layer's active weights, in one wait; later ones
-    know the counts."""
+    know the counts. (On torch 2.11 an H200 showed, all layers at once, one more wait per
+    update inside ``torch.cuda`` itself, from no line of ``dst``: allowed, and counted.)"""
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(128, 128) for _ in range(6)]).to(CUDA)
     weights = prunable_weights(model)
@@ -207,8 +208,9 @@ def test_a_topology_update_on_cuda_does_not_wait_for_the_device(together: bool) 
             changes = updater.update(weights, masks, opt, step)
         waits.append(syncs)
         assert all(len(c.grown) > 0 for c in changes.values())
-    assert sum(waits[0].values()) <= 1, waits[0]
-    assert not waits[1] and not waits[2], waits
+    ours = [{line: n for line, n in w.items() if "/dst/" in line} for w in waits]
+    assert sum(ours[0].values()) <= 1 and not ours[1] and not ours[2], waits
+    assert sum(waits[0].values()) <= 2 and all(sum(w.values()) <= 1 for w in waits[1:]), waits
 
 
 def test_augmented_tensor_batches_do_not_synchronize_per_batch() -> None:
