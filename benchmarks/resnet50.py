@@ -43,6 +43,7 @@ from benchmarks.step_overhead import (
 from dst.datasets import DataInfo
 from dst.masks import prunable_weights
 from dst.models import build_model
+from dst.optimizers import KERNELS
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,11 @@ def measure(args: argparse.Namespace, setting: Setting, device: torch.device) ->
     y = torch.randint(0, 1000, (setting.batch,), generator=gen).to(device)
 
     dense = build(info, device)
-    dense_opt = optimizer(dense, None, "auto")
+    dense_opt = optimizer(dense, None, args.kernel)
     sparse = build(info, device)
     masks = sparsify(sparse, args.density, gen, init="erk")  # ERK, as A.2 for conv nets
     weights = prunable_weights(sparse)
-    sparse_opt = optimizer(sparse, masks, "auto")
+    sparse_opt = optimizer(sparse, masks, args.kernel)
     updater = topology_updater(args.criterion, args.growth)
 
     def backward(model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -148,7 +149,7 @@ def profile_update(args: argparse.Namespace, device: torch.device) -> None:
     gen = torch.Generator().manual_seed(0)
     model = build(info, device)
     masks = sparsify(model, args.density, gen, init="erk")
-    weights, opt = prunable_weights(model), optimizer(model, masks, "auto")
+    weights, opt = prunable_weights(model), optimizer(model, masks, args.kernel)
     x = torch.randn(args.batches[0], *info.input_shape, generator=gen).to(device)
     y = torch.randint(0, 1000, (args.batches[0],), generator=gen).to(device)
     nn.functional.cross_entropy(model(x), y).backward()
@@ -217,6 +218,7 @@ def main() -> None:
     parser.add_argument("--criterion", default="magnitude")
     parser.add_argument("--growth", default="gradient")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--kernel", default="auto", choices=KERNELS, help="MaskedSGD's kernel")
     parser.add_argument(
         "--profile-update",
         action="store_true",
@@ -234,7 +236,8 @@ def main() -> None:
         name = f"CPU, {torch.get_num_threads()} threads"
     print(
         f"ResNet-50 on {name}; {args.image_size}px, density {args.density}, "
-        f"{args.criterion}/{args.growth}, {args.rounds} rounds x {args.steps} steps; "
+        f"{args.criterion}/{args.growth}, {args.kernel} kernel, {args.rounds} rounds x "
+        f"{args.steps} steps; "
         f"torch {torch.__version__}"
     )
     if args.profile_update:

@@ -19,6 +19,12 @@ the mask. Kernels, fastest first on one CPU thread (large-MLP, density 0.1,
   float32 on the CPU only.
 * ``compiled``: the same formula through ``torch.compile`` (C++ on the CPU, Triton on CUDA),
   one call for all masked tensors.
+* ``foreach``: no compiler; two multi-tensor passes over all masked tensors: the gradients
+  times the masks (``torch._foreach_mul``), then PyTorch's fused SGD, as for dense weights.
+  Off the mask the masked gradient is zero, so the invariant keeps d, b and θ zero there. A
+  few kernel launches and two Python calls per step however many tensors (the ``compiled``
+  kernel launches one kernel per tensor and checks its guards on every tensor), for one more
+  read and write of the gradients; the masks are kept as floats (4 bytes an entry).
 * ``eager``: no compiler; PyTorch's SGD, then weights and momentum are masked.
 * ``auto``: ``native`` for float32 CPU weights, else ``compiled``, else ``eager`` (with a
   warning naming why the faster kernel is not available).
@@ -57,7 +63,7 @@ KERNELS: tuple[Kernel, ...] = get_args(Kernel)
 MaskedUpdate = Callable[..., None]
 
 _COMPILABLE_DEVICES = ("cpu", "cuda")
-_FUSED_DEVICES = tuple(_get_fused_kernels_supported_devices())
+_FUSED_DEVICES = frozenset(_get_fused_kernels_supported_devices())
 _SOURCE = Path(__file__).with_name("masked_sgd.c")
 # The compiler may fuse multiply-adds (its default), so results can differ from the other
 # kernels in the last bit; forbidding that (-ffp-contract=off) made the loop about 5% slower.
@@ -148,7 +154,7 @@ def dense_update(
         params,
         grads,
         cast(list[torch.Tensor | None], bufs),
-        fused=all(p.device.type in _FUSED_DEVICES for p in params),
+        fused={p.device.type for p in params} <= _FUSED_DEVICES,
         lr=lr,
         weight_decay=weight_decay,
         momentum=momentum,
@@ -185,6 +191,24 @@ def zero_off_mask(tensors: list[torch.Tensor], masks: list[torch.Tensor]) -> Non
     """
     for x, mask in zip(tensors, masks, strict=True):
         x.mul_(mask)
+
+
+def foreach_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    bufs: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+) -> None:
+    """The masked update as two multi-tensor passes: masked gradients (new tensors: a
+    parameter's ``.grad`` stays the dense gradient), then :func:`dense_update` on them.
+    ``masks`` are float masks of the weights' dtype (:func:`foreach_kernel` prepares them)."""
+    masked = list(torch._foreach_mul(grads, masks))
+    dense_update(params, masked, bufs, lr, weight_decay, momentum, nesterov)
+    torch.autograd.graph.increment_version(params + bufs)  # the fused step does not
 
 
 # ---- native: masked_sgd.c compiled for this machine --------------------------------------
@@ -432,6 +456,11 @@ def compiled_kernel(device_type: str) -> MaskedKernel:
     return MaskedKernel("compiled", compiled_update(device_type), zero_off_mask)
 
 
+def foreach_kernel(dtype: torch.dtype) -> MaskedKernel:
+    """The ``foreach`` kernel for ``dtype`` weights (any device PyTorch runs SGD on)."""
+    return MaskedKernel("foreach", foreach_update, zero_off_mask, lambda mask: mask.to(dtype))
+
+
 @functools.cache
 def resolve_kernel(kernel: Kernel, device_type: str, dtype: torch.dtype) -> MaskedKernel:
     """The masked-update kernel ``kernel`` names, for ``dtype`` weights on ``device_type``.
@@ -445,6 +474,8 @@ def resolve_kernel(kernel: Kernel, device_type: str, dtype: torch.dtype) -> Mask
         return native_kernel(device_type, dtype)
     if kernel == "compiled":
         return compiled_kernel(device_type)
+    if kernel == "foreach":
+        return foreach_kernel(dtype)
     reasons = []
     candidates: list[Callable[[], MaskedKernel]] = [lambda: compiled_kernel(device_type)]
     if device_type == "cpu" and dtype == torch.float32:

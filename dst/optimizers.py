@@ -107,6 +107,7 @@ class MaskedSGD(torch.optim.Optimizer):
             checked[id(p)] = mask.view(torch.uint8)
         self._masks = checked  # by id(param): Tensor hashing is a Python call, ids are not
         self._entries: dict[int, _Masked] = {}
+        self._dense_bufs: dict[int, torch.Tensor] = {}  # id(param) -> its momentum buffer
 
     # torch wraps these four methods so that torch.compile never traces them, and the wrapper
     # imports torch._dynamo on its first call: seconds of CPU in every fresh trial process.
@@ -124,7 +125,7 @@ class MaskedSGD(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load momentum buffers (then re-zero them off the masks before the next update)."""
         _unwrapped(torch.optim.Optimizer.load_state_dict)(self, state_dict)
-        self._entries = {}
+        self._entries, self._dense_bufs = {}, {}
 
     def masked_kernel(self, device: torch.device, dtype: torch.dtype) -> MaskedKernel:
         """The kernel this optimizer runs on masked ``dtype`` weights on ``device``."""
@@ -142,27 +143,36 @@ class MaskedSGD(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        # runs at every step over every parameter: on a GPU the host's time here is not
+        # hidden behind the device's when steps are short, so the loop stays lean
         hyper = (group["lr"], group["weight_decay"], group["momentum"], group["nesterov"])
-        dense: list[nn.Parameter] = []
+        dense: list[torch.Tensor] = []
+        dense_grads: list[torch.Tensor] = []
+        dense_bufs: list[torch.Tensor] = []
         masked: dict[tuple[torch.device, torch.dtype], list[_Masked]] = {}
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("MaskedSGD does not support sparse gradients")
-            if id(p) in self._masks:
-                entry = self._entries.get(id(p))
+            key = id(p)
+            if key in self._masks:
+                entry = self._entries.get(key)
                 if entry is None or entry.weight.data_ptr() != p.data_ptr():  # new, or p.data=
                     entry = self._entry(p)
                 masked.setdefault((p.device, p.dtype), []).append(entry)
             else:
+                buf = self._dense_bufs.get(key)
                 dense.append(p)
+                dense_grads.append(grad)
+                dense_bufs.append(self._dense_buf(p) if buf is None else buf)
         for (device, dtype), entries in masked.items():
             kernel = self.masked_kernel(device, dtype)
             _restore_invariant(kernel, entries)
             kernel.update(
                 [e.weight for e in entries],
-                [_flat(_grad(e.param)) for e in entries],
+                [_grad(e.param).view(-1) for e in entries],  # read only: no detach needed
                 [e.buf for e in entries],
                 [e.kernel_mask for e in entries],
                 *hyper,
@@ -170,13 +180,15 @@ class MaskedSGD(torch.optim.Optimizer):
             for e in entries:
                 e.synced = (e.mask._version, e.param._version)
         if dense:
-            bufs = []
-            for p in dense:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
-            dense_update(list[torch.Tensor](dense), [_grad(p) for p in dense], bufs, *hyper)
+            dense_update(dense, dense_grads, dense_bufs, *hyper)
+
+    def _dense_buf(self, p: nn.Parameter) -> torch.Tensor:
+        """An unmasked parameter's momentum buffer (created at zero), remembered by id."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        self._dense_bufs[id(p)] = state["momentum_buffer"]
+        return state["momentum_buffer"]
 
     def _entry(self, p: nn.Parameter) -> _Masked:
         """Flat aliases of a masked parameter, its momentum buffer (created at zero) and mask."""

@@ -45,7 +45,7 @@ else:
     ScheduleName = _names(SCHEDULES.names())
 Mode = Literal["dense", "static", "dst"]
 # how the masked SGD update runs (:mod:`dst.kernels`)
-OptimizerKernel = Literal["auto", "native", "compiled", "eager"]
+OptimizerKernel = Literal["auto", "native", "compiled", "foreach", "eager"]
 DataPath = Literal["loader", "tensor"]
 Precision = Literal["fp32", "bf16"]
 Scope = Literal["local", "global"]

@@ -71,7 +71,7 @@ def train(device: torch.device, kernel: Kernel, steps: int = 5) -> list[torch.Te
 
 def test_masked_update_on_cuda_matches_the_cpu() -> None:
     reference = train(torch.device("cpu"), "eager")
-    for kernel in ("compiled", "eager", "auto"):
+    for kernel in ("compiled", "foreach", "eager", "auto"):
         got = train(CUDA, kernel)
         for a, b in zip(got, reference, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
