@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from benchmarks.step_overhead import sync, timed
+from dst.kernels import KernelUnavailableError
 from dst.optimizers import KERNELS, MaskedSGD
 
 MASKED, UNMASKED = 54, 107  # ResNet-50: conv and fc weights; BN weights and biases, fc bias
@@ -52,7 +53,7 @@ def main() -> None:
             try:
                 opt = MaskedSGD(params, lr=0.1, masks=masks if with_masks else None, kernel=kernel)
                 opt.step()  # the first step builds what the kernel needs
-            except Exception as error:  # a kernel this machine cannot run
+            except KernelUnavailableError as error:  # a kernel this machine cannot run
                 print(f"{kernel:<9} unavailable: {type(error).__name__}: {error}")
                 break
             sync(device)

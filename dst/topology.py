@@ -22,7 +22,7 @@ from torch import nn
 
 from dst.criteria import Criterion
 from dst.growth import Growth
-from dst.masks import Masks, active_counts, num_active
+from dst.masks import Masks, active_counts
 from dst.schedules import PruneSchedule
 from dst.selection import Segments, pruning_keys, select_pruned
 
@@ -72,11 +72,11 @@ def prune_indices(
     modified; the random criterion draws from ``generator``. ``counts`` (each mask's active
     count, when the caller knows them) spare a GPU the wait for counting them.
     """
+    if counts is None:
+        counts = dict(zip(weights, active_counts(masks[n] for n in weights), strict=True))
     if scope == "local":
-        if counts is None:
-            counts = dict(zip(weights, active_counts(masks[n] for n in weights), strict=True))
         return _prune_local(criterion, weights, grads, masks, counts, fraction, generator)
-    return _prune_global(criterion, weights, grads, masks, fraction, generator)
+    return _prune_global(criterion, weights, grads, masks, counts, fraction, generator)
 
 
 def _prune_local(
@@ -103,6 +103,7 @@ def _prune_global(
     weights: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor | None],
     masks: Masks,
+    counts: Mapping[str, int],
     fraction: float,
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
@@ -115,7 +116,7 @@ def _prune_global(
         else None
     )
     flat_m = torch.cat([masks[name].flatten() for name in weights])  # [N]
-    k = prune_count(fraction, num_active(flat_m))
+    k = prune_count(fraction, sum(counts[name] for name in weights))
     chosen = select_pruned(criterion.score(flat_w, flat_g, flat_m, generator), flat_m, k)  # [k]
     out, offset = {}, 0
     for name, w in weights.items():
@@ -271,19 +272,18 @@ class TopologyUpdater:
         ks = [prune_count(fraction, counts[name]) for name in names]
         segments = self._segments_of(weights)
         old = torch.cat([masks[name].view(-1) for name in names])  # [N]
+        grads = {name: self._grad(w) for name, w in weights.items()}
         scores = torch.cat(  # [N]
             [
-                self.criterion.score(
-                    w.detach(), self._grad(w), masks[name], self.generator
-                ).flatten()
+                self.criterion.score(w.detach(), grads[name], masks[name], self.generator).flatten()
                 for name, w in weights.items()
             ]
         )
         pruned = segments.lowest_k(pruning_keys(scores, old), ks)  # [K], all active
         mask = old.clone()  # [N]
         mask.index_fill_(0, pruned, False)  # not mask[i] = x: that waits for a GPU
-        grads = [g.flatten() for w in weights.values() if (g := self._grad(w)) is not None]
-        grad = torch.cat(grads) if len(grads) == len(weights) else None  # [N]
+        present = [g.flatten() for g in grads.values() if g is not None]
+        grad = torch.cat(present) if len(present) == len(grads) else None  # [N]
         assert self.growth.keys is not None  # checked by _all_at_once
         grown = segments.lowest_k(self.growth.keys(grad, mask), ks)  # [K], all inactive
         mask.index_fill_(0, grown, True)
@@ -313,12 +313,10 @@ class TopologyUpdater:
         """The layers as segments of their concatenation (made once per network)."""
         sizes = [w.numel() for w in weights.values()]
         device = next(iter(weights.values())).device
-        if self._segments is None or (self._segments.sizes, self._segments.device) != (
-            sizes,
-            device,
-        ):
-            self._segments = Segments(sizes, device)
-        return self._segments
+        known = self._segments
+        if known is None or known.sizes != sizes or known.device != device:
+            self._segments = known = Segments(sizes, device)
+        return known
 
 
 def zero_where(flat: torch.Tensor, idx: torch.Tensor, where: torch.Tensor) -> None:
