@@ -300,12 +300,23 @@ def status(
         if e.get("mlflow", {}).get("parent_run_url"):
             typer.echo(f"MLflow: {e['mlflow']['parent_run_url']}")
         for t in client.trials(experiment_id):
-            acc = (t.get("metrics") or {}).get("test_acc")
-            acc_text = f"test_acc={acc:.4f}" if acc is not None else ""
-            progress = f"epoch {t['epoch']}/{t['epochs']}"
-            typer.echo(f"  {t['index']:>4} {t['state']:<10} {progress}  {t['label']}  {acc_text}")
+            typer.echo(trial_line(t))
     except ApiError as error:
         raise fail(str(error)) from None
+
+
+def trial_line(trial: dict[str, Any]) -> str:
+    """One trial of ``dst status``: state, progress, accuracy, where it runs, its resume."""
+    acc = (trial.get("metrics") or {}).get("test_acc")
+    parts = [f"  {trial['index']:>4} {trial['state']:<10} epoch {trial['epoch']}/{trial['epochs']}"]
+    parts.append(trial["label"])
+    if acc is not None:
+        parts.append(f"test_acc={acc:.4f}")
+    if trial.get("node"):
+        parts.append(f"on {trial['node']}")
+    if trial.get("resumed_from_epoch"):
+        parts.append(f"(resumed after epoch {trial['resumed_from_epoch']})")
+    return "  ".join(parts)
 
 
 @app.command()

@@ -40,6 +40,7 @@ TRIAL_FIELDS = frozenset(
         "mlflow_run_id",
         "error",
         "resumed_from_epoch",
+        "node",
         "started_at",
         "finished_at",
     }

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
+from ray.tune.result import HOSTNAME
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -136,12 +137,14 @@ class TrialRecorder(tune.Callback):
         index, epoch = trial_index(trial), int(metrics["epoch"])
         last = self._epochs.get(index, 0)
         self._epochs[index] = epoch
+        fields: dict[str, Any] = {"epoch": epoch, "metrics": metrics}
+        if result.get(HOSTNAME):  # Tune fills it in: where the trial's process runs
+            fields["node"] = str(result[HOSTNAME])
         resumed = result.get(RESUMED)  # the trial restored a checkpoint (e.g. DDP workers lost)
         if resumed is not None:
             log.info("trial %d resumed after epoch %d", index, resumed)
-            self._record(index, epoch=epoch, metrics=metrics, resumed_from_epoch=resumed)
-        else:
-            self._record(index, epoch=epoch, metrics=metrics)
+            fields["resumed_from_epoch"] = resumed
+        self._record(index, **fields)
         if self.runs is not None:
             if resumed is not None:
                 self.runs.mark_resumed(index, resumed)

@@ -58,6 +58,10 @@ class TrialOut(BaseModel):
     resumed_from_epoch: int | None = Field(
         description="the epoch the trial last resumed from after a failure (None: never)"
     )
+    node: str | None = Field(
+        description="the host (Ray node) the trial last reported from: after a worker is lost, "
+        "where it resumed"
+    )
     started_at: datetime | None
     finished_at: datetime | None
 

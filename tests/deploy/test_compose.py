@@ -49,13 +49,30 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def one_trial_per_worker(name: str) -> dict[str, Any]:
     """The suite's 4-trial study with single-CPU trials on 1-CPU workers (the head runs
-    none): one trial per worker."""
+    none): one trial per worker at a time."""
     return study(name, epochs=EPOCHS, resources={"cpus_per_trial": 1})
 
 
 def running_trials(client: ApiClient, experiment_id: str, min_epoch: int) -> list[dict]:
     trials = client.trials(experiment_id)
     return [t for t in trials if t["state"] == "running" and t["epoch"] >= min_epoch]
+
+
+def worker_hosts(stack: Stack, workers: int = 2) -> dict[str, str]:
+    """Each Ray worker container's host name (what the API shows as a trial's node)."""
+    names = [stack.container("ray-worker", n) for n in range(1, workers + 1)]
+    return {podman("inspect", "--format", "{{.Config.Hostname}}", c).strip(): c for c in names}
+
+
+def busy_worker(
+    client: ApiClient, experiment_id: str, workers: dict[str, str]
+) -> tuple[str, dict[str, Any]] | None:
+    """A worker container running a trial that has checkpointed (epoch 2 or later) and has
+    most of its epochs ahead (so it is still running when the kill lands)."""
+    for trial in running_trials(client, experiment_id, min_epoch=2):
+        if trial["epoch"] <= EPOCHS // 2 and trial["node"] in workers:
+            return workers[trial["node"]], trial
+    return None
 
 
 def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:
@@ -66,15 +83,21 @@ def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:
         == (created["id"])
     )
     experiment_id = created["id"]
-    # both workers busy, each trial past a checkpoint: then one worker goes
-    wait_for(
-        lambda: len(running_trials(client, experiment_id, min_epoch=2)) == 2,
-        "a trial running past its second epoch on each worker",
-        timeout=240,
-    )
-    victim = stack.container("ray-worker", 1)
+    workers = worker_hosts(stack)
+    # the worker running a trial past a checkpoint goes, whichever of the two it is
+    try:
+        victim, hit = wait_for(
+            lambda: busy_worker(client, experiment_id, workers),
+            "a trial running past its second epoch on a worker",
+            timeout=240,
+        )
+    except AssertionError as error:
+        raise AssertionError(
+            f"{error}\nworkers: {workers}\ntrials: {client.trials(experiment_id)}\n{stack.logs()}"
+        ) from None
     podman("kill", "--signal", "KILL", victim)
     lost_at = time.monotonic()
+    log.info("killed %s running trial %d at epoch %d", victim, hit["index"], hit["epoch"])
 
     final = wait_terminal(client, experiment_id, timeout=600)
     assert final["status"] == "succeeded", f"{final}\n{stack.logs()}"
@@ -82,9 +105,10 @@ def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:
     trials = client.trials(experiment_id)
     assert sorted(t["index"] for t in trials) == [0, 1, 2, 3]
     assert all(t["epoch"] == EPOCHS for t in trials)
-    resumed = [t for t in trials if t["resumed_from_epoch"]]
-    assert resumed, "no trial resumed from a checkpoint after the worker was killed"
-    assert all(1 <= t["resumed_from_epoch"] < EPOCHS for t in resumed)
+    resumed = {t["index"]: t for t in trials if t["resumed_from_epoch"]}
+    assert hit["index"] in resumed, f"the trial on the killed worker did not resume: {trials}"
+    assert all(1 <= t["resumed_from_epoch"] < EPOCHS for t in resumed.values())
+    assert resumed[hit["index"]]["node"] in workers  # finished on a worker of the stack
     state = podman("inspect", "--format", "{{.State.Status}}", victim).strip()
     log.info(
         "worker lost for %.0f s of the study; its container is %s",

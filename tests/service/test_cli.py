@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app, results_table
+from service.cli import app, results_table, trial_line
 
 runner = CliRunner()
 
@@ -40,6 +40,17 @@ def test_results_table_has_one_line_per_row() -> None:
     assert lines[0].split()[:3] == ["mode", "criterion", "n"]
     assert len(lines) == 4 and "0.9123 ± 0.0100" in lines[2] and "0.9200 ± 0.0000" in lines[2]
     assert lines[3].split()[:2] == ["dense", "-"]
+
+
+def test_a_trial_line_says_where_it_runs_and_whether_it_resumed() -> None:
+    trial = {
+        "index": 3, "state": "running", "epoch": 7, "epochs": 30, "label": "seed=1",
+        "metrics": {"test_acc": 0.8765}, "node": None, "resumed_from_epoch": None,
+    }  # fmt: skip
+    words = ["3", "running", "epoch", "7/30", "seed=1", "test_acc=0.8765"]
+    assert trial_line(trial).split() == words
+    moved = trial | {"metrics": None, "node": "worker-2", "resumed_from_epoch": 4}
+    assert trial_line(moved).endswith("seed=1  on worker-2  (resumed after epoch 4)")
 
 
 def test_the_cli_answers_without_importing_torch() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ def run_study(client, mlflow_uri: str, name: str) -> None:
         assert trial["state"] == "succeeded" and trial["epoch"] == trial["epochs"] == 2
         assert 0 <= trial["metrics"]["test_acc"] <= 1 and trial["mlflow_run_id"]
         assert trial["params"]["sparsity.criterion"] in ("magnitude", "snip")
+        assert trial["node"] == platform.node()  # the local Ray's only node: this machine
     results = client.results(created["id"])
     assert results["group_by"] == ["sparsity.criterion"]
     rows = results["rows"]

@@ -233,6 +233,24 @@ def test_a_restored_trial_reports_its_resume_and_epochs_are_logged_once(
     assert [m["epoch"] for m in history] == [1, 2]
 
 
+def test_the_trial_row_says_which_node_it_last_reported_from(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """Tune's result names the reporting process's host: a trial moved to another worker
+    after a loss shows its new node; a report without a host leaves the last one."""
+    recorder = TrialRecorder(engine, EXPERIMENT, None)
+    trial = tune_trial(tmp_path)
+    assert row(engine).node is None
+    first = result(1, "none") | {"hostname": "worker-a", "node_ip": "10.0.0.2"}
+    recorder.on_trial_result(0, [], trial, first)  # type: ignore[arg-type]
+    assert row(engine).node == "worker-a"
+    moved = result(2, "none") | {"hostname": "worker-b", RESUMED: 1}
+    recorder.on_trial_result(0, [], trial, moved)  # type: ignore[arg-type]
+    assert (row(engine).node, row(engine).resumed_from_epoch) == ("worker-b", 1)
+    recorder.on_trial_result(0, [], trial, result(3, "none"))  # type: ignore[arg-type]
+    assert row(engine).node == "worker-b"
+
+
 def test_a_finished_trial_keeps_its_masks_for_the_analysis(engine: Engine, tmp_path: Path) -> None:
     """Without MLflow too: the masks go to the shared storage after the last epoch only."""
     store = tmp_path / "masks" / EXPERIMENT

@@ -86,6 +86,7 @@ def trial_out(t: Trial) -> TrialOut:
         mlflow_run_id=t.mlflow_run_id,
         error=t.error,
         resumed_from_epoch=t.resumed_from_epoch,
+        node=t.node,
         started_at=crud.as_aware(t.started_at),
         finished_at=crud.as_aware(t.finished_at),
     )
