@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from service.client import ApiClient
+from service.client import TERMINAL, ApiClient
 from service.tracking import PARENT_TAG
 from tests.deploy.stack import INSTALL_HINT, Stack, ensure_base_image, missing_tools, podman
 from tests.service.e2e import study, wait_for, wait_terminal
@@ -72,6 +72,9 @@ def busy_worker(
     for trial in running_trials(client, experiment_id, min_epoch=2):
         if trial["epoch"] <= EPOCHS // 2 and trial["node"] in workers:
             return workers[trial["node"]], trial
+    experiment = client.experiment(experiment_id)
+    if experiment["status"] in TERMINAL:  # no point waiting on: say what happened
+        raise AssertionError(f"the study ended before a worker could be lost: {experiment}")
     return None
 
 
@@ -84,6 +87,7 @@ def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:
     )
     experiment_id = created["id"]
     workers = worker_hosts(stack)
+    assert len(workers) == 2, f"the workers' host names do not tell them apart: {workers}"
     # the worker running a trial past a checkpoint goes, whichever of the two it is
     try:
         victim, hit = wait_for(
@@ -91,7 +95,7 @@ def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:
             "a trial running past its second epoch on a worker",
             timeout=240,
         )
-    except AssertionError as error:
+    except AssertionError as error:  # timed out, or the study ended first
         raise AssertionError(
             f"{error}\nworkers: {workers}\ntrials: {client.trials(experiment_id)}\n{stack.logs()}"
         ) from None
