@@ -89,6 +89,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from dst.training import Trainer
 
     torch.set_num_threads(max(1, int(trial["cpus"])))
+    keep_to_gpu_share(float(trial["gpus"]))
     trainer = Trainer(RunSpec.model_validate(trial["spec"]))
     note = restore(trainer, tune.get_checkpoint())
 
@@ -104,6 +105,24 @@ def run_trial(config: dict[str, Any]) -> None:
             tune.report({STEP: trainer.step}, checkpoint=checkpoint)
 
     trainer.fit(on_epoch=report, on_checkpoint=save)
+
+
+def keep_to_gpu_share(gpus: float) -> None:
+    """Hold a trial given part of a GPU (``gpus_per_trial`` below 1: several trials share the
+    GPU Ray assigned) to that part of the GPU's memory.
+
+    Ray shares a GPU by bookkeeping only; PyTorch's caching allocator would let one trial take
+    memory the trials beside it need. Capped, a trial that outgrows its share fails with an
+    out-of-memory error of its own instead. (The CUDA context, a few hundred MiB per process,
+    is outside the cap.)
+    """
+    if not 0 < gpus < 1:
+        return
+    import torch
+
+    if torch.cuda.is_available():  # Ray's CUDA_VISIBLE_DEVICES: device 0 is the one assigned
+        torch.cuda.set_per_process_memory_fraction(gpus, 0)
+        log.info("this trial keeps to %.0f%% of the GPU's memory", 100 * gpus)
 
 
 def _run_data_parallel(trial: dict[str, Any]) -> None:

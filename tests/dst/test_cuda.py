@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import subprocess
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -304,3 +307,28 @@ def test_two_workers_sharing_the_gpu_do_what_one_worker_does(tmp_path: Path) -> 
             assert torch.equal(rank["masks"][name], ranks[0]["masks"][name]), name
             shared = (rank["masks"][name].cpu() & mask.cpu()).sum() / mask.sum()  # flip
             assert shared > 0.99, (name, float(shared))
+
+
+def test_a_trial_given_a_quarter_of_the_gpu_keeps_to_a_quarter_of_its_memory() -> None:
+    """In a process of its own (the cap lasts a process's lifetime), as a Ray trial is."""
+    code = """
+import torch
+from service.trial import keep_to_gpu_share
+keep_to_gpu_share(0.25)
+total = torch.cuda.get_device_properties(0).total_memory
+kept = torch.empty(int(total * 0.2), dtype=torch.uint8, device="cuda")
+try:
+    torch.empty(int(total * 0.1), dtype=torch.uint8, device="cuda")
+    print("not capped")
+except torch.OutOfMemoryError:
+    print("capped")
+"""
+    repo = Path(__file__).resolve().parents[2]
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["capped"]

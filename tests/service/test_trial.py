@@ -1,0 +1,30 @@
+"""The trial's own set-up on a Ray worker: its share of a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.trial import keep_to_gpu_share
+
+
+@pytest.mark.parametrize(
+    ("gpus", "cuda", "capped"),
+    [
+        (0.25, True, [(0.25, 0)]),  # a quarter of the GPU: a quarter of its memory
+        (0.5, True, [(0.5, 0)]),
+        (1.0, True, []),  # a whole GPU (or several workers' GPUs): no cap
+        (0.0, True, []),  # a CPU trial
+        (0.5, False, []),  # no CUDA in this process: nothing to cap
+    ],
+)
+def test_a_trial_keeps_to_its_share_of_the_gpu(
+    monkeypatch: pytest.MonkeyPatch, gpus: float, cuda: bool, capped: list[tuple[float, int]]
+) -> None:
+    calls: list[tuple[float, int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda f, d=None: calls.append((f, d))
+    )
+    keep_to_gpu_share(gpus)
+    assert calls == capped
