@@ -5,8 +5,8 @@ rank builds the same model and masks from the same seed, trains on its share of 
 batch (:mod:`dst.batches`), and takes topology updates from the all-reduced gradients with an
 identically seeded generator, so the masks stay identical on every rank. That is checked after
 each update (:func:`check_masks_agree`): a divergence fails the run loudly instead of silently
-training W different networks. Evaluation covers each sample exactly once, and the sums are
-reduced across ranks.
+training W different networks. Evaluation covers each sample exactly once with rank 0's
+buffers on every rank, and the sums are reduced across ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from dst.masks import Masks
@@ -59,6 +60,20 @@ def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def broadcast_buffers(module: nn.Module, world: World) -> None:
+    """Give every rank rank 0's buffers (BatchNorm's running statistics and counters).
+
+    DDP hands rank 0's buffers to every rank at the start of each training forward; then each
+    rank updates them from its own share of the batch. Evaluation runs the plain module, so
+    without this each rank would evaluate its shard with slightly different statistics; after
+    it, every rank evaluates the model rank 0 checkpoints.
+    """
+    if not world.distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def mask_fingerprint(masks: Masks) -> torch.Tensor:

@@ -30,7 +30,7 @@ from dst.analysis import ItopTracker
 from dst.batches import GlobalBatchSampler
 from dst.criteria import resolve_criterion
 from dst.datasets import DataConfig, DataInfo, default_data_root, load_dataset
-from dst.distributed import World, all_sum, check_masks_agree, shard
+from dst.distributed import World, all_sum, broadcast_buffers, check_masks_agree, shard
 from dst.distributions import layer_densities
 from dst.growth import GROWTH
 from dst.masks import Masks, apply_masks, density, init_masks, prunable_weights
@@ -463,6 +463,7 @@ class Trainer:
     def evaluate(self, loader: Iterable[Batch]) -> tuple[float, float]:
         """Mean loss and accuracy over a whole split (each rank its shard, summed)."""
         self.model.eval()  # the plain module: ranks may run different numbers of batches
+        broadcast_buffers(self.model, self.world)  # so with rank 0's normalization statistics
         total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         total_correct = torch.zeros((), dtype=torch.long, device=self.device)
         seen = 0

@@ -48,6 +48,11 @@ def _scenarios(world: World) -> dict[str, Any]:
     out["history"] = trainer.fit()
     out["masks"] = trainer.masks
     out["val_count"] = trainer.evaluate(trainer.val_loader) and trainer.last_count
+    # a buffer each rank holds its own value of (as BatchNorm's statistics after a step)
+    trainer.model.register_buffer("probe", torch.full((3,), float(world.rank + 1)))
+    out["probe_before"] = trainer.model.probe.clone()
+    trainer.evaluate(trainer.val_loader)
+    out["probe"] = trainer.model.probe.clone()
     out["val_local"] = sum(len(y) for _, y in trainer.val_loader)
     out["fingerprints"] = {}
     for criterion, growth in COMBOS:
@@ -130,6 +135,12 @@ def test_evaluation_sees_every_sample_once(ranks: list, single: dict) -> None:
     n_val = len(single["trainer"].val_loader.dataset)
     assert [r["val_count"] for r in ranks] == [n_val, n_val]
     assert sum(r["val_local"] for r in ranks) == n_val  # shards, no padding
+
+
+def test_every_rank_evaluates_with_rank_0s_buffers(ranks: list) -> None:
+    assert [float(r["probe_before"][0]) for r in ranks] == [1.0, 2.0]
+    for rank in ranks:
+        assert torch.equal(rank["probe"], torch.full((3,), 1.0))
 
 
 def test_every_rank_resumes_from_a_mid_epoch_checkpoint_bit_identically(ranks: list) -> None:
