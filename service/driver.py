@@ -81,7 +81,9 @@ def make_tuner(
     trainable = tune.with_resources(run_trial, {"cpu": first["CPU"], "gpu": first["GPU"]})
     if tune.Tuner.can_restore(path):  # the saved state brings its callbacks (our recorder)
         log.info("restoring Tune experiment from %s", path)
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        # a trial that failed for good (its retries spent) is FAILED in the database, which
+        # keeps terminal states: restoring does not run it again
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(configs)},
@@ -185,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
             trial_config(t, resources, str(results_dir))
             for t in crud.list_trials(session, experiment_id)
         ]
-        crud.set_experiment_status(session, experiment_id, ExperimentStatus.RUNNING)
-        session.commit()
+        if not start(session, experiment_id):
+            return
     recorder = recorder_for(experiment_id)
     scrub_worker_environment(DRIVER_ONLY_ENV)
     ray.init(address="auto", log_to_driver=True)
@@ -219,6 +221,20 @@ def main(argv: list[str] | None = None) -> None:
     if recorder.runs is not None and not recorder.runs.close(timeout=60):
         log.error("some MLflow writes of %s could not be done", experiment_id)
     log.info("experiment %s: %d trials done", experiment_id, len(results))
+
+
+def start(session: Session, experiment_id: str) -> bool:
+    """Mark the experiment running; False if it was cancelled (or has ended) before this job
+    could start, a submission the API could not confirm or a stop that did not arrive: then
+    nothing trains."""
+    crud.set_experiment_status(session, experiment_id, ExperimentStatus.RUNNING)
+    session.commit()
+    experiment = crud.get_experiment(session, experiment_id)
+    status = ExperimentStatus(experiment.status) if experiment else ExperimentStatus.CANCELLED
+    if status.terminal or status == ExperimentStatus.CANCELLING:
+        log.warning("experiment %s is %s: its trials do not run", experiment_id, status)
+        return False
+    return True
 
 
 def _fail(engine: Any, experiment_id: str, error: str) -> None:

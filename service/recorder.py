@@ -87,6 +87,7 @@ class TrialRecorder(tune.Callback):
         self.engine, self.experiment_id, self.runs = engine, experiment_id, runs
         self.mask_root = mask_root  # where finished trials' masks are kept for the analysis
         self._epochs: dict[int, int] = {}  # last epoch each trial reported to this driver
+        self._initial_logged: set[int] = set()  # trials whose initial masks this driver logged
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         """Tune saves its callbacks with the experiment's state on storage: save only the
@@ -136,7 +137,7 @@ class TrialRecorder(tune.Callback):
             return
         index, epoch = trial_index(trial), int(metrics["epoch"])
         last = self._epochs.get(index, 0)
-        self._epochs[index] = epoch
+        self._epochs[index] = max(last, epoch)  # a restore may replay several epochs
         fields: dict[str, Any] = {"epoch": epoch, "metrics": metrics}
         if result.get(HOSTNAME):  # Tune fills it in: where the trial's process runs
             fields["node"] = str(result[HOSTNAME])
@@ -154,8 +155,11 @@ class TrialRecorder(tune.Callback):
         epochs = resolve_training(RunSpec.model_validate(trial.config["trial"]["spec"])).epochs
         if directory is None or not (directory / MASKS).exists():
             return  # a dense run has no masks
-        if epoch == 1 and last == 0 and self.runs is not None:
+        if index not in self._initial_logged and self.runs is not None:
+            # every checkpoint holds the initial masks: the first one still on storage serves
+            # (a multi-worker trial's first may be gone by the time its report arrives)
             self.runs.log_masks(index, directory / INITIAL_MASKS, "initial")
+            self._initial_logged.add(index)
         if epoch == epochs:
             if self.runs is not None:
                 self.runs.log_masks(index, directory / MASKS, "final")

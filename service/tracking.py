@@ -337,13 +337,17 @@ class ChildRuns:
         """Create (or reopen) trial ``index``'s run; tag it when it resumed at an epoch."""
 
         def write() -> None:
+            # a retry that starts before the first start's run id reached the database gets
+            # None: the run this driver already opened for the trial is the one to continue
+            known = self._runs.get(index)
+            reuse = run_id or (known.run_id if known is not None else None)
             run = TrialRun.open(
-                self.client(), self.parent_run_id, self.experiment_id, index, label, spec, run_id
+                self.client(), self.parent_run_id, self.experiment_id, index, label, spec, reuse
             )
             self._runs[index] = run
             if resumed is not None:
                 run.tag(TAG_RESUMED, str(resumed))
-            if run_id is None:
+            if reuse is None:
                 self.on_run(index, run.run_id)
 
         self.outbox.put(f"opening the run of trial {index}", write)

@@ -233,6 +233,38 @@ def test_a_restored_trial_reports_its_resume_and_epochs_are_logged_once(
     assert [m["epoch"] for m in history] == [1, 2]
 
 
+def test_a_restore_that_replays_several_epochs_logs_none_twice(
+    engine: Engine, tmp_path: Path
+) -> None:
+    runs = FakeRuns()
+    recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
+    trial = tune_trial(tmp_path)
+    for epoch in (1, 2, 3):
+        recorder.on_trial_result(0, [], trial, result(epoch, "none"))  # type: ignore[arg-type]
+    replay = [result(2, "none") | {RESUMED: 1}, result(3, "none"), result(4, "none")]
+    for again in replay:  # back to the checkpoint after epoch 1, then on past epoch 3
+        recorder.on_trial_result(0, [], trial, again)  # type: ignore[arg-type]
+    epochs = [call[2] for call in runs.calls if call[0] == "epoch"]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_initial_masks_come_from_the_first_checkpoint_still_on_storage(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """A multi-worker trial's reports arrive late: epoch 1's checkpoint may already be gone
+    (only the newest are kept); every checkpoint holds the initial masks."""
+    runs = FakeRuns()
+    recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
+    trial = tune_trial(tmp_path)
+    recorder.on_trial_result(0, [], trial, result(1, "deleted"))  # type: ignore[arg-type]
+    checkpoint(tmp_path, "checkpoint_000001")
+    recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
+    assert [c for c in runs.calls if c[0] == "masks"] == [
+        ("masks", 0, "initial", INITIAL_MASKS),
+        ("masks", 0, "final", MASKS),  # epoch 2 is the last
+    ]
+
+
 def test_the_trial_row_says_which_node_it_last_reported_from(
     engine: Engine, tmp_path: Path
 ) -> None:

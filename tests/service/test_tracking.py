@@ -13,7 +13,7 @@ from dst.masks import load_masks, save_masks
 from dst.spec import RunSpec
 from service.local import LocalServices, free_port
 from service.study import StudySpec, expand
-from service.tracking import ChildRuns, MlflowTracker, Outbox
+from service.tracking import PARENT_TAG, TAG_RESUMED, ChildRuns, MlflowTracker, Outbox
 
 
 def test_writes_run_in_order_and_outages_are_retried() -> None:
@@ -72,6 +72,7 @@ def test_metrics_arrive_once_mlflow_is_back(tmp_path: Path) -> None:
     save_masks({"fc1.weight": torch.eye(3, dtype=torch.bool)}, masks_file)
     started = time.monotonic()
     runs.start(0, "trial 0", spec, None, None)
+    runs.start(0, "trial 0", spec, None, 1)  # retried before the first run's id was stored
     for epoch in (1, 2):
         runs.log_epoch(0, {"epoch": epoch, "test_acc": 0.25 * epoch})
     runs.log_masks(0, masks_file, "final")
@@ -89,6 +90,9 @@ def test_metrics_arrive_once_mlflow_is_back(tmp_path: Path) -> None:
         client = MlflowClient(uri)
         run = client.get_run(run_ids[0])
         assert run.info.status == "FINISHED"
+        assert run.data.tags[TAG_RESUMED] == "1"  # the retry continued the same run
+        children = client.search_runs([run.info.experiment_id], f"tags.`{PARENT_TAG}` = '{parent}'")
+        assert [c.info.run_id for c in children] == [run_ids[0]]
         history = client.get_metric_history(run_ids[0], "test_acc")
         assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5)]
         final = load_masks(client.download_artifacts(run_ids[0], "masks/final.npz"))
