@@ -92,9 +92,14 @@ def launch(services: Services, experiment_id: str) -> None:
     with Session(services.engine) as session:
         moved = crud.set_experiment_status(session, experiment_id, ExperimentStatus.SUBMITTED)
         crud.set_error(session, experiment_id, None)
+        now = crud.get_experiment(session, experiment_id)
+        cancelled = now is None or now.status in (
+            ExperimentStatus.CANCELLED,
+            ExperimentStatus.CANCELLING,
+        )
         session.commit()
-    if not moved:  # cancelled while we were submitting: do not leave the job running
-        services.executor.stop(experiment_id)
+    if not moved and cancelled:  # cancelled while we were submitting: stop the job it made
+        services.executor.stop(experiment_id)  # (the driver also refuses to train it)
         return
     preload_analysis()  # while the job starts: the first analysis then needs no imports
 

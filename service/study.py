@@ -139,6 +139,7 @@ class Baselines(BaseModel):
     )
 
 
+RESERVED_TAG_PREFIXES = ("mlflow.", "dst.")  # the tracking server's and the service's tags
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=250)]
 TagValue = Annotated[str, StringConstraints(max_length=1000)]
 GridValues = Annotated[list[Any], Field(max_length=MAX_GRID_VALUES)]
@@ -156,6 +157,18 @@ class StudySpec(RunSpec):
     resources: Resources = Resources()
     baselines: Baselines = Baselines()
     grid: dict[str, GridValues] = Field(default_factory=dict)
+
+    @field_validator("tags")
+    @classmethod
+    def _check_tags(cls, tags: dict[str, str]) -> dict[str, str]:
+        reserved = [key for key in tags if key.startswith(RESERVED_TAG_PREFIXES)]
+        if reserved:
+            raise ValueError(
+                f"tag {reserved[0]!r}: keys starting with "
+                f"{' or '.join(repr(p) for p in RESERVED_TAG_PREFIXES)} are MLflow's and DST "
+                f"Lab's own; choose another key"
+            )
+        return tags
 
     @model_validator(mode="before")
     @classmethod
@@ -213,6 +226,13 @@ class StudySpec(RunSpec):
                 f"device {numbered[0]!r}: Ray shows a trial only the GPUs it was given, "
                 f"starting at cuda:0, so use 'cuda' (or 'auto')"
             )
+        smallest = self._smallest_batch()
+        workers = self.resources.workers_per_trial
+        if smallest < workers:
+            raise ValueError(
+                f"training.batch_size = {smallest} with resources.workers_per_trial = {workers}: "
+                f"the global batch is split between the workers, so it needs at least {workers}"
+            )
         on_cpu = "cpu" in devices
         if on_cpu and self.resources.gpus_per_trial > 0:
             raise ValueError(
@@ -220,6 +240,18 @@ class StudySpec(RunSpec):
                 f"'cpu', which would leave the trial's GPU idle: set device to 'cuda' or 'auto'"
             )
         return self
+
+    def _smallest_batch(self) -> int:
+        """The smallest global batch any trial of the study trains with (a model's Appendix
+        A.2 default where the spec sets none)."""
+        from dst.models import get_model
+
+        sizes = self.grid.get("training.batch_size", [self.training.batch_size])
+        found = [int(size) for size in sizes if size is not None]
+        if None in sizes:
+            models = self.grid.get("model", [self.model])
+            found += [get_model(str(model)).defaults.batch_size for model in models]
+        return min(found)
 
     def grid_size(self) -> int:
         """The number of grid combinations (DST runs before baselines), without expanding."""

@@ -16,10 +16,12 @@ from service.db import make_engine, upgrade_database
 from service.driver import (
     cluster_misfit,
     scrub_worker_environment,
+    start,
     trial_config,
     version_mismatches,
 )
 from service.execution import DRIVER_ONLY_ENV, driver_env
+from service.states import ExperimentStatus
 from service.study import Resources, StudySpec, expand
 
 
@@ -52,6 +54,36 @@ def test_trial_configs_are_the_stored_trials_and_carry_no_secret(tmp_path: Path)
     assert [c["spec"]["seed"] for c in configs] == [0, 7]
     assert configs[0]["workers"] == 2 and configs[0]["cpus"] == 0.5
     assert "sqlite" not in json.dumps(configs)
+
+
+@pytest.mark.parametrize(
+    ("before", "trains", "after"),
+    [
+        (ExperimentStatus.QUEUED, True, ExperimentStatus.RUNNING),  # the job started first
+        (ExperimentStatus.SUBMITTED, True, ExperimentStatus.RUNNING),
+        (ExperimentStatus.RUNNING, True, ExperimentStatus.RUNNING),  # a restarted driver
+        (ExperimentStatus.CANCELLED, False, ExperimentStatus.CANCELLED),  # cancelled in time
+        (ExperimentStatus.CANCELLING, False, ExperimentStatus.CANCELLING),
+        (ExperimentStatus.FAILED, False, ExperimentStatus.FAILED),
+    ],
+)
+def test_a_driver_trains_only_an_experiment_that_is_still_wanted(
+    tmp_path: Path, before: ExperimentStatus, trains: bool, after: ExperimentStatus
+) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
+    upgrade_database(engine)
+    study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
+    with Session(engine) as session:
+        crud.create_experiment(
+            session, experiment_id="e1", name="s", spec_json="{}", plans=expand(study)
+        )
+        experiment = crud.get_experiment(session, "e1")
+        assert experiment is not None
+        experiment.status = before
+        session.commit()
+        assert start(session, "e1") is trains
+        experiment = crud.get_experiment(session, "e1")
+        assert experiment is not None and experiment.status == after
 
 
 def test_the_driver_environment_is_built_in_one_place(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -143,6 +143,24 @@ def test_a_cancel_during_submit_stops_the_job(services: Services) -> None:
     assert services.tracker.finished == [("parent-e1", "cancelled", 0)]  # type: ignore[attr-defined]
 
 
+def test_a_driver_that_starts_before_the_launch_records_it_is_left_running(
+    services: Services,
+) -> None:
+    """The job's driver may mark the experiment running before the launch marks it
+    submitted: that is no cancel, and the job goes on."""
+    add(services)
+
+    def driver_starts_first(experiment_id: str) -> None:
+        with Session(services.engine) as session:
+            crud.set_experiment_status(session, experiment_id, ExperimentStatus.RUNNING)
+            session.commit()
+
+    services.executor.on_submit = driver_starts_first  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    assert status(services) == (ExperimentStatus.RUNNING, None)
+    assert services.executor.stopped == []  # type: ignore[attr-defined]
+
+
 def test_cancel_of_a_live_experiment_asks_ray_to_stop(services: Services) -> None:
     add(services)
     lifecycle.reconcile(services)

@@ -196,6 +196,36 @@ def test_fractional_gpus_share_a_gpu_and_ddp_trials_take_one_per_worker() -> Non
     assert bundles[1:] == [{"CPU": 2.0, "GPU": 1.0}] * 4
 
 
+@pytest.mark.parametrize(
+    ("training", "grid", "smallest"),
+    [
+        ({"batch_size": 2}, {}, 2),
+        ({"batch_size": 64}, {"training.batch_size": [64, 3]}, 3),
+        ({}, {"model": ["small-mlp", "large-mlp"]}, 128),  # the models' default batch
+    ],
+)
+def test_a_global_batch_smaller_than_the_workers_is_refused(
+    training: dict[str, Any], grid: dict[str, Any], smallest: int
+) -> None:
+    """Each worker trains on its share of every global batch: it needs one sample at least."""
+    data = study(resources={"workers_per_trial": 4}) | {"grid": grid}
+    data["training"] = {**data.get("training", {}), **training}
+    if smallest >= 4:
+        assert StudySpec.model_validate(data).resources.workers_per_trial == 4
+        data["resources"] = {"workers_per_trial": smallest + 1}
+    with pytest.raises(ValidationError, match=f"training.batch_size = {smallest} with resources"):
+        StudySpec.model_validate(data)
+
+
+@pytest.mark.parametrize("key", ["mlflow.runName", "dst.experiment_id"])
+def test_tags_of_mlflow_and_the_service_are_refused(key: str) -> None:
+    """MLflow refuses some of its own tags on a new run and ours identify the parent run: a
+    study that set them could never launch."""
+    with pytest.raises(ValidationError, match=f"tag '{key}'.*choose another key"):
+        StudySpec.model_validate(study(tags={key: "x"}))
+    assert StudySpec.model_validate(study(tags={"figure": "1"})).tags == {"figure": "1"}
+
+
 def test_every_shipped_study_is_valid() -> None:
     """The example studies (``dst submit``) validate and expand."""
     from dst.spec import read_spec_file
