@@ -6,9 +6,12 @@ same experiment twice: Ray rejects a second job with that id and we treat it as 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
+from collections.abc import MutableMapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.core.config import Settings
@@ -34,14 +37,17 @@ MLFLOW_CREDENTIALS = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
 )
-# what the job driver gets and Ray workers must not (the driver scrubs them from the job)
-DRIVER_ONLY_ENV = (
+# what only the job driver may know: never in the job's runtime environment, which Ray keeps
+# with the job and shows to anyone who can list jobs; handed over in a file instead
+DRIVER_SECRETS = (
     "DST_DATABASE_URL",
-    "DST_STORAGE_PATH",
-    "DST_MLFLOW_TRACKING_URI",
+    "DST_MLFLOW_TRACKING_URI",  # a tracking URI may carry credentials
     "MLFLOW_TRACKING_URI",
     *MLFLOW_CREDENTIALS,
 )
+SECRETS_FILE_ENV = "DST_DRIVER_SECRETS_FILE"
+# what the job driver gets and Ray workers must not (the driver scrubs them from the job)
+DRIVER_ONLY_ENV = (*DRIVER_SECRETS, "DST_STORAGE_PATH", SECRETS_FILE_ENV)
 
 
 def driver_env(settings: Settings) -> dict[str, str]:
@@ -94,19 +100,42 @@ class RayExecutor:
     def submit(self, experiment_id: str) -> None:
         """Submit the experiment's driver job; a job that already exists is left alone.
 
-        The driver reads the stored experiment and its trials from the database.
+        The driver reads the stored experiment and its trials from the database. Its secrets
+        (:data:`DRIVER_SECRETS`) go in a file only its user can read, on the shared storage;
+        the job's environment names the file.
         """
         if self.status(experiment_id) is not None:
             log.info("job %s already exists; not submitting again", experiment_id)
             return
-        self.client.submit_job(
-            entrypoint=self.entrypoint(experiment_id),
-            submission_id=experiment_id,
-            runtime_env={"env_vars": self.env | JOB_ENV},
-            metadata={"dst_experiment_id": experiment_id},
-            entrypoint_num_cpus=0,
-        )
+        env = {k: v for k, v in self.env.items() if k not in DRIVER_SECRETS}
+        secrets = {k: v for k, v in self.env.items() if k in DRIVER_SECRETS}
+        if secrets:
+            env[SECRETS_FILE_ENV] = str(write_secrets(self.secrets_file(experiment_id), secrets))
+        try:
+            self.client.submit_job(
+                entrypoint=self.entrypoint(experiment_id),
+                submission_id=experiment_id,
+                runtime_env={"env_vars": env | JOB_ENV},
+                metadata={"dst_experiment_id": experiment_id},
+                entrypoint_num_cpus=0,
+            )
+        except Exception:
+            if self.status(experiment_id) is None:  # no job will read it
+                self.release(experiment_id)
+            raise
         log.info("submitted Ray job %s", experiment_id)
+
+    def secrets_file(self, experiment_id: str) -> Path:
+        """Where the driver of ``experiment_id`` finds its secrets (under the storage path)."""
+        storage = self.env.get("DST_STORAGE_PATH")
+        if storage is None:
+            raise ValueError("the driver's secrets need DST_STORAGE_PATH (the shared storage)")
+        return Path(storage) / "secrets" / f"{experiment_id}.json"
+
+    def release(self, experiment_id: str) -> None:
+        """Remove the experiment's secrets file, if its driver has not already."""
+        if "DST_STORAGE_PATH" in self.env:
+            self.secrets_file(experiment_id).unlink(missing_ok=True)
 
     def status(self, experiment_id: str) -> JobStatus | None:
         """The job's status; None if Ray has no such job."""
@@ -136,6 +165,36 @@ class RayExecutor:
             self._client = None
             return False
         return True
+
+
+def write_secrets(path: Path, secrets: dict[str, str]) -> Path:
+    """``secrets`` as JSON at ``path``, readable by this user only (written whole, then
+    renamed into place, so a reader never sees half of it)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(secrets, out)
+    os.replace(partial, path)
+    return path
+
+
+def take_secrets(environ: MutableMapping[str, str]) -> None:
+    """In the job driver: move the secrets from the file the job names into ``environ``
+    (this process's own environment), then delete the file."""
+    name = environ.pop(SECRETS_FILE_ENV, None)
+    if not name:
+        return
+    path = Path(name)
+    try:
+        secrets = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RuntimeError(
+            f"the driver's secrets file {path} is gone: a driver takes it once, when its job "
+            "starts, and the service removes it when the experiment ends"
+        ) from None
+    environ.update(secrets)
+    path.unlink(missing_ok=True)
 
 
 def timed_job_client(address: str, timeout: float) -> JobSubmissionClient:

@@ -34,6 +34,7 @@ class Executor(Protocol):
     def stop(self, experiment_id: str) -> None: ...
     def logs(self, experiment_id: str) -> str: ...
     def ping(self) -> bool: ...
+    def release(self, experiment_id: str) -> None: ...
 
 
 class Tracker(Protocol):
@@ -100,6 +101,7 @@ def launch(services: Services, experiment_id: str) -> None:
         session.commit()
     if not moved and cancelled:  # cancelled while we were submitting: stop the job it made
         services.executor.stop(experiment_id)  # (the driver also refuses to train it)
+        services.executor.release(experiment_id)
         return
     preload_analysis()  # while the job starts: the first analysis then needs no imports
 
@@ -271,5 +273,6 @@ def _end(
     if crud.set_experiment_status(session, experiment.id, status, error=error):
         log.info("experiment %s %s", experiment.id, status)
     session.commit()
+    services.executor.release(experiment.id)  # its driver's secrets, if it never took them
     session.refresh(experiment)
     _finish_parent(services, session, experiment, status)

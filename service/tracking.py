@@ -71,7 +71,7 @@ class MlflowTracker:
 
     def __init__(self, tracking_uri: str, ui_url: str | None = None) -> None:
         self.tracking_uri = tracking_uri
-        self.ui_url = ui_url or tracking_uri  # what a person's browser reaches
+        self.ui_url = ui_url or without_credentials(tracking_uri)  # what a browser reaches
         self._client: MlflowClient | None = None
 
     @property
@@ -166,7 +166,8 @@ class MlflowTracker:
             else None
         )
         run = f"{exp}/{parent_run_id}" if exp and parent_run_id else None
-        return {"tracking_uri": self.tracking_uri, "experiment_url": exp, "parent_run_url": run}
+        uri = without_credentials(self.tracking_uri)
+        return {"tracking_uri": uri, "experiment_url": exp, "parent_run_url": run}
 
     def ping(self) -> bool:
         """True when the tracking server answers."""
@@ -175,6 +176,21 @@ class MlflowTracker:
         except Exception:
             return False
         return True
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` without a user name and password (``http://user:pass@host`` -> ``http://host``),
+    for showing it to API clients."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class TrialRun:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
@@ -20,8 +22,14 @@ from service.driver import (
     trial_config,
     version_mismatches,
 )
-from service.execution import DRIVER_ONLY_ENV, driver_env
-from service.states import ExperimentStatus
+from service.execution import (
+    DRIVER_ONLY_ENV,
+    SECRETS_FILE_ENV,
+    RayExecutor,
+    driver_env,
+    take_secrets,
+)
+from service.states import ExperimentStatus, JobStatus
 from service.study import Resources, StudySpec, expand
 
 
@@ -95,6 +103,64 @@ def test_the_driver_environment_is_built_in_one_place(monkeypatch: pytest.Monkey
     assert env["DST_DATABASE_URL"].endswith("s3cret@db/dst")
     assert env["MLFLOW_TRACKING_URI"] == "http://ml" and env["MLFLOW_TRACKING_TOKEN"] == "tok"
     assert set(env) <= set(DRIVER_ONLY_ENV)  # so the driver scrubs all of it from workers
+
+
+class FakeJobs:
+    """The parts of Ray's Jobs client that submitting uses; Ray keeps what it is given."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.jobs: dict[str, dict] = {}
+        self.fail = fail
+
+    def get_job_status(self, job_id: str) -> Any:
+        if job_id not in self.jobs:
+            raise RuntimeError(f"Job {job_id} does not exist")
+        return JobStatus.PENDING
+
+    def submit_job(self, **job: Any) -> str:
+        if self.fail:
+            raise ConnectionError("the head did not answer")
+        self.jobs[job["submission_id"]] = job
+        return str(job["submission_id"])
+
+
+def test_the_drivers_secrets_never_reach_ray_and_reach_the_driver_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray keeps a job's runtime environment with the job and lists it to anyone who can
+    list jobs: the secrets go in a file only this user can read, which the driver takes."""
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlpass")
+    settings = Settings(
+        database_url="postgresql+psycopg://dst:s3cret@db/dst",
+        mlflow_tracking_uri="http://ml",
+        storage_path=tmp_path,
+    )
+    executor = RayExecutor("http://ray:8265", env=driver_env(settings))
+    jobs = FakeJobs()
+    executor._client = jobs  # type: ignore[assignment]
+    executor.submit("e1")
+    listed = json.dumps(jobs.jobs["e1"])
+    assert "s3cret" not in listed and "mlpass" not in listed
+    env = jobs.jobs["e1"]["runtime_env"]["env_vars"]
+    secrets = Path(env[SECRETS_FILE_ENV])
+    assert secrets.parent == tmp_path / "secrets"
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+    assert stat.S_IMODE(secrets.parent.stat().st_mode) == 0o700
+    driver = dict(env)  # the driver's environment, as Ray starts it
+    take_secrets(driver)
+    assert driver["DST_DATABASE_URL"] == "postgresql+psycopg://dst:s3cret@db/dst"
+    assert driver["MLFLOW_TRACKING_PASSWORD"] == "mlpass"
+    assert driver["DST_STORAGE_PATH"] == str(tmp_path)
+    assert not secrets.exists()  # taken once: nothing left on the storage
+    assert SECRETS_FILE_ENV not in driver
+    with pytest.raises(RuntimeError, match=r"secrets file .* is gone"):
+        take_secrets(dict(env))  # the same job's driver started again: says so
+    executor.release("e1")  # the experiment's end: nothing to remove
+    failing = RayExecutor("http://ray:8265", env=driver_env(settings))
+    failing._client = FakeJobs(fail=True)  # type: ignore[assignment]
+    with pytest.raises(ConnectionError):
+        failing.submit("e2")
+    assert list((tmp_path / "secrets").iterdir()) == []  # no job will read it: removed
 
 
 def test_workers_do_not_inherit_the_driver_environment(monkeypatch: pytest.MonkeyPatch) -> None:

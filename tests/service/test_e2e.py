@@ -77,7 +77,7 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
             assert any(key.endswith("::bits") for key in data.files)
 
 
-def run_study(client, mlflow_uri: str, name: str) -> None:
+def run_study(client, mlflow_uri: str, name: str, ray: str, database_url: str) -> None:
     spec = study(name, analysis={"removal_sets": True})
     created = client.submit(spec, idempotency_key=f"key-{name}")
     again = client.submit(spec, idempotency_key=f"key-{name}")
@@ -105,6 +105,10 @@ def run_study(client, mlflow_uri: str, name: str) -> None:
         assert row["test_acc_mean"] > 0.15 and row["test_acc_std"] >= 0  # chance: 0.1
         assert 0 <= row["test_acc_at_best_val_mean"] <= 1
     check_mlflow(mlflow_uri, final, 4, 2)
+    job = RayExecutor(ray).client.get_job_info(created["id"])  # what anyone listing jobs sees
+    assert database_url not in json.dumps(job.runtime_env)
+    storage = Path(job.runtime_env["env_vars"]["DST_STORAGE_PATH"])
+    assert list((storage / "secrets").glob("*")) == []  # the driver took its secrets file
     figures = client.analysis(created["id"])["figures"]
     assert {"learning_curves", "loss_gap", "jaccard_over_time"} <= {f["name"] for f in figures}
     for figure in figures:  # drawn from what the real trials recorded
@@ -115,7 +119,7 @@ def run_study(client, mlflow_uri: str, name: str) -> None:
 def test_study_end_to_end_on_sqlite(local_ray: str, mlflow_sqlite: str, storage: Path) -> None:
     db = f"sqlite:///{storage / 'e2e.db'}"
     with api(storage / "e2e", db, local_ray, mlflow_sqlite) as client:
-        run_study(client, mlflow_sqlite, "e2e-sqlite")
+        run_study(client, mlflow_sqlite, "e2e-sqlite", local_ray, db)
     # of Tune's own logs only the JSON result log is written (the recorder keeps the results)
     logs = {p.name for p in (storage / "e2e" / "ray_results").glob("*/trial-0/*") if p.is_file()}
     assert "result.json" in logs and not {"progress.csv"} & logs, logs
@@ -132,7 +136,7 @@ def test_study_end_to_end_on_postgres(
             backend_store_uri=f"postgresql://postgres@127.0.0.1:5432/{postgres_database}",
         )
         with api(tmp_path / "storage", db, local_ray, mlflow_uri) as client:
-            run_study(client, mlflow_uri, "e2e-postgres")
+            run_study(client, mlflow_uri, "e2e-postgres", local_ray, db)
 
 
 def test_cancel_a_running_study(local_ray: str, mlflow_sqlite: str, storage: Path) -> None:

@@ -26,6 +26,7 @@ STUDY = StudySpec.model_validate(
 class FakeRay:
     jobs: dict[str, JobStatus] = field(default_factory=dict)
     stopped: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
     on_submit: Any = None
 
     def submit(self, experiment_id: str) -> None:
@@ -44,6 +45,9 @@ class FakeRay:
 
     def ping(self) -> bool:
         return True
+
+    def release(self, experiment_id: str) -> None:
+        self.released.append(experiment_id)
 
 
 @dataclass

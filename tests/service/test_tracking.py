@@ -13,7 +13,14 @@ from dst.masks import load_masks, save_masks
 from dst.spec import RunSpec
 from service.local import LocalServices, free_port
 from service.study import StudySpec, expand
-from service.tracking import PARENT_TAG, TAG_RESUMED, ChildRuns, MlflowTracker, Outbox
+from service.tracking import (
+    PARENT_TAG,
+    TAG_RESUMED,
+    ChildRuns,
+    MlflowTracker,
+    Outbox,
+    without_credentials,
+)
 
 
 def test_writes_run_in_order_and_outages_are_retried() -> None:
@@ -107,6 +114,16 @@ def test_links_point_at_the_ui_address_users_open() -> None:
     assert links["experiment_url"] == "https://mlflow.lab.example/#/experiments/7/runs"
     assert links["parent_run_url"] == "https://mlflow.lab.example/#/experiments/7/runs/r1"
     assert links["tracking_uri"] == "http://mlflow:5000"
+
+
+def test_links_never_show_credentials_in_the_tracking_uri() -> None:
+    tracker = MlflowTracker("https://ml-user:s3cret@mlflow.lab.example:8443/base")
+    links = tracker.links("7", "r1")
+    assert links["tracking_uri"] == "https://mlflow.lab.example:8443/base"
+    assert links["parent_run_url"] == "https://mlflow.lab.example:8443/base/#/experiments/7/runs/r1"
+    assert without_credentials("http://mlflow:5000") == "http://mlflow:5000"
+    assert without_credentials("databricks") == "databricks"
+    assert without_credentials("http://u:p@[::1]:5000/x") == "http://[::1]:5000/x"
 
 
 def test_epochs_queued_behind_other_writes_go_out_in_one_request_in_order() -> None:
