@@ -38,6 +38,7 @@ MLFLOW_EXPERIMENT = "dst-lab"
 TAG_EXPERIMENT = "dst.experiment_id"
 TAG_TRIAL = "dst.trial_index"
 TAG_RESUMED = "dst.resumed_from_epoch"  # set on a child run when its trial resumed
+TAG_PARENT_READY = "dst.parent_ready"  # the parent run has its params, study and trial list
 PARENT_TAG = "mlflow.parentRunId"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on the metrics of one log_batch request
 RUN_STATUS = {  # the MLflow status that ends the run of an experiment or trial in this state
@@ -107,16 +108,21 @@ class MlflowTracker:
             [mlflow_experiment], f"tags.`{TAG_EXPERIMENT}` = '{experiment_id}'", max_results=1
         )
         if existing:  # a retried submission reuses its parent run
-            return mlflow_experiment, existing[0].info.run_id
-        run = self.client.create_run(
-            mlflow_experiment,
-            run_name=study.name,
-            tags={TAG_EXPERIMENT: experiment_id, **study.tags},
-        )
-        run_id = run.info.run_id
+            run_id = existing[0].info.run_id
+            if existing[0].data.tags.get(TAG_PARENT_READY) == "true":
+                return mlflow_experiment, run_id
+        else:
+            run = self.client.create_run(
+                mlflow_experiment,
+                run_name=study.name,
+                tags={TAG_EXPERIMENT: experiment_id, **study.tags},
+            )
+            run_id = run.info.run_id
+        # (again, when a try failed after creating the run: the same values, so no conflict)
         self.client.log_batch(run_id, params=_params(study.base_run())[:100])
         self.client.log_dict(run_id, study.model_dump(mode="json"), "study.json")
         self.client.log_dict(run_id, {str(p.index): p.label for p in plans}, "trials.json")
+        self.client.set_tag(run_id, TAG_PARENT_READY, "true")
         return mlflow_experiment, run_id
 
     def finish_parent(self, parent_run_id: str, status: str, analysis: StudyAnalysis) -> None:

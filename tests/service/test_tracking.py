@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -104,6 +106,35 @@ def test_metrics_arrive_once_mlflow_is_back(tmp_path: Path) -> None:
         assert [(m.step, m.value) for m in history] == [(1, 0.25), (2, 0.5)]
         final = load_masks(client.download_artifacts(run_ids[0], "masks/final.npz"))
         assert torch.equal(final["fc1.weight"], torch.eye(3, dtype=torch.bool))
+
+
+def test_a_parent_run_left_half_made_is_completed_by_the_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow fails after the parent run was created: the launch's retry finds that run and
+    gives it its params, study and trial list, instead of leaving them out."""
+    monkeypatch.chdir(tmp_path)  # the store's artifacts go under the working directory
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study = StudySpec.model_validate(
+        {"name": "s", "model": "small-mlp", "dataset": "digits", "grid": {"seed": [0, 1]}}
+    )
+    real, failures = tracker.client.log_dict, [ConnectionError("MLflow went away")]
+
+    def flaky(run_id: str, data: Any, path: str) -> None:
+        if failures:
+            raise failures.pop()
+        real(run_id, data, path)
+
+    monkeypatch.setattr(tracker.client, "log_dict", flaky)
+    with pytest.raises(ConnectionError):
+        tracker.create_parent("exp-1", study, expand(study))
+    experiment, parent = tracker.create_parent("exp-1", study, expand(study))
+    assert tracker.create_parent("exp-1", study, expand(study)) == (experiment, parent)
+    runs = tracker.client.search_runs([experiment])
+    assert [r.info.run_id for r in runs] == [parent]  # one parent run, made once
+    assert runs[0].data.params["model"] == "small-mlp"
+    files = {a.path for a in tracker.client.list_artifacts(parent)}
+    assert files == {"study.json", "trials.json"}
 
 
 def test_links_point_at_the_ui_address_users_open() -> None:
