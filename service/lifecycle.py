@@ -275,4 +275,6 @@ def _end(
     session.commit()
     services.executor.release(experiment.id)  # its driver's secrets, if it never took them
     session.refresh(experiment)
-    _finish_parent(services, session, experiment, status)
+    now = ExperimentStatus(experiment.status)  # a cancel may have come first
+    if now.terminal:
+        _finish_parent(services, session, experiment, now)

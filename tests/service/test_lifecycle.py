@@ -213,6 +213,36 @@ def test_a_succeeded_job_with_every_trial_done_succeeds(services: Services) -> N
     assert services.tracker.finished == [("parent-e1", "succeeded", 1)]  # type: ignore[attr-defined]
 
 
+def test_a_cancel_just_before_the_end_is_recorded_wins_and_the_parent_waits(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job succeeded, but a cancel lands between reading the experiment and recording
+    its end: the end is not recorded over it, the parent run is not closed as succeeded;
+    the next pass records the cancel and closes the run so."""
+    add(services)
+    lifecycle.reconcile(services)
+    with Session(services.engine) as session:
+        crud.set_experiment_status(session, "e1", ExperimentStatus.RUNNING)
+        session.commit()
+    set_trials(services, TrialState.SUCCEEDED, TrialState.SUCCEEDED)
+    services.executor.jobs["e1"] = JobStatus.SUCCEEDED  # type: ignore[attr-defined]
+    real = crud.set_experiment_status
+
+    def cancelled_first(session: Session, experiment_id: str, status: Any, **kw: Any) -> bool:
+        if status == ExperimentStatus.SUCCEEDED:  # the user's cancel, a moment earlier
+            real(session, experiment_id, ExperimentStatus.CANCELLING)
+        return real(session, experiment_id, status, **kw)
+
+    monkeypatch.setattr(crud, "set_experiment_status", cancelled_first)
+    lifecycle.reconcile(services)
+    assert status(services)[0] == ExperimentStatus.CANCELLING
+    assert services.tracker.finished == []  # type: ignore[attr-defined]
+    monkeypatch.setattr(crud, "set_experiment_status", real)
+    lifecycle.reconcile(services)
+    assert status(services)[0] == ExperimentStatus.CANCELLED
+    assert services.tracker.finished == [("parent-e1", "cancelled", 1)]  # type: ignore[attr-defined]
+
+
 def test_the_end_is_recorded_before_the_parent_run_is_closed(services: Services) -> None:
     """Closing the parent run computes and uploads the study's analysis (seconds): whoever
     waits on the experiment sees its end first."""
