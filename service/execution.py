@@ -141,8 +141,8 @@ class RayExecutor:
         """The job's status; None if Ray has no such job."""
         try:
             status = self.client.get_job_status(experiment_id)
-        except RuntimeError as error:  # the Jobs API answers 404 as RuntimeError
-            if "does not exist" in str(error) or "404" in str(error):
+        except RuntimeError as error:  # the Jobs API's answers other than 200, as text
+            if "status code 404" in str(error):  # (a bare "404" may be part of a job id)
                 return None
             raise
         return JobStatus(str(status.value))

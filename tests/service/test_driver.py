@@ -114,7 +114,7 @@ class FakeJobs:
 
     def get_job_status(self, job_id: str) -> Any:
         if job_id not in self.jobs:
-            raise RuntimeError(f"Job {job_id} does not exist")
+            raise RuntimeError(f"Request failed with status code 404: Job {job_id} not found.")
         return JobStatus.PENDING
 
     def submit_job(self, **job: Any) -> str:
@@ -161,6 +161,24 @@ def test_the_drivers_secrets_never_reach_ray_and_reach_the_driver_once(
     with pytest.raises(ConnectionError):
         failing.submit("e2")
     assert list((tmp_path / "secrets").iterdir()) == []  # no job will read it: removed
+
+
+def test_only_a_404_from_the_jobs_api_means_no_job() -> None:
+    class Answers:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def get_job_status(self, job_id: str) -> Any:
+            raise RuntimeError(self.text)
+
+    executor = RayExecutor("http://ray:8265")
+    executor._client = Answers("Request failed with status code 404: not found.")  # type: ignore[assignment]
+    assert executor.status("e1") is None
+    executor._client = Answers(  # type: ignore[assignment]
+        "Request failed with status code 500: job 9f404c... could not be read."
+    )
+    with pytest.raises(RuntimeError, match="status code 500"):
+        executor.status("9f404c")
 
 
 def test_workers_do_not_inherit_the_driver_environment(monkeypatch: pytest.MonkeyPatch) -> None:
