@@ -7,14 +7,21 @@ worker would, in the same order: a W-worker run and a 1-worker run of one spec p
 same optimization (the loss is scaled so that DDP's gradient average equals the global
 batch's mean, see :meth:`GlobalBatchSampler.loss_scale`). A last global batch smaller than W
 would leave a worker without samples; it is dropped (only ever with W > 1).
+
+On the loader data path each sample's random augmentation draws from a seed of its own,
+(run seed, epoch, index): :class:`SampleKeys` names each sample of a batch with its epoch and
+:class:`SeededSamples` seeds the draw. The augmented batches are then the same whichever
+process loads a sample: with any number of loader processes, any number of data-parallel
+workers, and after a resume in the middle of an epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -64,3 +71,46 @@ class GlobalBatchSampler(Sampler[list[int]]):
             start = step * self.batch_size
             batch = order[start : start + self.batch_size]  # [|B|]
             yield batch[self.rank :: self.world_size].tolist()
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch`` of a run seeded ``seed``."""
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63
+
+
+class SampleKeys(Sampler[list[tuple[int, int]]]):
+    """The batches of a :class:`GlobalBatchSampler`, each sample as ``(epoch, index)``."""
+
+    def __init__(self, batches: GlobalBatchSampler) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.batches.epoch
+        for batch in self.batches:
+            yield [(epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class SeededSamples(Dataset):
+    """``base`` indexed by ``(epoch, index)`` keys: sample ``index`` is loaded (and randomly
+    augmented) with PyTorch's CPU generator seeded from :func:`sample_seed`, and the
+    generator's state is put back afterwards (the loading process's own draws, dropout's in
+    a single process, are not disturbed)."""
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        generator = torch.default_generator
+        state = generator.get_state()  # (a third of fork_rng's cost: this runs per sample)
+        generator.manual_seed(sample_seed(self.seed, epoch, index))
+        try:
+            return self.base[index]
+        finally:
+            generator.set_state(state)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dst.analysis import ItopTracker
-from dst.batches import GlobalBatchSampler
+from dst.batches import GlobalBatchSampler, SampleKeys, SeededSamples
 from dst.criteria import resolve_criterion
 from dst.datasets import DataConfig, DataInfo, default_data_root, load_dataset
 from dst.distributed import World, all_sum, broadcast_buffers, check_masks_agree, shard
@@ -195,7 +195,10 @@ class Trainer:
         if self.config.data_path == "tensor" and data.tensors is not None:
             self._setup_tensor_data(data.tensors)
         else:
-            self.train_loader = self._loader(data.train, batch_sampler=self.sampler)
+            # each sample augmented from its own seed: the same batches with any number of
+            # loader processes or workers, and after a resume inside an epoch
+            train = SeededSamples(data.train, spec.seed)
+            self.train_loader = self._loader(train, batch_sampler=SampleKeys(self.sampler))
             self.val_loader = self._loader(shard(data.val, self.world))
             self.test_loader = self._loader(shard(data.test, self.world))
         torch.manual_seed(spec.seed)  # same initial weights whatever the data pipeline drew
@@ -251,9 +254,7 @@ class Trainer:
         root = Path(d.root).expanduser() if d.root else default_data_root()
         return DataConfig(root=root, download=d.download, augment=d.augment)
 
-    def _loader(
-        self, dataset: Dataset, batch_sampler: GlobalBatchSampler | None = None
-    ) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_sampler: SampleKeys | None = None) -> DataLoader:
         """The training loader (its batches from ``batch_sampler``) or an evaluation loader.
 
         Samples are decoded and augmented in ``num_workers`` worker processes; batches are
@@ -414,8 +415,9 @@ class Trainer:
         self.progress = p
         if not resuming:
             self.new_connections = self._count(0)
-            # dropout and augmentation draw from here: fixed per (seed, rank, epoch), so a
-            # resumed run draws what the uninterrupted one drew, and ranks draw differently
+            # dropout (and the tensor path's augmentation) draw from here: fixed per (seed,
+            # rank, epoch), so a resumed run draws what the uninterrupted one drew, and ranks
+            # draw differently (the loader path seeds each sample, see dst.batches)
             torch.manual_seed(epoch_seed(self.spec.seed, self.world.rank, self.epoch))
         self.sampler.set_epoch(self.epoch, start=p.batch)  # a new order each epoch, every rank
         batches = iter(self.train_loader)  # (creating it may draw from the RNG)

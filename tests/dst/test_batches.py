@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dst.batches import GlobalBatchSampler
+from dst.batches import GlobalBatchSampler, SampleKeys, SeededSamples
 
 
 def batches(n: int, b: int, world: int, epoch: int = 0, seed: int = 0) -> list[list[list[int]]]:
@@ -64,3 +64,33 @@ def test_bad_arguments_are_refused() -> None:
         GlobalBatchSampler(10, 2, 0, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size >= 1"):
         GlobalBatchSampler(10, 0, 0)
+
+
+class RandomDraw(torch.utils.data.Dataset):
+    """A sample that is one draw from PyTorch's CPU generator (as a random crop is)."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.rand(3) + i
+
+
+def test_each_sample_draws_from_its_own_seed_and_leaves_the_stream_alone() -> None:
+    samples = SeededSamples(RandomDraw(), seed=3)
+    torch.manual_seed(0)
+    stream = torch.rand(2)
+    torch.manual_seed(0)
+    first = samples[(1, 4)]
+    assert torch.equal(torch.rand(2), stream)  # the caller's draws are what they would be
+    assert torch.equal(samples[(1, 4)], first)  # the same sample of the same epoch: the same
+    assert not torch.equal(samples[(2, 4)], first)  # another epoch: another draw
+    assert not torch.equal(SeededSamples(RandomDraw(), seed=4)[(1, 4)], first)  # another run
+
+
+def test_sample_keys_name_each_sample_with_its_epoch() -> None:
+    sampler = GlobalBatchSampler(10, 4, seed=0, rank=1, world_size=2)
+    sampler.set_epoch(5, start=1)
+    keyed = list(SampleKeys(sampler))
+    assert keyed == [[(5, i) for i in batch] for batch in sampler]
+    assert len(SampleKeys(sampler)) == len(sampler)

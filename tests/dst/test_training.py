@@ -369,3 +369,49 @@ def test_a_fresh_process_trains_without_importing_what_it_does_not_use() -> None
         [sys.executable, "-c", FRESH_PROCESS_RUN], capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == ""
+
+
+def cifar_run(root: Path, **training: object) -> RunSpec:
+    """A DST run on generated CIFAR-10 files (90 training images), augmented, loader path."""
+    return RunSpec.model_validate(
+        {
+            "model": "large-mlp",
+            "dataset": "cifar10",
+            "data": {"root": str(root), "download": False},
+            "training": {"epochs": 3, "batch_size": 16, "lr": 0.05, **training},
+            "sparsity": {"density": 0.1, "update_period": 4, "criterion": "random"},
+        }
+    )
+
+
+def test_loader_processes_do_not_change_the_augmented_batches(tmp_path: Path) -> None:
+    """Each sample's augmentation draws from its own seed: 0 or 2 loader processes train the
+    same run."""
+    from tests.dst.test_datasets import write_cifar
+
+    write_cifar(tmp_path)
+    runs = [Trainer(cifar_run(tmp_path, num_workers=n, epochs=2)) for n in (0, 2)]
+    histories = [strip_time(t.fit()) for t in runs]
+    assert histories[0] == histories[1]
+    for name, value in runs[0].model.state_dict().items():
+        assert torch.equal(runs[1].model.state_dict()[name], value), name
+
+
+def test_a_mid_epoch_resume_with_loader_processes_and_augmentation_is_bit_identical(
+    tmp_path: Path,
+) -> None:
+    from tests.dst.test_datasets import write_cifar
+
+    write_cifar(tmp_path)
+    s = cifar_run(tmp_path, num_workers=2, checkpoint_every_steps=4)
+    full = Trainer(s)
+    states: list[dict] = []
+    expected = strip_time(
+        full.fit(on_checkpoint=lambda: states.append(copy.deepcopy(full.state_dict())))
+    )
+    middle = next(st for st in states if st["epoch"] == 1 and st["progress"]["batch"] > 0)
+    resumed = Trainer(s)
+    resumed.load_state_dict(middle)
+    assert strip_time(resumed.fit()) == expected
+    for name, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
