@@ -11,6 +11,7 @@ while the API was down is recorded when the API comes back.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -67,7 +68,9 @@ def launch(services: Services, experiment_id: str) -> None:
     """Create the MLflow parent run (if missing) and submit the Ray job of a queued experiment.
 
     Safe to repeat: the parent run is found by tag and the job by its submission id. A failure
-    leaves the experiment queued with the error recorded; the next pass tries again.
+    leaves the experiment queued with the error recorded; the next pass tries again, unless
+    MLflow or Ray refused the request itself (:func:`refused`): then the experiment fails
+    with their answer, since no retry could change it.
     """
     with Session(services.engine) as session:  # no session stays open across Ray or MLflow
         experiment = crud.get_experiment(session, experiment_id)
@@ -85,6 +88,9 @@ def launch(services: Services, experiment_id: str) -> None:
                 session.commit()
         services.executor.submit(experiment_id)
     except Exception as error:
+        if refused(error):
+            _fail_launch(services, experiment_id, f"launch refused: {error}")
+            return
         log.warning("launching %s failed (will retry): %s", experiment_id, error)
         with Session(services.engine) as session:
             crud.set_error(session, experiment_id, f"launch failed, retrying: {error}")
@@ -104,6 +110,28 @@ def launch(services: Services, experiment_id: str) -> None:
         services.executor.release(experiment_id)
         return
     preload_analysis()  # while the job starts: the first analysis then needs no imports
+
+
+REFUSED = frozenset({400, 413, 422})  # the request itself is wrong: sending it again fails
+
+
+def refused(error: Exception) -> bool:
+    """True if MLflow (an ``MlflowException``'s HTTP status) or Ray's Jobs API (its "status
+    code N" text) refused the request itself; a server error or an outage is not."""
+    status = getattr(error, "get_http_status_code", None)
+    if callable(status):
+        return status() in REFUSED
+    found = re.search(r"status code (\d{3})", str(error))
+    return found is not None and int(found.group(1)) in REFUSED
+
+
+def _fail_launch(services: Services, experiment_id: str, error: str) -> None:
+    log.error("%s: %s", experiment_id, error)
+    with Session(services.engine) as session:
+        crud.finish_unfinished_trials(session, experiment_id, TrialState.FAILED, error=error)
+        experiment = crud.get_experiment(session, experiment_id)
+        if experiment is not None:
+            _end(services, session, experiment, ExperimentStatus.FAILED, error)
 
 
 def cancel(services: Services, experiment_id: str) -> bool:

@@ -132,6 +132,33 @@ def test_a_failed_launch_stays_queued_with_the_reason(services: Services) -> Non
     assert status(services) == (ExperimentStatus.SUBMITTED, None)
 
 
+def test_a_launch_mlflow_or_ray_refuses_fails_the_experiment_with_their_answer(
+    services: Services,
+) -> None:
+    """Sending a request they refused again cannot help: the experiment fails at once,
+    every trial with it, instead of staying queued forever; an outage is retried."""
+    from mlflow.exceptions import RestException  # what the client raises on an error answer
+
+    refusal = RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "tag 'x'"})
+
+    def refuse(*args: Any) -> tuple[str, str]:
+        raise refusal
+
+    services.tracker.create_parent = refuse  # type: ignore[method-assign]
+    add(services)
+    lifecycle.reconcile(services)
+    state, error = status(services)
+    assert state == ExperimentStatus.FAILED and "launch refused:" in (error or "")
+    assert "tag 'x'" in (error or "")
+    assert set(trial_states(services)) == {TrialState.FAILED}
+    assert services.executor.released == ["e1"]  # type: ignore[attr-defined]
+    outage = RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "restarting"})
+    bad_env = RuntimeError("Request failed with status code 400: runtime_env is invalid.")
+    ray_down = RuntimeError("Request failed with status code 503: unavailable.")
+    assert lifecycle.refused(bad_env) and not lifecycle.refused(ray_down)
+    assert not lifecycle.refused(outage) and not lifecycle.refused(ConnectionError("down"))
+
+
 def test_a_cancel_during_submit_stops_the_job(services: Services) -> None:
     add(services)
 
