@@ -108,6 +108,8 @@ def test_metrics_arrive_once_mlflow_is_back(tmp_path: Path) -> None:
         assert torch.equal(final["fc1.weight"], torch.eye(3, dtype=torch.bool))
 
 
+# MLflow's own SQL store, used in process here, still asks SQLAlchemy for a deprecated loader
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 def test_a_parent_run_left_half_made_is_completed_by_the_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
