@@ -120,10 +120,17 @@ class RayExecutor:
                 entrypoint_num_cpus=0,
             )
         except Exception:
-            if self.status(experiment_id) is None:  # no job will read it
+            if self._surely_absent(experiment_id):  # no job will read it
                 self.release(experiment_id)
             raise
         log.info("submitted Ray job %s", experiment_id)
+
+    def _surely_absent(self, experiment_id: str) -> bool:
+        """True only if Ray answers that it has no such job (not when Ray cannot answer)."""
+        try:
+            return self.status(experiment_id) is None
+        except Exception:
+            return False
 
     def secrets_file(self, experiment_id: str) -> Path:
         """Where the driver of ``experiment_id`` finds its secrets (under the storage path)."""

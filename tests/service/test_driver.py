@@ -162,6 +162,24 @@ def test_the_drivers_secrets_never_reach_ray_and_reach_the_driver_once(
         failing.submit("e2")
     assert list((tmp_path / "secrets").iterdir()) == []  # no job will read it: removed
 
+    class TimesOut(FakeJobs):
+        """The head accepted the job, then stopped answering: maybe a job reads the file."""
+
+        def get_job_status(self, job_id: str) -> Any:
+            if self.jobs:
+                raise ConnectionError("the head does not answer")
+            return super().get_job_status(job_id)
+
+        def submit_job(self, **job: Any) -> str:
+            super().submit_job(**job)
+            raise TimeoutError("no answer within 10 s")
+
+    unsure = RayExecutor("http://ray:8265", env=driver_env(settings))
+    unsure._client = TimesOut()  # type: ignore[assignment]
+    with pytest.raises(TimeoutError):  # the submission's own error, not the status check's
+        unsure.submit("e3")
+    assert (tmp_path / "secrets" / "e3.json").exists()  # kept for the job that may start
+
 
 def test_only_a_404_from_the_jobs_api_means_no_job() -> None:
     class Answers:
