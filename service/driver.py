@@ -232,7 +232,7 @@ def start(session: Session, experiment_id: str) -> bool:
     session.commit()
     experiment = crud.get_experiment(session, experiment_id)
     status = ExperimentStatus(experiment.status) if experiment else ExperimentStatus.CANCELLED
-    if status.terminal or status == ExperimentStatus.CANCELLING:
+    if status.wants_no_job:
         log.warning("experiment %s is %s: its trials do not run", experiment_id, status)
         return False
     return True

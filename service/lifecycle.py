@@ -99,13 +99,10 @@ def launch(services: Services, experiment_id: str) -> None:
     with Session(services.engine) as session:
         moved = crud.set_experiment_status(session, experiment_id, ExperimentStatus.SUBMITTED)
         crud.set_error(session, experiment_id, None)
-        now = crud.get_experiment(session, experiment_id)
-        cancelled = now is None or now.status in (
-            ExperimentStatus.CANCELLED,
-            ExperimentStatus.CANCELLING,
-        )
         session.commit()
-    if not moved and cancelled:  # cancelled while we were submitting: stop the job it made
+        now = None if moved else crud.get_experiment(session, experiment_id)
+        cancelled = not moved and (now is None or ExperimentStatus(now.status).wants_no_job)
+    if cancelled:  # cancelled while we were submitting: stop the job it made
         services.executor.stop(experiment_id)  # (the driver also refuses to train it)
         services.executor.release(experiment_id)
         return

@@ -25,6 +25,12 @@ class ExperimentStatus(StrEnum):
     def terminal(self) -> bool:
         return self in TERMINAL_EXPERIMENT
 
+    @property
+    def wants_no_job(self) -> bool:
+        """Ended or being cancelled: a Ray job of it that starts or was just submitted must
+        train nothing and stop."""
+        return self.terminal or self == ExperimentStatus.CANCELLING
+
 
 class TrialState(StrEnum):
     """One trial's state; a terminal state never changes again."""
