@@ -4,10 +4,10 @@
 #   1. one ResNet-50 topology update at batch 256, all layers at once and layer by layer:
 #      its time, host synchronizations and profile,
 #   2. ResNet-50 dense vs DST (images/s, DST/dense ratio, topology update cost, memory),
-#   3. the CUDA tests (fused masked update, no host sync per step or per update, fast
-#      options, two ranks sharing the GPU),
+#   3. the CUDA tests (the fused masked update: one launch, no host sync, the same result as
+#      on the CPU; no host sync per step or per update, fast options, two ranks sharing the GPU),
 #   4. the host's time in a MaskedSGD step per kernel, and ResNet-50 at batch 64 (where the
-#      host paces an H200) with the foreach kernel,
+#      host paces an H200) with the compiled and foreach kernels (2. ran auto: fused),
 #   5. the per-step DST overhead of large-MLP on the GPU,
 #   6. the loader vs the tensor data path on CIFAR-10-format data.
 #
@@ -33,6 +33,7 @@ step update_profile 120 $PY -m benchmarks.resnet50 --device cuda --batches 256 -
 step resnet50 240 $PY -m benchmarks.resnet50 --device cuda --batches 64 256 --rounds 5
 step test_cuda 240 $PY -m pytest tests/dst/test_cuda.py -q -p no:cacheprovider
 step optimizer_overhead 60 $PY -m benchmarks.optimizer_overhead --device cuda
+step resnet50_compiled 120 $PY -m benchmarks.resnet50 --device cuda --batches 64 --rounds 8 --steps 15 --kernel compiled
 step resnet50_foreach 120 $PY -m benchmarks.resnet50 --device cuda --batches 64 --rounds 8 --steps 15 --kernel foreach
 step step_overhead 90 $PY -m benchmarks.step_overhead --device cuda --rounds 10
 step data_path 120 $PY -m benchmarks.data_path --device cuda --rounds 2

@@ -17,6 +17,9 @@ the mask. Kernels, fastest first on one CPU thread (large-MLP, density 0.1,
   compiler for the CPU it runs on (``-O3 -march=native``) and called through ``ctypes``. The
   mask becomes a zeroing load, so the step costs about what dense fused SGD costs.
   float32 on the CPU only.
+* ``fused``: one Triton kernel over all masked tensors of a parameter group (``dst.fused_sgd``):
+  one launch, each element read and written once. CUDA (and CPU tensors under Triton's
+  interpreter, for tests).
 * ``compiled``: the same formula through ``torch.compile`` (C++ on the CPU, Triton on CUDA),
   one call for all masked tensors.
 * ``foreach``: no compiler; two multi-tensor passes over all masked tensors: the gradients
@@ -26,8 +29,8 @@ the mask. Kernels, fastest first on one CPU thread (large-MLP, density 0.1,
   kernel launches one kernel per tensor and checks its guards on every tensor), for one more
   read and write of the gradients; the masks are kept as floats (4 bytes an entry).
 * ``eager``: no compiler; PyTorch's SGD, then weights and momentum are masked.
-* ``auto``: ``native`` for float32 CPU weights, else ``compiled``, else ``eager`` (with a
-  warning naming why the faster kernel is not available).
+* ``auto``: ``native`` for float32 CPU weights, ``fused`` on CUDA, else ``compiled``, else
+  ``eager`` (with a warning naming why the faster kernel is not available).
 """
 
 from __future__ import annotations
@@ -456,6 +459,29 @@ def compiled_kernel(device_type: str) -> MaskedKernel:
     return MaskedKernel("compiled", compiled_update(device_type), zero_off_mask)
 
 
+@functools.cache
+def fused_update(device_type: str) -> MaskedUpdate:
+    """The ``fused`` kernel's update for ``device_type``, made and checked once per process."""
+    from dst import fused_sgd  # imports Triton where it is used
+
+    try:
+        fused_sgd.check_device(device_type)
+        update = fused_sgd.FusedMaskedSGD()
+    except fused_sgd.TritonUnavailableError as error:
+        raise KernelUnavailableError(str(error)) from error
+    _self_check(update, torch.device(device_type))
+    return update
+
+
+def fused_kernel(device_type: str, dtype: torch.dtype) -> MaskedKernel:
+    """The ``fused`` Triton kernel, if it can run ``dtype`` weights on ``device_type`` here."""
+    from dst.fused_sgd import DTYPES
+
+    if dtype not in DTYPES:
+        raise KernelUnavailableError(f"the fused kernel updates float weights, not {dtype}")
+    return MaskedKernel("fused", fused_update(device_type), zero_off_mask)
+
+
 def foreach_kernel(dtype: torch.dtype) -> MaskedKernel:
     """The ``foreach`` kernel for ``dtype`` weights (any device PyTorch runs SGD on)."""
     return MaskedKernel("foreach", foreach_update, zero_off_mask, lambda mask: mask.to(dtype))
@@ -474,12 +500,16 @@ def resolve_kernel(kernel: Kernel, device_type: str, dtype: torch.dtype) -> Mask
         return native_kernel(device_type, dtype)
     if kernel == "compiled":
         return compiled_kernel(device_type)
+    if kernel == "fused":
+        return fused_kernel(device_type, dtype)
     if kernel == "foreach":
         return foreach_kernel(dtype)
     reasons = []
     candidates: list[Callable[[], MaskedKernel]] = [lambda: compiled_kernel(device_type)]
     if device_type == "cpu" and dtype == torch.float32:
         candidates.insert(0, lambda: native_kernel(device_type, dtype))
+    if device_type == "cuda":
+        candidates.insert(0, lambda: fused_kernel(device_type, dtype))
     for candidate in candidates:
         try:
             return candidate()

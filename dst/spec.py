@@ -45,7 +45,7 @@ else:
     ScheduleName = _names(SCHEDULES.names())
 Mode = Literal["dense", "static", "dst"]
 # how the masked SGD update runs (:mod:`dst.kernels`)
-OptimizerKernel = Literal["auto", "native", "compiled", "foreach", "eager"]
+OptimizerKernel = Literal["auto", "native", "fused", "compiled", "foreach", "eager"]
 DataPath = Literal["loader", "tensor"]
 Precision = Literal["fp32", "bf16"]
 Scope = Literal["local", "global"]
@@ -116,8 +116,10 @@ class TrainingSpec(_Strict):
     optimizer_kernel: OptimizerKernel = Field(
         "auto",
         description="how the masked SGD update runs: native (a C loop built for this CPU; "
-        "float32 on the CPU), compiled (torch.compile: C++ on the CPU, Triton on CUDA), eager "
-        "(op by op, no compiler needed), auto (the fastest of these that works here)",
+        "float32 on the CPU), fused (one Triton kernel over all masked tensors; CUDA), compiled "
+        "(torch.compile: C++ on the CPU, Triton on CUDA, a kernel per tensor), foreach (two "
+        "multi-tensor passes, no compiler), eager (op by op, no compiler needed), auto (the "
+        "fastest of these that works here)",
     )
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""The CUDA paths: the fused masked update, a training loop that does not synchronize the host
+"""The CUDA paths: the masked update (one Triton kernel per group, or one kernel per tensor), a
+training loop that does not synchronize the host
 every step, and the fast options (bf16, channels-last, torch.compile, the tensor data path).
 
 They need a CUDA device, which CI does not have; run them where one is:
@@ -26,7 +27,7 @@ from dst.criteria import CRITERIA, resolve_criterion
 from dst.distributed import World
 from dst.distributions import layer_densities
 from dst.growth import GROWTH
-from dst.kernels import compiled_kernel
+from dst.kernels import compiled_kernel, fused_kernel, resolve_kernel
 from dst.masks import Masks, apply_masks, density, init_masks, prunable_weights
 from dst.optimizers import Kernel, MaskedSGD
 from dst.schedules import PruneSchedule
@@ -74,7 +75,7 @@ def train(device: torch.device, kernel: Kernel, steps: int = 5) -> list[torch.Te
 
 def test_masked_update_on_cuda_matches_the_cpu() -> None:
     reference = train(torch.device("cpu"), "eager")
-    for kernel in ("compiled", "foreach", "eager", "auto"):
+    for kernel in ("fused", "compiled", "foreach", "eager", "auto"):
         got = train(CUDA, kernel)
         for a, b in zip(got, reference, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -99,6 +100,40 @@ def test_masked_update_is_one_fused_kernel_per_tensor() -> None:
         torch.cuda.synchronize()
     launched = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
     assert 1 <= len(launched) <= len(sizes), launched
+
+
+def test_auto_runs_the_fused_kernel_on_cuda() -> None:
+    assert resolve_kernel("auto", "cuda", torch.float32).name == "fused"
+    assert resolve_kernel("auto", "cuda", torch.bfloat16).name == "fused"
+
+
+def test_fused_update_is_one_kernel_for_all_tensors_and_never_waits() -> None:
+    """One launch updates every masked tensor of the group (with the gradients at addresses
+    seen before), and new addresses are uploaded without the host waiting for the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kernel = fused_kernel("cuda", torch.float32)
+    sizes = (100, 4096, 65_536, 1_000_000, 2_359_296)  # up to ResNet-50's largest conv
+    ps = [torch.randn(n, device=CUDA) for n in sizes]
+    gs = [torch.randn(n, device=CUDA) for n in sizes]
+    bufs = [torch.zeros(n, device=CUDA) for n in sizes]
+    masks = [(torch.rand(n, device=CUDA) < 0.1).view(torch.uint8) for n in sizes]
+    for m, p in zip(masks, ps, strict=True):
+        p.mul_(m)
+    for _ in range(2):  # compile, make the tables
+        kernel.update(ps, gs, bufs, masks, 0.1, 5e-4, 0.9, True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        kernel.update(ps, gs, bufs, masks, 0.1, 5e-4, 0.9, True)
+        torch.cuda.synchronize()
+    launched = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    assert launched == ["masked_sgd_blocks"], launched
+    moved = [g.clone() for g in gs]  # new addresses: new tables
+    with counted_syncs() as syncs:
+        kernel.update(ps, moved, bufs, masks, 0.1, 5e-4, 0.9, True)
+    assert not syncs, syncs
+    for p, b, m in zip(ps, bufs, masks, strict=True):
+        assert not p[m == 0].any() and not b[m == 0].any()
 
 
 @contextmanager

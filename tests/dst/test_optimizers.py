@@ -12,7 +12,12 @@ from dst.kernels import resolve_kernel
 from dst.optimizers import KERNELS, MaskedSGD
 
 HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}
-EXACT_KERNELS = ["eager", "native", "compiled", "foreach"]
+EXACT_KERNELS = ["eager", "native", "fused", "compiled", "foreach"]
+
+
+@pytest.fixture(autouse=True)
+def _fused_runs_interpreted(triton_interpreter: None) -> None:
+    """The ``fused`` kernel's Triton program runs on CPU tensors in Triton's interpreter."""
 
 
 def mlp() -> nn.Module:
@@ -187,7 +192,7 @@ def test_autograd_sees_the_in_place_update(kernel: str) -> None:
 def test_bad_arguments_are_named() -> None:
     model = mlp()
     weight = model[0].weight
-    with pytest.raises(ValueError, match="one of auto, native, compiled, foreach, eager"):
+    with pytest.raises(ValueError, match="one of auto, native, fused, compiled, foreach, eager"):
         MaskedSGD(model.parameters(), lr=0.1, kernel="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="bool tensor of its weight's shape"):
         MaskedSGD(model.parameters(), lr=0.1, masks={weight: torch.ones(3, 3, dtype=torch.bool)})
@@ -198,4 +203,4 @@ def test_bad_arguments_are_named() -> None:
         MaskedSGD(model.parameters(), lr=0.1, masks={other: torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="nesterov needs momentum"):
         MaskedSGD(model.parameters(), lr=0.1, momentum=0.0)
-    assert set(KERNELS) == {"auto", "native", "compiled", "foreach", "eager"}
+    assert set(KERNELS) == {"auto", "native", "fused", "compiled", "foreach", "eager"}
