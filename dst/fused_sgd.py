@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,17 +202,21 @@ class FusedMaskedSGD:
         else:
             self._tables.move_to_end(key)
         if tables.blocks:
-            self._program[(tables.blocks,)](
-                tables.addresses,
-                tables.block_tensor,
-                tables.block_start,
-                tables.numels,
-                len(params),
-                lr,
-                weight_decay,
-                momentum,
-                NESTEROV=bool(nesterov),
-                DTYPE=_triton_dtype(dtype),
-                BLOCK=BLOCK,
-            )
+            device = params[0].device
+            # Triton launches on the current device: make it the tensors' (cuda:1 of a process
+            # whose current device is cuda:0 would otherwise be read from the wrong GPU)
+            with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+                self._program[(tables.blocks,)](
+                    tables.addresses,
+                    tables.block_tensor,
+                    tables.block_start,
+                    tables.numels,
+                    len(params),
+                    lr,
+                    weight_decay,
+                    momentum,
+                    NESTEROV=bool(nesterov),
+                    DTYPE=_triton_dtype(dtype),
+                    BLOCK=BLOCK,
+                )
         torch.autograd.graph.increment_version(params + bufs)  # written behind autograd's back

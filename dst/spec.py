@@ -201,9 +201,15 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_kernel_device(self) -> RunSpec:
-        if self.training.optimizer_kernel == "native" and self.device != "cpu":
+        kernel = self.training.optimizer_kernel
+        if kernel == "native" and self.device != "cpu":
             raise ValueError(
                 f"training.optimizer_kernel 'native' runs on the CPU only, but device is "
+                f"{self.device!r}: use 'auto' or 'compiled'"
+            )
+        if kernel == "fused" and not self.device.startswith(("cuda", "auto")):
+            raise ValueError(
+                f"training.optimizer_kernel 'fused' runs on CUDA only, but device is "
                 f"{self.device!r}: use 'auto' or 'compiled'"
             )
         return self

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from dst import kernels
 from dst.kernels import (
     KernelUnavailableError,
+    MaskedKernel,
     build_native,
     masked_sgd_update,
     native_kernel,
@@ -149,3 +151,21 @@ def test_auto_falls_back_and_says_why(
     assert "no C compiler found" in caplog.text and "eager" in caplog.text
     with pytest.raises(KernelUnavailableError):
         choose("native", "cpu", torch.float32)  # an explicit choice is not replaced
+
+
+def test_auto_on_cuda_takes_the_fused_kernel_else_the_compiled_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def made(name: str) -> Callable[..., MaskedKernel]:
+        return lambda *args: MaskedKernel(name, kernels.eager_update, kernels.zero_off_mask)
+
+    def unavailable(*args: object) -> None:
+        raise KernelUnavailableError("Triton is not installed")
+
+    choose = resolve_kernel.__wrapped__  # type: ignore[attr-defined]  # bypass the cache
+    monkeypatch.setattr(kernels, "fused_kernel", made("fused"))
+    monkeypatch.setattr(kernels, "compiled_kernel", made("compiled"))
+    assert choose("auto", "cuda", torch.float32).name == "fused"
+    assert choose("auto", "cuda", torch.bfloat16).name == "fused"
+    monkeypatch.setattr(kernels, "fused_kernel", unavailable)
+    assert choose("auto", "cuda", torch.float32).name == "compiled"

@@ -45,6 +45,11 @@ def error_of(data: dict[str, Any]) -> str:
             "training.optimizer_kernel",
             "CPU only",
         ),
+        (
+            {"training": {"optimizer_kernel": "fused"}, "device": "cpu"},
+            "training.optimizer_kernel",
+            "CUDA only",
+        ),
         ({"training": {"momentum": 0}}, "training", "nesterov needs momentum > 0"),
         ({"sparsity": {"densty": 0.1}}, "sparsity.densty", "Extra inputs"),
     ],
