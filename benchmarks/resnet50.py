@@ -41,6 +41,7 @@ from benchmarks.step_overhead import (
     topology_updater,
 )
 from dst.datasets import DataInfo
+from dst.kernels import resolve_kernel
 from dst.masks import prunable_weights
 from dst.models import build_model
 from dst.optimizers import KERNELS
@@ -121,7 +122,7 @@ def measure(args: argparse.Namespace, setting: Setting, device: torch.device) ->
     )
     return Measured(
         statistics.median(times["dense"]),
-        quartiles(paired(times["sparse"], times["dense"])) if args.rounds >= 2 else (0, 0, 0),
+        quartiles(paired(times["sparse"], times["dense"])),
         max(update, 0.0),
         memory,
     )
@@ -234,9 +235,10 @@ def main() -> None:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
+    kernel = resolve_kernel(args.kernel, device.type, torch.float32).name  # what auto runs
     print(
         f"ResNet-50 on {name}; {args.image_size}px, density {args.density}, "
-        f"{args.criterion}/{args.growth}, {args.kernel} kernel, {args.rounds} rounds x "
+        f"{args.criterion}/{args.growth}, {kernel} kernel, {args.rounds} rounds x "
         f"{args.steps} steps; "
         f"torch {torch.__version__}"
     )

@@ -234,6 +234,9 @@ def paired(a: list[float], b: list[float]) -> list[float]:
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """First quartile, median, third quartile (one value: that value three times)."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
     q1, q2, q3 = statistics.quantiles(values, n=4)
     return q1, q2, q3
 
