@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 BLOCK = 1024  # elements per program: 4 KiB of float32 per tensor read
+FP_FUSION = True  # multiply-adds fused, as the native kernel's compiler does: last-bit changes
 _TABLES_KEPT = 16  # address sets remembered (several groups, alternating gradient blocks)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -73,37 +74,58 @@ def _program() -> Any:
     except ImportError as error:
         raise TritonUnavailableError(f"Triton is not installed: {error}") from error
 
-    @triton.jit
-    def masked_sgd_blocks(
-        addresses: Any,  # [4·T] int64
-        block_tensor: Any,  # [B] int32
-        block_start: Any,  # [B] int64
-        numels: Any,  # [T] int64
-        tensors: Any,  # T
-        lr: Any,
-        weight_decay: Any,
-        momentum: Any,
+    # Triton reads a jit function's annotations as code: its arguments stay unannotated
+    @triton.jit(do_not_specialize=["tensors"])  # one program however many tensors
+    def masked_sgd_blocks(  # type: ignore[no-untyped-def]
+        addresses,  # [4·T] int64
+        block_tensor,  # [B] int32
+        block_start,  # [B] int64
+        numels,  # [T] int64
+        tensors,  # T
+        lr,
+        weight_decay,
+        momentum,
         NESTEROV: tl.constexpr,  # noqa: N803 - Triton's compile-time constants
         DTYPE: tl.constexpr,  # noqa: N803
+        ALIGNED: tl.constexpr,  # noqa: N803 - every tensor starts on a 16-byte boundary
         BLOCK: tl.constexpr,  # noqa: N803
-    ) -> None:
+    ):
         pid = tl.program_id(0)
         t = tl.load(block_tensor + pid)  # this block's tensor
-        offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)  # [BLOCK] its elements
-        inside = offs < tl.load(numels + t)
+        start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
+        offs = start + tl.arange(0, BLOCK)  # [BLOCK] its elements
+        n = tl.load(numels + t)
         weight = tl.load(addresses + t).to(tl.pointer_type(DTYPE))
         grad = tl.load(addresses + tensors + t).to(tl.pointer_type(DTYPE))
         buf = tl.load(addresses + 2 * tensors + t).to(tl.pointer_type(DTYPE))
         mask = tl.load(addresses + 3 * tensors + t).to(tl.pointer_type(tl.uint8))
-        keep = tl.load(mask + offs, mask=inside, other=0) != 0  # [BLOCK]
-        p = tl.load(weight + offs, mask=inside, other=0.0).to(tl.float32)
-        g = tl.load(grad + offs, mask=inside & keep, other=0.0).to(tl.float32)  # m ⊙ ∇θ
-        b = tl.load(buf + offs, mask=inside, other=0.0).to(tl.float32)
+        if ALIGNED:  # what lets the compiler use vector loads and stores
+            weight = tl.multiple_of(weight, 16)
+            grad = tl.multiple_of(grad, 16)
+            buf = tl.multiple_of(buf, 16)
+            mask = tl.multiple_of(mask, 16)
+        inside = offs < n
+        whole = start + BLOCK <= n  # all blocks but a tensor's last: no bounds to check
+        if whole:
+            keep = tl.load(mask + offs) != 0  # [BLOCK]
+            g = tl.where(keep, tl.load(grad + offs).to(tl.float32), 0.0)  # m ⊙ ∇θ
+            p = tl.load(weight + offs).to(tl.float32)
+            b = tl.load(buf + offs).to(tl.float32)
+        else:
+            keep = tl.load(mask + offs, mask=inside, other=0) != 0
+            g = tl.load(grad + offs, mask=inside & keep, other=0.0).to(tl.float32)
+            p = tl.load(weight + offs, mask=inside, other=0.0).to(tl.float32)
+            b = tl.load(buf + offs, mask=inside, other=0.0).to(tl.float32)
         d = g + weight_decay * p
         b = momentum * b + d
         step = d + momentum * b if NESTEROV else b  # chosen when the kernel is compiled
-        tl.store(buf + offs, b.to(DTYPE), mask=inside)
-        tl.store(weight + offs, (p - lr * step).to(DTYPE), mask=inside)
+        p = p - lr * step
+        if whole:
+            tl.store(buf + offs, b.to(DTYPE))
+            tl.store(weight + offs, p.to(DTYPE))
+        else:
+            tl.store(buf + offs, b.to(DTYPE), mask=inside)
+            tl.store(weight + offs, p.to(DTYPE), mask=inside)
 
     return masked_sgd_blocks
 
@@ -126,6 +148,7 @@ class _Tables:
     block_start: torch.Tensor  # [B] int64
     numels: torch.Tensor  # [T] int64
     blocks: int  # B
+    aligned: bool  # every tensor starts on a 16-byte boundary (PyTorch's allocations do)
 
 
 def _upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -162,6 +185,7 @@ def _tables(
         block_start=_upload(block_start, device),
         numels=_upload(numels, device),
         blocks=int(counts.sum()),
+        aligned=all(address % 16 == 0 for address in addresses),
     )
 
 
@@ -212,11 +236,13 @@ class FusedMaskedSGD:
                     tables.block_start,
                     tables.numels,
                     len(params),
-                    lr,
-                    weight_decay,
-                    momentum,
+                    float(lr),  # an int would be specialized: a program per value
+                    float(weight_decay),
+                    float(momentum),
                     NESTEROV=bool(nesterov),
                     DTYPE=_triton_dtype(dtype),
+                    ALIGNED=tables.aligned,
                     BLOCK=BLOCK,
+                    enable_fp_fusion=FP_FUSION,
                 )
         torch.autograd.graph.increment_version(params + bufs)  # written behind autograd's back

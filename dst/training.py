@@ -310,14 +310,17 @@ class Trainer:
         """``model`` wrapped in DDP when this is one of several workers, else ``model``.
 
         DDP all-reduces (averages) the gradients during backward, so the topology update
-        and the optimizer see the same gradients on every rank.
+        and the optimizer see the same gradients on every rank. The gradients are views into
+        DDP's all-reduce buckets (``gradient_as_bucket_view``): no copy of every gradient out
+        of the buckets after each backward (a kernel per parameter on a GPU) and no second
+        copy of the gradients in memory; the values are the same.
         """
         if not self.world.distributed:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
     def _build_sparsity(self) -> Sparsity | None:
         s = self.spec.sparsity

@@ -47,6 +47,9 @@ def _scenarios(world: World) -> dict[str, Any]:
     out["steps_per_epoch"] = trainer.steps_per_epoch
     out["history"] = trainer.fit()
     out["masks"] = trainer.masks
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    out["grads"] = len(grads)
+    out["grad_storages"] = len({g.untyped_storage().data_ptr() for g in grads})
     out["val_count"] = trainer.evaluate(trainer.val_loader) and trainer.last_count
     # a buffer each rank holds its own value of (as BatchNorm's statistics after a step)
     trainer.model.register_buffer("probe", torch.full((3,), float(world.rank + 1)))
@@ -124,6 +127,12 @@ def test_two_workers_do_what_one_worker_does(ranks: list, single: dict) -> None:
                 assert mine[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
         for name, mask in single["masks"].items():
             assert torch.equal(rank["masks"][name], mask), name
+
+
+def test_gradients_are_views_of_ddps_buckets(ranks: list) -> None:
+    """No copy of the all-reduced gradients out of DDP's buckets: they live in one storage."""
+    for r in ranks:
+        assert r["grads"] > 1 and r["grad_storages"] == 1, r
 
 
 def test_masks_agree_across_ranks_for_every_criterion_and_growth(ranks: list) -> None:
