@@ -21,7 +21,9 @@ have, where ``compiled`` launches one kernel per tensor and ``foreach`` makes tw
 The host's share per step: the tensors' addresses (the gradients are new tensors after every
 ``zero_grad``, but the caching allocator usually hands back the same blocks, so the addresses
 repeat) look up the device tables made for them; a new set of addresses is uploaded once,
-through page-locked memory and without waiting for the GPU. Nothing is read back.
+through page-locked memory and without waiting for the GPU, on the current stream (the
+training loop runs on one; a caller that steps on several must order them). Nothing is read
+back.
 
 It runs wherever Triton runs: CUDA tensors, and CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``: slow, for tests of the same program on machines without a GPU).

@@ -416,10 +416,11 @@ def _self_check(
 ) -> None:
     """Run ``update`` on a tiny case against the formula run eagerly; refuse a wrong kernel."""
     gen = torch.Generator().manual_seed(0)
-    mask = (torch.arange(37) % 3 != 0).to(torch.uint8)  # [37]
-    p = torch.randn(37, generator=gen) * mask  # [37], zero off the mask
-    g = torch.randn(37, generator=gen)
-    buf = torch.randn(37, generator=gen) * mask
+    n = 2085  # two whole blocks of the fused kernel and a partial one; odd for vector tails
+    mask = (torch.arange(n) % 3 != 0).to(torch.uint8)  # [n]
+    p = torch.randn(n, generator=gen) * mask  # [n], zero off the mask
+    g = torch.randn(n, generator=gen)
+    buf = torch.randn(n, generator=gen) * mask
     expected_p, expected_buf = p.clone(), buf.clone()
     masked_sgd_update(expected_p, g, expected_buf, mask, 0.1, 0.01, 0.9, True)
     got = [t.to(device) for t in (p, g, buf, prepare(mask))]
