@@ -15,7 +15,7 @@ import subprocess
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,24 +81,38 @@ def test_masked_update_on_cuda_matches_the_cpu() -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_masked_update_is_one_fused_kernel_per_tensor() -> None:
-    """The compiled update of n masked tensors launches at most n GPU kernels (the formula's
-    six elementwise operations fused), where the eager one launches several per tensor."""
-    from torch.profiler import ProfilerActivity, profile
+Flat = list[torch.Tensor]
 
-    kernel = compiled_kernel("cuda")
-    sizes = (4096, 65_536, 1_000_000)
-    ps = [torch.randn(n, device=CUDA) for n in sizes]
+
+def flat_case(sizes: tuple[int, ...]) -> tuple[Flat, Flat, Flat, Flat]:
+    """Flat weights (zero off 10 %-dense byte masks), gradients, buffers and masks on the GPU."""
+    masks = [(torch.rand(n, device=CUDA) < 0.1).view(torch.uint8) for n in sizes]
+    ps = [torch.randn(n, device=CUDA) * m for n, m in zip(sizes, masks, strict=True)]
     gs = [torch.randn(n, device=CUDA) for n in sizes]
     bufs = [torch.zeros(n, device=CUDA) for n in sizes]
-    masks = [(torch.rand(n, device=CUDA) < 0.1).view(torch.uint8) for n in sizes]
-    for _ in range(2):  # compile and warm up
-        kernel.update(ps, gs, bufs, masks, 0.1, 5e-4, 0.9, True)
+    return ps, gs, bufs, masks
+
+
+def kernels_launched(update: Callable[[], None]) -> list[str]:
+    """The GPU kernels one call of ``update`` launches, after two calls to compile and warm up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        update()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        kernel.update(ps, gs, bufs, masks, 0.1, 5e-4, 0.9, True)
+        update()
         torch.cuda.synchronize()
-    launched = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    return [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+
+
+def test_compiled_update_is_one_fused_kernel_per_tensor() -> None:
+    """The compiled update of n masked tensors launches at most n GPU kernels (the formula's
+    six elementwise operations fused), where the eager one launches several per tensor."""
+    kernel = compiled_kernel("cuda")
+    sizes = (4096, 65_536, 1_000_000)
+    case = flat_case(sizes)
+    launched = kernels_launched(lambda: kernel.update(*case, 0.1, 5e-4, 0.9, True))
     assert 1 <= len(launched) <= len(sizes), launched
 
 
@@ -110,23 +124,10 @@ def test_auto_runs_the_fused_kernel_on_cuda() -> None:
 def test_fused_update_is_one_kernel_for_all_tensors_and_never_waits() -> None:
     """One launch updates every masked tensor of the group (with the gradients at addresses
     seen before), and new addresses are uploaded without the host waiting for the GPU."""
-    from torch.profiler import ProfilerActivity, profile
-
     kernel = fused_kernel("cuda", torch.float32)
     sizes = (100, 4096, 65_536, 1_000_000, 2_359_296)  # up to ResNet-50's largest conv
-    ps = [torch.randn(n, device=CUDA) for n in sizes]
-    gs = [torch.randn(n, device=CUDA) for n in sizes]
-    bufs = [torch.zeros(n, device=CUDA) for n in sizes]
-    masks = [(torch.rand(n, device=CUDA) < 0.1).view(torch.uint8) for n in sizes]
-    for m, p in zip(masks, ps, strict=True):
-        p.mul_(m)
-    for _ in range(2):  # compile, make the tables
-        kernel.update(ps, gs, bufs, masks, 0.1, 5e-4, 0.9, True)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        kernel.update(ps, gs, bufs, masks, 0.1, 5e-4, 0.9, True)
-        torch.cuda.synchronize()
-    launched = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+    ps, gs, bufs, masks = flat_case(sizes)
+    launched = kernels_launched(lambda: kernel.update(ps, gs, bufs, masks, 0.1, 5e-4, 0.9, True))
     assert launched == ["masked_sgd_blocks"], launched
     moved = [g.clone() for g in gs]  # new addresses: new tables
     with counted_syncs() as syncs:
