@@ -16,11 +16,13 @@ This is that idea for the masked update. Two small device tables describe the wo
 
 One launch of B programs then updates all T tensors. Each element is read once (weight, gradient,
 buffer, one mask byte) and written once (weight, buffer): the least memory traffic this step can
-have, where ``compiled`` launches one kernel per tensor and ``foreach`` makes two passes.
+have, where ``compiled`` launches one kernel per tensor and ``foreach`` makes two passes. Whole
+blocks of tensors that start on 16 bytes (as PyTorch allocates them) are moved by 16-byte
+vectors; only a tensor's last, partial block checks bounds.
 
 The host's share per step: the tensors' addresses (the gradients are new tensors after every
-``zero_grad``, but the caching allocator usually hands back the same blocks, so the addresses
-repeat) look up the device tables made for them; a new set of addresses is uploaded once,
+``zero_grad``, but the caching allocator usually hands back the same blocks, and under DDP they
+are views of its fixed buckets, so the addresses repeat) look up the device tables made for them; a new set of addresses is uploaded once,
 through page-locked memory and without waiting for the GPU, on the current stream (the
 training loop runs on one; a caller that steps on several must order them). Nothing is read
 back.
@@ -134,11 +136,11 @@ def _program() -> Any:
 
 @functools.cache
 def _triton_dtype(dtype: torch.dtype) -> Any:
+    """Triton's type for a weight dtype (one of :data:`DTYPES`)."""
     import triton.language as tl
 
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[
-        dtype
-    ]
+    types = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    return types[dtype]
 
 
 @dataclass(frozen=True)
