@@ -20,12 +20,12 @@ have, where ``compiled`` launches one kernel per tensor and ``foreach`` makes tw
 blocks of tensors that start on 16 bytes (as PyTorch allocates them) are moved by 16-byte
 vectors; only a tensor's last, partial block checks bounds.
 
-The host's share per step: the tensors' addresses (the gradients are new tensors after every
-``zero_grad``, but the caching allocator usually hands back the same blocks, and under DDP they
-are views of its fixed buckets, so the addresses repeat) look up the device tables made for them; a new set of addresses is uploaded once,
-through page-locked memory and without waiting for the GPU, on the current stream (the
-training loop runs on one; a caller that steps on several must order them). Nothing is read
-back.
+The host's share per step: the tensors' addresses look up the device tables made for them.
+The gradients are new tensors after every ``zero_grad``, but the caching allocator usually hands
+back the same blocks (and under DDP they are views of its fixed buckets), so the addresses
+repeat. A new set of addresses is uploaded once, through page-locked memory and without waiting
+for the GPU, on the current stream (the training loop runs on one; a caller that steps on several
+must order them). Nothing is read back.
 
 It runs wherever Triton runs: CUDA tensors, and CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``: slow, for tests of the same program on machines without a GPU).
