@@ -85,13 +85,13 @@ def _program() -> Any:
         block_tensor,  # [B] int32
         block_start,  # [B] int64
         numels,  # [T] int64
+        aligned,  # [T] int8: 1 where the tensor's four pointers start on 16 bytes
         tensors,  # T
         lr,
         weight_decay,
         momentum,
         NESTEROV: tl.constexpr,  # noqa: N803 - Triton's compile-time constants
         DTYPE: tl.constexpr,  # noqa: N803
-        ALIGNED: tl.constexpr,  # noqa: N803 - every tensor starts on a 16-byte boundary
         BLOCK: tl.constexpr,  # noqa: N803
     ):
         pid = tl.program_id(0)
@@ -103,18 +103,16 @@ def _program() -> Any:
         grad = tl.load(addresses + tensors + t).to(tl.pointer_type(DTYPE))
         buf = tl.load(addresses + 2 * tensors + t).to(tl.pointer_type(DTYPE))
         mask = tl.load(addresses + 3 * tensors + t).to(tl.pointer_type(tl.uint8))
-        if ALIGNED:  # what lets the compiler use vector loads and stores
-            weight = tl.multiple_of(weight, 16)
-            grad = tl.multiple_of(grad, 16)
-            buf = tl.multiple_of(buf, 16)
-            mask = tl.multiple_of(mask, 16)
         inside = offs < n
-        whole = start + BLOCK <= n  # all blocks but a tensor's last: no bounds to check
-        if whole:
-            keep = tl.load(mask + offs) != 0  # [BLOCK]
-            g = tl.where(keep, tl.load(grad + offs).to(tl.float32), 0.0)  # m ⊙ ∇θ
-            p = tl.load(weight + offs).to(tl.float32)
-            b = tl.load(buf + offs).to(tl.float32)
+        # a whole block (all but a tensor's last) of a tensor that starts on 16 bytes: no
+        # bounds to check, and the alignment lets the compiler use 16-byte vector accesses
+        vector = (start + BLOCK <= n) & (tl.load(aligned + t) != 0)
+        if vector:
+            keep = tl.load(tl.multiple_of(mask, 16) + offs) != 0  # [BLOCK]
+            g = tl.load(tl.multiple_of(grad, 16) + offs).to(tl.float32)
+            g = tl.where(keep, g, 0.0)  # m ⊙ ∇θ
+            p = tl.load(tl.multiple_of(weight, 16) + offs).to(tl.float32)
+            b = tl.load(tl.multiple_of(buf, 16) + offs).to(tl.float32)
         else:
             keep = tl.load(mask + offs, mask=inside, other=0) != 0
             g = tl.load(grad + offs, mask=inside & keep, other=0.0).to(tl.float32)
@@ -124,9 +122,9 @@ def _program() -> Any:
         b = momentum * b + d
         step = d + momentum * b if NESTEROV else b  # chosen when the kernel is compiled
         p = p - lr * step
-        if whole:
-            tl.store(buf + offs, b.to(DTYPE))
-            tl.store(weight + offs, p.to(DTYPE))
+        if vector:
+            tl.store(tl.multiple_of(buf, 16) + offs, b.to(DTYPE))
+            tl.store(tl.multiple_of(weight, 16) + offs, p.to(DTYPE))
         else:
             tl.store(buf + offs, b.to(DTYPE), mask=inside)
             tl.store(weight + offs, p.to(DTYPE), mask=inside)
@@ -151,8 +149,8 @@ class _Tables:
     block_tensor: torch.Tensor  # [B] int32
     block_start: torch.Tensor  # [B] int64
     numels: torch.Tensor  # [T] int64
+    aligned: torch.Tensor  # [T] int8: the tensor's four pointers start on 16 bytes
     blocks: int  # B
-    aligned: bool  # every tensor starts on a 16-byte boundary (PyTorch's allocations do)
 
 
 def _upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -188,14 +186,26 @@ def _tables(
         block_tensor=_upload(block_tensor, device),
         block_start=_upload(block_start, device),
         numels=_upload(numels, device),
+        aligned=_upload(_aligned(addresses, len(params)), device),
         blocks=int(counts.sum()),
-        aligned=all(address % 16 == 0 for address in addresses),
     )
+
+
+def _aligned(addresses: tuple[int, ...], tensors: int) -> torch.Tensor:
+    """``[T]`` int8: 1 where a tensor's weight, gradient, buffer and mask all start on 16 bytes.
+
+    PyTorch's allocations do; views need not (DDP packs gradients into its buckets end to end,
+    so a gradient after a 10-element bias starts 40 bytes off)."""
+    starts = torch.tensor(addresses, dtype=torch.int64).view(4, tensors)  # [4, T]
+    return (starts % 16 == 0).all(dim=0).to(torch.int8)
 
 
 class FusedMaskedSGD:
     """The masked update (:data:`dst.kernels.MaskedUpdate`) as one launch per call: weights,
-    gradients and buffers of one dtype, byte masks, all flat and on one device."""
+    gradients and buffers of one dtype, byte masks, all flat, contiguous and on one device.
+
+    The tensors are checked when a set of addresses is first seen, not at every step: a caller
+    passes what :class:`dst.optimizers.MaskedSGD` passes (flat views of contiguous tensors)."""
 
     def __init__(self) -> None:
         self._program = _program()
@@ -239,13 +249,13 @@ class FusedMaskedSGD:
                     tables.block_tensor,
                     tables.block_start,
                     tables.numels,
+                    tables.aligned,
                     len(params),
                     float(lr),  # an int would be specialized: a program per value
                     float(weight_decay),
                     float(momentum),
                     NESTEROV=bool(nesterov),
                     DTYPE=_triton_dtype(dtype),
-                    ALIGNED=tables.aligned,
                     BLOCK=BLOCK,
                     enable_fp_fusion=FP_FUSION,
                 )

@@ -226,6 +226,9 @@ class Trainer:
             masks=self.sparsity.masks_by_param() if self.sparsity else None,
             kernel=self.config.optimizer_kernel,
         )
+        if self.sparsity:  # a kernel that cannot run here fails now, not at the first step
+            for dtype in {w.dtype for w in self.sparsity.weights.values()}:
+                self.optimizer.masked_kernel(self.device, dtype)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer,
             milestones=[math.ceil(0.5 * epochs), math.ceil(0.75 * epochs)],

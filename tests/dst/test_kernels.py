@@ -166,6 +166,5 @@ def test_auto_on_cuda_takes_the_fused_kernel_else_the_compiled_one(
     monkeypatch.setattr(kernels, "fused_kernel", made("fused"))
     monkeypatch.setattr(kernels, "compiled_kernel", made("compiled"))
     assert choose("auto", "cuda", torch.float32).name == "fused"
-    assert choose("auto", "cuda", torch.bfloat16).name == "fused"
     monkeypatch.setattr(kernels, "fused_kernel", unavailable)
     assert choose("auto", "cuda", torch.float32).name == "compiled"

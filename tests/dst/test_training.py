@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dst.criteria import CRITERIA
+from dst.kernels import KernelUnavailableError
 from dst.masks import density
 from dst.spec import RunSpec
 from dst.training import Trainer, best_validation
@@ -76,6 +77,18 @@ def test_static_mode_keeps_the_initial_mask() -> None:
     history = trainer.fit()
     assert all(torch.equal(trainer.masks[n], trainer.initial_masks[n]) for n in trainer.masks)
     assert history[-1]["itop"] == pytest.approx(history[-1]["density"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device auto is CUDA here: fused runs")
+def test_a_kernel_that_cannot_run_here_fails_when_the_trainer_is_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``fused`` with ``device: auto`` passes validation; without CUDA the trainer refuses it
+    when it is built, not at its first step."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    data = {**BASE, "device": "auto", "training": {**BASE["training"], "optimizer_kernel": "fused"}}
+    with pytest.raises(KernelUnavailableError, match="CUDA"):
+        Trainer(RunSpec.model_validate(data))
 
 
 def test_dense_mode_has_no_masks() -> None:
