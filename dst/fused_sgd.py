@@ -173,30 +173,32 @@ def _tables(
                     f"the fused kernel takes contiguous tensors on one device ({dtype} weights, "
                     f"gradients and buffers, uint8 masks), got a {x.dtype} on {x.device}"
                 )
-    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)  # [T]
-    for group in (grads, bufs, masks):
-        if [x.numel() for x in group] != numels.tolist():
-            raise ValueError("the fused kernel needs weights, gradients, buffers, masks of a size")
+    sizes = [p.numel() for p in params]
+    if any([x.numel() for x in group] != sizes for group in (grads, bufs, masks)):
+        raise ValueError("the fused kernel needs weights, gradients, buffers, masks of a size")
+    numels = torch.tensor(sizes, dtype=torch.int64)  # [T]
     counts = -(-numels // BLOCK)  # [T] blocks per tensor
+    blocks = int(counts.sum())
     block_tensor = torch.repeat_interleave(torch.arange(len(params), dtype=torch.int32), counts)
     first = torch.cumsum(counts, 0) - counts  # [T] each tensor's first block
-    block_start = (torch.arange(int(counts.sum())) - first[block_tensor.long()]) * BLOCK  # [B]
+    block_start = (torch.arange(blocks) - first[block_tensor.long()]) * BLOCK  # [B]
+    starts = torch.tensor(addresses, dtype=torch.int64)  # [4·T]
     return _Tables(
-        addresses=_upload(torch.tensor(addresses, dtype=torch.int64), device),
+        addresses=_upload(starts, device),
         block_tensor=_upload(block_tensor, device),
         block_start=_upload(block_start, device),
         numels=_upload(numels, device),
-        aligned=_upload(_aligned(addresses, len(params)), device),
-        blocks=int(counts.sum()),
+        aligned=_upload(_aligned(starts.view(4, len(params))), device),
+        blocks=blocks,
     )
 
 
-def _aligned(addresses: tuple[int, ...], tensors: int) -> torch.Tensor:
-    """``[T]`` int8: 1 where a tensor's weight, gradient, buffer and mask all start on 16 bytes.
+def _aligned(starts: torch.Tensor) -> torch.Tensor:
+    """``[T]`` int8: 1 where a tensor's weight, gradient, buffer and mask (``starts`` ``[4, T]``,
+    their addresses) all start on 16 bytes.
 
     PyTorch's allocations do; views need not (DDP packs gradients into its buckets end to end,
     so a gradient after a 10-element bias starts 40 bytes off)."""
-    starts = torch.tensor(addresses, dtype=torch.int64).view(4, tensors)  # [4, T]
     return (starts % 16 == 0).all(dim=0).to(torch.int8)
 
 
