@@ -12,6 +12,7 @@ buffers on every rank, and the sums are reduced across ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,8 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from dst.masks import Masks
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,16 @@ def all_sum(values: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def all_gather(value: T, world: World) -> list[T]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank (``[value]`` alone).
+    A collective: every rank must call it."""
+    if not world.distributed:
+        return [value]
+    gathered: list[T] = [value] * world.size  # placeholders, replaced in rank order
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def broadcast_buffers(module: nn.Module, world: World) -> None:

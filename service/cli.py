@@ -313,7 +313,8 @@ def trial_line(trial: dict[str, Any]) -> str:
     if acc is not None:
         parts.append(f"test_acc={acc:.4f}")
     if trial.get("node"):
-        parts.append(f"on {trial['node']}")
+        gpus = f" (GPU {trial['gpus']})" if trial.get("gpus") else ""
+        parts.append(f"on {trial['node']}{gpus}")
     if trial.get("resumed_from_epoch"):
         parts.append(f"(resumed after epoch {trial['resumed_from_epoch']})")
     return "  ".join(parts)

@@ -41,6 +41,7 @@ TRIAL_FIELDS = frozenset(
         "error",
         "resumed_from_epoch",
         "node",
+        "gpus",
         "started_at",
         "finished_at",
     }

@@ -39,7 +39,7 @@ from service.core.config import Settings
 from service.db import make_engine
 from service.states import TrialState
 from service.tracking import ChildRuns
-from service.trial import INITIAL_MASKS, MASKS, METRICS, REMOVAL_LAYERS, RESUMED
+from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, REMOVAL_LAYERS, RESUMED
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -141,6 +141,8 @@ class TrialRecorder(tune.Callback):
         fields: dict[str, Any] = {"epoch": epoch, "metrics": metrics}
         if result.get(HOSTNAME):  # Tune fills it in: where the trial's process runs
             fields["node"] = str(result[HOSTNAME])
+        if GPUS in result:  # the first report after each start: the GPUs Ray gave
+            fields["gpus"] = result[GPUS] or None
         resumed = result.get(RESUMED)  # the trial restored a checkpoint (e.g. DDP workers lost)
         if resumed is not None:
             log.info("trial %d resumed after epoch %d", index, resumed)

@@ -62,6 +62,11 @@ class TrialOut(BaseModel):
         description="the host (Ray node) the trial last reported from: after a worker is lost, "
         "where it resumed"
     )
+    gpus: str | None = Field(
+        description="the ids of the GPUs Ray gave the trial when it last started, one per "
+        "process (rank order; 'host:id' for a DDP worker on another host than `node`); trials "
+        "sharing a GPU show the same id; None: no GPU"
+    )
     started_at: datetime | None
     finished_at: datetime | None
 

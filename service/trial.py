@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 METRICS = "dst"  # the key of a report's epoch metrics (Tune adds its own keys beside it)
 RESUMED = "dst_resumed_from_epoch"  # in the first report after a restore: the epoch restored
 STEP = "dst_checkpoint_step"  # a report inside an epoch: only a checkpoint, at this global step
+GPUS = "dst_gpus"  # in the first report after each start: the GPUs Ray gave (see gpu_placement)
 STATE_FILE = "state.pt"
 INITIAL_MASKS = "masks_initial.npz"
 MASKS = "masks.npz"
@@ -77,6 +78,30 @@ def restore(trainer: Trainer, checkpoint: Any) -> dict[str, int]:
     return {RESUMED: trainer.epoch}
 
 
+def gpu_placement(workers: list[tuple[str, list[str]]]) -> str:
+    """The GPUs a trial's processes were given, as the API shows them: ``workers`` holds
+    each process's (host, Ray GPU ids), rank order. Ids alone for processes on the first
+    one's host (the trial's ``node``), ``host:id`` for the others; "" when no GPU.
+
+    >>> gpu_placement([("a", ["0"]), ("a", ["1"]), ("b", ["0"])])
+    '0,1,b:0'
+    """
+    first = workers[0][0] if workers else ""
+    return ",".join(
+        gpu if host == first else f"{host}:{gpu}" for host, gpus in workers for gpu in gpus
+    )
+
+
+def this_process() -> tuple[str, list[str]]:
+    """This Ray worker's host and the ids of the GPUs Ray assigned it (a trial sharing a GPU
+    sees that GPU's id, as do the trials beside it)."""
+    import socket
+
+    import ray
+
+    return socket.gethostname(), [str(gpu) for gpu in ray.get_gpu_ids()]
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable; ``config["trial"]`` is :func:`service.driver.trial_config`'s."""
     trial = config["trial"]
@@ -91,7 +116,10 @@ def run_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(trial["cpus"])))
     keep_to_gpu_share(float(trial["gpus"]))
     trainer = Trainer(RunSpec.model_validate(trial["spec"]))
-    note = restore(trainer, tune.get_checkpoint())
+    note: dict[str, Any] = {
+        GPUS: gpu_placement([this_process()]),
+        **restore(trainer, tune.get_checkpoint()),
+    }
 
     def report(metrics: Metrics) -> None:
         with checkpoint_directory(trainer) as directory:
@@ -161,7 +189,7 @@ def _data_parallel_worker(trial: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from dst.distributed import World
+    from dst.distributed import World, all_gather
     from dst.training import Trainer
 
     world = World.current()
@@ -169,7 +197,10 @@ def _data_parallel_worker(trial: dict[str, Any]) -> None:
     trainer = Trainer(
         RunSpec.model_validate(trial["spec"]), device=ray.train.torch.get_device(), world=world
     )
-    note = restore(trainer, ray.train.get_checkpoint())  # every rank: the same state
+    note: dict[str, Any] = {
+        GPUS: gpu_placement(all_gather(this_process(), world)),
+        **restore(trainer, ray.train.get_checkpoint()),  # every rank: the same state
+    }
 
     def send(result: dict[str, Any]) -> None:  # every rank reports; rank 0 checkpoints
         if world.rank != 0:

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from dst.criteria import CRITERIA
-from dst.distributed import MasksDivergedError, World, check_masks_agree, mask_fingerprint
+from dst.distributed import (
+    MasksDivergedError,
+    World,
+    all_gather,
+    check_masks_agree,
+    mask_fingerprint,
+)
 from dst.growth import GROWTH
 from dst.spec import RunSpec
 from dst.training import Trainer
@@ -73,6 +79,7 @@ def _scenarios(world: World) -> dict[str, Any]:
     except MasksDivergedError as error:
         out["diverged"] = str(error)
     out["mid_epoch"] = _resume_mid_epoch(world)
+    out["gathered"] = all_gather(("host", [str(world.rank)] * (world.rank + 1)), world)
     return out
 
 
@@ -167,3 +174,9 @@ def test_every_rank_resumes_from_a_mid_epoch_checkpoint_bit_identically(ranks: l
 def test_a_divergence_fails_loudly_on_every_rank(ranks: list) -> None:
     for r in ranks:
         assert r["diverged"] is not None and "masks differ" in r["diverged"]
+
+
+def test_every_rank_gathers_every_ranks_value_in_rank_order(ranks: list) -> None:
+    expected = [("host", ["0"]), ("host", ["1", "1"])]
+    assert [r["gathered"] for r in ranks] == [expected, expected]
+    assert all_gather({"alone": 1}, World()) == [{"alone": 1}]

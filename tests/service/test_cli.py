@@ -51,6 +51,8 @@ def test_a_trial_line_says_where_it_runs_and_whether_it_resumed() -> None:
     assert trial_line(trial).split() == words
     moved = trial | {"metrics": None, "node": "worker-2", "resumed_from_epoch": 4}
     assert trial_line(moved).endswith("seed=1  on worker-2  (resumed after epoch 4)")
+    shared = moved | {"gpus": "0", "resumed_from_epoch": None}
+    assert trial_line(shared).endswith("seed=1  on worker-2 (GPU 0)")
 
 
 def test_the_cli_answers_without_importing_torch() -> None:

@@ -1,8 +1,13 @@
-"""The service on a multi-node Ray cluster: a head (dashboard, Jobs API, no CPUs) and two
-one-CPU worker nodes, each a session of processes of its own on this machine. The trials of
-a study spread over both workers; SIGKILL one worker node mid-study and the study still
-succeeds, the trials it ran resumed from their checkpoints on the other node, with one child
-run each."""
+"""The service on a multi-node Ray cluster: a head (dashboard, Jobs API, no CPUs) and
+worker nodes, each a session of processes of its own on this machine.
+
+- Two one-CPU workers: the trials of a study spread over both; SIGKILL one worker node
+  mid-study and the study still succeeds, the trials it ran resumed from their checkpoints on
+  the other node, with one child run each.
+- A worker with one GPU (a logical GPU: Ray schedules and assigns it like a real one, and the
+  trials, with device ``auto``, find no CUDA and train on the CPU): trials of half a GPU share
+  it two at a time, each told it has GPU 0.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +33,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors, list_nodes
 
+from service.client import TERMINAL
 from service.execution import RayExecutor
 from service.local import free_port, wait_until
 from service.tracking import PARENT_TAG, TAG_RESUMED, TAG_TRIAL
@@ -34,6 +41,7 @@ from tests.service.e2e import api, processes_with, study, wait_for, wait_termina
 
 pytestmark = pytest.mark.slow
 EPOCHS = 120  # ~0.15 s each with four trials on two cores: the kill lands mid-trial
+GPU_EPOCHS = 30  # long enough for two trials to overlap
 WORKERS = ("node_a", "node_b")
 RAY_START = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block"]
 
@@ -52,6 +60,8 @@ class LocalCluster:
     gcs_port: int = 0
     address: str = ""  # the dashboard: Jobs API and state API
     node_ids: dict[str, str] = field(default_factory=dict)  # worker name -> Ray node id
+    # what a worker offers (`ray start` arguments); one CPU where not named
+    offers: dict[str, list[str]] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
         return os.environ | {
@@ -88,8 +98,9 @@ class LocalCluster:
         return proc
 
     def start(self, workers: tuple[str, ...]) -> None:
-        """A head that runs no trials (no CPUs) with the dashboard, then one-CPU workers,
-        each with a custom resource of its name; returns once every worker is alive."""
+        """A head that runs no trials (no CPUs) with the dashboard, then the workers (what
+        ``offers`` says, else one CPU), each with a custom resource of its name; returns once
+        every worker is alive."""
         try:
             self.address = self._start_head()
         except RuntimeError:
@@ -118,7 +129,8 @@ class LocalCluster:
 
     def _start_worker(self, name: str, attempt: int) -> None:
         resources = {name: 1, f"{name}_try{attempt}": 1}  # tells the tries apart
-        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1",
+        offer = self.offers.get(name, ["--num-cpus=1"])
+        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", *offer,
                            f"--resources={json.dumps(resources)}"])  # fmt: skip
 
     def _alive(self, workers: tuple[str, ...], attempts: dict[str, int]) -> dict[str, str] | None:
@@ -154,6 +166,23 @@ class LocalCluster:
             for actor in list_actors(address=self.address, limit=10_000)
             if actor.class_name == "ImplicitFunc" and actor.state == "ALIVE"
         )
+
+    def trial_gpu_shares(self) -> list[float]:
+        """The GPU share each alive Tune trial actor holds (Tune places a trial in a placement
+        group: its share is named twice, ``GPU_group_<pg>`` and ``GPU_group_0_<pg>``)."""
+        actors = list_actors(
+            address=self.address,
+            filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")],
+            detail=True,
+            limit=10_000,
+        )
+        return [
+            max(
+                (v for k, v in (actor.required_resources or {}).items() if k.startswith("GPU")),
+                default=0.0,
+            )
+            for actor in actors
+        ]
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-3000:]
@@ -204,17 +233,31 @@ def _ok(url: str) -> bool:
     return httpx.get(url, timeout=2.0).status_code == 200
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    """A running head and workers ``WORKERS``; every process it started is gone afterwards
-    (node logs stay in ``tmp_path``)."""
-    local = LocalCluster(logs=tmp_path)
+@contextlib.contextmanager
+def running(local: LocalCluster, workers: tuple[str, ...]) -> Iterator[LocalCluster]:
+    """``local`` started with ``workers``; every process it started is gone afterwards
+    (node logs stay in its ``logs``)."""
     try:
-        local.start(WORKERS)
+        local.start(workers)
         yield local
     finally:
         local.stop()
     assert processes_with(local.marker, "environ") == [], "cluster processes left running"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A running head and the one-CPU workers ``WORKERS``."""
+    with running(LocalCluster(logs=tmp_path), WORKERS) as local:
+        yield local
+
+
+@pytest.fixture
+def gpu_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A running head and one worker ``gpu_node`` with two CPUs and one (logical) GPU."""
+    offers = {"gpu_node": ["--num-cpus=2", "--num-gpus=1"]}
+    with running(LocalCluster(logs=tmp_path, offers=offers), ("gpu_node",)) as local:
+        yield local
 
 
 def resumed_reports(storage: Path, experiment_id: str, index: int) -> list[dict[str, Any]]:
@@ -285,3 +328,30 @@ def test_a_study_survives_losing_a_worker_node(
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), index
         expected = str(resumed[index]) if index in resumed else None
         assert child.data.tags.get(TAG_RESUMED) == expected, index
+
+
+def test_trials_given_half_a_gpu_share_it_two_at_a_time(
+    gpu_cluster: LocalCluster, mlflow_sqlite: str, tmp_path: Path
+) -> None:
+    """Four trials of a quarter CPU and half a GPU on a node of two CPUs and one GPU: the
+    GPU, not the CPUs, holds them to two at a time. The driver accepts the study (the cluster
+    offers a GPU), each trial is told it has GPU 0, and every trial succeeds."""
+    resources = {"cpus_per_trial": 0.25, "gpus_per_trial": 0.5}
+    spec = study("share-a-gpu", epochs=GPU_EPOCHS, resources=resources, device="auto")
+    database = f"sqlite:///{tmp_path / 'gpu.db'}"
+    with api(tmp_path / "storage", database, gpu_cluster.address, mlflow_sqlite) as client:
+        experiment_id = client.submit(spec)["id"]
+        seen: list[list[float]] = []
+        deadline = time.monotonic() + 300
+        while client.experiment(experiment_id)["status"] not in TERMINAL:
+            assert time.monotonic() < deadline, "the study did not finish"
+            seen.append(gpu_cluster.trial_gpu_shares())
+            time.sleep(0.2)
+        final = wait_terminal(client, experiment_id)
+        assert final["status"] == "succeeded", (final, job_log(gpu_cluster.address, experiment_id))
+        trials = client.trials(experiment_id)
+    assert max(len(shares) for shares in seen) == 2, seen  # two at once, never more
+    assert {share for shares in seen for share in shares} == {0.5}
+    for trial in trials:
+        assert trial["state"] == "succeeded" and trial["epoch"] == GPU_EPOCHS, trial
+        assert (trial["node"], trial["gpus"]) == (socket.gethostname(), "0"), trial

@@ -94,6 +94,7 @@ def run_study(client, mlflow_uri: str, name: str, ray: str, database_url: str) -
         assert 0 <= trial["metrics"]["test_acc"] <= 1 and trial["mlflow_run_id"]
         assert trial["params"]["sparsity.criterion"] in ("magnitude", "snip")
         assert trial["node"] == platform.node()  # the local Ray's only node: this machine
+        assert trial["gpus"] is None  # it has no GPUs
     results = client.results(created["id"])
     assert results["group_by"] == ["sparsity.criterion"]
     rows = results["rows"]

@@ -21,7 +21,7 @@ from service.db import make_engine, upgrade_database
 from service.recorder import TrialRecorder, checkpoint_dir, recorder_for
 from service.states import TrialState
 from service.study import StudySpec, expand
-from service.trial import INITIAL_MASKS, MASKS, METRICS, REMOVAL_LAYERS, RESUMED
+from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, REMOVAL_LAYERS, RESUMED
 
 EXPERIMENT = "e" * 32
 
@@ -281,6 +281,24 @@ def test_the_trial_row_says_which_node_it_last_reported_from(
     assert (row(engine).node, row(engine).resumed_from_epoch) == ("worker-b", 1)
     recorder.on_trial_result(0, [], trial, result(3, "none"))  # type: ignore[arg-type]
     assert row(engine).node == "worker-b"
+
+
+def test_the_trial_row_says_which_gpus_it_was_given_when_it_last_started(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """The first report after each start names the GPUs; a CPU trial's empty name is None,
+    and later reports (without the name) leave it."""
+    recorder = TrialRecorder(engine, EXPERIMENT, None)
+    trial = tune_trial(tmp_path)
+    recorder.on_trial_result(0, [], trial, result(1, "none") | {GPUS: "0"})  # type: ignore[arg-type]
+    assert row(engine).gpus == "0"
+    recorder.on_trial_result(0, [], trial, result(2, "none"))  # type: ignore[arg-type]
+    assert row(engine).gpus == "0"
+    restarted = result(3, "none") | {GPUS: "1,b:0", RESUMED: 2}
+    recorder.on_trial_result(0, [], trial, restarted)  # type: ignore[arg-type]
+    assert row(engine).gpus == "1,b:0"
+    recorder.on_trial_result(0, [], trial, result(4, "none") | {GPUS: ""})  # type: ignore[arg-type]
+    assert row(engine).gpus is None
 
 
 def test_a_finished_trial_keeps_its_masks_for_the_analysis(engine: Engine, tmp_path: Path) -> None:

@@ -1,11 +1,11 @@
-"""The trial's own set-up on a Ray worker: its share of a GPU."""
+"""The trial's own set-up on a Ray worker: its share of a GPU, and how it names its GPUs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from service.trial import keep_to_gpu_share
+from service.trial import gpu_placement, keep_to_gpu_share
 
 
 @pytest.mark.parametrize(
@@ -28,3 +28,20 @@ def test_a_trial_keeps_to_its_share_of_the_gpu(
     )
     keep_to_gpu_share(gpus)
     assert calls == capped
+
+
+@pytest.mark.parametrize(
+    ("workers", "shown"),
+    [
+        ([("a", ["0"])], "0"),  # a trial with a GPU (or a share of one) of its own
+        ([("a", [])], ""),  # a CPU trial
+        ([], ""),
+        ([("a", ["2"]), ("a", ["3"])], "2,3"),  # two DDP workers on the trial's node
+        ([("a", ["0"]), ("b", ["0"]), ("b", ["1"])], "0,b:0,b:1"),  # and on another host
+        ([("a", []), ("a", [])], ""),  # CPU workers (gloo)
+    ],
+)
+def test_a_trial_names_its_gpus_by_rank_and_the_other_hosts(
+    workers: list[tuple[str, list[str]]], shown: str
+) -> None:
+    assert gpu_placement(workers) == shown

@@ -87,6 +87,7 @@ def trial_out(t: Trial) -> TrialOut:
         error=t.error,
         resumed_from_epoch=t.resumed_from_epoch,
         node=t.node,
+        gpus=t.gpus,
         started_at=crud.as_aware(t.started_at),
         finished_at=crud.as_aware(t.finished_at),
     )
