@@ -151,6 +151,8 @@ class TrialRecorder(tune.Callback):
         if self.runs is not None:
             if resumed is not None:
                 self.runs.mark_resumed(index, resumed)
+            if GPUS in result:  # the trial's first report since it (re)started
+                self.runs.mark_placement(index, str(result.get(HOSTNAME, "")), result[GPUS])
             if epoch > last:  # an epoch repeated after a restore has the same values: log once
                 self.runs.log_epoch(index, metrics)
         directory = checkpoint_dir(trial, result)

@@ -38,6 +38,8 @@ MLFLOW_EXPERIMENT = "dst-lab"
 TAG_EXPERIMENT = "dst.experiment_id"
 TAG_TRIAL = "dst.trial_index"
 TAG_RESUMED = "dst.resumed_from_epoch"  # set on a child run when its trial resumed
+TAG_NODE = "dst.node"  # on a child run: the host its trial last started on
+TAG_GPUS = "dst.gpus"  # ... and the GPUs Ray gave it there ("" when none)
 TAG_PARENT_READY = "dst.parent_ready"  # the parent run has its params, study and trial list
 PARENT_TAG = "mlflow.parentRunId"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on the metrics of one log_batch request
@@ -383,6 +385,16 @@ class ChildRuns:
     def mark_resumed(self, index: int, epoch: int) -> None:
         """Tag the run: its trial resumed from a checkpoint after ``epoch``."""
         self._put(index, f"resume tag {epoch}", lambda run: run.tag(TAG_RESUMED, str(epoch)))
+
+    def mark_placement(self, index: int, node: str, gpus: str) -> None:
+        """Tag the run with where its trial (re)started: host and GPU ids (see
+        :func:`service.trial.gpu_placement`)."""
+
+        def write(run: TrialRun) -> None:
+            run.tag(TAG_NODE, node)
+            run.tag(TAG_GPUS, gpus)
+
+        self._put(index, f"placement {node} {gpus}", write)
 
     def log_epoch(self, index: int, metrics: dict[str, float]) -> None:
         """An epoch's metrics. Epochs that arrive while the outbox is behind go out together,

@@ -36,7 +36,7 @@ from ray.util.state import list_actors, list_nodes
 from service.client import TERMINAL
 from service.execution import RayExecutor
 from service.local import free_port, wait_until
-from service.tracking import PARENT_TAG, TAG_RESUMED, TAG_TRIAL
+from service.tracking import PARENT_TAG, TAG_GPUS, TAG_NODE, TAG_RESUMED, TAG_TRIAL
 from tests.service.e2e import api, processes_with, study, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
@@ -355,3 +355,5 @@ def test_trials_given_half_a_gpu_share_it_two_at_a_time(
     for trial in trials:
         assert trial["state"] == "succeeded" and trial["epoch"] == GPU_EPOCHS, trial
         assert (trial["node"], trial["gpus"]) == (socket.gethostname(), "0"), trial
+        tags = MlflowClient(mlflow_sqlite).get_run(trial["mlflow_run_id"]).data.tags
+        assert (tags[TAG_NODE], tags[TAG_GPUS]) == (socket.gethostname(), "0"), trial

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from dst.masks import load_masks
 from service.execution import RayExecutor
 from service.local import LocalServices
-from service.tracking import EXPERIMENT_KIND, MODEL_TRAINING, PARENT_TAG
+from service.tracking import EXPERIMENT_KIND, MODEL_TRAINING, PARENT_TAG, TAG_GPUS, TAG_NODE
 from tests.service.e2e import api, study, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
@@ -66,6 +66,8 @@ def check_mlflow(mlflow_uri: str, experiment: dict, n_trials: int, epochs: int) 
         history = client.get_metric_history(child.info.run_id, "test_acc")
         assert [m.step for m in history] == list(range(1, epochs + 1))
         assert child.data.params["sparsity.density"] == "0.1"
+        # where the trial ran: the local Ray's only node, no GPU
+        assert (child.data.tags[TAG_NODE], child.data.tags[TAG_GPUS]) == (platform.node(), "")
         names = {a.path for a in client.list_artifacts(child.info.run_id, "masks")}
         assert names == {"masks/initial.npz", "masks/final.npz"}
         own = {a.path for a in client.list_artifacts(child.info.run_id, "figures")}

@@ -45,6 +45,9 @@ class FakeRuns:
     def mark_resumed(self, index: int, epoch: int) -> None:
         self.calls.append(("resumed", index, epoch))
 
+    def mark_placement(self, index: int, node: str, gpus: str) -> None:
+        self.calls.append(("placement", index, node, gpus))
+
     def log_epoch(self, index: int, metrics: dict[str, float]) -> None:
         self.calls.append(("epoch", index, int(metrics["epoch"])))
 
@@ -288,17 +291,26 @@ def test_the_trial_row_says_which_gpus_it_was_given_when_it_last_started(
 ) -> None:
     """The first report after each start names the GPUs; a CPU trial's empty name is None,
     and later reports (without the name) leave it."""
-    recorder = TrialRecorder(engine, EXPERIMENT, None)
+    runs = FakeRuns()
+    recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
     trial = tune_trial(tmp_path)
-    recorder.on_trial_result(0, [], trial, result(1, "none") | {GPUS: "0"})  # type: ignore[arg-type]
+    first = result(1, "none") | {GPUS: "0", "hostname": "a"}
+    recorder.on_trial_result(0, [], trial, first)  # type: ignore[arg-type]
     assert row(engine).gpus == "0"
     recorder.on_trial_result(0, [], trial, result(2, "none"))  # type: ignore[arg-type]
     assert row(engine).gpus == "0"
-    restarted = result(3, "none") | {GPUS: "1,b:0", RESUMED: 2}
+    restarted = result(3, "none") | {GPUS: "1,b:0", RESUMED: 2, "hostname": "a"}
     recorder.on_trial_result(0, [], trial, restarted)  # type: ignore[arg-type]
     assert row(engine).gpus == "1,b:0"
-    recorder.on_trial_result(0, [], trial, result(4, "none") | {GPUS: ""})  # type: ignore[arg-type]
+    on_cpu = result(4, "none") | {GPUS: "", "hostname": "c"}
+    recorder.on_trial_result(0, [], trial, on_cpu)  # type: ignore[arg-type]
     assert row(engine).gpus is None
+    # the child run is tagged once per start, not per epoch
+    assert [c for c in runs.calls if c[0] == "placement"] == [
+        ("placement", 0, "a", "0"),
+        ("placement", 0, "a", "1,b:0"),
+        ("placement", 0, "c", ""),
+    ]
 
 
 def test_a_finished_trial_keeps_its_masks_for_the_analysis(engine: Engine, tmp_path: Path) -> None:
