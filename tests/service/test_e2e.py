@@ -203,6 +203,7 @@ def test_a_multi_worker_trial_runs_ddp(local_ray: str, mlflow_sqlite: str, stora
         assert final["status"] == "succeeded", final
         (trial,) = client.trials(created["id"])
         assert trial["state"] == "succeeded" and trial["epoch"] == 2
+        assert trial["gpus"] is None  # two CPU workers (gloo)
         mlflow = MlflowClient(mlflow_sqlite)
         history = mlflow.get_metric_history(trial["mlflow_run_id"], "density")
         assert [m.step for m in history] == [1, 2] and {m.value for m in history} == {0.1}
