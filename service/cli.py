@@ -117,16 +117,11 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
     )
 
     def build() -> Any:  # on a thread, while /healthz already answers
-        from service.execution import RayExecutor, driver_env
+        from service.execution import RayExecutor
         from service.main import create_app
         from service.tracking import MlflowTracker
 
-        executor = RayExecutor(
-            ray_address,
-            job_python=sys.executable,
-            env=driver_env(settings),
-            timeout=settings.call_timeout_s,
-        )
+        executor = RayExecutor.for_settings(settings, ray_address, sys.executable)
         tracker = MlflowTracker(mlflow_uri, settings.mlflow_ui_url)
         return create_app(settings, executor=executor, tracker=tracker)
 

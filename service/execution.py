@@ -46,8 +46,10 @@ DRIVER_SECRETS = (
     *MLFLOW_CREDENTIALS,
 )
 SECRETS_FILE_ENV = "DST_DRIVER_SECRETS_FILE"
+# with secrets from the head: the names of the secrets the driver must find in its environment
+HEAD_SECRETS_ENV = "DST_DRIVER_SECRETS_FROM_HEAD"
 # what the job driver gets and Ray workers must not (the driver scrubs them from the job)
-DRIVER_ONLY_ENV = (*DRIVER_SECRETS, "DST_STORAGE_PATH", SECRETS_FILE_ENV)
+DRIVER_ONLY_ENV = (*DRIVER_SECRETS, "DST_STORAGE_PATH", SECRETS_FILE_ENV, HEAD_SECRETS_ENV)
 
 
 def driver_env(settings: Settings) -> dict[str, str]:
@@ -68,7 +70,13 @@ def driver_env(settings: Settings) -> dict[str, str]:
 
 
 class RayExecutor:
-    """Runs each experiment as a Ray Job whose driver (``service.driver``) runs Ray Tune."""
+    """Runs each experiment as a Ray Job whose driver (``service.driver``) runs Ray Tune.
+
+    The driver's secrets (:data:`DRIVER_SECRETS`) never travel in the job, which Ray keeps and
+    lists: either a file on the shared storage names them (only this user can read it; the
+    driver removes it), or, with ``secrets_on_head``, the Ray head's own environment holds
+    them and the job only names which the driver must find there.
+    """
 
     def __init__(
         self,
@@ -77,12 +85,25 @@ class RayExecutor:
         job_python: str = "python",
         env: dict[str, str] | None = None,
         timeout: float = 10.0,
+        secrets_on_head: bool = False,
     ) -> None:
         self.address = address
         self.job_python = job_python
         self.env = dict(env or {})  # handed to the job's driver (see driver_env)
         self.timeout = timeout
+        self.secrets_on_head = secrets_on_head
         self._client: JobSubmissionClient | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings, address: str, job_python: str) -> RayExecutor:
+        """The executor of the service configured by ``settings`` (Ray at ``address``)."""
+        return cls(
+            address,
+            job_python=job_python,
+            env=driver_env(settings),
+            timeout=settings.call_timeout_s,
+            secrets_on_head=settings.driver_secrets == "head",
+        )
 
     @property
     def client(self) -> JobSubmissionClient:
@@ -101,15 +122,18 @@ class RayExecutor:
         """Submit the experiment's driver job; a job that already exists is left alone.
 
         The driver reads the stored experiment and its trials from the database. Its secrets
-        (:data:`DRIVER_SECRETS`) go in a file only its user can read, on the shared storage;
-        the job's environment names the file.
+        (:data:`DRIVER_SECRETS`) go in a file only its user can read, on the shared storage,
+        which the job's environment names; or, with ``secrets_on_head``, the job names only
+        the variables the driver must find in the head node's environment.
         """
         if self.status(experiment_id) is not None:
             log.info("job %s already exists; not submitting again", experiment_id)
             return
         env = {k: v for k, v in self.env.items() if k not in DRIVER_SECRETS}
         secrets = {k: v for k, v in self.env.items() if k in DRIVER_SECRETS}
-        if secrets:
+        if self.secrets_on_head:  # the head must hold those the API has
+            env[HEAD_SECRETS_ENV] = ",".join(sorted(k for k, v in secrets.items() if v))
+        elif secrets:
             env[SECRETS_FILE_ENV] = str(write_secrets(self.secrets_file(experiment_id), secrets))
         try:
             self.client.submit_job(
@@ -141,7 +165,7 @@ class RayExecutor:
 
     def release(self, experiment_id: str) -> None:
         """Remove the experiment's secrets file, if its driver has not already."""
-        if "DST_STORAGE_PATH" in self.env:
+        if "DST_STORAGE_PATH" in self.env and not self.secrets_on_head:
             self.secrets_file(experiment_id).unlink(missing_ok=True)
 
     def status(self, experiment_id: str) -> JobStatus | None:
@@ -188,7 +212,18 @@ def write_secrets(path: Path, secrets: dict[str, str]) -> Path:
 
 def take_secrets(environ: MutableMapping[str, str]) -> None:
     """In the job driver: move the secrets from the file the job names into ``environ``
-    (this process's own environment), then delete the file."""
+    (this process's own environment), then delete the file; or, with secrets from the head,
+    check that ``environ`` (the head's environment) holds every one the job names."""
+    needed = environ.pop(HEAD_SECRETS_ENV, None)
+    if needed:
+        missing = [name for name in needed.split(",") if not environ.get(name)]
+        if missing:
+            raise RuntimeError(
+                f"the Ray head's environment lacks {', '.join(missing)}: with "
+                "DST_DRIVER_SECRETS=head the job driver takes the service's database URL and "
+                "MLflow settings from the head node, so set them there as on the API"
+            )
+        return
     name = environ.pop(SECRETS_FILE_ENV, None)
     if not name:
         return

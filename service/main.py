@@ -42,14 +42,11 @@ def create_app(
                 "DST_RAY_ADDRESS and DST_MLFLOW_TRACKING_URI must be set "
                 "(or use `dst serve`, which starts local ones)"
             )
-        from service.execution import RayExecutor, driver_env
+        from service.execution import RayExecutor
         from service.tracking import MlflowTracker
 
-        executor = executor or RayExecutor(
-            settings.ray_address,
-            job_python=settings.job_python,
-            env=driver_env(settings),
-            timeout=settings.call_timeout_s,
+        executor = executor or RayExecutor.for_settings(
+            settings, settings.ray_address, settings.job_python
         )
         tracker = tracker or MlflowTracker(settings.mlflow_tracking_uri, settings.mlflow_ui_url)
     engine = make_engine(settings.database_url)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     )
     job_python: str = Field(
         "python", description="the Python that Ray jobs run the driver with (on the cluster)"
+    )
+    driver_secrets: Literal["file", "head"] = Field(
+        "file",
+        description="how a job driver gets the database URL and MLflow settings: 'file', a "
+        "file on the shared storage that only this user can read, written per experiment "
+        "and removed once taken; 'head', the Ray head node's own environment (set from a "
+        "Kubernetes Secret, say): the API hands the driver no secret at all",
     )
 
     def allowed_data_roots(self) -> list[Path]:

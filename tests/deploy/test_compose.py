@@ -99,6 +99,9 @@ def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:
         raise AssertionError(
             f"{error}\nworkers: {workers}\ntrials: {client.trials(experiment_id)}\n{stack.logs()}"
         ) from None
+    for worker in workers.values():  # the drivers' secrets stay on the head and the API
+        assert processes_knowing(worker, "DST_DATABASE_URL") == "", worker
+    assert "raylet" in processes_knowing(stack.container("ray-head"), "DST_DATABASE_URL")
     podman("kill", "--signal", "KILL", victim)
     lost_at = time.monotonic()
     log.info("killed %s running trial %d at epoch %d", victim, hit["index"], hit["epoch"])
@@ -120,6 +123,18 @@ def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:
         state,
     )
     check_mlflow(stack, final, {t["mlflow_run_id"] for t in trials})
+    # the head's environment held them for the driver (DST_DRIVER_SECRETS=head): no file
+    secrets = podman("exec", stack.container("api"), "ls", "-A", "/shared/dst")
+    assert "secrets" not in secrets.split(), secrets
+
+
+def processes_knowing(container: str, name: str) -> str:
+    """The command lines of the processes in ``container`` whose environment sets ``name``."""
+    script = (
+        f"for p in /proc/[0-9]*; do grep -qs '{name}=' $p/environ && tr '\\0' ' ' "
+        "< $p/cmdline && echo; done; true"
+    )
+    return podman("exec", container, "sh", "-c", script).strip()
 
 
 def check_mlflow(stack: Stack, experiment: dict[str, Any], run_ids: set[str]) -> None:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from service.core.config import Settings
+from service.execution import DRIVER_SECRETS, driver_env
 from tests.deploy.stack import REPO, podman_compose, podman_env
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -103,6 +104,25 @@ def test_service_settings_are_real_settings() -> None:
         env = service.get("environment", {})
         unknown = {k for k in env if k.startswith("DST_")} - fields - {"DST_ROLE"}
         assert not unknown, f"{name} sets {unknown}, which the service does not read"
+
+
+def test_the_ray_head_holds_what_the_job_drivers_record_with() -> None:
+    """The API hands its job drivers no secret (``DST_DRIVER_SECRETS=head``): the head, where
+    they run, has each one the API would hand on, with the same value; no worker has any,
+    and the head runs no trial unless told to."""
+    api = services()["api"]["environment"]
+    head = services()["ray-head"]["environment"]
+    assert api["DST_DRIVER_SECRETS"] == "head"
+    settings = Settings(
+        database_url=api["DST_DATABASE_URL"], mlflow_tracking_uri=api["DST_MLFLOW_TRACKING_URI"]
+    )
+    handed = {k: v for k, v in driver_env(settings).items() if k in DRIVER_SECRETS}
+    assert set(handed) == {"DST_DATABASE_URL", "DST_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"}
+    for name, value in handed.items():
+        assert head.get(name) == value, name
+    for worker in ("ray-worker", "ray-gpu-worker"):
+        assert not set(services()[worker]["environment"]) & set(DRIVER_SECRETS), worker
+    assert head["RAY_HEAD_NUM_CPUS"] == "${RAY_HEAD_NUM_CPUS:-0}"
 
 
 def test_every_long_running_service_has_a_health_check() -> None:

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from service.core.config import Settings
+from service.execution import DRIVER_SECRETS, driver_env
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kuberay"
 CRD = Path(__file__).resolve().parent / "schemas" / "ray.io_rayclusters.yaml"
@@ -420,6 +421,30 @@ def test_raycluster_layout() -> None:
     (worker,) = gpu["template"]["spec"]["containers"]
     assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     assert any(t["key"] == "nvidia.com/gpu" for t in gpu["template"]["spec"]["tolerations"])
+
+
+def test_the_ray_head_holds_what_the_job_drivers_record_with() -> None:
+    """The API hands its job drivers no secret (``DST_DRIVER_SECRETS=head``): the head pod,
+    where they run, has each one the API would hand on, from the same source (the same
+    Secret key, the same MLflow server); no worker pod has any, and the head runs no trial."""
+    api = env_map(api_container()["env"])
+    assert api["DST_DRIVER_SECRETS"]["value"] == "head"
+    handed = {  # what driver_env takes from the API's settings that is a driver's secret
+        name
+        for name in driver_env(Settings(database_url="x", mlflow_tracking_uri="y"))
+        if name in DRIVER_SECRETS
+    }
+    assert handed == {"DST_DATABASE_URL", "DST_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"}
+    (cluster,) = by_kind("RayCluster")
+    for where, template, _ in pod_specs(cluster):
+        (container,) = template["spec"]["containers"]
+        env = env_map(container["env"])
+        if where.endswith("/head"):
+            for name in handed:
+                assert env[name] == api[name], f"{where}: {name}"
+        else:
+            assert not set(env) & set(DRIVER_SECRETS), where
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 def test_every_ray_pod_has_storage_auth_and_resources() -> None:

@@ -31,8 +31,11 @@ def study(name: str, epochs: int = 2, **extra: Any) -> dict[str, Any]:
 
 
 @contextmanager
-def api(storage: Path, database_url: str, ray: str, mlflow: str) -> Iterator[ApiClient]:
-    """A real API server (uvicorn in a thread) over the given Ray, MLflow and database."""
+def api(
+    storage: Path, database_url: str, ray: str, mlflow: str, **more: Any
+) -> Iterator[ApiClient]:
+    """A real API server (uvicorn in a thread) over the given Ray, MLflow and database
+    (``more``: other settings)."""
     settings = Settings(
         storage_path=storage,
         database_url=database_url,
@@ -41,6 +44,7 @@ def api(storage: Path, database_url: str, ray: str, mlflow: str) -> Iterator[Api
         api_token=TOKEN,
         port=free_port(),
         reconcile_interval_s=0.5,
+        **more,
     )
     with running_api(settings) as url:
         yield ApiClient(url, TOKEN)
@@ -66,6 +70,22 @@ def wait_for(predicate: Any, what: str, timeout: float = 120) -> Any:
             return value
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line, its arguments joined by spaces ("" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def environ(pid: int) -> bytes:
+    """The environment a process started with, as /proc holds it (b"" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
 
 
 def processes_with(needle: str, where: str = "cmdline") -> list[int]:

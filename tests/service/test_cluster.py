@@ -37,7 +37,15 @@ from service.client import TERMINAL
 from service.execution import RayExecutor
 from service.local import free_port, wait_until
 from service.tracking import PARENT_TAG, TAG_GPUS, TAG_NODE, TAG_RESUMED, TAG_TRIAL
-from tests.service.e2e import api, processes_with, study, wait_for, wait_terminal
+from tests.service.e2e import (
+    api,
+    cmdline,
+    environ,
+    processes_with,
+    study,
+    wait_for,
+    wait_terminal,
+)
 
 pytestmark = pytest.mark.slow
 EPOCHS = 120  # ~0.15 s each with four trials on two cores: the kill lands mid-trial
@@ -62,6 +70,7 @@ class LocalCluster:
     node_ids: dict[str, str] = field(default_factory=dict)  # worker name -> Ray node id
     # what a worker offers (`ray start` arguments); one CPU where not named
     offers: dict[str, list[str]] = field(default_factory=dict)
+    head_env: dict[str, str] = field(default_factory=dict)  # the head's own, beside env()
 
     def env(self) -> dict[str, str]:
         return os.environ | {
@@ -90,9 +99,10 @@ class LocalCluster:
             *RAY_START, *args, *ports, f"--temp-dir={temp}", "--disable-usage-stats",
             f"--object-store-memory={100 * 2**20}",
         ]  # fmt: skip
+        env = self.env() | (self.head_env if name == "head" else {})
         with (self.logs / f"{name}.log").open("w") as log:
             proc = subprocess.Popen(
-                cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.nodes[name] = proc
         return proc
@@ -253,11 +263,19 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 
 
 @pytest.fixture
-def gpu_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    """A running head and one worker ``gpu_node`` with two CPUs and one (logical) GPU."""
+def gpu_cluster(tmp_path: Path, mlflow_sqlite: str) -> Iterator[LocalCluster]:
+    """A running head and one worker ``gpu_node`` with two CPUs and one (logical) GPU. The
+    head's environment holds the service's database URL (``tmp_path / "gpu.db"``) and MLflow
+    server, as a deployment with ``DST_DRIVER_SECRETS=head`` sets them."""
     offers = {"gpu_node": ["--num-cpus=2", "--num-gpus=1"]}
-    with running(LocalCluster(logs=tmp_path, offers=offers), ("gpu_node",)) as local:
-        yield local
+    head_env = {
+        "DST_DATABASE_URL": f"sqlite:///{tmp_path / 'gpu.db'}",
+        "DST_MLFLOW_TRACKING_URI": mlflow_sqlite,
+        "MLFLOW_TRACKING_URI": mlflow_sqlite,
+    }
+    local = LocalCluster(logs=tmp_path, offers=offers, head_env=head_env)
+    with running(local, ("gpu_node",)) as started:
+        yield started
 
 
 def resumed_reports(storage: Path, experiment_id: str, index: int) -> list[dict[str, Any]]:
@@ -335,22 +353,34 @@ def test_trials_given_half_a_gpu_share_it_two_at_a_time(
 ) -> None:
     """Four trials of a quarter CPU and half a GPU on a node of two CPUs and one GPU: the
     GPU, not the CPUs, holds them to two at a time. The driver accepts the study (the cluster
-    offers a GPU), each trial is told it has GPU 0, and every trial succeeds."""
+    offers a GPU), each trial is told it has GPU 0, and every trial succeeds.
+
+    The driver takes its secrets from the head (``driver_secrets: head``): none is written
+    to the storage, and no process of the worker node has the database URL."""
     resources = {"cpus_per_trial": 0.25, "gpus_per_trial": 0.5}
     spec = study("share-a-gpu", epochs=GPU_EPOCHS, resources=resources, device="auto")
-    database = f"sqlite:///{tmp_path / 'gpu.db'}"
-    with api(tmp_path / "storage", database, gpu_cluster.address, mlflow_sqlite) as client:
+    database, storage = gpu_cluster.head_env["DST_DATABASE_URL"], tmp_path / "storage"
+    worker_node = gpu_cluster.nodes["gpu_node"].pid
+    with api(
+        storage, database, gpu_cluster.address, mlflow_sqlite, driver_secrets="head"
+    ) as client:
         experiment_id = client.submit(spec)["id"]
         seen: list[list[float]] = []
+        leaked: set[str] = set()
         deadline = time.monotonic() + 300
         while client.experiment(experiment_id)["status"] not in TERMINAL:
             assert time.monotonic() < deadline, "the study did not finish"
             seen.append(gpu_cluster.trial_gpu_shares())
+            leaked |= {
+                cmdline(p) for p in _session(worker_node) if b"DST_DATABASE_URL" in environ(p)
+            }
             time.sleep(0.2)
         final = wait_terminal(client, experiment_id)
         assert final["status"] == "succeeded", (final, job_log(gpu_cluster.address, experiment_id))
         trials = client.trials(experiment_id)
     assert max(len(shares) for shares in seen) == 2, seen  # two at once, never more
+    assert leaked == set(), leaked
+    assert not (storage / "secrets").exists()
     assert {share for shares in seen for share in shares} == {0.5}
     for trial in trials:
         assert trial["state"] == "succeeded" and trial["epoch"] == GPU_EPOCHS, trial

@@ -24,6 +24,7 @@ from service.driver import (
 )
 from service.execution import (
     DRIVER_ONLY_ENV,
+    HEAD_SECRETS_ENV,
     SECRETS_FILE_ENV,
     RayExecutor,
     driver_env,
@@ -103,6 +104,48 @@ def test_the_driver_environment_is_built_in_one_place(monkeypatch: pytest.Monkey
     assert env["DST_DATABASE_URL"].endswith("s3cret@db/dst")
     assert env["MLFLOW_TRACKING_URI"] == "http://ml" and env["MLFLOW_TRACKING_TOKEN"] == "tok"
     assert set(env) <= set(DRIVER_ONLY_ENV)  # so the driver scrubs all of it from workers
+
+
+def test_with_secrets_on_the_head_the_job_names_them_and_the_driver_checks_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``driver_secrets: head``: no secret in the job nor on the storage; the job names the
+    variables the driver must find in the head's environment, and a driver on a head that
+    lacks one fails saying which (before it could fall back to a database of its own)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "mlpass")
+    settings = Settings(
+        database_url="postgresql+psycopg://dst:s3cret@db/dst",
+        mlflow_tracking_uri="http://ml",
+        storage_path=tmp_path,
+        driver_secrets="head",
+    )
+    executor = RayExecutor.for_settings(settings, "http://ray:8265", "python")
+    jobs = FakeJobs()
+    executor._client = jobs  # type: ignore[assignment]
+    executor.submit("e1")
+    listed = json.dumps(jobs.jobs["e1"])
+    assert "s3cret" not in listed and "mlpass" not in listed and "http://ml" not in listed
+    env = jobs.jobs["e1"]["runtime_env"]["env_vars"]
+    assert SECRETS_FILE_ENV not in env and not (tmp_path / "secrets").exists()
+    assert env[HEAD_SECRETS_ENV] == (
+        "DST_DATABASE_URL,DST_MLFLOW_TRACKING_URI,MLFLOW_TRACKING_PASSWORD,MLFLOW_TRACKING_URI"
+    )
+    head = {  # the head node's environment, as a deployment sets it
+        "DST_DATABASE_URL": "postgresql+psycopg://dst:s3cret@postgres/dst",
+        "DST_MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MLFLOW_TRACKING_PASSWORD": "mlpass",
+    }
+    driver = head | env
+    take_secrets(driver)
+    assert driver == head | {k: v for k, v in env.items() if k != HEAD_SECRETS_ENV}
+    lacking = {k: v for k, v in head.items() if k != "DST_DATABASE_URL"} | env
+    with pytest.raises(RuntimeError, match=r"head's environment lacks DST_DATABASE_URL:"):
+        take_secrets(lacking)
+    executor.release("e1")  # nothing was written: nothing to remove
+    assert HEAD_SECRETS_ENV in DRIVER_ONLY_ENV  # scrubbed from the workers like the rest
+    with pytest.raises(ValueError, match="driver_secrets"):
+        Settings(driver_secrets="env")  # type: ignore[arg-type]
 
 
 class FakeJobs:

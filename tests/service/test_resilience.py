@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from dst.masks import load_masks
 from service.tracking import TAG_RESUMED
 from tests.ddp import run_world, train
-from tests.service.e2e import api, processes_with, wait_for, wait_terminal
+from tests.service.e2e import api, cmdline, environ, processes_with, wait_for, wait_terminal
 
 pytestmark = pytest.mark.slow
 EPOCHS = 120
@@ -75,14 +75,7 @@ DDP_SPEC: dict = {
 
 def ray_workers() -> list[int]:
     """PIDs of Ray worker processes (their command lines start with ``ray::``)."""
-    return [pid for pid in processes_with("ray::") if _cmdline(pid).startswith("ray::")]
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    return [pid for pid in processes_with("ray::") if cmdline(pid).startswith("ray::")]
 
 
 def test_a_ddp_trial_survives_losing_a_worker(
@@ -95,13 +88,13 @@ def test_a_ddp_trial_survives_losing_a_worker(
     with api(storage / "ddp-kill", database, local_ray, mlflow_sqlite) as client:
         created = client.submit(DDP_SPEC)
         wait_for(lambda: client.trials(created["id"])[0]["epoch"] >= 2, "two epochs", 240)
-        workers = [p for p in ray_workers() if "RayTrainWorker" in _cmdline(p)]
-        assert len(workers) == 2, [_cmdline(p) for p in ray_workers()]
+        workers = [p for p in ray_workers() if "RayTrainWorker" in cmdline(p)]
+        assert len(workers) == 2, [cmdline(p) for p in ray_workers()]
         # every worker but Ray's JobSupervisor, which starts the driver with its environment
-        trial_side = [p for p in ray_workers() if "JobSupervisor" not in _cmdline(p)]
+        trial_side = [p for p in ray_workers() if "JobSupervisor" not in cmdline(p)]
         assert len(trial_side) >= 3  # the trial's Tune process and its two DDP workers
-        leaked = [p for p in trial_side if b"DST_DATABASE_URL" in _environ(p)]
-        assert leaked == [], [_cmdline(p) for p in leaked]
+        leaked = [p for p in trial_side if b"DST_DATABASE_URL" in environ(p)]
+        assert leaked == [], [cmdline(p) for p in leaked]
         os.kill(workers[1], signal.SIGKILL)
         final = wait_terminal(client, created["id"], timeout=400)
         assert final["status"] == "succeeded", final
@@ -117,13 +110,6 @@ def test_a_ddp_trial_survives_losing_a_worker(
         assert trial["metrics"][key] == expected[key], key
     assert masks.keys() == reference["masks"].keys()
     assert all(torch.equal(masks[n], reference["masks"][n]) for n in masks)
-
-
-def _environ(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return b""
 
 
 DDP_SPEC_RUN = {k: v for k, v in DDP_SPEC.items() if k not in ("name", "resources")}
