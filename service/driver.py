@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from service import crud
 from service.core.config import Settings
 from service.db import Trial, make_engine
-from service.execution import DRIVER_ONLY_ENV, take_secrets
+from service.execution import DRIVER_ONLY_ENV, HEAD_SECRETS_ENV, take_secrets
 from service.recorder import recorder_for, trial_index
 from service.states import ExperimentStatus, TrialState
 from service.study import Resources, StudySpec
@@ -148,6 +148,22 @@ def version_mismatches(nodes: list[dict[str, Any]], version: str | None) -> list
     return lines
 
 
+def secrets_exposed(nodes: list[dict[str, Any]], node_id: str) -> str | None:
+    """Why trials could read the secrets this driver took from its node's environment
+    (``DST_DRIVER_SECRETS=head``): that node, ``node_id``, offers CPUs or GPUs, so Ray may
+    start trials there with the same environment. None when it offers neither."""
+    own = next((n for n in nodes if n.get("NodeID") == node_id), None)
+    offers = {k: v for k, v in (own or {}).get("Resources", {}).items() if k in ("CPU", "GPU")}
+    if not any(v > 0 for v in offers.values()):
+        return None
+    listed = ", ".join(f"{k}: {v:g}" for k, v in sorted(offers.items()))
+    return (
+        f"this driver's node offers {{{listed}}}: trials placed there start with its "
+        "environment, which holds the service's database URL (DST_DRIVER_SECRETS=head); start "
+        "the head with --num-cpus=0 (and no GPUs), or use DST_DRIVER_SECRETS=file"
+    )
+
+
 def _trial_name(trial: tune.experiment.Trial) -> str:
     """``trial-3`` rather than Tune's default, which spells out the whole config."""
     return f"trial-{trial_index(trial)}"
@@ -166,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     experiment_id = args.experiment_id
+    from_head = bool(os.environ.get(HEAD_SECRETS_ENV))
     take_secrets(os.environ)  # the database URL and MLflow credentials: this process only
     # MLflow writes go through the recorder's outbox, which retries: one attempt each here
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -196,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     nodes = ray.nodes()
     for line in version_mismatches(nodes, os.environ.get("DST_IMAGE_VERSION")):
         log.error(line)
+    exposed = secrets_exposed(nodes, ray.get_runtime_context().get_node_id()) if from_head else None
+    if exposed is not None:
+        log.error(exposed)
     misfit = None if settings.ray_autoscaling else cluster_misfit(resources, nodes)
     if misfit is not None:
         _fail(engine, experiment_id, f"the Ray cluster cannot run these trials: {misfit}")

@@ -376,8 +376,10 @@ def test_trials_given_half_a_gpu_share_it_two_at_a_time(
             }
             time.sleep(0.2)
         final = wait_terminal(client, experiment_id)
-        assert final["status"] == "succeeded", (final, job_log(gpu_cluster.address, experiment_id))
+        driver_log = job_log(gpu_cluster.address, experiment_id)
+        assert final["status"] == "succeeded", (final, driver_log)
         trials = client.trials(experiment_id)
+    assert "DST_DRIVER_SECRETS=head" not in driver_log  # the head runs no trial: no warning
     assert max(len(shares) for shares in seen) == 2, seen  # two at once, never more
     assert leaked == set(), leaked
     assert not (storage / "secrets").exists()

@@ -18,6 +18,7 @@ from service.db import make_engine, upgrade_database
 from service.driver import (
     cluster_misfit,
     scrub_worker_environment,
+    secrets_exposed,
     start,
     trial_config,
     version_mismatches,
@@ -312,6 +313,29 @@ def test_a_node_from_another_image_version_is_named() -> None:
     assert "10.0.0.2" in lines[0] and "1.3.9" in lines[0] and "1.4.0" in lines[0]
     assert version_mismatches(nodes, None) == []
     assert version_mismatches(nodes[:1], "1.4.0") == []
+
+
+@pytest.mark.parametrize(
+    ("resources", "warned"),
+    [
+        ({"CPU": 0.0, "memory": 1e9, "node:__internal_head__": 1.0}, None),  # schedules only
+        ({}, None),
+        ({"CPU": 2.0}, "{CPU: 2}"),
+        ({"CPU": 0.0, "GPU": 1.0}, "{CPU: 0, GPU: 1}"),
+    ],
+)
+def test_a_driver_with_secrets_from_its_node_says_when_trials_could_run_there(
+    resources: dict[str, float], warned: str | None
+) -> None:
+    nodes = [
+        {"NodeID": "head", "Alive": True, "Resources": resources},
+        {"NodeID": "worker", "Alive": True, "Resources": {"CPU": 8.0}},  # not the driver's
+    ]
+    line = secrets_exposed(nodes, "head")
+    if warned is None:
+        assert line is None
+    else:
+        assert line is not None and warned in line and "--num-cpus=0" in line
 
 
 def test_the_driver_starts_without_what_its_trials_and_its_outbox_import() -> None:

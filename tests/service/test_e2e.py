@@ -229,3 +229,20 @@ def test_a_gpu_study_on_a_cluster_without_gpus_fails_at_once_and_says_why(
         assert {t["state"] for t in trials} == {"failed"}
         assert all("cannot run these trials" in t["error"] for t in trials)
         assert "{CPU: 1, GPU: 0.5}" in trials[0]["error"]
+
+
+def test_a_driver_told_to_take_its_secrets_from_a_head_without_them_fails_naming_them(
+    local_ray: str, mlflow_sqlite: str, storage: Path
+) -> None:
+    """``driver_secrets: head`` against a Ray whose head has no database URL: the driver
+    stops before it could record anywhere else, and the experiment fails saying what the
+    head lacks."""
+    database = f"sqlite:///{storage / 'no-head-secrets.db'}"
+    with api(
+        storage / "no-head-secrets", database, local_ray, mlflow_sqlite, driver_secrets="head"
+    ) as client:
+        created = client.submit(study("no-head-secrets"))
+        final = wait_terminal(client, created["id"], timeout=120)
+    assert final["status"] == "failed", final
+    assert "the Ray head's environment lacks DST_DATABASE_URL" in final["error"], final
+    assert not (storage / "no-head-secrets" / "secrets").exists()
