@@ -165,7 +165,7 @@ class RayExecutor:
 
     def release(self, experiment_id: str) -> None:
         """Remove the experiment's secrets file, if its driver has not already."""
-        if "DST_STORAGE_PATH" in self.env and not self.secrets_on_head:
+        if "DST_STORAGE_PATH" in self.env:  # (also after a switch to secrets on the head)
             self.secrets_file(experiment_id).unlink(missing_ok=True)
 
     def status(self, experiment_id: str) -> JobStatus | None:
@@ -215,8 +215,8 @@ def take_secrets(environ: MutableMapping[str, str]) -> None:
     (this process's own environment), then delete the file; or, with secrets from the head,
     check that ``environ`` (the head's environment) holds every one the job names."""
     needed = environ.pop(HEAD_SECRETS_ENV, None)
-    if needed:
-        missing = [name for name in needed.split(",") if not environ.get(name)]
+    if needed is not None:
+        missing = [name for name in needed.split(",") if name and not environ.get(name)]
         if missing:
             raise RuntimeError(
                 f"the Ray head's environment lacks {', '.join(missing)}: with "

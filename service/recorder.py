@@ -38,7 +38,7 @@ from service.analysis import (
 from service.core.config import Settings
 from service.db import make_engine
 from service.states import TrialState
-from service.tracking import ChildRuns
+from service.tracking import ChildRuns, without_credentials
 from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, REMOVAL_LAYERS, RESUMED
 
 if TYPE_CHECKING:
@@ -117,7 +117,13 @@ class TrialRecorder(tune.Callback):
             resumed = row.epoch if row.epoch > 0 else None
             label, spec = row.label, RunSpec.model_validate_json(row.spec_json)
             run_id = row.mlflow_run_id
-            fields: dict[str, Any] = {"state": TrialState.RUNNING, "error": None}
+            # where it runs is unknown until its first report says (a retry may move it)
+            fields: dict[str, Any] = {
+                "state": TrialState.RUNNING,
+                "error": None,
+                "node": None,
+                "gpus": None,
+            }
             if row.started_at is None:
                 fields["started_at"] = datetime.now(UTC)
             if resumed is not None:
@@ -234,6 +240,11 @@ def recorder_for(experiment_id: str) -> TrialRecorder:
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.mlflow_tracking_uri
     recorder = TrialRecorder(
         engine, experiment_id, None, experiment_masks_dir(settings.storage_path, experiment_id)
+    )
+    log.info(
+        "recording to the database at %s and MLflow at %s",
+        engine.url.render_as_string(hide_password=True),
+        without_credentials(tracking_uri) if tracking_uri else "(none)",
     )
     if tracking_uri and parent_run_id:
         recorder.runs = ChildRuns(tracking_uri, parent_run_id, experiment_id, recorder.store_run_id)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ INITIAL_MASKS = "masks_initial.npz"
 MASKS = "masks.npz"
 REMOVAL_LAYERS = "removal_first.json"  # per-layer removal-set Jaccard at the first update
 DDP_MAX_FAILURES = 2  # worker-group restarts of one multi-worker trial
+TUNE_HOST = "tune_host"  # in a DDP worker's config: the host of the trial's Tune process
 
 
 @contextmanager
@@ -78,25 +80,23 @@ def restore(trainer: Trainer, checkpoint: Any) -> dict[str, int]:
     return {RESUMED: trainer.epoch}
 
 
-def gpu_placement(workers: list[tuple[str, list[str]]]) -> str:
+def gpu_placement(workers: list[tuple[str, list[str]]], home: str) -> str:
     """The GPUs a trial's processes were given, as the API shows them: ``workers`` holds
-    each process's (host, Ray GPU ids), rank order. Ids alone for processes on the first
-    one's host (the trial's ``node``), ``host:id`` for the others; "" when no GPU.
+    each process's (host, Ray GPU ids), rank order; ``home`` is the host of the trial's Tune
+    process, which the API shows as the trial's ``node``. Ids alone for processes there,
+    ``host:id`` for the others; "" when no GPU.
 
-    >>> gpu_placement([("a", ["0"]), ("a", ["1"]), ("b", ["0"])])
+    >>> gpu_placement([("a", ["0"]), ("a", ["1"]), ("b", ["0"])], home="a")
     '0,1,b:0'
     """
-    first = workers[0][0] if workers else ""
     return ",".join(
-        gpu if host == first else f"{host}:{gpu}" for host, gpus in workers for gpu in gpus
+        gpu if host == home else f"{host}:{gpu}" for host, gpus in workers for gpu in gpus
     )
 
 
 def this_process() -> tuple[str, list[str]]:
     """This Ray worker's host and the ids of the GPUs Ray assigned it (a trial sharing a GPU
     sees that GPU's id, as do the trials beside it)."""
-    import socket
-
     import ray
 
     return socket.gethostname(), [str(gpu) for gpu in ray.get_gpu_ids()]
@@ -116,8 +116,9 @@ def run_trial(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(trial["cpus"])))
     keep_to_gpu_share(float(trial["gpus"]))
     trainer = Trainer(RunSpec.model_validate(trial["spec"]))
+    host, gpus = this_process()
     note: dict[str, Any] = {
-        GPUS: gpu_placement([this_process()]),
+        GPUS: gpu_placement([(host, gpus)], home=host),
         **restore(trainer, tune.get_checkpoint()),
     }
 
@@ -167,7 +168,8 @@ def _run_data_parallel(trial: dict[str, Any]) -> None:
     per_worker = res.per_worker()
     TorchTrainer(
         _data_parallel_worker,
-        train_loop_config=trial,
+        # the host of this Tune process, which reports for the trial (its `node`)
+        train_loop_config={**trial, TUNE_HOST: socket.gethostname()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker
         ),
@@ -198,7 +200,7 @@ def _data_parallel_worker(trial: dict[str, Any]) -> None:
         RunSpec.model_validate(trial["spec"]), device=ray.train.torch.get_device(), world=world
     )
     note: dict[str, Any] = {
-        GPUS: gpu_placement(all_gather(this_process(), world)),
+        GPUS: gpu_placement(all_gather(this_process(), world), home=trial[TUNE_HOST]),
         **restore(trainer, ray.train.get_checkpoint()),  # every rank: the same state
     }
 

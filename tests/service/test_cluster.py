@@ -370,15 +370,17 @@ def test_trials_given_half_a_gpu_share_it_two_at_a_time(
         deadline = time.monotonic() + 300
         while client.experiment(experiment_id)["status"] not in TERMINAL:
             assert time.monotonic() < deadline, "the study did not finish"
-            seen.append(gpu_cluster.trial_gpu_shares())
+            with contextlib.suppress(Exception):  # the state API may time out on 2 busy cores
+                seen.append(gpu_cluster.trial_gpu_shares())
             leaked |= {
                 cmdline(p) for p in _session(worker_node) if b"DST_DATABASE_URL" in environ(p)
             }
             time.sleep(0.2)
         final = wait_terminal(client, experiment_id)
-        driver_log = job_log(gpu_cluster.address, experiment_id)
-        assert final["status"] == "succeeded", (final, driver_log)
+        driver_log = RayExecutor(gpu_cluster.address).logs(experiment_id)  # all of it
+        assert final["status"] == "succeeded", (final, driver_log[-6000:])
         trials = client.trials(experiment_id)
+    assert "recording to the database at sqlite:///" in driver_log  # (the log is all there)
     assert "DST_DRIVER_SECRETS=head" not in driver_log  # the head runs no trial: no warning
     assert max(len(shares) for shares in seen) == 2, seen  # two at once, never more
     assert leaked == set(), leaked

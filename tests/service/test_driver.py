@@ -30,6 +30,7 @@ from service.execution import (
     RayExecutor,
     driver_env,
     take_secrets,
+    write_secrets,
 )
 from service.states import ExperimentStatus, JobStatus
 from service.study import Resources, StudySpec, expand
@@ -144,6 +145,13 @@ def test_with_secrets_on_the_head_the_job_names_them_and_the_driver_checks_them(
     with pytest.raises(RuntimeError, match=r"head's environment lacks DST_DATABASE_URL:"):
         take_secrets(lacking)
     executor.release("e1")  # nothing was written: nothing to remove
+    none_named = {HEAD_SECRETS_ENV: ""}
+    take_secrets(none_named)  # nothing to find, and no file to look for
+    assert none_named == {}
+    # a file left by a job submitted before the switch to the head: removed at its end
+    left = write_secrets(executor.secrets_file("before"), {"DST_DATABASE_URL": "x"})
+    executor.release("before")
+    assert not left.exists()
     assert HEAD_SECRETS_ENV in DRIVER_ONLY_ENV  # scrubbed from the workers like the rest
     with pytest.raises(ValueError, match="driver_secrets"):
         Settings(driver_secrets="env")  # type: ignore[arg-type]

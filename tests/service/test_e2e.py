@@ -205,6 +205,8 @@ def test_a_multi_worker_trial_runs_ddp(local_ray: str, mlflow_sqlite: str, stora
         assert trial["state"] == "succeeded" and trial["epoch"] == 2
         assert trial["gpus"] is None  # two CPU workers (gloo)
         mlflow = MlflowClient(mlflow_sqlite)
+        tags = mlflow.get_run(trial["mlflow_run_id"]).data.tags  # rank 0 named them: none
+        assert (tags[TAG_NODE], tags[TAG_GPUS]) == (platform.node(), "")
         history = mlflow.get_metric_history(trial["mlflow_run_id"], "density")
         assert [m.step for m in history] == [1, 2] and {m.value for m in history} == {0.1}
         local = mlflow.download_artifacts(trial["mlflow_run_id"], "masks/final.npz")

@@ -299,6 +299,8 @@ def test_the_trial_row_says_which_gpus_it_was_given_when_it_last_started(
     assert row(engine).gpus == "0"
     recorder.on_trial_result(0, [], trial, result(2, "none"))  # type: ignore[arg-type]
     assert row(engine).gpus == "0"
+    recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]  # a retry: unknown again
+    assert (row(engine).node, row(engine).gpus) == (None, None)
     restarted = result(3, "none") | {GPUS: "1,b:0", RESUMED: 2, "hostname": "a"}
     recorder.on_trial_result(0, [], trial, restarted)  # type: ignore[arg-type]
     assert row(engine).gpus == "1,b:0"

@@ -38,10 +38,12 @@ def test_a_trial_keeps_to_its_share_of_the_gpu(
         ([], ""),
         ([("a", ["2"]), ("a", ["3"])], "2,3"),  # two DDP workers on the trial's node
         ([("a", ["0"]), ("b", ["0"]), ("b", ["1"])], "0,b:0,b:1"),  # and on another host
+        ([("b", ["0"]), ("b", ["1"])], "b:0,b:1"),  # all away from the trial's Tune process
         ([("a", []), ("a", [])], ""),  # CPU workers (gloo)
     ],
 )
-def test_a_trial_names_its_gpus_by_rank_and_the_other_hosts(
+def test_a_trial_names_its_gpus_by_rank_and_the_hosts_other_than_its_node(
     workers: list[tuple[str, list[str]]], shown: str
 ) -> None:
-    assert gpu_placement(workers) == shown
+    """The trial's ``node`` is "a", the host of its Tune process."""
+    assert gpu_placement(workers, home="a") == shown
