@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from service import crud
 from service.core.config import Settings
 from service.db import Trial, make_engine
-from service.execution import DRIVER_ONLY_ENV, HEAD_SECRETS_ENV, take_secrets
+from service.execution import DRIVER_ONLY_ENV, take_secrets
 from service.recorder import recorder_for, trial_index
 from service.states import ExperimentStatus, TrialState
 from service.study import Resources, StudySpec
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     experiment_id = args.experiment_id
-    from_head = bool(os.environ.get(HEAD_SECRETS_ENV))
-    take_secrets(os.environ)  # the database URL and MLflow credentials: this process only
+    # the database URL and MLflow credentials: this process only
+    from_head = take_secrets(os.environ)
     # MLflow writes go through the recorder's outbox, which retries: one attempt each here
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")

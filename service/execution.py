@@ -210,10 +210,11 @@ def write_secrets(path: Path, secrets: dict[str, str]) -> Path:
     return path
 
 
-def take_secrets(environ: MutableMapping[str, str]) -> None:
+def take_secrets(environ: MutableMapping[str, str]) -> bool:
     """In the job driver: move the secrets from the file the job names into ``environ``
     (this process's own environment), then delete the file; or, with secrets from the head,
-    check that ``environ`` (the head's environment) holds every one the job names."""
+    check that ``environ`` (the head's environment) holds every one the job names. True when
+    they come from the head."""
     needed = environ.pop(HEAD_SECRETS_ENV, None)
     if needed is not None:
         missing = [name for name in needed.split(",") if name and not environ.get(name)]
@@ -223,10 +224,10 @@ def take_secrets(environ: MutableMapping[str, str]) -> None:
                 "DST_DRIVER_SECRETS=head the job driver takes the service's database URL and "
                 "MLflow settings from the head node, so set them there as on the API"
             )
-        return
+        return True
     name = environ.pop(SECRETS_FILE_ENV, None)
     if not name:
-        return
+        return False
     path = Path(name)
     try:
         secrets = json.loads(path.read_text())
@@ -237,6 +238,7 @@ def take_secrets(environ: MutableMapping[str, str]) -> None:
         ) from None
     environ.update(secrets)
     path.unlink(missing_ok=True)
+    return False
 
 
 def timed_job_client(address: str, timeout: float) -> JobSubmissionClient:

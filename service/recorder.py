@@ -145,8 +145,9 @@ class TrialRecorder(tune.Callback):
         last = self._epochs.get(index, 0)
         self._epochs[index] = max(last, epoch)  # a restore may replay several epochs
         fields: dict[str, Any] = {"epoch": epoch, "metrics": metrics}
-        if result.get(HOSTNAME):  # Tune fills it in: where the trial's process runs
-            fields["node"] = str(result[HOSTNAME])
+        node = str(result.get(HOSTNAME) or "")  # Tune fills it in: the trial process's host
+        if node:
+            fields["node"] = node
         if GPUS in result:  # the first report after each start: the GPUs Ray gave
             fields["gpus"] = result[GPUS] or None
         resumed = result.get(RESUMED)  # the trial restored a checkpoint (e.g. DDP workers lost)
@@ -158,7 +159,7 @@ class TrialRecorder(tune.Callback):
             if resumed is not None:
                 self.runs.mark_resumed(index, resumed)
             if GPUS in result:  # the trial's first report since it (re)started
-                self.runs.mark_placement(index, str(result.get(HOSTNAME, "")), result[GPUS])
+                self.runs.mark_placement(index, node, result[GPUS])
             if epoch > last:  # an epoch repeated after a restore has the same values: log once
                 self.runs.log_epoch(index, metrics)
         directory = checkpoint_dir(trial, result)

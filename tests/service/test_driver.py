@@ -139,14 +139,14 @@ def test_with_secrets_on_the_head_the_job_names_them_and_the_driver_checks_them(
         "MLFLOW_TRACKING_PASSWORD": "mlpass",
     }
     driver = head | env
-    take_secrets(driver)
+    assert take_secrets(driver) is True  # from the head
     assert driver == head | {k: v for k, v in env.items() if k != HEAD_SECRETS_ENV}
     lacking = {k: v for k, v in head.items() if k != "DST_DATABASE_URL"} | env
     with pytest.raises(RuntimeError, match=r"head's environment lacks DST_DATABASE_URL:"):
         take_secrets(lacking)
     executor.release("e1")  # nothing was written: nothing to remove
     none_named = {HEAD_SECRETS_ENV: ""}
-    take_secrets(none_named)  # nothing to find, and no file to look for
+    assert take_secrets(none_named) is True  # nothing to find, and no file to look for
     assert none_named == {}
     # a file left by a job submitted before the switch to the head: removed at its end
     left = write_secrets(executor.secrets_file("before"), {"DST_DATABASE_URL": "x"})
@@ -199,7 +199,7 @@ def test_the_drivers_secrets_never_reach_ray_and_reach_the_driver_once(
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
     assert stat.S_IMODE(secrets.parent.stat().st_mode) == 0o700
     driver = dict(env)  # the driver's environment, as Ray starts it
-    take_secrets(driver)
+    assert take_secrets(driver) is False  # from the file
     assert driver["DST_DATABASE_URL"] == "postgresql+psycopg://dst:s3cret@db/dst"
     assert driver["MLFLOW_TRACKING_PASSWORD"] == "mlpass"
     assert driver["DST_STORAGE_PATH"] == str(tmp_path)
