@@ -208,20 +208,22 @@ class TrialRun:
         self.client, self.run_id = client, run_id
 
     @classmethod
-    def open(
+    def reopen(cls, client: MlflowClient, run_id: str) -> TrialRun:
+        """The trial's existing run ``run_id``, marked running again (the trial resumed)."""
+        client.update_run(run_id, status="RUNNING")
+        return cls(client, run_id)
+
+    @classmethod
+    def create(
         cls,
         client: MlflowClient,
         parent_run_id: str,
         experiment_id: str,
         plan_index: int,
         label: str,
-        spec: RunSpec,
-        run_id: str | None = None,
     ) -> TrialRun:
-        """Reuse ``run_id`` or create a child run under the parent, with params and spec."""
-        if run_id is not None:
-            client.update_run(run_id, status="RUNNING")
-            return cls(client, run_id)
+        """A new child run under the parent, tagged with the experiment and trial index:
+        one request, so a failure leaves either no run or a whole one."""
         parent = client.get_run(parent_run_id)
         run = client.create_run(
             parent.info.experiment_id,
@@ -232,11 +234,14 @@ class TrialRun:
                 TAG_TRIAL: str(plan_index),
             },
         )
-        trial = cls(client, run.info.run_id)
+        return cls(client, run.info.run_id)
+
+    def describe(self, spec: RunSpec) -> None:
+        """The trial's params and ``spec.json``; repeatable (MLflow accepts a param logged
+        again with the same value, and the artifact is overwritten with the same content)."""
         spec_data = spec.model_dump(mode="json")
-        client.log_batch(trial.run_id, params=_params(spec_data))
-        client.log_dict(trial.run_id, spec_data, "spec.json")
-        return trial
+        self.client.log_batch(self.run_id, params=_params(spec_data))
+        self.client.log_dict(self.run_id, spec_data, "spec.json")
 
     def tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
@@ -352,6 +357,7 @@ class ChildRuns:
         self.on_run = on_run
         self.outbox = outbox or Outbox()
         self._runs: dict[int, TrialRun] = {}
+        self._unfinished: set[int] = set()  # runs made here, not yet described and stored
         self._epochs: dict[int, list[dict[str, float]]] = {}  # by trial: epochs not yet sent
         self._lock = threading.Lock()
 
@@ -361,18 +367,25 @@ class ChildRuns:
         """Create (or reopen) trial ``index``'s run; tag it when it resumed at an epoch."""
 
         def write() -> None:
-            # a retry that starts before the first start's run id reached the database gets
-            # None: the run this driver already opened for the trial is the one to continue
+            # Each step is kept as soon as it is done, so a retry after a failure (the outbox
+            # retries the whole write) goes on from there instead of creating a second run.
+            # A retry that starts before the first start's run id reached the database gets
+            # run_id None: the run this driver already made for the trial is the one to go on.
             known = self._runs.get(index)
             reuse = run_id or (known.run_id if known is not None else None)
-            run = TrialRun.open(
-                self.client(), self.parent_run_id, self.experiment_id, index, label, spec, reuse
-            )
+            client = self.client()
+            if reuse is None:
+                run = TrialRun.create(client, self.parent_run_id, self.experiment_id, index, label)
+                self._unfinished.add(index)
+            else:
+                run = TrialRun.reopen(client, reuse)
             self._runs[index] = run
+            if index in self._unfinished:  # made by this driver: params, spec, id to store
+                run.describe(spec)
+                self.on_run(index, run.run_id)
+                self._unfinished.discard(index)
             if resumed is not None:
                 run.tag(TAG_RESUMED, str(resumed))
-            if reuse is None:
-                self.on_run(index, run.run_id)
 
         self.outbox.put(f"opening the run of trial {index}", write)
 

@@ -182,3 +182,70 @@ def test_epochs_queued_behind_other_writes_go_out_in_one_request_in_order() -> N
     runs.finish(0, "succeeded")
     assert runs.close(timeout=10)
     assert calls == [("epochs", [1, 2, 3]), ("epochs", [4]), ("finish", "succeeded")]
+
+
+class FlakyMlflow:
+    """An in-memory MLflow client whose writes named in ``failing`` each fail once, as a
+    server outage would (an OSError), after which they succeed."""
+
+    def __init__(self, *failing: str) -> None:
+        self.failing = set(failing)
+        self.created: list[str] = []
+        self.params: dict[str, dict[str, str]] = {}
+        self.files: dict[str, set[str]] = {}
+        self.status: dict[str, str] = {}
+        self.tags: dict[str, dict[str, str]] = {}
+
+    def _maybe_fail(self, call: str) -> None:
+        if call in self.failing:
+            self.failing.discard(call)
+            raise ConnectionError(f"MLflow went away during {call}")
+
+    def get_run(self, run_id: str) -> Any:
+        return type("Run", (), {"info": type("Info", (), {"experiment_id": "7"})})()
+
+    def create_run(self, experiment_id: str, run_name: str, tags: dict[str, str]) -> Any:
+        run_id = f"run{len(self.created)}"
+        self.created.append(run_id)
+        self.status[run_id], self.tags[run_id] = "RUNNING", dict(tags)
+        return type("Run", (), {"info": type("Info", (), {"run_id": run_id})})()
+
+    def log_batch(self, run_id: str, params: Any = (), metrics: Any = ()) -> None:
+        self._maybe_fail("log_batch")
+        self.params.setdefault(run_id, {}).update({p.key: p.value for p in params})
+
+    def log_dict(self, run_id: str, data: Any, path: str) -> None:
+        self._maybe_fail("log_dict")
+        self.files.setdefault(run_id, set()).add(path)
+
+    def update_run(self, run_id: str, status: str) -> None:
+        self.status[run_id] = status
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self._maybe_fail("set_tag")
+        self.tags[run_id][key] = value
+
+
+@pytest.mark.parametrize("failing", ["log_batch", "log_dict", "on_run", "set_tag"])
+def test_a_trial_run_half_made_is_completed_by_the_retry_not_made_twice(failing: str) -> None:
+    """MLflow (or the database) fails after the trial's child run was created: the retry
+    goes on with that run, gives it its params and spec, and stores its id once."""
+    fake = FlakyMlflow(failing)
+    stored: list[tuple[int, str]] = []
+
+    def on_run(index: int, run_id: str) -> None:
+        if failing == "on_run" and not stored:
+            stored.append((-1, ""))  # the first try fails after being called
+            raise ConnectionError("the database went away")
+        stored.append((index, run_id))
+
+    runs = ChildRuns("http://127.0.0.1:9", "parent", "exp-1", on_run, Outbox(retry_s=0.01))
+    runs._client = fake  # type: ignore[assignment]
+    spec = RunSpec.model_validate({"model": "small-mlp", "dataset": "digits"})
+    runs.start(3, "trial 3", spec, None, 2)
+    assert runs.close(timeout=10)
+    assert fake.created == ["run0"]  # one child run, whatever failed
+    assert fake.params["run0"]["model"] == "small-mlp"
+    assert fake.files["run0"] == {"spec.json"}
+    assert stored[-1] == (3, "run0")
+    assert fake.tags["run0"][TAG_RESUMED] == "2"
