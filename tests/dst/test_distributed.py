@@ -14,6 +14,7 @@ from dst.distributed import (
     MasksDivergedError,
     World,
     all_gather,
+    _mix32,
     check_masks_agree,
     mask_fingerprint,
 )
@@ -69,10 +70,11 @@ def _scenarios(world: World) -> dict[str, Any]:
         t.fit()
         out["fingerprints"][criterion, growth] = mask_fingerprint(t.masks)
     masks = {n: m.clone() for n, m in trainer.masks.items()}
-    if world.rank == 1:  # a divergence the check must catch on every rank
-        first = next(iter(masks.values())).view(-1)
-        on, off = int(first.nonzero()[0]), int((~first).nonzero()[0])
-        first[on], first[off] = False, True
+    # a divergence the check must catch on every rank, though the ranks' masks have the same
+    # active count and the same sum of active indices in every layer (moves that cancel)
+    first = next(iter(masks.values())).view(-1)
+    pattern = [True, False, False, True] if world.rank == 0 else [False, True, True, False]
+    first[:4] = torch.tensor(pattern)
     try:
         check_masks_agree(masks, world, step=99)
         out["diverged"] = None
@@ -180,3 +182,26 @@ def test_every_rank_gathers_every_ranks_value_in_rank_order(ranks: list) -> None
     expected = [("host", ["0"]), ("host", ["1", "1"])]
     assert [r["gathered"] for r in ranks] == [expected, expected]
     assert all_gather({"alone": 1}, World()) == [{"alone": 1}]
+
+
+def test_the_mask_hash_is_lowbias32() -> None:
+    """Against the hash written out on Python integers (Wellons' lowbias32)."""
+
+    def lowbias32(v: int) -> int:
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & 0xFFFFFFFF
+        return v ^ (v >> 16)
+
+    values = [0, 1, 2, 3, 65_535, 65_536, 2_359_295, 123_456_789, 2**32 - 1]
+    assert _mix32(torch.tensor(values)).tolist() == [lowbias32(v) for v in values]
+
+
+def test_masks_with_moves_that_cancel_have_different_fingerprints() -> None:
+    """Same count and same index sum, different connections: the fingerprints differ."""
+    a = {"w": torch.tensor([[True, False], [False, True]])}  # active 0, 3
+    b = {"w": torch.tensor([[False, True], [True, False]])}  # active 1, 2
+    assert torch.equal(mask_fingerprint(a)[:, :2], mask_fingerprint(b)[:, :2])
+    assert not torch.equal(mask_fingerprint(a), mask_fingerprint(b))
+    assert torch.equal(mask_fingerprint(a), mask_fingerprint({"w": a["w"].clone()}))
