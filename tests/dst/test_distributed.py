@@ -13,8 +13,8 @@ from dst.criteria import CRITERIA
 from dst.distributed import (
     MasksDivergedError,
     World,
-    all_gather,
     _mix32,
+    all_gather,
     check_masks_agree,
     mask_fingerprint,
 )

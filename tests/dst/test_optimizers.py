@@ -182,6 +182,36 @@ def test_loaded_momentum_is_zeroed_off_the_mask(kernel: str) -> None:
 
 
 @pytest.mark.parametrize("kernel", EXACT_KERNELS)
+def test_non_finite_momentum_off_the_mask_is_zeroed_not_kept(kernel: str) -> None:
+    """A pruned weight whose momentum diverged (nan): nan·0 is nan, so the restore must
+    fill, not multiply, or the nan comes back into the weight at the next step."""
+    model, masks, opt = masked_setup(kernel)
+    train(model, opt, 1)
+    for w, mask in masks.items():  # as a checkpoint of a run whose pruned weights diverged
+        opt.state[w]["momentum_buffer"][~mask] = float("nan")
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    train(model, opt, 2)
+    for w, mask in masks.items():
+        assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
+        off = opt.state[w]["momentum_buffer"][~mask]
+        assert torch.equal(off, torch.zeros_like(off))
+
+
+@pytest.mark.parametrize("kernel", [k for k in EXACT_KERNELS if k != "foreach"])
+def test_a_non_finite_gradient_off_the_mask_never_reaches_the_weight(kernel: str) -> None:
+    """``foreach`` masks gradients by multiplying and is documented not to keep this."""
+    p = nn.Parameter(torch.tensor([1.0, 0.0, 3.0, 0.0]))
+    mask = torch.tensor([True, False, True, False])
+    opt = MaskedSGD([p], lr=0.1, momentum=0.9, masks={p: mask}, kernel=kernel)  # type: ignore[arg-type]
+    for _ in range(2):
+        p.grad = torch.tensor([1.0, float("inf"), 1.0, float("nan")])
+        opt.step()
+    assert torch.equal(p.detach()[~mask], torch.zeros(2))
+    assert torch.equal(opt.state[p]["momentum_buffer"][~mask], torch.zeros(2))
+    assert torch.isfinite(p.detach()).all()
+
+
+@pytest.mark.parametrize("kernel", EXACT_KERNELS)
 def test_autograd_sees_the_in_place_update(kernel: str) -> None:
     """Stepping between forward and backward must fail loudly, as with torch.optim.SGD: the
     native kernel writes raw memory, so it has to bump the version counters itself."""
