@@ -277,18 +277,26 @@ def submit(
         raise fail(str(error)) from None
 
 
+MAX_LISTED = 500  # the API's largest page of experiments
+
+
 @app.command()
 def status(
     experiment_id: Annotated[str | None, typer.Argument(help="omit to list experiments")] = None,
+    limit: Annotated[
+        int, typer.Option(help=f"list this many of the newest experiments (at most {MAX_LISTED})")
+    ] = 20,
     api: ApiUrl = DEFAULT_URL,
     token: Token = None,
 ) -> None:
-    """Show one experiment with its trials, or list experiments."""
+    """Show one experiment with its trials, or list the newest experiments."""
+    if not 1 <= limit <= MAX_LISTED:
+        raise fail(f"--limit must be between 1 and {MAX_LISTED}, got {limit}")
     client = _client(api, token)
     try:
         if experiment_id is None:
-            for e in client.experiments()["items"]:
-                typer.echo(f"{e['id']}  {e['status']:<10} {e['n_trials']:>4} trials  {e['name']}")
+            for line in experiment_lines(client.experiments(limit=limit), limit):
+                typer.echo(line)
             return
         e = client.experiment(experiment_id)
         typer.echo(f"{e['id']}  {e['name']}  {e['status']}  {e['trial_counts']}")
@@ -298,6 +306,21 @@ def status(
             typer.echo(trial_line(t))
     except ApiError as error:
         raise fail(str(error)) from None
+
+
+def experiment_lines(page: dict[str, Any], limit: int) -> list[str]:
+    """One line per experiment of a page (as the API returns it), then a note when the page
+    leaves some out, so a list cut at ``limit`` is never mistaken for all of them."""
+    items, total = page["items"], page["total"]
+    lines = [f"{e['id']}  {e['status']:<10} {e['n_trials']:>4} trials  {e['name']}" for e in items]
+    if not items and not total:
+        return ["no experiments yet"]
+    if len(items) < total:
+        note = f"showing the {len(items)} newest of {total} experiments"
+        if limit < MAX_LISTED:
+            note += f"; --limit {min(total, MAX_LISTED)} shows more"
+        lines.append(note)
+    return lines
 
 
 def trial_line(trial: dict[str, Any]) -> str:
@@ -335,27 +358,99 @@ def results(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) 
 
 
 def _study(spec_path: Path | None, preset: str | None, overrides: list[str]) -> dict[str, Any]:
-    """The study to submit: a spec file or a preset, with ``key.path=value`` overrides."""
-    import yaml
-
-    from dst.spec import set_path
-    from service.presets import parse_overrides, preset_study, presets
+    """The study to submit: a spec file or a preset, with ``key.path=value`` overrides
+    (applied alike to both, so an override that works with one works with the other)."""
+    from service.presets import preset_study, presets
 
     if (spec_path is None) == (preset is None):
         raise fail("give either a SPEC file or --preset NAME")
+    if preset is not None and preset not in presets():
+        raise fail(f"no preset {preset!r}; one of: {', '.join(presets())}")
     try:
-        parsed = parse_overrides(overrides)
+        parsed = _parse_overrides(overrides)
         if preset is not None:
-            if preset not in presets():
-                raise fail(f"no preset {preset!r}; one of: {', '.join(presets())}")
-            return preset_study(preset, parsed)
-        assert spec_path is not None
-        data = dict(yaml.safe_load(spec_path.read_text()))
-        for key, value in parsed.items():
-            set_path(data, key, value)
-        return data
-    except (ValueError, OSError, yaml.YAMLError) as error:
+            return override_study(preset_study(preset), parsed)
+        assert spec_path is not None  # one of the two, as checked above
+        return override_study(read_study(spec_path), parsed)
+    except ValueError as error:
         raise fail(str(error)) from None
+
+
+def read_study(path: Path) -> dict[str, Any]:
+    """The study data of a YAML (or JSON) spec file; ``ValueError`` with a one-line message
+    naming the file when it cannot be read, is not YAML, or is not a mapping of fields."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the spec file ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the spec file is not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: invalid YAML: {yaml_problem(error)}") from None
+    if not isinstance(data, dict):
+        found = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ValueError(
+            f"{path}: the top level must be a mapping of the study spec's fields "
+            f"(name, model, dataset, grid, ...), got {found}"
+        )
+    return data
+
+
+def yaml_problem(error: Exception) -> str:
+    """A YAML parse error on one line: what is wrong and where (PyYAML's own message spans
+    several lines and quotes the source)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--set key.path=value`` items as a mapping; a value that is not YAML is a one-line
+    ``ValueError`` naming the item."""
+    import yaml
+
+    from service.presets import parse_overrides
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        try:
+            parsed |= parse_overrides([item])
+        except yaml.YAMLError as error:
+            raise ValueError(f"--set {item!r}: invalid YAML value: {yaml_problem(error)}") from None
+    return parsed
+
+
+def override_study(study: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``study`` with ``overrides`` (dotted path -> value) applied. In the sections whose keys
+    contain dots themselves (``grid``, ``tags``) the rest of the path is one key, dots included,
+    as in presets: ``grid.sparsity.density`` sets the grid's ``sparsity.density`` list."""
+    from dst.spec import set_path
+    from service.presets import WHOLE_KEYS
+
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section in WHOLE_KEYS and key:
+            _set_entry(study, section, key, value)
+        else:
+            set_path(study, dotted, value)
+    return study
+
+
+def _set_entry(study: dict[str, Any], section: str, key: str, value: Any) -> None:
+    """Set ``study[section][key]``; a grid key replaces the entry for the same field however
+    the study spells it (``criterion`` is ``sparsity.criterion``), which the API would
+    otherwise refuse as a field given twice."""
+    from service.study import canonical_path
+
+    entries = study.setdefault(section, {})
+    if not isinstance(entries, dict):
+        raise ValueError(f"cannot set '{section}.{key}': {section!r} is not a section")
+    if section == "grid":
+        field = canonical_path(key)
+        key = next((k for k in entries if canonical_path(k) == field), key)
+    entries[key] = value
 
 
 @app.command()
@@ -396,11 +491,13 @@ def demo(
     ] = False,
 ) -> None:
     """Start everything locally, run a real small study on digits over REST, show results."""
-    import yaml
-
     from service.core.config import Settings
     from service.local import free_port
 
+    try:  # a spec that is no study fails before anything starts
+        study = read_study(spec_path)
+    except ValueError as error:
+        raise fail(str(error)) from None
     base = Settings()
     storage = base.storage_path / "demo" / time.strftime("%Y%m%d-%H%M%S")
     storage.mkdir(parents=True, exist_ok=True)
@@ -416,7 +513,7 @@ def demo(
     with running_api(settings) as url:
         wait_ready(url)
         client = ApiClient(url, token)
-        created = client.submit(yaml.safe_load(spec_path.read_text()), idempotency_key="demo")
+        created = client.submit(study, idempotency_key="demo")
         typer.echo(f"submitted experiment {created['id']} ({created['n_trials']} trials) to {url}")
         final = wait_for(client, created["id"])
         typer.echo(f"status: {final['status']}")

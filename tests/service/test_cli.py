@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -21,11 +22,172 @@ def test_unreachable_api_is_a_clear_error() -> None:
         assert "Traceback" not in result.output
 
 
-def test_bad_yaml_is_a_clear_error(tmp_path: Path) -> None:
+class FakeApi:
+    """The API as the CLI's commands see it: keeps what is submitted; holds ``total``
+    experiments, of which it lists the newest ``limit``."""
+
+    def __init__(self) -> None:
+        self.submitted: list[dict[str, Any]] = []
+        self.total = 0
+
+    def submit(self, study: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        self.submitted.append(study)
+        return {"id": "e1", "status": "pending", "n_trials": 1}
+
+    def experiments(self, status: str | None = None, limit: int = 20) -> dict[str, Any]:
+        items = [
+            {"id": f"e{i}", "status": "succeeded", "n_trials": 2, "name": f"study-{i}"}
+            for i in range(min(limit, self.total))
+        ]
+        return {"items": items, "total": self.total, "offset": 0, "limit": limit}
+
+
+@pytest.fixture
+def fake_api(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
+    api = FakeApi()
+    monkeypatch.setattr("service.cli._client", lambda url, token: api)
+    return api
+
+
+SPEC = """\
+name: overrides
+tags: {purpose: test}
+model: small-mlp
+dataset: digits
+training: {epochs: 15}
+grid:
+  criterion: [snip, set]
+  sparsity.density: [0.1]
+"""
+
+
+def test_set_names_one_grid_field_or_tag_whole_in_a_spec_file(
+    tmp_path: Path, fake_api: FakeApi
+) -> None:
+    """As with a preset, ``grid.sparsity.density`` is the grid's ``sparsity.density`` list (not
+    a ``sparsity`` section inside the grid), ``tags.team.name`` is the tag ``team.name``, and
+    a grid field replaces the entry the file spells another way (``criterion``)."""
+    from service.study import StudySpec
+
+    spec = tmp_path / "study.yaml"
+    spec.write_text(SPEC)
+    sets = ["grid.sparsity.density=[0.2, 0.3]", "grid.sparsity.criterion=[magnitude]"]
+    sets += ["tags.team.name=lab", "training.epochs=3", "grid.seed=[0, 1]"]
+    args = ["submit", str(spec), *(a for s in sets for a in ("--set", s))]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (study,) = fake_api.submitted
+    assert study["grid"] == {
+        "criterion": ["magnitude"], "sparsity.density": [0.2, 0.3], "seed": [0, 1]
+    }  # fmt: skip
+    assert study["tags"] == {"purpose": "test", "team.name": "lab"}
+    assert study["training"] == {"epochs": 3}
+    assert StudySpec.model_validate(study).grid_size() == 1 * 2 * 2
+
+
+def test_set_grid_field_spelled_another_way_replaces_a_preset_s_entry(fake_api: FakeApi) -> None:
+    """The preset's grid has ``sparsity.criterion``; ``grid.criterion`` is the same field."""
+    args = ["submit", "--preset", "fig1-small-mlp-higgs", "--set", "grid.criterion=[snip]"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    grid = fake_api.submitted[0]["grid"]
+    assert list(grid) == ["sparsity.criterion", "sparsity.growth", "sparsity.density", "seed"]
+    assert grid["sparsity.criterion"] == ["snip"]
+
+
+MAPPING = (
+    "the top level must be a mapping of the study spec's fields (name, model, dataset, grid, ...)"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", f"{MAPPING}, got an empty file"),
+        ("# only a comment\n", f"{MAPPING}, got an empty file"),
+        ("- name: a\n- name: b\n", f"{MAPPING}, got a list"),
+        ("just words\n", f"{MAPPING}, got a str"),
+        ("name: [unclosed\n", "invalid YAML: expected ',' or ']', but got '<stream end>' "
+         "(line 2, column 1)"),
+        (None, "cannot read the spec file (No such file or directory)"),
+        (b"name: \xff\n", "the spec file is not UTF-8 text"),
+    ],
+    ids=["empty", "comment-only", "list", "scalar", "bad-yaml", "missing", "not-utf8"],
+)  # fmt: skip
+def test_a_spec_file_that_is_no_study_is_a_one_line_error(
+    tmp_path: Path, fake_api: FakeApi, text: str | bytes | None, message: str
+) -> None:
     spec = tmp_path / "bad.yaml"
-    spec.write_text("name: [unclosed\n")
-    result = runner.invoke(app, ["submit", str(spec), "--api", "http://127.0.0.1:9"])
-    assert result.exit_code == 2 and "Traceback" not in result.output
+    if isinstance(text, bytes):
+        spec.write_bytes(text)
+    elif text is not None:
+        spec.write_text(text)
+    result = runner.invoke(app, ["submit", str(spec), "--set", "grid.seed=[0]"])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"{spec}: {message}"]
+    assert not fake_api.submitted
+
+
+def test_demo_with_a_spec_file_that_is_no_study_fails_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def running_api(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the demo started its services")
+
+    monkeypatch.setattr("service.cli.running_api", running_api)
+    monkeypatch.setenv("DST_STORAGE_PATH", str(tmp_path / "storage"))
+    spec = tmp_path / "empty.yaml"
+    spec.write_text("")
+    result = runner.invoke(app, ["demo", "--spec", str(spec)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"{spec}: {MAPPING}, got an empty file"]
+    assert not (tmp_path / "storage").exists()
+
+
+def test_an_override_that_is_not_yaml_is_a_one_line_error(fake_api: FakeApi) -> None:
+    args = ["submit", "--preset", "fig1-small-mlp-higgs", "--set", "training.epochs=[1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        "--set 'training.epochs=[1': invalid YAML value: expected ',' or ']', but got "
+        "'<stream end>' (line 1, column 3)"
+    ]
+
+
+MORE = "showing the {} newest of {} experiments"
+
+
+@pytest.mark.parametrize(
+    ("total", "limit", "rows", "note"),
+    [
+        (0, [], 0, "no experiments yet"),
+        (20, [], 20, None),
+        (25, [], 20, MORE.format(20, 25) + "; --limit 25 shows more"),
+        (25, ["--limit", "3"], 3, MORE.format(3, 25) + "; --limit 25 shows more"),
+        (25, ["--limit", "25"], 25, None),
+        (900, ["--limit", "40"], 40, MORE.format(40, 900) + "; --limit 500 shows more"),
+        (900, ["--limit", "500"], 500, MORE.format(500, 900)),  # the API lists no more
+    ],
+    ids=["none", "all", "cut", "cut-at-limit", "all-at-limit", "cut-above-max", "cut-at-max"],
+)  # fmt: skip
+def test_status_says_when_the_list_leaves_experiments_out(
+    fake_api: FakeApi, total: int, limit: list[str], rows: int, note: str | None
+) -> None:
+    fake_api.total = total
+    result = runner.invoke(app, ["status", *limit])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[rows:] == ([] if note is None else [note])
+    if rows:
+        assert lines[0] == "e0  succeeded     2 trials  study-0"
+        assert lines[rows - 1].startswith(f"e{rows - 1}  ")
+
+
+@pytest.mark.parametrize("limit", ["0", "501"])
+def test_status_limit_out_of_range_is_a_one_line_error(fake_api: FakeApi, limit: str) -> None:
+    result = runner.invoke(app, ["status", "--limit", limit])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [f"--limit must be between 1 and 500, got {limit}"]
 
 
 def test_results_table_has_one_line_per_row() -> None:
