@@ -5,17 +5,24 @@ A study's figures are named: ``accuracy_vs_density`` (Figure 1), ``learning_curv
 ``jaccard_first_update`` and ``jaccard_end_masks`` (6), ``accuracy_vs_mest_lambda`` (7),
 ``itop_vs_update_period`` (11) and ``jaccard_over_time`` (18). A figure drawn per setting
 (everything the study varies but the criterion and the seed) carries the setting in its name
-when the study has several, e.g. ``loss_gap_growth-gradient_density-0.1``. Each appears only
-when the study holds what it needs. A trial's own figures (:func:`trial_figures`) go to its
-MLflow child run. The drawing itself is :mod:`dst.figures`'.
+when the study has several, e.g. ``loss_gap_growth-gradient_density-0.1``; so does Figure 1,
+one per setting of everything varied but the density, the criterion, the growth (its panels)
+and the seed, e.g. ``accuracy_vs_density_schedule-cosine``. Two settings whose names would
+coincide (values that differ only in characters a file name cannot hold) each get a short
+hash of the setting as well (``_<8 hex digits>``). Each appears only when the study holds
+what it needs. A trial's own figures (:func:`trial_figures`) go to its MLflow child run. The
+drawing itself is :mod:`dst.figures`'.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +32,7 @@ from service.analysis import (
     BASELINE_LABELS,
     CRITERION,
     DENSITY,
+    DROPOUT,
     GROWTH,
     LAMBDA,
     MODE,
@@ -128,15 +136,35 @@ def setting_title(setting: Mapping[str, Any]) -> str:
     return ", ".join(f"{k.rpartition('.')[2]} {v}" for k, v in setting.items()) or "the study"
 
 
+def setting_hash(setting: Mapping[str, Any]) -> str:
+    """A short hash of a setting's values, the same in every process and run."""
+    text = json.dumps(setting, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def setting_names(stem: str, settings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The figure names of ``settings``: ``stem`` for one setting, else ``stem_<slug>``, and
+    ``stem_<slug>_<hash>`` where two settings share a slug (values that differ only in
+    characters :func:`setting_slug` replaces), so no figure file overwrites another."""
+    if len(settings) == 1:
+        return [stem]
+    slugs = [setting_slug(setting) for setting in settings]
+    shared = {slug for slug, count in Counter(slugs).items() if count > 1}
+    return [
+        f"{stem}_{slug}_{setting_hash(setting)}" if slug in shared else f"{stem}_{slug}"
+        for slug, setting in zip(slugs, settings, strict=True)
+    ]
+
+
 def _per_setting(
     builders: dict[str, Builder],
     stem: str,
     entries: Sequence[dict[str, Any]],
     make: Callable[[dict[str, Any]], Builder],
 ) -> None:
-    """Add one figure per entry, named ``stem`` (one entry) or ``stem_<setting>``."""
-    for entry in entries:
-        name = stem if len(entries) == 1 else f"{stem}_{setting_slug(entry['setting'])}"
+    """Add one figure per entry, named by :func:`setting_names`."""
+    names = setting_names(stem, [entry["setting"] for entry in entries])
+    for name, entry in zip(names, entries, strict=True):
         builders[name] = make(entry)
 
 
@@ -146,7 +174,9 @@ def _builders(analysis: StudyAnalysis) -> dict[str, Builder]:
     builders: dict[str, Builder] = {}
     dst_rows = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
     if DENSITY in varied and dst_rows:
-        builders["accuracy_vs_density"] = lambda: _accuracy_vs_density(rows)
+        settings = _settings(dst_rows, [f for f in analysis.group_by if f not in DENSITY_DRAWN])
+        entries = [{"setting": setting, "rows": rows} for setting in settings]
+        _per_setting(builders, "accuracy_vs_density", entries, _density_builder)
     for split, ranking in analysis.rankings.items():
         if ranking["critical_distance"] is not None:
             builders[f"critical_distance_{split}"] = _cd_builder(ranking, split)
@@ -185,11 +215,62 @@ def _nan(values: Sequence[Sequence[float | None]]) -> list[list[float]]:
 # -- figures from the results table --------------------------------------------------------
 
 
-def _accuracy_vs_density(rows: list[dict[str, Any]]) -> Figure:
-    """Figure 1: one panel per growth, one line per criterion, dense and static baselines."""
+DENSITY_DRAWN = (MODE, CRITERION, DENSITY, GROWTH)  # Figure 1's x, lines and panels
+FIGURE_1_TITLE = "Test accuracy vs density per growth criterion"
+
+
+def _settings(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
+    """The distinct settings of ``fields`` among ``rows``' configs, in row order."""
+    seen: list[dict[str, Any]] = []
+    for row in rows:
+        setting = {f: row["config"].get(f) for f in fields}
+        if setting not in seen:
+            seen.append(setting)
+    return seen
+
+
+def _in_setting(row: dict[str, Any], setting: Mapping[str, Any]) -> bool:
+    """Whether a DST row has exactly ``setting``'s values."""
+    return all(row["config"].get(key) == value for key, value in setting.items())
+
+
+def _baseline_matches(row: dict[str, Any], setting: Mapping[str, Any]) -> bool:
+    """Whether a baseline row belongs beside ``setting`` (Figure 1): it agrees on every field
+    it has a value for, a dense run on nothing sparse, a static run on all but the DST-only
+    fields (``None`` in its row); the dropout never counts, as in
+    :func:`service.analysis._baseline_matches` (baselines train without it)."""
+    dense = row["config"].get(MODE) == "dense"
+    for key, value in setting.items():
+        own = row["config"].get(key)
+        if own is None or key == DROPOUT or (dense and key.startswith("sparsity.")):
+            continue
+        if own != value:
+            return False
+    return True
+
+
+def _dense_baseline(rows: Sequence[dict[str, Any]], setting: Mapping[str, Any]) -> float | None:
+    """The mean test accuracy of the dense run (without dropout: not the dense + dropout
+    baseline) of ``setting``, or ``None`` when the study has none: no baseline is better
+    than another setting's."""
+    for row in _baseline(rows, "dense"):
+        if not row["config"].get(DROPOUT) and _baseline_matches(row, setting):
+            return float(row["test_acc_mean"])
+    return None
+
+
+def _density_builder(entry: dict[str, Any]) -> Builder:
+    """Figure 1 of one setting (an entry of :func:`_per_setting`)."""
+    return lambda: _accuracy_vs_density(entry["rows"], entry["setting"])
+
+
+def _accuracy_vs_density(rows: list[dict[str, Any]], setting: Mapping[str, Any]) -> Figure:
+    """Figure 1 for one setting (everything varied but the density, criterion, growth and
+    seed): one panel per growth, one line per criterion (mean ± std over seeds), with the
+    dense and static baselines of that same setting."""
     from dst import figures
 
-    dst = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
+    dst = [r for r in rows if r["config"].get(MODE, "dst") == "dst" and _in_setting(r, setting)]
     growths = _values(dst, GROWTH) or [None]
     panels = {
         str(g or "random"): figures.result_series(
@@ -197,13 +278,13 @@ def _accuracy_vs_density(rows: list[dict[str, Any]]) -> Figure:
         )
         for g in growths
     }
-    dense = _baseline(rows, "dense")
-    static = _baseline(rows, "static")
+    static = [r for r in _baseline(rows, "static") if _baseline_matches(r, setting)]
     static_series = figures.result_series(static, DENSITY, MODE) if static else []
     return figures.accuracy_vs_density(
         panels,
-        dense=dense[0]["test_acc_mean"] if dense else None,
+        dense=_dense_baseline(rows, setting),
         static=static_series[0] if static_series else None,
+        title=f"{FIGURE_1_TITLE} ({setting_title(setting)})" if setting else FIGURE_1_TITLE,
     )
 
 
