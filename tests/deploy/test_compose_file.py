@@ -1,16 +1,20 @@
 """Static checks of what the compose deployment ships: ``docker-compose.yml`` against the
 compose specification, every reference in it resolvable (services, volumes, build targets,
 scripts, variables, settings), ``.env.example`` documenting exactly the variables it uses,
-and ``deploy/Dockerfile`` clean under hadolint. Fast: no container is started."""
+MLflow accepting the UI address it documents, and ``deploy/Dockerfile`` clean under hadolint.
+Fast: no container is started."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
+from unittest import mock
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -41,6 +45,36 @@ def documented() -> dict[str, str]:
     """``.env.example``'s variables and their example values."""
     pairs = (line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines())
     return {k.strip(): v for k, *rest in pairs if rest and not k.startswith("#") for v in rest}
+
+
+def interpolate(text: str, values: dict[str, str]) -> str:
+    """``text`` with ``${VAR}`` and ``${VAR:-default}`` replaced as compose does, from
+    ``values`` (an unset or empty variable takes the default)."""
+    pattern = r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}"
+    return re.sub(pattern, lambda m: values.get(m.group(1)) or m.group(2) or "", text)
+
+
+def mlflow_refusals(ui_url: str, allowed_hosts: str, cors_origins: str) -> list[str]:
+    """What MLflow's security middleware refuses of a browser that opens the UI at ``ui_url``:
+    its Host header (403 "Invalid Host header"), or the UI's POSTs from its origin (403
+    "Cross-origin request blocked"), with MLflow's own parsing of the two variables."""
+    from mlflow.server.fastapi_security import get_allowed_hosts, get_allowed_origins
+    from mlflow.server.security_utils import is_allowed_host_header, should_block_cors_request
+
+    env = {
+        "MLFLOW_SERVER_ALLOWED_HOSTS": allowed_hosts,
+        "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": cors_origins,
+    }
+    with mock.patch.dict(os.environ, env):
+        hosts, origins = get_allowed_hosts(), get_allowed_origins()
+    parts = urlsplit(ui_url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    refused = []
+    if not is_allowed_host_header(hosts, parts.netloc):
+        refused.append(f"Host {parts.netloc}")
+    if should_block_cors_request(origin, "POST", origins):
+        refused.append(f"Origin {origin}")
+    return refused
 
 
 def check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
@@ -123,6 +157,61 @@ def test_the_ray_head_holds_what_the_job_drivers_record_with() -> None:
     for worker in ("ray-worker", "ray-gpu-worker"):
         assert not set(services()[worker]["environment"]) & set(DRIVER_SECRETS), worker
     assert head["RAY_HEAD_NUM_CPUS"] == "${RAY_HEAD_NUM_CPUS:-0}"
+
+
+def test_one_host_only_the_documented_ports_are_published() -> None:
+    """The stack is one host's (deploy/README.md): the API, MLflow and the Ray dashboard are
+    published, nothing else (no Ray port another host could join by), and no service leaves
+    the project's network."""
+    published = {name: s["ports"] for name, s in services().items() if "ports" in s}
+    assert published == {
+        "mlflow": ["${MLFLOW_PORT:-5000}:5000"],
+        "ray-head": ["${RAY_DASHBOARD_PORT:-8265}:8265"],
+        "api": ["${DST_API_PORT:-8000}:8000"],
+    }
+    assert not [name for name, s in services().items() if "network_mode" in s]
+
+
+def test_each_ray_worker_offers_the_cpus_env_sets() -> None:
+    """Scaled workers share one host's CPUs only if told how many each offers: the CPU and
+    GPU workers each take theirs from a variable of .env (empty: all of the host's)."""
+    for worker, variable in (
+        ("ray-worker", "RAY_WORKER_NUM_CPUS"),
+        ("ray-gpu-worker", "RAY_GPU_WORKER_NUM_CPUS"),
+    ):
+        cpus = services()[worker]["environment"]["RAY_WORKER_NUM_CPUS"]
+        assert cpus == f"${{{variable}:-}}", worker
+        assert documented()[variable] == "", variable
+    assert '--num-cpus="${RAY_WORKER_NUM_CPUS:-' in (BIN / "dst-ray-node").read_text()
+
+
+def mlflow_setup(values: dict[str, str]) -> tuple[str, str, str]:
+    """With ``values`` as .env: the MLflow UI address the API hands out, and the allowed
+    hosts and CORS origins the MLflow server runs with."""
+    mlflow = services()["mlflow"]
+    command = mlflow["command"]
+    hosts = command[command.index("--allowed-hosts") + 1]
+    origins = mlflow["environment"]["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"]
+    ui_url = services()["api"]["environment"]["DST_MLFLOW_UI_URL"]
+    return interpolate(ui_url, values), interpolate(hosts, values), interpolate(origins, values)
+
+
+def test_mlflow_accepts_the_ui_address_the_api_hands_out() -> None:
+    """With the compose file's defaults and with .env.example's values, a browser on the UI
+    address passes MLflow's Host check and may send the UI's POSTs. A browser on another
+    machine is refused (MLflow 3 answers 403) until .env.example's recipe is followed."""
+    assert "--cors-allowed-origins" not in services()["mlflow"]["command"]  # would override env
+    for values in ({}, documented()):
+        assert mlflow_refusals(*mlflow_setup(values)) == []
+    remote = "http://lab-host:5000"
+    values = documented() | {"DST_MLFLOW_UI_URL": remote}
+    assert mlflow_refusals(*mlflow_setup(values)) == ["Host lab-host:5000", f"Origin {remote}"]
+    values["MLFLOW_ALLOWED_HOSTS"] += ",lab-host:5000"
+    values["MLFLOW_CORS_ALLOWED_ORIGINS"] = remote
+    assert mlflow_refusals(*mlflow_setup(values)) == []
+    recipe = ENV_EXAMPLE.read_text()
+    assert f"#   MLFLOW_CORS_ALLOWED_ORIGINS={remote}" in recipe
+    assert "#   MLFLOW_ALLOWED_HOSTS=<the list below>,lab-host:5000" in recipe
 
 
 def test_every_long_running_service_has_a_health_check() -> None:

@@ -11,11 +11,14 @@ that never starts.
 from __future__ import annotations
 
 import copy
+import os
 import re
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -27,6 +30,7 @@ from service.core.config import Settings
 from service.execution import DRIVER_SECRETS, driver_env
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kuberay"
+DOCKERFILE = DEPLOY.parent / "Dockerfile"
 CRD = Path(__file__).resolve().parent / "schemas" / "ray.io_rayclusters.yaml"
 SECRET_EXAMPLE = "secret.example.yaml"
 K8S_VERSION = "1.33.0"  # one of the versions kubernetes_validate ships schemas for
@@ -212,6 +216,47 @@ def secret_keys() -> dict[str, set[str]]:
     }
 
 
+def generated_configmaps() -> dict[str, dict[str, str]]:
+    """ConfigMap name -> data, for the ConfigMaps kustomization.yaml generates."""
+    generated = {}
+    for generator in kustomization().get("configMapGenerator", []):
+        assert not generator.get("files") and not generator.get("envs"), "literals only"
+        pairs = (literal.split("=", 1) for literal in generator["literals"])
+        generated[generator["name"]] = {key: value for key, value in pairs}
+    return generated
+
+
+def env_value(env: Doc) -> str:
+    """The value of an env entry, a generated ConfigMap's key included."""
+    if "value" in env:
+        return str(env["value"])
+    ref = env["valueFrom"]["configMapKeyRef"]
+    return generated_configmaps()[ref["name"]][ref["key"]]
+
+
+def mlflow_refusals(ui_url: str, allowed_hosts: str, cors_origins: str) -> list[str]:
+    """What MLflow's security middleware refuses of a browser that opens the UI at ``ui_url``:
+    its Host header (403 "Invalid Host header"), or the UI's POSTs from its origin (403
+    "Cross-origin request blocked"), with MLflow's own parsing of the two variables."""
+    from mlflow.server.fastapi_security import get_allowed_hosts, get_allowed_origins
+    from mlflow.server.security_utils import is_allowed_host_header, should_block_cors_request
+
+    env = {
+        "MLFLOW_SERVER_ALLOWED_HOSTS": allowed_hosts,
+        "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": cors_origins,
+    }
+    with mock.patch.dict(os.environ, env):
+        hosts, origins = get_allowed_hosts(), get_allowed_origins()
+    parts = urlsplit(ui_url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    refused = []
+    if not is_allowed_host_header(hosts, parts.netloc):
+        refused.append(f"Host {parts.netloc}")
+    if should_block_cors_request(origin, "POST", origins):
+        refused.append(f"Origin {origin}")
+    return refused
+
+
 def service_ports() -> dict[str, set[int]]:
     """Service name -> ports, for the Services in the manifests and the RayCluster head's."""
     ports = {
@@ -296,6 +341,26 @@ def test_every_referenced_secret_key_is_documented() -> None:
     for where, name, key in refs:
         assert name in documented, f"{where}: Secret {name} is not in {SECRET_EXAMPLE}"
         assert key is None or key in documented[name], f"{where}: {name}/{key} undocumented"
+
+
+def test_every_referenced_configmap_key_is_generated() -> None:
+    """configMapKeyRefs name a ConfigMap of kustomization.yaml's configMapGenerator (kustomize
+    renames it with a hash of its content and rewrites the references) and a key it has."""
+    generated = generated_configmaps()
+    refs = [
+        (where, ref["name"], ref["key"])
+        for _, doc in manifests()
+        for where, env in env_lists(doc)
+        for e in env
+        if (ref := e.get("valueFrom", {}).get("configMapKeyRef"))
+    ]
+    assert refs
+    for where, name, key in refs:
+        assert name in generated, f"{where}: ConfigMap {name} is not generated"
+        assert key in generated[name], f"{where}: {name} has no key {key}"
+    for name in generated:
+        carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}}
+        validate_builtin(carrier | {"data": generated[name]})
 
 
 def test_every_claim_and_volume_is_defined() -> None:
@@ -498,10 +563,63 @@ def test_mlflow_serves_artifacts_from_postgres() -> None:
         u for s in secret_example() for k, u in s["stringData"].items() if k == "database-url"
     ]
     assert database.startswith("postgresql+psycopg://")
-    allowed = args[args.index("--allowed-hosts") + 1].split(",")
+    # from the environment (the generated ConfigMap): a flag would override it
+    assert "--allowed-hosts" not in args and "--cors-allowed-origins" not in args
+    allowed = env_value(env["MLFLOW_SERVER_ALLOWED_HOSTS"]).split(",")
     assert "mlflow:5000" in allowed  # the host DST_MLFLOW_TRACKING_URI names
     uri = env_map(api_container()["env"])["DST_MLFLOW_TRACKING_URI"]["value"]
     assert urlsplit(uri).netloc in allowed
+
+
+def mlflow_settings() -> tuple[str, str, str]:
+    """The MLflow UI's address (the API's DST_MLFLOW_UI_URL), and the allowed hosts and CORS
+    origins the MLflow server runs with."""
+    (mlflow,) = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+    env = env_map(mlflow["env"])
+    return (
+        env_value(env_map(api_container()["env"])["DST_MLFLOW_UI_URL"]),
+        env_value(env["MLFLOW_SERVER_ALLOWED_HOSTS"]),
+        env_value(env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"]),
+    )
+
+
+def test_mlflow_accepts_the_ui_address_the_api_hands_out() -> None:
+    """A browser on the UI address (the port-forward of README.md) passes MLflow's Host check
+    and may send the UI's POSTs; so does one on an Ingress once the README's three edits are
+    made, and not before (MLflow 3 answers 403 to its Host and to its POSTs)."""
+    ui_url, hosts, origins = mlflow_settings()
+    assert mlflow_refusals(ui_url, hosts, origins) == []
+    ingress = "https://mlflow.example.com"
+    assert mlflow_refusals(ingress, hosts, origins) == [
+        "Host mlflow.example.com",
+        f"Origin {ingress}",
+    ]
+    assert mlflow_refusals(ingress, f"{hosts},mlflow.example.com", origins) == [f"Origin {ingress}"]
+    assert mlflow_refusals(ingress, f"{hosts},mlflow.example.com", ingress) == []
+    readme = (DEPLOY / "README.md").read_text()
+    for edit in ("ui-url=", "allowed-hosts=", "cors-allowed-origins="):
+        assert f'"{edit}' in readme and f'"{edit}' in (DEPLOY / "kustomization.yaml").read_text()
+
+
+def test_the_image_finds_what_the_pods_run_in_a_login_shell_too() -> None:
+    """KubeRay operators before v1.4 run the Ray containers under `bash -l`, whose
+    /etc/profile drops the venv from PATH: every command our image's pods run (``ray``, which
+    KubeRay starts, and each container's command) is linked into /usr/local/bin, and exists in
+    the venv."""
+    dockerfile = DOCKERFILE.read_text()
+    match = re.search(r"for command in ([\w ]+); do", dockerfile)
+    assert match, "the Dockerfile links no venv command into /usr/local/bin"
+    linked = set(match.group(1).split())
+    assert 'ln -s "/app/.venv/bin/$command" /usr/local/bin/' in dockerfile
+    assert "/etc/profile.d/" in dockerfile
+    run = {"ray"}
+    for _, template, _ in all_pods():
+        for container in containers(template):
+            if container["image"].startswith("dst-lab") and container.get("command"):
+                run.add(container["command"][0])
+    assert run <= linked, f"not linked into /usr/local/bin: {run - linked}"
+    venv = Path(sys.executable).parent
+    assert all((venv / name).exists() for name in linked), linked
 
 
 def test_postgres_keeps_its_data_and_password_in_secret() -> None:
