@@ -1,13 +1,17 @@
 """One DST topology update (Section 3.1): prune a fraction ρ_t of the active weights by a
 criterion, then grow as many inactive weights back by a growth criterion.
 
-Per layer, grown = pruned, so every layer keeps its exact active count. Growth may choose a
-weight that was pruned in the same update; such a weight was active before and after, so it
-keeps its value and its optimizer state (RigL's default). Only connections that were inactive
-before the update are new: they start at zero with their optimizer state (momentum) reset.
-Pruned weights that are not regrown are set to zero.
-Local scope (the paper's choice, Section 3.2) scores and ranks each layer separately; global
-scope ranks all layers' active weights together and then grows per layer what it pruned there.
+Growth may choose a weight that was pruned in the same update; such a weight was active before
+and after, so it keeps its value and its optimizer state (RigL's default). Only connections
+that were inactive before the update are new: they start at zero with their optimizer state
+(momentum) reset. Pruned weights that are not regrown are set to zero.
+
+Local scope (the paper's choice, Section 3.2) prunes and grows within each layer: grown =
+pruned per layer, so every layer keeps its exact active count. Global scope (Appendix I)
+compares scores across the whole network: it prunes ρ of all active weights by one threshold
+and grows as many back wherever the growth criterion ranks highest in the network, so the
+total count is kept while the layers' densities may drift ("global pruning may change the
+sparsity distributions in each layer").
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ class LayerUpdate:
     """
 
     pruned: torch.Tensor  # [k] int64
-    grown: torch.Tensor  # [k] int64
-    is_new: torch.Tensor  # [k] bool
+    grown: torch.Tensor  # [g] int64 (g = k in local scope; in global scope g may differ)
+    is_new: torch.Tensor  # [g] bool
 
     @property
     def new(self) -> torch.Tensor:
@@ -213,12 +217,16 @@ class TopologyUpdater:
         that are not regrown are zeroed.
         """
         fraction = self.schedule.fraction(step)
-        if self._all_at_once(weights):
+        if self.scope == "global":
+            updates = self._update_global(weights, masks, optimizer, fraction)
+        elif self._all_at_once(weights):
             updates = self._update_together(weights, masks, optimizer, fraction)
         else:
             updates = self._update_each(weights, masks, optimizer, fraction)
-        for name in weights:  # grown = pruned in number: the same count at the new version
-            self._counted[name] = (masks[name], masks[name]._version, self._counted[name][2])
+        for name, u in updates.items():  # the new count at the new version (index lengths are
+            # shapes, known without waiting for a GPU; in local scope they are equal)
+            count = self._counted[name][2] - len(u.pruned) + len(u.grown)
+            self._counted[name] = (masks[name], masks[name]._version, count)
         return updates
 
     def _all_at_once(self, weights: dict[str, nn.Parameter]) -> bool:
@@ -238,23 +246,47 @@ class TopologyUpdater:
         optimizer: torch.optim.Optimizer | None,
         fraction: float,
     ) -> dict[str, LayerUpdate]:
-        """The update layer by layer."""
+        """The update layer by layer (local scope): each layer grows what it pruned."""
         pruned_sets = self.prune_sets(weights, masks, fraction)
         updates = {}
         for name, w in weights.items():
             pruned = pruned_sets[name]  # [k], all active before the update
-            flat_mask, flat_w = masks[name].view(-1), w.detach().view(-1)  # [n], [n]
-            before = flat_mask.clone()  # [n]; lookups here are cheaper than set intersections
-            flat_mask.index_fill_(0, pruned, False)  # not mask[i] = x: that waits for a GPU
+            before = masks[name].view(-1).clone()  # [n]; cheaper lookups than set intersections
+            masks[name].view(-1).index_fill_(0, pruned, False)  # not mask[i] = x: waits for a GPU
             grown = self.growth.select(w.grad, masks[name], len(pruned), self.generator)  # [k]
-            flat_mask.index_fill_(0, grown, True)
-            is_new = ~before[grown]  # [k]: inactive before the update
-            zero_where(flat_w, pruned, ~flat_mask[pruned])  # pruned and not regrown
-            zero_where(flat_w, grown, is_new)
-            if optimizer is not None:
-                for state in optimizer_state(optimizer, w):
-                    zero_where(state.view(-1), grown, is_new)
-            updates[name] = LayerUpdate(pruned, grown, is_new)
+            updates[name] = _grow(w, masks[name], before, pruned, grown, optimizer)
+        return updates
+
+    def _update_global(
+        self,
+        weights: dict[str, nn.Parameter],
+        masks: Masks,
+        optimizer: torch.optim.Optimizer | None,
+        fraction: float,
+    ) -> dict[str, LayerUpdate]:
+        """Global scope (Appendix I): one threshold prunes ρ of all active weights, and the
+        growth criterion grows as many back, ranked (or drawn) over all layers' inactive
+        weights together, so a layer may end with more or fewer active weights than before."""
+        pruned_sets = self.prune_sets(weights, masks, fraction)
+        before = {name: m.view(-1).clone() for name, m in masks.items()}  # [n] each
+        for name in weights:
+            masks[name].view(-1).index_fill_(0, pruned_sets[name], False)
+        grads = [w.grad for w in weights.values()]
+        grad = (  # [N]
+            torch.cat([g.flatten() for g in grads if g is not None])
+            if all(g is not None for g in grads)
+            else None
+        )
+        mask = torch.cat([masks[name].view(-1) for name in weights])  # [N], after pruning
+        total = sum(len(p) for p in pruned_sets.values())
+        chosen = self.growth.select(grad, mask, total, self.generator)  # [K] into [N]
+        updates, offset = {}, 0
+        for name, w in weights.items():
+            n = w.numel()
+            inside = (chosen >= offset) & (chosen < offset + n)  # [K]
+            grown = torch.sort(chosen[inside] - offset).values  # [g], this layer's share
+            offset += n
+            updates[name] = _grow(w, masks[name], before[name], pruned_sets[name], grown, optimizer)
         return updates
 
     def _update_together(
@@ -317,6 +349,28 @@ class TopologyUpdater:
         if known is None or known.sizes != sizes or known.device != device:
             self._segments = known = Segments(sizes, device)
         return known
+
+
+def _grow(
+    weight: nn.Parameter,
+    mask: torch.Tensor,
+    before: torch.Tensor,
+    pruned: torch.Tensor,
+    grown: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None,
+) -> LayerUpdate:
+    """Activate ``grown`` [g] in ``mask`` (already without ``pruned`` [k]; ``before`` [n] is
+    the flat mask before the update), zero pruned weights that were not regrown, and start
+    new connections at zero with their optimizer state reset."""
+    flat_mask, flat_w = mask.view(-1), weight.detach().view(-1)  # [n], [n]
+    flat_mask.index_fill_(0, grown, True)
+    is_new = ~before[grown]  # [g]: inactive before the update
+    zero_where(flat_w, pruned, ~flat_mask[pruned])  # pruned and not regrown
+    zero_where(flat_w, grown, is_new)
+    if optimizer is not None:
+        for state in optimizer_state(optimizer, weight):
+            zero_where(state.view(-1), grown, is_new)
+    return LayerUpdate(pruned, grown, is_new)
 
 
 def zero_where(flat: torch.Tensor, idx: torch.Tensor, where: torch.Tensor) -> None:

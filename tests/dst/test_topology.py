@@ -54,6 +54,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
     list(itertools.product(CRITERIA.names(), GROWTH.names(), ["local", "global"])),
 )
 def test_exact_density_after_many_updates(criterion: str, growth: str, scope: str) -> None:
+    """Local scope keeps every layer's active count; global scope keeps the total."""
     model, weights, masks, opt = setup()
     counts = {n: int(m.sum()) for n, m in masks.items()}
     up = updater(criterion, growth, scope)
@@ -62,12 +63,20 @@ def test_exact_density_after_many_updates(criterion: str, growth: str, scope: st
         before = {n: set(true_indices(m.flatten()).tolist()) for n, m in masks.items()}
         changes = up.update(weights, masks, opt, step)
         for name, change in changes.items():
-            assert len(change.pruned) == len(change.grown)
+            if scope == "local":
+                assert len(change.pruned) == len(change.grown)
             # "new" connections are exactly grown \ old mask
             assert set(change.new.tolist()) == set(change.grown.tolist()) - before[name]
+        assert sum(len(c.pruned) for c in changes.values()) == sum(
+            len(c.grown) for c in changes.values()
+        )
         opt.step()
         apply_masks(weights, masks)
-        assert {n: int(m.sum()) for n, m in masks.items()} == counts
+        now = {n: int(m.sum()) for n, m in masks.items()}
+        assert (now if scope == "local" else sum(now.values())) == (
+            counts if scope == "local" else sum(counts.values())
+        )
+        assert up.active_counts(masks) == now  # the counts it remembers are the true ones
         for name, w in weights.items():
             assert not w[~masks[name]].any()
 
@@ -286,6 +295,37 @@ def test_global_scope_uses_one_threshold_across_layers() -> None:
     local = updater("magnitude", "random", scope="local", rho=0.25)
     sets = local.prune_sets(weights, masks, 0.25)
     assert len(sets["small"]) == 4 and len(sets["large"]) == 4
+
+
+def test_global_scope_grows_where_the_network_ranks_highest() -> None:
+    """Appendix I: global pruning may change each layer's density. Magnitude pruning at
+    ρ = 1/4 of the 24 active weights takes the 6 smallest, all in ``small`` (0.01 against
+    1.0); gradient growth then takes the 6 largest inactive |∇θ| in the network, all in
+    ``large`` (5.0 against 0.1): ``small`` goes from 16 to 10 active, ``large`` from 8 to 14."""
+    small = nn.Parameter(torch.full((4, 4), 0.01))
+    large = nn.Parameter(torch.full((4, 4), 1.0))
+    weights = {"small": small, "large": large}
+    masks = {
+        "small": torch.ones(4, 4, dtype=torch.bool),
+        "large": torch.ones(4, 4, dtype=torch.bool),
+    }
+    masks["large"].view(-1)[8:] = False
+    with torch.no_grad():
+        large.view(-1)[8:] = 0
+    small.grad = torch.full((4, 4), 0.1)
+    large.grad = torch.full((4, 4), 5.0)
+    opt = torch.optim.SGD([small, large], lr=0.1, momentum=0.9)
+    opt.state[large]["momentum_buffer"] = torch.ones(4, 4)
+    changes = updater("magnitude", "gradient", scope="global", rho=0.25).update(
+        weights, masks, opt, 1
+    )
+    assert [int(m.sum()) for m in masks.values()] == [10, 14]
+    assert changes["small"].pruned.tolist() == [0, 1, 2, 3, 4, 5]  # ties: lowest index
+    assert changes["small"].grown.tolist() == [] and changes["large"].pruned.tolist() == []
+    assert changes["large"].grown.tolist() == [8, 9, 10, 11, 12, 13]
+    assert not small.view(-1)[:6].any() and not large.view(-1)[8:].any()  # new start at 0
+    buf = opt.state[large]["momentum_buffer"].view(-1)
+    assert not buf[8:14].any() and buf[:8].eq(1).all()  # new momentum reset, the rest kept
 
 
 def test_the_updater_counts_again_after_someone_else_edits_a_mask() -> None:
