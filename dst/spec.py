@@ -55,6 +55,10 @@ _DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d{1,3})?)$")
 
 MAX_STEPS = 2**31 - 1  # step counts fit a 32-bit integer everywhere (databases, C kernels)
 MAX_SEED = 2**31 - 1  # numpy seeds below 2**32; seed + 1 seeds the mask generator
+MAX_NAME = 200  # characters of the name a person gives a run or a study
+# A study names each of its trials "<study name>/<index>" (fewer than 10**6 trials, see
+# service.study.MAX_TRIALS): a run's name has room for that suffix after a study's full name.
+MAX_RUN_NAME = MAX_NAME + len("/999999")
 
 
 class _Strict(BaseModel):
@@ -182,7 +186,11 @@ class DataSpec(_Strict):
 class RunSpec(_Strict):
     """One training run."""
 
-    name: str | None = Field(None, max_length=200)
+    name: str | None = Field(
+        None,
+        max_length=MAX_RUN_NAME,
+        description="a study's trial is named '<study name>/<index>'",
+    )
     model: ModelName
     dataset: DatasetName
     training: TrainingSpec = TrainingSpec()

@@ -360,7 +360,7 @@ def results(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) 
 def _study(spec_path: Path | None, preset: str | None, overrides: list[str]) -> dict[str, Any]:
     """The study to submit: a spec file or a preset, with ``key.path=value`` overrides
     (applied alike to both, so an override that works with one works with the other)."""
-    from service.presets import preset_study, presets
+    from service.presets import apply_overrides, preset_study, presets
 
     if (spec_path is None) == (preset is None):
         raise fail("give either a SPEC file or --preset NAME")
@@ -369,9 +369,9 @@ def _study(spec_path: Path | None, preset: str | None, overrides: list[str]) -> 
     try:
         parsed = _parse_overrides(overrides)
         if preset is not None:
-            return override_study(preset_study(preset), parsed)
+            return apply_overrides(preset_study(preset), parsed)
         assert spec_path is not None  # one of the two, as checked above
-        return override_study(read_study(spec_path), parsed)
+        return apply_overrides(read_study(spec_path), parsed)
     except ValueError as error:
         raise fail(str(error)) from None
 
@@ -420,37 +420,6 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError as error:
             raise ValueError(f"--set {item!r}: invalid YAML value: {yaml_problem(error)}") from None
     return parsed
-
-
-def override_study(study: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``study`` with ``overrides`` (dotted path -> value) applied. In the sections whose keys
-    contain dots themselves (``grid``, ``tags``) the rest of the path is one key, dots included,
-    as in presets: ``grid.sparsity.density`` sets the grid's ``sparsity.density`` list."""
-    from dst.spec import set_path
-    from service.presets import WHOLE_KEYS
-
-    for dotted, value in overrides.items():
-        section, _, key = dotted.partition(".")
-        if section in WHOLE_KEYS and key:
-            _set_entry(study, section, key, value)
-        else:
-            set_path(study, dotted, value)
-    return study
-
-
-def _set_entry(study: dict[str, Any], section: str, key: str, value: Any) -> None:
-    """Set ``study[section][key]``; a grid key replaces the entry for the same field however
-    the study spells it (``criterion`` is ``sparsity.criterion``), which the API would
-    otherwise refuse as a field given twice."""
-    from service.study import canonical_path
-
-    entries = study.setdefault(section, {})
-    if not isinstance(entries, dict):
-        raise ValueError(f"cannot set '{section}.{key}': {section!r} is not a section")
-    if section == "grid":
-        field = canonical_path(key)
-        key = next((k for k in entries if canonical_path(k) == field), key)
-    entries[key] = value
 
 
 @app.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,18 +46,46 @@ def presets() -> dict[str, Preset]:
 
 
 def preset_study(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Preset ``name``'s study with ``overrides`` (dotted path -> value) applied;
-    ``KeyError`` for an unknown preset, ``ValueError`` for an override that names no section."""
-    from dst.spec import set_path  # (the spec module imports the registries: PyTorch)
+    """Preset ``name``'s study with ``overrides`` applied (:func:`apply_overrides`);
+    ``KeyError`` for an unknown preset, ``ValueError`` for an override that cannot apply."""
+    return apply_overrides(copy.deepcopy(presets()[name].study), overrides or {})
 
-    study = copy.deepcopy(presets()[name].study)
-    for dotted, value in (overrides or {}).items():
-        section, _, rest = dotted.partition(".")
-        if section in WHOLE_KEYS and rest:
-            study.setdefault(section, {})[rest] = value
-        else:
+
+def apply_overrides(study: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``study`` (changed in place, and returned) with ``overrides`` (dotted path -> value)
+    applied. In the sections whose keys contain dots themselves (:data:`WHOLE_KEYS`: ``grid``,
+    ``tags``) the rest of the path is one key, dots included: ``grid.sparsity.density`` sets
+    the grid's ``sparsity.density`` list, replacing the entry for that field however the study
+    spells it (``density``), which the API would otherwise refuse as a field given twice.
+    ``ValueError`` for an override that names no section, or a key in a section an earlier
+    override replaced with a plain value."""
+    from dst.spec import set_path  # (the spec module imports the registries: PyTorch)
+    from service.study import canonical_path
+
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in WHOLE_KEYS or not key:
             set_path(study, dotted, value)
+            continue
+        entries = _whole_key_section(study, section, dotted)
+        if section == "grid":
+            field = canonical_path(key)
+            key = next((k for k in entries if canonical_path(k) == field), key)
+        entries[key] = value
     return study
+
+
+def _whole_key_section(study: dict[str, Any], section: str, dotted: str) -> dict[str, Any]:
+    """``study[section]`` (made if missing) for override ``dotted`` to set a key in;
+    ``ValueError`` naming the override if the section is a value that holds no keys (the
+    file left it empty, or an earlier override set it: ``{"grid": 5, "grid.seed": [0]}``)."""
+    found = study.setdefault(section, {})
+    if not isinstance(found, dict):
+        raise ValueError(
+            f"cannot set {dotted!r}: {section!r} is not a section but {reprlib.repr(found)}; "
+            f"give {section!r} as a mapping"
+        )
+    return found
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from dst.spec import RunSpec, SparsitySpec, set_path
+from dst.spec import MAX_NAME, RunSpec, SparsitySpec, set_path
 
 # Sparsity fields that only matter for DST; baselines reset them so duplicates collapse.
 DST_ONLY_FIELDS = (
@@ -45,6 +45,9 @@ DST_ONLY_FIELDS = (
 RUN_FIELDS = ("model", "dataset", "seed", "device")
 SECTIONS = {"training", "sparsity", "data"}
 MAX_GRID = 100_000  # hard cap, counted before expansion; the API's DST_MAX_TRIALS is lower
+# every grid run plus its static, dense and dense + dropout baselines: trial indices stay below
+# 10**6, which the name "<study name>/<index>" of a trial's run spec has room for
+MAX_TRIALS = 4 * MAX_GRID
 MAX_GRID_VALUES = 10_000  # values of one grid field
 MAX_TAGS = 50
 
@@ -152,7 +155,7 @@ class StudySpec(RunSpec):
     without expanding it; :func:`expand` then builds (and checks) each combination.
     """
 
-    name: str = Field(..., min_length=1, max_length=200)
+    name: str = Field(..., min_length=1, max_length=MAX_NAME)
     tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=MAX_TAGS)
     resources: Resources = Resources()
     baselines: Baselines = Baselines()
@@ -173,16 +176,14 @@ class StudySpec(RunSpec):
     @model_validator(mode="before")
     @classmethod
     def _check_text(cls, data: Any) -> Any:
-        """Every string must be valid Unicode (a lone surrogate cannot be stored or sent)."""
+        """Every string, keys included, must be text that can be stored and sent: valid
+        Unicode (a lone surrogate cannot be encoded) without NUL (PostgreSQL's text refuses
+        it). The error shows the path and the text escaped, so it can itself be sent."""
         for path, text in _strings(data, ()):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                where = ".".join(str(p) for p in path) or "spec"
-                raise ValueError(
-                    f"{where}: {text.encode('utf-8', 'backslashreplace').decode()!r} is not valid "
-                    f"Unicode (a lone surrogate); send UTF-8 text"
-                ) from None
+            problem = _unstorable(text)
+            if problem is not None:
+                where = ".".join(_escaped(str(p)) for p in path) or "spec"
+                raise ValueError(f"{where}: {text!r} {problem}")
         return data
 
     @field_validator("grid")
@@ -203,10 +204,7 @@ class StudySpec(RunSpec):
                 raise ValueError(f"grid field {path!r} is given twice")
             if not values:
                 raise ValueError(f"grid field {key!r} has an empty list of values")
-            if base_valid:
-                for i, value in enumerate(values):
-                    _check_value(base_json, path, i, value)
-            out[path] = values
+            out[path] = _distinct_values(base_json, path, values) if base_valid else values
         return out
 
     @model_validator(mode="after")
@@ -254,7 +252,8 @@ class StudySpec(RunSpec):
         return min(found)
 
     def grid_size(self) -> int:
-        """The number of grid combinations (DST runs before baselines), without expanding."""
+        """The number of grid combinations (DST runs before baselines), without expanding;
+        a value repeated in a grid list was dropped on validation, so it is not counted."""
         return math.prod(len(v) for v in self.grid.values())
 
     def base_run(self) -> dict[str, Any]:
@@ -276,17 +275,46 @@ def _strings(data: Any, path: tuple[Any, ...]) -> Iterator[tuple[tuple[Any, ...]
             yield from _strings(value, (*path, i))
 
 
+def _unstorable(text: str) -> str | None:
+    """Why ``text`` cannot be stored or sent, or None if it can."""
+    if "\x00" in text:
+        return "contains a NUL character (\\x00), which cannot be stored; remove it"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate); send UTF-8 text"
+    return None
+
+
+def _escaped(text: str) -> str:
+    """``text`` with unprintable characters (a lone surrogate, NUL) escaped as Python writes
+    them, so an error message that quotes a key can be encoded and sent."""
+    return repr(text)[1:-1]
+
+
 def _dump(fields: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in fields.items()
     }
 
 
-def _check_value(base: dict[str, Any], path: str, index: int, value: Any) -> None:
+def _distinct_values(base: dict[str, Any], path: str, values: list[Any]) -> list[Any]:
+    """Grid field ``path``'s ``values``, each checked on the base run, without repeats (the
+    first kept, in order): a value that makes the same run as an earlier one (``0`` twice, or
+    ``0`` and ``0.0`` as a seed) adds no trial, so the grid's size counts distinct values."""
+    by_run: dict[str, Any] = {}
+    for i, value in enumerate(values):
+        by_run.setdefault(_check_value(base, path, i, value).model_dump_json(), value)
+    return list(by_run.values())
+
+
+def _check_value(base: dict[str, Any], path: str, index: int, value: Any) -> RunSpec:
+    """The base run with grid field ``path`` set to ``value``; ValueError naming the grid
+    entry if that is not a valid run."""
     data = json.loads(json.dumps(base))
     set_path(data, path, value)
     try:
-        RunSpec.model_validate(data)
+        return RunSpec.model_validate(data)
     except ValidationError as error:
         raise ValueError(
             f"grid.{path}[{index}] = {value!r} is invalid: {_problems(error)}"

@@ -59,6 +59,16 @@ def test_bad_fields_are_named(patch: dict[str, Any], field: str, message: str) -
     assert field in text and message in text
 
 
+def test_a_run_name_has_room_for_a_trial_index_after_a_full_study_name() -> None:
+    """A study's trial is named "<study name>/<index>": 200 characters of study name, a slash
+    and an index below 10**6 are 207 characters, the most a run's name may have."""
+    longest = "n" * 200 + "/999999"
+    assert RunSpec.model_validate({**OK, "name": longest}).name == longest
+    with pytest.raises(ValidationError) as info:
+        RunSpec.model_validate({**OK, "name": longest + "9"})
+    assert [(e["loc"], e["ctx"]) for e in info.value.errors()] == [(("name",), {"max_length": 207})]
+
+
 def test_incompatible_model_and_dataset() -> None:
     text = error_of({"model": "small-cnn", "dataset": "breast_cancer"})
     assert "small-cnn" in text and "breast_cancer" in text and "image" in text

@@ -7,6 +7,7 @@ retries it), which is itself behaviour worth pinning down.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from service.core.config import Settings
 from service.execution import RayExecutor
 from service.main import create_app
 from service.tracking import MlflowTracker
+from tests.service.conftest import fresh_database
 from tests.service.e2e import wait_for
 
 TOKEN = "test-token-abcdef0123456789"
@@ -143,6 +145,7 @@ INVALID: list[tuple[str, dict[str, Any], list[Any], str]] = [
     ("negative seed", with_(seed=-1), ["body", "seed"], "greater than or equal to 0"),
     ("bad device", with_(device="tpu"), ["body", "device"], "cuda"),
     ("missing name", with_(name=DROP), ["body", "name"], "required"),
+    ("name too long", with_(name="n" * 201), ["body", "name"], "at most 200 characters"),
     ("unknown field", with_(colour="red"), ["body", "colour"], "not permitted"),
     ("unknown sparsity field", with_(sparsity__sparsness=0.1), ["body", "sparsity", "sparsness"], "not permitted"),
     ("zero cpus", with_(resources__cpus_per_trial=0), ["body", "resources", "cpus_per_trial"], "greater than 0"),
@@ -176,6 +179,87 @@ def test_invalid_specs_are_422_with_the_field_path_and_nothing_is_stored(
 
 def test_invalid_specs_table_is_large_enough() -> None:
     assert len(INVALID) >= 15
+
+
+@pytest.fixture(scope="module")
+def postgres_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The API on a fresh PostgreSQL database (whose text columns refuse NUL)."""
+    with fresh_database("dstlab_api") as name:
+        app = unreachable_app(
+            tmp_path_factory.mktemp("api-postgres"),
+            database_url=f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}",
+        )
+        with TestClient(app) as test_client:
+            yield test_client
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"name": "a\x00b"}, "name: 'a\\x00b' contains a NUL character"),
+        ({"tags": {"k\x00": "v"}}, "tags.k\\x00: 'k\\x00' contains a NUL character"),
+        ({"tags": {"k": "v\x00"}}, "tags.k: 'v\\x00' contains a NUL character"),
+        ({"tags": {"\ud800": "v"}}, "tags.\\ud800: '\\ud800' is not valid Unicode"),
+        ({"grid": {"\ud800": [1]}}, "grid.\\ud800: '\\ud800' is not valid Unicode"),
+    ],
+    ids=[
+        "nul-in-name",
+        "nul-in-tag-key",
+        "nul-in-tag-value",
+        "surrogate-tag-key",
+        "surrogate-grid-key",
+    ],
+)
+def test_text_that_cannot_be_stored_is_422_naming_the_field_and_nothing_is_stored(
+    postgres_client: TestClient, extra: dict[str, Any], needle: str
+) -> None:
+    """NUL and lone surrogates, in values and keys, on PostgreSQL: a 422 whose message names
+    the field and shows the text escaped; no experiment is stored."""
+    body = json.dumps(valid_study(**extra))  # ASCII JSON: NUL and surrogates as \u escapes
+    response = postgres_client.post(
+        "/experiments", content=body, headers=AUTH | {"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body"] and needle in error["msg"], error
+    assert stored(postgres_client) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix"),
+    [("get", ""), ("get", "/trials"), ("get", "/results"), ("post", "/cancel")],
+)
+def test_an_id_no_experiment_can_have_is_404_on_postgres(
+    postgres_client: TestClient, method: str, suffix: str
+) -> None:
+    """Ids are 32 hex digits; anything else (a NUL, which PostgreSQL's text refuses) is an
+    unknown experiment, not a 500."""
+    for bad in ("a%00b", "0" * 31 + "%00", "not-an-id"):
+        response = postgres_client.request(method, f"/experiments/{bad}{suffix}", headers=AUTH)
+        assert response.status_code == 404, (bad, response.text)
+        assert "no experiment" in response.json()["detail"]
+
+
+def test_the_longest_name_stores_trials_whose_specs_read_back(client: TestClient) -> None:
+    """Trials are named "<study name>/<index>": with the longest study name their stored
+    specs still read back as run specs, so trials and results can be shown."""
+    name = "n" * 200
+    created = client.post("/experiments", json=valid_study(name=name), headers=AUTH)
+    assert created.status_code == 201, created.text
+    path = f"/experiments/{created.json()['id']}"
+    trials = client.get(f"{path}/trials", headers=AUTH).json()
+    assert [t["params"]["name"] for t in trials] == [f"{name}/0", f"{name}/1"]
+    results = client.get(f"{path}/results", headers=AUTH)
+    assert results.status_code == 200 and results.json()["group_by"] == ["sparsity.criterion"]
+
+
+def test_repeated_grid_values_count_once_against_the_trial_limit(client: TestClient) -> None:
+    """A value listed twice adds no trial: 2 x 2 distinct values are 4 trials, within the
+    limit of 20, although the lists name 12 x 4 = 48 combinations."""
+    grid = {"sparsity.criterion": ["magnitude", "snip"] * 6, "seed": [0, 1, 1, 0]}
+    response = client.post("/experiments", json=valid_study(grid=grid), headers=AUTH)
+    assert response.status_code == 201, response.text
+    assert response.json()["n_trials"] == 4
 
 
 # --- storing and reading -----------------------------------------------------------------------

@@ -174,7 +174,8 @@ def test_a_reused_idempotency_key_with_another_body_is_409(client: TestClient) -
 def test_a_grid_over_the_limit_is_refused_and_one_at_the_limit_is_stored(
     client: TestClient,
 ) -> None:
-    huge = valid_study(grid={"seed": list(range(10_000)), "sparsity.density": [0.1] * 10})
+    densities = [round(0.1 * i, 1) for i in range(1, 11)]  # distinct: repeats count once
+    huge = valid_study(grid={"seed": list(range(10_000)), "sparsity.density": densities})
     response = client.post("/experiments", json=huge, headers=AUTH)
     assert response.status_code == 422 and "100000 trials" in response.text
     at_limit = valid_study(grid={"seed": list(range(500)), "criterion": ["snip", "set"]})

@@ -84,6 +84,45 @@ def test_bad_preset_requests_name_the_field_and_store_nothing(client: TestClient
     assert client.get("/experiments", headers=AUTH).json()["total"] == 0
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"grid": 5, "grid.seed": [0]},
+        {"grid": [], "grid.seed": [0]},
+        {"tags": "x", "tags.a": "b"},
+    ],
+)
+def test_a_key_set_in_a_section_an_earlier_override_replaced_is_422_naming_it(
+    client: TestClient, overrides: dict[str, object]
+) -> None:
+    """``grid.<field>`` and ``tags.<key>`` set a key in their section: after an override
+    that made the section a plain value there is none to set it in."""
+    key = list(overrides)[1]
+    with pytest.raises(ValueError, match=f"cannot set '{key}'"):
+        preset_study("fig6-structure", overrides)
+    response = client.post(
+        "/presets/fig6-structure/experiments", json={"overrides": overrides}, headers=AUTH
+    )
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "overrides"]
+    assert f"cannot set '{key}'" in error["msg"] and "is not a section" in error["msg"]
+    assert client.get("/experiments", headers=AUTH).json()["total"] == 0
+
+
+def test_a_nul_in_an_override_is_422_naming_the_field(client: TestClient) -> None:
+    response = client.post(
+        "/presets/fig6-structure/experiments",
+        json={"overrides": {"tags.note": "a\x00b"}},
+        headers=AUTH,
+    )
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "overrides"]
+    assert "tags.note: 'a\\x00b' contains a NUL character" in error["msg"]
+    assert client.get("/experiments", headers=AUTH).json()["total"] == 0
+
+
 def test_the_cli_lists_presets_and_refuses_an_unknown_one() -> None:
     runner = CliRunner()
     listed = runner.invoke(cli, ["presets"])

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from service.study import StudySpec, expand, grid_fields
+from dst.spec import RunSpec
+from service.study import MAX_GRID, StudySpec, expand, grid_fields
 
 
 def study(**extra: Any) -> dict[str, Any]:
@@ -94,9 +95,75 @@ def test_an_oversized_grid_is_counted_not_expanded(monkeypatch: pytest.MonkeyPat
         raise AssertionError("validation expanded the grid")
 
     monkeypatch.setattr(service.study, "expand", no_expanding)
-    huge = {"seed": list(range(10_000)), "sparsity.density": [0.1] * 10 + [0.2] * 10}
+    densities = [round(0.05 * i, 2) for i in range(1, 21)]  # 0.05, 0.1, ..., 1.0
+    huge = {"seed": list(range(10_000)), "sparsity.density": densities}
     with pytest.raises(ValidationError, match="expands to 200000 trials"):
         StudySpec.model_validate(study(grid=huge))
+
+
+def test_repeated_grid_values_are_dropped_and_not_counted() -> None:
+    """A value that makes the same run as an earlier one adds no trial: the grid keeps each
+    value once (the first, in order), so its size counts the trials it can make."""
+    spec = StudySpec.model_validate(
+        study(grid={"seed": [1, 0, 1, 0.0], "density": [0.1, 0.1], "criterion": ["snip"]})
+    )
+    assert spec.grid == {"seed": [1, 0], "sparsity.density": [0.1], "sparsity.criterion": ["snip"]}
+    assert spec.grid_size() == 2
+    assert [p.spec.seed for p in expand(spec)] == [1, 0]
+    # 10,000 seeds x 11 listed densities would be 110,000 > MAX_GRID, but it is 10,000 trials
+    many = StudySpec.model_validate(
+        study(grid={"seed": list(range(10_000)), "density": [0.2] * 11})
+    )
+    assert MAX_GRID == 100_000 and many.grid_size() == 10_000
+
+
+def test_the_longest_study_name_leaves_every_trial_a_valid_run_spec() -> None:
+    """Trials are named "<study name>/<index>": with a 200-character study name (the most
+    allowed) each trial's stored spec must still validate as a run spec."""
+    name = "n" * 200
+    spec = StudySpec.model_validate(
+        study(
+            name=name,
+            grid={"criterion": ["magnitude", "snip"], "seed": list(range(6))},
+            baselines={"dense": True, "static": True},
+        )
+    )
+    plans = expand(spec)
+    assert len(plans) == 2 * 6 + 6 + 6  # the DST runs, a static and a dense run per seed
+    for plan in plans:
+        stored = RunSpec.model_validate_json(plan.spec.model_dump_json())
+        assert stored.name == f"{name}/{plan.index}"
+    # the largest index: 100,000 grid runs, each with a static, a dense and a dense + dropout
+    # baseline, make 400,000 trials, the last numbered 399,999
+    from service.study import MAX_TRIALS
+
+    assert MAX_TRIALS == 400_000
+    assert RunSpec.model_validate({**study(), "name": f"{name}/399999"}).name == f"{name}/399999"
+    with pytest.raises(ValidationError) as info:
+        StudySpec.model_validate(study(name=name + "n"))
+    assert [(e["loc"], e["ctx"]) for e in info.value.errors()] == [(("name",), {"max_length": 200})]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"name": "a\x00b"}, r"name: 'a\\x00b' contains a NUL character"),
+        ({"tags": {"k\x00": "v"}}, r"tags\.k\\x00: 'k\\x00' contains a NUL character"),
+        ({"tags": {"k": "v\x00"}}, r"tags\.k: 'v\\x00' contains a NUL character"),
+        ({"data": {"root": "/data\x00"}}, r"data\.root: '/data\\x00' contains a NUL"),
+        ({"grid": {"seed": [0, "\x00"]}}, r"grid\.seed\.1: '\\x00' contains a NUL"),
+        ({"tags": {"\ud800": "v"}}, r"tags\.\\ud800: '\\ud800' is not valid Unicode"),
+        ({"grid": {"\udfff": [1]}}, r"grid\.\\udfff: '\\udfff' is not valid Unicode"),
+    ],
+)
+def test_text_that_cannot_be_stored_is_refused_naming_the_field_escaped(
+    extra: dict[str, Any], message: str
+) -> None:
+    """NUL (PostgreSQL's text refuses it) and lone surrogates (no UTF-8 for them) anywhere,
+    keys included; the error shows them escaped, so the error itself can be encoded."""
+    with pytest.raises(ValidationError, match=message) as info:
+        StudySpec.model_validate(study(**extra))
+    str(info.value).encode("utf-8")
 
 
 def test_grid_fields_cover_every_section() -> None:

@@ -93,8 +93,14 @@ def trial_out(t: Trial) -> TrialOut:
     )
 
 
+HEX_DIGITS = frozenset("0123456789abcdef")  # an experiment id is uuid4().hex
+
+
 def _get(session: SessionDep, experiment_id: str) -> Experiment:
-    experiment = crud.get_experiment(session, experiment_id)
+    """The experiment, or 404. An id that is not one the API gives out (32 hex digits) is not
+    looked up: the database need not take whatever a path holds (PostgreSQL refuses NUL)."""
+    known_form = len(experiment_id) == 32 and all(c in HEX_DIGITS for c in experiment_id)
+    experiment = crud.get_experiment(session, experiment_id) if known_form else None
     if experiment is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no experiment {experiment_id!r}")
     return experiment
@@ -193,7 +199,7 @@ def submit_experiment(
             return replay
     plans = _plans(study, settings)
     _check_data_roots(plans, settings)
-    experiment_id = uuid.uuid4().hex
+    experiment_id = uuid.uuid4().hex  # 32 of HEX_DIGITS
     try:
         experiment = crud.create_experiment(
             session,
