@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from dst.hashing import mix32
 from dst.masks import Masks
 
 T = TypeVar("T")
@@ -95,35 +96,16 @@ def mask_fingerprint(masks: Masks) -> torch.Tensor:
 
     Equal masks give equal fingerprints. Sums alone are linear, so moves that cancel (one
     connection one place up, another one place down) would keep them; the hash
-    (:func:`_mix32`) is not, so two different masks share a fingerprint only by a 32-bit
+    (:func:`dst.hashing.mix32`) is not, so two different masks share a fingerprint only by a 32-bit
     coincidence. Exact integer sums: no rounding can differ between ranks.
     """
     rows = []
     for mask in masks.values():
         active = mask.flatten().nonzero().squeeze(1)  # [k] flat indices, int64
         rows.append(
-            torch.stack([active.new_tensor(len(active)), active.sum(), _mix32(active).sum()])
+            torch.stack([active.new_tensor(len(active)), active.sum(), mix32(active).sum()])
         )
     return torch.stack(rows).cpu() if rows else torch.zeros(0, 3, dtype=torch.long)
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash of each element of ``x`` (int64, taken mod 2^32): xor-shifts
-    and multiplications as in Wellons' lowbias32, in int64 arithmetic that cannot
-    overflow (products are split into 16-bit halves)."""
-    x = x & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """``x * c mod 2^32`` for ``x`` in [0, 2^32): each partial product stays below 2^49."""
-    low = x * (c & 0xFFFF)
-    high = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (low + high) & 0xFFFFFFFF
 
 
 def check_masks_agree(masks: Masks, world: World, step: int) -> None:

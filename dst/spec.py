@@ -110,6 +110,12 @@ class TrainingSpec(_Strict):
         False,
         description="torch.compile the model (the first steps compile; changes numerics slightly)",
     )
+    sync_batchnorm: bool = Field(
+        False,
+        description="trials of several workers on GPUs: BatchNorm normalizes over the global "
+        "batch (SyncBatchNorm), as one worker would, at an all-reduce per BatchNorm layer per "
+        "step; off: over each worker's share (plain DDP). CUDA only (PyTorch's SyncBatchNorm)",
+    )
     checkpoint_every_steps: int | None = Field(
         None,
         ge=1,
@@ -215,6 +221,11 @@ class RunSpec(_Strict):
                 f"training.optimizer_kernel 'native' runs on the CPU only, but device is "
                 f"{self.device!r}: use 'auto' or 'compiled'"
             )
+        if self.training.sync_batchnorm and not self.device.startswith(("cuda", "auto")):
+            raise ValueError(
+                f"training.sync_batchnorm runs on CUDA only (PyTorch's SyncBatchNorm), but "
+                f"device is {self.device!r}: set it to false, or use 'cuda' or 'auto'"
+            )
         if kernel == "fused" and not self.device.startswith(("cuda", "auto")):
             raise ValueError(
                 f"training.optimizer_kernel 'fused' runs on CUDA only, but device is "
@@ -265,6 +276,7 @@ class TrainingConfig:
     channels_last: bool = False
     compile: bool = False
     checkpoint_every_steps: int | None = None
+    sync_batchnorm: bool = False
 
 
 def resolve_training(spec: RunSpec) -> TrainingConfig:
@@ -289,6 +301,7 @@ def resolve_training(spec: RunSpec) -> TrainingConfig:
         channels_last=t.channels_last,
         compile=t.compile,
         checkpoint_every_steps=t.checkpoint_every_steps,
+        sync_batchnorm=t.sync_batchnorm,
     )
 
 

@@ -8,6 +8,11 @@ whole training step. Augmentation draws from the same distribution as the per-sa
 1/2) but from a different random stream, so it is an option (``training.data_path: tensor``).
 Batches come from the same :class:`~dst.batches.GlobalBatchSampler` (training) or shards
 (evaluation) as the loader path, so data-parallel training works unchanged.
+
+In training each sample's draws are a hash of (run seed, epoch, sample index)
+(:func:`dst.hashing.keyed_uniforms`, on the host): as on the loader path, a sample
+is augmented the same way whichever worker takes it, so W workers together see the batches
+one worker sees, and a run resumed anywhere draws what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from dst.hashing import combine, keyed_uniforms
 
 
 @dataclass(frozen=True)
@@ -50,16 +57,24 @@ class TensorSplit:
         return TensorSplit(self.inputs, self.labels, self.norm)
 
     def batch(
-        self, indices: torch.Tensor, gen: torch.Generator | None = None
+        self, indices: torch.Tensor, draws: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The model inputs and labels of samples ``indices`` [B] (augmented if configured)."""
+        """The model inputs and labels of samples ``indices`` [B], augmented if configured:
+        by ``draws`` ([3, B] uniforms in [0, 1) on the device, see :func:`crop_and_flip`),
+        else by fresh draws from the device's global generator."""
         idx = to_device(indices, self.inputs.device)
         x = self.inputs[idx]  # [B, ...]
-        if self.pad_crop or self.flip:
-            x = crop_and_flip(x, self.pad_crop, self.flip, gen)
+        if self.augments:
+            if draws is None:
+                draws = torch.rand((3, len(idx)), device=x.device)
+            x = crop_and_flip(x, self.pad_crop, self.flip, draws)
         if self.norm is not None:
             x = normalize(x, self.norm)
         return x, self.labels[idx]
+
+    @property
+    def augments(self) -> bool:
+        return bool(self.pad_crop or self.flip)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -72,25 +87,16 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _uniform(shape: tuple[int, ...], x: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    """Uniform [0, 1) draws on ``x``'s device (from ``gen``, on the CPU, when given)."""
-    if gen is None:
-        return torch.rand(shape, device=x.device)
-    return to_device(torch.rand(shape, generator=gen), x.device)
-
-
-def crop_and_flip(
-    x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator | None = None
-) -> torch.Tensor:
+def crop_and_flip(x: torch.Tensor, pad: int, flip: bool, draws: torch.Tensor) -> torch.Tensor:
     """Each image of ``x`` [B, C, H, W] zero-padded by ``pad``, cropped back to H x W at a
     uniformly random offset in [0, 2·pad] per axis (torchvision's RandomCrop(padding=pad)),
     then, if ``flip``, mirrored left-right with probability 1/2 (RandomHorizontalFlip).
+    ``draws`` [3, B], uniform in [0, 1) on ``x``'s device: row offset, column offset, flip.
 
     One gather does both: the crop's column indices run backwards for a mirrored image.
     """
     b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)).flatten(2)  # [B, C, P]
-    draws = _uniform((3, b), x, gen)  # [3, B]: row offset, column offset, flip
     offsets = (draws[:2] * (2 * pad + 1)).long()  # [2, B] in [0, 2p]
     cols = torch.arange(w, device=x.device).expand(b, w)  # [B, W]
     if flip:
@@ -102,14 +108,14 @@ def crop_and_flip(
     return out.view(b, c, h, w)
 
 
-def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -> torch.Tensor:
+def random_crop(x: torch.Tensor, pad: int, draws: torch.Tensor) -> torch.Tensor:
     """:func:`crop_and_flip` without the flip."""
-    return crop_and_flip(x, pad, False, gen)
+    return crop_and_flip(x, pad, False, draws)
 
 
-def random_flip(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+def random_flip(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """:func:`crop_and_flip` without the crop: each image mirrored with probability 1/2."""
-    return crop_and_flip(x, 0, True, gen)
+    return crop_and_flip(x, 0, True, draws)
 
 
 def normalize(x: torch.Tensor, norm: ImageNorm) -> torch.Tensor:
@@ -133,17 +139,38 @@ def _affine(norm: ImageNorm, device: torch.device) -> tuple[torch.Tensor, torch.
 
 class TensorBatches:
     """Batches of a :class:`TensorSplit` in the order of ``batches`` (index lists per batch):
-    a drop-in for a ``DataLoader`` in the training loop."""
+    a drop-in for a ``DataLoader`` in the training loop. Given ``seed``, ``batches`` name
+    each sample as ``(epoch, index)`` (:class:`~dst.batches.SampleKeys`) and each sample is
+    augmented by draws keyed on (seed, epoch, index) (:func:`augmentation_draws`)."""
 
-    def __init__(self, split: TensorSplit, batches: Iterable[list[int]]) -> None:
-        self.split, self.batches = split, batches
+    def __init__(
+        self,
+        split: TensorSplit,
+        batches: Iterable[list[int]] | Iterable[list[tuple[int, int]]],
+        seed: int | None = None,
+    ) -> None:
+        self.split, self.batches, self.seed = split, batches, seed
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for indices in self.batches:
-            yield self.split.batch(torch.as_tensor(indices, dtype=torch.long))
+        for batch in self.batches:
+            if self.seed is None:
+                yield self.split.batch(torch.as_tensor(batch, dtype=torch.long))
+                continue
+            keys = torch.as_tensor(batch, dtype=torch.long)  # [B, 2]: (epoch, index), CPU
+            indices = keys[:, 1].contiguous()  # [B]
+            device, draws = self.split.inputs.device, None
+            if self.split.augments:  # hashed on the host, sent beside the indices
+                draws = to_device(augmentation_draws(self.seed, int(keys[0, 0]), indices), device)
+            yield self.split.batch(to_device(indices, device), draws)
+
+
+def augmentation_draws(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+    """The crop and flip draws ([3, B] uniforms on the CPU) of samples ``indices`` [B] (a
+    CPU tensor) in ``epoch`` of a run seeded ``seed``: a function of those three only."""
+    return keyed_uniforms(combine(seed, epoch), indices, 3)
 
 
 def fixed_batches(n: int, size: int, rank: int = 0, world: int = 1) -> list[list[int]]:

@@ -89,14 +89,27 @@ def loss_and_correct(
     return loss, correct
 
 
+def with_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` with every BatchNorm layer a SyncBatchNorm (in place, keeping the same
+    parameters and buffers, so the optimizer, masks and checkpoints are unaffected): in a
+    data-parallel run each training forward then normalizes over the global batch, as a
+    single worker does, instead of over the worker's share. PyTorch runs it on CUDA only."""
+    if device.type != "cuda":
+        raise ValueError(
+            f"training.sync_batchnorm runs on CUDA only (PyTorch's SyncBatchNorm), and this "
+            f"trial trains on {device}: set it to false"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """The global torch seed of one rank's epoch (dropout, augmentation, loader workers)."""
+    """The global torch seed of one rank's epoch (dropout, loader workers)."""
     return ((seed * 1_000_003 + rank) * 10_007 + epoch) % 2**63
 
 
 def checkpoint_seed(seed: int, rank: int, step: int) -> int:
     """The global torch seed after a mid-epoch checkpoint at global ``step``: from there on
-    dropout and augmentation are a function of (seed, rank, step), so a run resumed from that
+    dropout draws are a function of (seed, rank, step), so a run resumed from that
     checkpoint draws what the uninterrupted one draws (on every rank)."""
     return (((seed * 1_000_003 + rank) * 10_007 + step) * 7 + 3) % 2**63
 
@@ -281,7 +294,7 @@ class Trainer:
         """The tensor data path: every split on the device, batches cut by indexing."""
         train, val, test = (s.to(self.device) for s in splits)
         size, w = self.config.eval_batch_size, self.world
-        self.train_loader = TensorBatches(train, self.sampler)
+        self.train_loader = TensorBatches(train, SampleKeys(self.sampler), self.spec.seed)
         self.val_loader = TensorBatches(val, fixed_batches(len(val), size, w.rank, w.size))
         self.test_loader = TensorBatches(test, fixed_batches(len(test), size, w.rank, w.size))
 
@@ -322,6 +335,8 @@ class Trainer:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
+        if self.config.sync_batchnorm:
+            model = with_sync_batchnorm(model, self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
@@ -421,9 +436,9 @@ class Trainer:
         self.progress = p
         if not resuming:
             self.new_connections = self._count(0)
-            # dropout (and the tensor path's augmentation) draw from here: fixed per (seed,
-            # rank, epoch), so a resumed run draws what the uninterrupted one drew, and ranks
-            # draw differently (the loader path seeds each sample, see dst.batches)
+            # dropout draws from here: fixed per (seed, rank, epoch), so a resumed run draws
+            # what the uninterrupted one drew, and ranks draw differently (augmentation is
+            # keyed per sample on both data paths: dst.batches, dst.tensor_data)
             torch.manual_seed(epoch_seed(self.spec.seed, self.world.rank, self.epoch))
         self.sampler.set_epoch(self.epoch, start=p.batch)  # a new order each epoch, every rank
         batches = iter(self.train_loader)  # (creating it may draw from the RNG)

@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from dst.batches import GlobalBatchSampler, SampleKeys
 from dst.criteria import CRITERIA, resolve_criterion
 from dst.distributed import World
 from dst.distributions import layer_densities
@@ -33,7 +34,7 @@ from dst.optimizers import Kernel, MaskedSGD
 from dst.schedules import PruneSchedule
 from dst.selection import Segments, lowest_k
 from dst.spec import RunSpec
-from dst.tensor_data import ImageNorm, TensorSplit
+from dst.tensor_data import ImageNorm, TensorBatches, TensorSplit
 from dst.topology import TopologyUpdater
 from dst.training import Trainer
 from tests import ddp
@@ -253,16 +254,17 @@ def test_a_topology_update_on_cuda_does_not_wait_for_the_device(together: bool) 
 
 
 def test_augmented_tensor_batches_do_not_synchronize_per_batch() -> None:
-    """Indices and random draws reach the GPU through page-locked memory. (On torch 2.11 an H100
-    showed one synchronization in eight batches, inside ``torch.cuda``: not one per batch.)"""
+    """Indices reach the GPU through page-locked memory and the keyed draws are computed there.
+    (On torch 2.11 an H100 showed one synchronization in eight batches, inside ``torch.cuda``:
+    not one per batch.)"""
     gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    images = torch.randint(0, 256, (576, 3, 32, 32), dtype=torch.uint8, generator=gen)
     norm = ImageNorm((0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
-    split = TensorSplit(images, torch.randint(0, 10, (512,)), norm, 4, True).to(CUDA)
-    split.batch(torch.arange(64), gen)  # warm-up
+    split = TensorSplit(images, torch.randint(0, 10, (576,)), norm, 4, True).to(CUDA)
+    batches = iter(TensorBatches(split, SampleKeys(GlobalBatchSampler(576, 64, seed=0)), seed=0))
+    next(batches)  # warm-up
     with counted_syncs() as syncs:
-        for i in range(8):
-            x, _ = split.batch(torch.arange(64) + 64 * i, gen)
+        for x, _ in batches:  # eight more
             assert x.shape == (64, 3, 32, 32) and x.is_cuda
     assert sum(syncs.values()) < 8, syncs
 

@@ -3,7 +3,9 @@ masks on every rank, evaluation of each sample exactly once, loud failure on div
 
 from __future__ import annotations
 
+import functools
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +15,6 @@ from dst.criteria import CRITERIA
 from dst.distributed import (
     MasksDivergedError,
     World,
-    _mix32,
     all_gather,
     check_masks_agree,
     mask_fingerprint,
@@ -21,7 +22,7 @@ from dst.distributed import (
 from dst.growth import GROWTH
 from dst.spec import RunSpec
 from dst.training import Trainer
-from tests.ddp import run_world
+from tests.ddp import run_world, train
 
 BASE: dict[str, Any] = {
     "model": "small-mlp",
@@ -184,20 +185,6 @@ def test_every_rank_gathers_every_ranks_value_in_rank_order(ranks: list) -> None
     assert all_gather({"alone": 1}, World()) == [{"alone": 1}]
 
 
-def test_the_mask_hash_is_lowbias32() -> None:
-    """Against the hash written out on Python integers (Wellons' lowbias32)."""
-
-    def lowbias32(v: int) -> int:
-        v ^= v >> 16
-        v = (v * 0x7FEB352D) & 0xFFFFFFFF
-        v ^= v >> 15
-        v = (v * 0x846CA68B) & 0xFFFFFFFF
-        return v ^ (v >> 16)
-
-    values = [0, 1, 2, 3, 65_535, 65_536, 2_359_295, 123_456_789, 2**32 - 1]
-    assert _mix32(torch.tensor(values)).tolist() == [lowbias32(v) for v in values]
-
-
 def test_masks_with_moves_that_cancel_have_different_fingerprints() -> None:
     """Same count and same index sum, different connections: the fingerprints differ."""
     a = {"w": torch.tensor([[True, False], [False, True]])}  # active 0, 3
@@ -205,3 +192,24 @@ def test_masks_with_moves_that_cancel_have_different_fingerprints() -> None:
     assert torch.equal(mask_fingerprint(a)[:, :2], mask_fingerprint(b)[:, :2])
     assert not torch.equal(mask_fingerprint(a), mask_fingerprint(b))
     assert torch.equal(mask_fingerprint(a), mask_fingerprint({"w": a["w"].clone()}))
+
+
+@pytest.mark.parametrize("data_path", ["loader", "tensor"])
+def test_two_workers_do_what_one_worker_does_with_augmentation(
+    tmp_path: Path, data_path: str
+) -> None:
+    """CIFAR-10 files, random crop and flip: each sample's draws are keyed on (seed, epoch,
+    index) on both data paths, so the two workers' augmented shares make up the one worker's
+    batches, and the runs agree (masks exactly)."""
+    from tests.dst.test_datasets import write_cifar
+    from tests.dst.test_training import cifar_run
+
+    write_cifar(tmp_path)
+    spec = cifar_run(tmp_path, data_path=data_path, optimizer_kernel="eager").model_dump()
+    single = train(spec, World())
+    for rank in run_world(functools.partial(train, spec), 2, tmp_path):
+        for mine, ref in zip(rank["history"], single["history"], strict=True):
+            for key in ("train_loss", "train_acc", "val_loss", "test_acc", "itop"):
+                assert mine[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+        for name, mask in single["masks"].items():
+            assert torch.equal(rank["masks"][name], mask), name

@@ -11,10 +11,12 @@ import torch
 from scipy.stats import chisquare
 from torchvision import transforms as T
 
+from dst.batches import GlobalBatchSampler, SampleKeys
 from dst.tensor_data import (
     ImageNorm,
     TensorBatches,
     TensorSplit,
+    augmentation_draws,
     crop_and_flip,
     fixed_batches,
     normalize,
@@ -29,8 +31,9 @@ def images(b: int = 4, c: int = 3, size: int = 6) -> torch.Tensor:
 
 def test_crop_is_a_window_of_the_zero_padded_image() -> None:
     x = images().to(torch.uint8)
-    out = random_crop(x, 2, torch.Generator().manual_seed(3))
-    offsets = (torch.rand((3, 4), generator=torch.Generator().manual_seed(3))[:2] * 5).long()
+    draws = torch.rand((3, 4), generator=torch.Generator().manual_seed(3))
+    out = random_crop(x, 2, draws)
+    offsets = (draws[:2] * 5).long()
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for i in range(4):
         oy, ox = int(offsets[0, i]), int(offsets[1, i])
@@ -38,12 +41,12 @@ def test_crop_is_a_window_of_the_zero_padded_image() -> None:
 
 
 def test_crop_offsets_are_uniform_over_every_position() -> None:
-    """A 9x9 image padded by 4: its centre pixel lands at (8 - oy, 8 - ox) of the crop for
-    every offset oy, ox in [0, 8], so where it lands reveals the offset; all 81 offsets should
-    be about equally frequent."""
+    """With training's keyed draws. A 9x9 image padded by 4: its centre pixel lands at
+    (8 - oy, 8 - ox) of the crop for every offset oy, ox in [0, 8], so where it lands reveals
+    the offset; all 81 offsets should be about equally frequent."""
     marked = torch.zeros(16_200, 1, 9, 9, dtype=torch.uint8)
     marked[:, :, 4, 4] = 1
-    out = random_crop(marked, 4, torch.Generator().manual_seed(1))
+    out = random_crop(marked, 4, augmentation_draws(1, 0, torch.arange(16_200)))
     assert bool((out.flatten(1).sum(1) == 1).all())  # always inside the crop
     counts = Counter(out.flatten(1).argmax(1).tolist())  # row * 9 + col
     assert len(counts) == 81
@@ -52,7 +55,7 @@ def test_crop_offsets_are_uniform_over_every_position() -> None:
 
 def test_flip_mirrors_half_of_the_images() -> None:
     x = images(2000)
-    out = random_flip(x, torch.Generator().manual_seed(0))
+    out = random_flip(x, augmentation_draws(0, 3, torch.arange(2000)))
     same = (out == x).flatten(1).all(1)
     mirrored = (out == x.flip(3)).flatten(1).all(1)
     assert bool((same | mirrored).all())
@@ -61,8 +64,8 @@ def test_flip_mirrors_half_of_the_images() -> None:
 
 def test_crop_and_flip_together_is_a_mirrored_window() -> None:
     x = images(64, size=8).to(torch.uint8)
-    out = crop_and_flip(x, 4, True, torch.Generator().manual_seed(5))
     draws = torch.rand((3, 64), generator=torch.Generator().manual_seed(5))
+    out = crop_and_flip(x, 4, True, draws)
     offsets = (draws[:2] * 9).long()
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(64):
@@ -99,3 +102,24 @@ def test_augmentation_keeps_shape_and_dtype(pad: int) -> None:
     )
     x, y = split.batch(torch.arange(8))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and len(y) == 8
+
+
+def test_two_workers_together_get_the_batches_one_worker_gets() -> None:
+    """Each sample's crop and flip are keyed on (seed, epoch, index): in every global batch,
+    worker r's augmented samples are the single worker's samples r, r + 2, ... ."""
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    split = TensorSplit(images, torch.arange(50), pad_crop=4, flip=True)
+
+    def epoch(rank: int, world: int, number: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = GlobalBatchSampler(50, 16, seed=7, rank=rank, world_size=world)
+        sampler.set_epoch(number)
+        return list(TensorBatches(split, SampleKeys(sampler), seed=7))
+
+    for number in (0, 1):
+        one, ranks = epoch(0, 1, number), [epoch(r, 2, number) for r in (0, 1)]
+        assert len(one) == len(ranks[0]) == len(ranks[1]) == 4
+        for step, (x, y) in enumerate(one):
+            for r in (0, 1):
+                assert torch.equal(ranks[r][step][0], x[r::2])
+                assert torch.equal(ranks[r][step][1], y[r::2])
+    assert not torch.equal(epoch(0, 1, 0)[0][0], epoch(0, 1, 1)[0][0])  # a new epoch: new draws

@@ -14,7 +14,7 @@ from dst.criteria import CRITERIA
 from dst.kernels import KernelUnavailableError
 from dst.masks import density
 from dst.spec import RunSpec
-from dst.training import Trainer, best_validation
+from dst.training import Trainer, best_validation, with_sync_batchnorm
 
 BASE = {
     "model": "small-mlp",
@@ -275,6 +275,33 @@ def test_channels_last_needs_images() -> None:
         RunSpec.model_validate(
             {"model": "small-mlp", "dataset": "higgs", "training": {"channels_last": True}}
         )
+
+
+def test_sync_batchnorm_replaces_every_batchnorm_keeping_parameters_and_buffers() -> None:
+    """The conversion only (its forward needs several GPUs): the same parameters and buffers,
+    so the optimizer, the masks and checkpoints are unaffected."""
+    from dst.datasets import get_dataset
+    from dst.models import build_model
+
+    model = build_model("resnet56", get_dataset("cifar10").info)
+    before = dict(model.state_dict(keep_vars=True))
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    converted = with_sync_batchnorm(model, torch.device("cuda"))
+    assert converted is model  # changed in place: the trainer's model is the one trained
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == n_bn > 0
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in model.modules())
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+    with pytest.raises(ValueError, match="sync_batchnorm runs on CUDA only"):
+        with_sync_batchnorm(model, torch.device("cpu"))
+
+
+def test_sync_batchnorm_needs_cuda_or_auto() -> None:
+    data = {"model": "resnet56", "dataset": "cifar10", "training": {"sync_batchnorm": True}}
+    with pytest.raises(ValueError, match=r"training.sync_batchnorm runs on CUDA only.*'cpu'"):
+        RunSpec.model_validate(data)
+    for device in ("auto", "cuda:1"):
+        assert RunSpec.model_validate({**data, "device": device}).training.sync_batchnorm
 
 
 @pytest.mark.slow
