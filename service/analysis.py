@@ -14,10 +14,12 @@ Jaccard index (Figure 6b) with J_init and the weights every criterion keeps or r
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import re
 import statistics
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,10 +77,14 @@ class StudyAnalysis:
     over_time: list[dict[str, Any]] = field(default_factory=list)  # Figure 18 per setting
     curves: list[dict[str, Any]] = field(default_factory=list)  # Figures 2, 4 per setting
     itop: list[dict[str, Any]] = field(default_factory=list)  # final ITOP rows (Figure 11)
+    # the one value of each field the study does not vary, as its DST trials have it (e.g.
+    # the criterion and growth every run used): what a figure labels its lines and panels by
+    fixed: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("results")
+        out.pop("fixed")
         return out
 
 
@@ -104,6 +110,7 @@ def analyze(
     results = summarize(specs, [(t.spec, t.metrics) for t in finished])
     within = [f for f in results.group_by if f not in (CRITERION, MODE)]
     analysis = StudyAnalysis(partial, len(finished), results.group_by, within, results=results)
+    analysis.fixed = fixed_values(specs, results.group_by)
     if mask_dir is not None and CRITERION in results.group_by:
         analysis.structure = end_mask_structure(finished, within, mask_dir)
     references = random_references(finished, within, mask_dir) if mask_dir else {}
@@ -122,6 +129,15 @@ def analyze(
         else:
             analysis.skipped[split] = reason or "nothing to rank"
     return analysis
+
+
+def fixed_values(specs: Iterable[RunSpec], varied: Sequence[str]) -> dict[str, Any]:
+    """The value of every field not in ``varied``, as the study's DST trials all have it
+    (``{}`` for a study without DST trials)."""
+    for spec in specs:
+        if spec.sparsity.mode == "dst":
+            return {k: v for k, v in run_config(spec).items() if k not in varied}
+    return {}
 
 
 def _setting(trial: FinishedTrial, within: Sequence[str]) -> str:
@@ -205,23 +221,67 @@ def rankings_csv(analysis: StudyAnalysis) -> str:
     return "\n".join(lines) + "\n"
 
 
+def setting_slug(setting: Mapping[str, Any]) -> str:
+    """A setting as a file-name part: ``growth-gradient_density-0.1``."""
+    parts = [f"{key.rpartition('.')[2]}-{value}" for key, value in setting.items()]
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
+
+
+def setting_hash(setting: Mapping[str, Any]) -> str:
+    """A short hash of a setting's values, the same in every process and run."""
+    text = json.dumps(setting, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def setting_names(stem: str, settings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The names of ``settings`` (figures, MLflow tags): ``stem`` for one setting, else
+    ``stem_<slug>``, and ``stem_<slug>_<hash>`` where two settings share a slug (values that
+    differ only in characters :func:`setting_slug` replaces), so no name is another's."""
+    if len(settings) == 1:
+        return [stem]
+    slugs = [setting_slug(setting) for setting in settings]
+    shared = {slug for slug, count in Counter(slugs).items() if count > 1}
+    return [
+        f"{stem}_{slug}_{setting_hash(setting)}" if slug in shared else f"{stem}_{slug}"
+        for slug, setting in zip(slugs, settings, strict=True)
+    ]
+
+
+MLFLOW_KEY_LENGTH = 250  # the longest metric or tag name MLflow takes
+
+
 def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
     """What the MLflow runs table shows of a study: the mean final test accuracy of each
     criterion (metrics ``mean_test_acc.<criterion>``, over every DST configuration and seed)
-    and the best criterion at each density (tags ``best_criterion.density_<d>``)."""
+    and the best criterion at each density of each setting (everything varied but the
+    criterion and the density): tags ``best_criterion.density_<d>`` for a study of one
+    setting, else ``best_criterion.density_<d>_<setting>`` (named as the figures are, e.g.
+    ``best_criterion.density_0.1_growth-gradient``; ``_<hash>`` alone for a name too long)."""
     rows = [r for r in result_rows(analysis) if r["config"].get(MODE, "dst") == "dst"]
+    fields = [f for f in analysis.group_by if f not in (MODE, CRITERION, DENSITY)]
+    settings: list[dict[str, Any]] = []
     by_criterion: dict[str, list[float]] = {}
-    best: dict[str, tuple[float, str]] = {}
+    best: dict[tuple[int, str], tuple[float, str]] = {}  # (setting, density) -> (mean, best)
     for row in rows:
         criterion, mean = row["config"].get(CRITERION), row["test_acc_mean"]
         if criterion is None or mean is None:
             continue
         by_criterion.setdefault(criterion, []).append(mean)
         density = row["config"].get(DENSITY)
-        if density is not None and (str(density) not in best or mean > best[str(density)][0]):
-            best[str(density)] = (mean, criterion)
+        setting = {f: row["config"].get(f) for f in fields}
+        if setting not in settings:
+            settings.append(setting)
+        key = (settings.index(setting), str(density))
+        if density is not None and (key not in best or mean > best[key][0]):
+            best[key] = (mean, criterion)
     metrics = {f"mean_test_acc.{c}": sum(v) / len(v) for c, v in by_criterion.items()}
-    tags = {f"best_criterion.density_{d}": c for d, (_, c) in best.items()}
+    suffixes = setting_names("", settings)  # "" for one setting, else "_<setting>"
+    tags = {}
+    for (index, density), (_, criterion) in best.items():
+        name = f"best_criterion.density_{density}{suffixes[index]}"
+        if len(name) > MLFLOW_KEY_LENGTH:
+            name = f"best_criterion.density_{density}_{setting_hash(settings[index])}"
+        tags[name] = criterion
     return metrics, tags
 
 

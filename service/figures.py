@@ -5,24 +5,25 @@ A study's figures are named: ``accuracy_vs_density`` (Figure 1), ``learning_curv
 ``jaccard_first_update`` and ``jaccard_end_masks`` (6), ``accuracy_vs_mest_lambda`` (7),
 ``itop_vs_update_period`` (11) and ``jaccard_over_time`` (18). A figure drawn per setting
 (everything the study varies but the criterion and the seed) carries the setting in its name
-when the study has several, e.g. ``loss_gap_growth-gradient_density-0.1``; so does Figure 1,
-one per setting of everything varied but the density, the criterion, the growth (its panels)
-and the seed, e.g. ``accuracy_vs_density_schedule-cosine``. Two settings whose names would
-coincide (values that differ only in characters a file name cannot hold) each get a short
-hash of the setting as well (``_<8 hex digits>``). Each appears only when the study holds
-what it needs. A trial's own figures (:func:`trial_figures`) go to its MLflow child run. The
-drawing itself is :mod:`dst.figures`'.
+when the study has several, e.g. ``loss_gap_growth-gradient_density-0.1``; so do the figures
+drawn from the results table, one per setting of everything varied but what they draw and the
+seed: Figure 1 all but the density, the criterion and the growth (its panels), e.g.
+``accuracy_vs_density_schedule-cosine``; Figure 5 all but Δt, the criterion and the density
+(its panels), e.g. ``accuracy_vs_update_period_lr-0.1``; Figure 11 all but Δt, the criterion,
+the growth and the density; Figure 7 (the MEST runs) all but λ and the density. Each draws
+the baselines of its own setting only. A line or panel named by a field the study does not
+vary is named by the value its runs used (``gradient growth``, not ``random``). Two settings
+whose names would coincide (values that differ only in characters a file name cannot hold)
+each get a short hash of the setting as well (``_<8 hex digits>``). Each appears only when
+the study holds what it needs. A trial's own figures (:func:`trial_figures`) go to its MLflow
+child run. The drawing itself is :mod:`dst.figures`'.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import math
-import re
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,10 @@ from service.analysis import (
     removal_columns,
     removal_points,
     result_rows,
+    setting_names,
 )
+from service.analysis import setting_hash as setting_hash  # a figure's name, as before
+from service.analysis import setting_slug as setting_slug
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -125,35 +129,9 @@ def _write(analysis: StudyAnalysis, names: Sequence[str], directory: Path) -> No
             figure.savefig(directory / f"{name}.{kind}", format=kind)
 
 
-def setting_slug(setting: Mapping[str, Any]) -> str:
-    """A setting as a file-name part: ``growth-gradient_density-0.1``."""
-    parts = [f"{key.rpartition('.')[2]}-{value}" for key, value in setting.items()]
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts))
-
-
 def setting_title(setting: Mapping[str, Any]) -> str:
     """A setting as a title part: ``growth gradient, density 0.1``."""
     return ", ".join(f"{k.rpartition('.')[2]} {v}" for k, v in setting.items()) or "the study"
-
-
-def setting_hash(setting: Mapping[str, Any]) -> str:
-    """A short hash of a setting's values, the same in every process and run."""
-    text = json.dumps(setting, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def setting_names(stem: str, settings: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The figure names of ``settings``: ``stem`` for one setting, else ``stem_<slug>``, and
-    ``stem_<slug>_<hash>`` where two settings share a slug (values that differ only in
-    characters :func:`setting_slug` replaces), so no figure file overwrites another."""
-    if len(settings) == 1:
-        return [stem]
-    slugs = [setting_slug(setting) for setting in settings]
-    shared = {slug for slug, count in Counter(slugs).items() if count > 1}
-    return [
-        f"{stem}_{slug}_{setting_hash(setting)}" if slug in shared else f"{stem}_{slug}"
-        for slug, setting in zip(slugs, settings, strict=True)
-    ]
 
 
 def _per_setting(
@@ -170,11 +148,15 @@ def _per_setting(
 
 def _builders(analysis: StudyAnalysis) -> dict[str, Builder]:
     varied = set(analysis.group_by)
-    rows = result_rows(analysis)
+    rows = [_with_fixed(row, analysis.fixed) for row in result_rows(analysis)]
     builders: dict[str, Builder] = {}
-    dst_rows = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
+    dst_rows = [r for r in rows if _is_dst(r)]
+
+    def others(drawn: Sequence[str]) -> list[str]:  # what a figure is drawn once per value of
+        return [f for f in analysis.group_by if f not in drawn]
+
     if DENSITY in varied and dst_rows:
-        settings = _settings(dst_rows, [f for f in analysis.group_by if f not in DENSITY_DRAWN])
+        settings = _settings(dst_rows, others(DENSITY_DRAWN))
         entries = [{"setting": setting, "rows": rows} for setting in settings]
         _per_setting(builders, "accuracy_vs_density", entries, _density_builder)
     for split, ranking in analysis.rankings.items():
@@ -186,13 +168,36 @@ def _builders(analysis: StudyAnalysis) -> dict[str, Builder]:
     _per_setting(builders, "jaccard_end_masks", analysis.structure, _jaccard_builder)
     _per_setting(builders, "jaccard_over_time", analysis.over_time, _over_time_builder)
     if PERIOD in varied and dst_rows:
-        builders["accuracy_vs_update_period"] = lambda: _accuracy_vs_update_period(rows)
-        itop = [r for r in analysis.itop if r["config"].get(MODE, "dst") == "dst"]
-        if itop:
-            builders["itop_vs_update_period"] = lambda: _itop_vs_update_period(itop)
-    if LAMBDA in varied and dst_rows:
-        builders["accuracy_vs_mest_lambda"] = lambda: _accuracy_vs_mest_lambda(rows)
+        settings = _settings(dst_rows, others(PERIOD_DRAWN))
+        entries = [{"setting": setting, "rows": rows} for setting in settings]
+        _per_setting(builders, "accuracy_vs_update_period", entries, _period_builder)
+        itop = [_with_fixed(r, analysis.fixed) for r in analysis.itop if _is_dst(r)]
+        settings = _settings(dst_rows, others(ITOP_DRAWN))  # named over every DST setting
+        names = setting_names("itop_vs_update_period", settings)
+        for name, setting in zip(names, settings, strict=True):
+            own = [r for r in itop if _in_setting(r, setting)]
+            if own:
+                builders[name] = _itop_builder(own, setting)
+    mest = [r for r in dst_rows if r["config"].get(CRITERION, "mest") == "mest"]
+    if LAMBDA in varied and mest:
+        entries = [{"setting": s, "rows": mest} for s in _settings(mest, others(LAMBDA_DRAWN))]
+        _per_setting(builders, "accuracy_vs_mest_lambda", entries, _lambda_builder)
     return builders
+
+
+def _is_dst(row: dict[str, Any]) -> bool:
+    return bool(row["config"].get(MODE, "dst") == "dst")
+
+
+LABELLED = (CRITERION, GROWTH, DENSITY)  # what a figure's lines and panels are named by
+
+
+def _with_fixed(row: dict[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]:
+    """A DST results row whose config also holds the study's one value of each field of
+    :data:`LABELLED` it does not vary, so a line is named by the criterion the runs used (not
+    ``None``) and a panel by their growth; a baseline row as it is."""
+    missing = {k: fixed[k] for k in LABELLED if k in fixed and k not in row["config"]}
+    return row | {"config": row["config"] | missing} if missing and _is_dst(row) else row
 
 
 def _values(rows: Sequence[dict[str, Any]], key: str) -> list[Any]:
@@ -270,7 +275,7 @@ def _accuracy_vs_density(rows: list[dict[str, Any]], setting: Mapping[str, Any])
     dense and static baselines of that same setting."""
     from dst import figures
 
-    dst = [r for r in rows if r["config"].get(MODE, "dst") == "dst" and _in_setting(r, setting)]
+    dst = [r for r in rows if _is_dst(r) and _in_setting(r, setting)]
     growths = _values(dst, GROWTH) or [None]
     panels = {
         str(g or "random"): figures.result_series(
@@ -284,7 +289,7 @@ def _accuracy_vs_density(rows: list[dict[str, Any]], setting: Mapping[str, Any])
         panels,
         dense=_dense_baseline(rows, setting),
         static=static_series[0] if static_series else None,
-        title=f"{FIGURE_1_TITLE} ({setting_title(setting)})" if setting else FIGURE_1_TITLE,
+        title=_titled(FIGURE_1_TITLE, setting),
     )
 
 
@@ -303,49 +308,82 @@ def _cd_builder(ranking: dict[str, Any], split: str) -> Builder:
     return build
 
 
-def _accuracy_vs_update_period(rows: list[dict[str, Any]]) -> Figure:
-    """Figure 5: one panel per density, one line per criterion, static as the reference."""
+def _titled(title: str, setting: Mapping[str, Any]) -> str:
+    """A figure's title, with its setting when the study has one besides what it draws."""
+    return f"{title} ({setting_title(setting)})" if setting else title
+
+
+PERIOD_DRAWN = (MODE, CRITERION, PERIOD, DENSITY)  # Figure 5's baseline, lines, x and panels
+ITOP_DRAWN = (MODE, CRITERION, PERIOD, GROWTH, DENSITY)  # Figure 11's: and the growth
+LAMBDA_DRAWN = (MODE, CRITERION, LAMBDA, DENSITY)  # Figure 7's: MEST alone, x, lines
+FIGURE_5_TITLE = "Accuracy vs topology update period Δt"
+FIGURE_11_TITLE = "Final ITOP ratio vs topology update period Δt"
+FIGURE_7_TITLE = "C_MEST: accuracy vs λ (score = |θ| + λ|∇θ L|)"
+
+
+def _period_builder(entry: dict[str, Any]) -> Builder:
+    """Figure 5 of one setting (an entry of :func:`_per_setting`)."""
+    return lambda: _accuracy_vs_update_period(entry["rows"], entry["setting"])
+
+
+def _accuracy_vs_update_period(rows: list[dict[str, Any]], setting: Mapping[str, Any]) -> Figure:
+    """Figure 5 for one setting (everything varied but the criterion, Δt, density and seed):
+    one panel per density, one line per criterion, the static run of that same setting and
+    density as the reference (none when it has none)."""
     from dst import figures
 
-    dst = [r for r in rows if r["config"].get(MODE, "dst") == "dst"]
+    dst = [r for r in rows if _is_dst(r) and _in_setting(r, setting)]
     densities = _values(dst, DENSITY) or [None]
     panels, static = {}, {}
     for d in densities:
         name = f"density {d}" if d is not None else "all"
         where = {DENSITY: d} if d is not None else None
         panels[name] = figures.result_series(dst, PERIOD, CRITERION, where=where)
-        for row in _baseline(rows, "static"):
-            if d is None or row["config"].get(DENSITY) == d:
-                static[name] = row["test_acc_mean"]
-    return figures.accuracy_vs_update_period(panels, static, ylabel="test accuracy")
+        at = {**setting, DENSITY: d} if d is not None else setting
+        own = [r for r in _baseline(rows, "static") if _baseline_matches(r, at)]
+        if own:
+            static[name] = own[0]["test_acc_mean"]
+    return figures.accuracy_vs_update_period(
+        panels, static, ylabel="test accuracy", title=_titled(FIGURE_5_TITLE, setting)
+    )
 
 
-def _itop_vs_update_period(rows: list[dict[str, Any]]) -> Figure:
-    """Figure 11: the final ITOP ratio against Δt, one panel per growth (and density, when
-    the study has several), one line per criterion."""
+def _itop_builder(rows: list[dict[str, Any]], setting: Mapping[str, Any]) -> Builder:
+    return lambda: _itop_vs_update_period(rows, setting)
+
+
+def _itop_vs_update_period(rows: list[dict[str, Any]], setting: Mapping[str, Any]) -> Figure:
+    """Figure 11 for one setting (everything varied but the criterion, Δt, growth, density
+    and seed; ``rows`` are its own): the final ITOP ratio against Δt, one panel per growth
+    (and density, when the setting has several), one line per criterion."""
     from dst import figures
 
+    densities = _values(rows, DENSITY) or [None]
     panels = {}
     for growth in _values(rows, GROWTH) or [None]:
-        for density in _values(rows, DENSITY) or [None]:
+        for density in densities:
             where = {k: v for k, v in ((GROWTH, growth), (DENSITY, density)) if v is not None}
             series = figures.result_series(rows, PERIOD, CRITERION, metric="itop", where=where)
-            if series:
+            if series:  # a panel is titled "<name> growth"
                 name = str(growth or "random")
-                panels[name if density is None else f"{name}, density {density}"] = series
-    return figures.itop_vs_update_period(panels)
+                panels[f"density {density}, {name}" if len(densities) > 1 else name] = series
+    return figures.itop_vs_update_period(panels, title=_titled(FIGURE_11_TITLE, setting))
 
 
-def _accuracy_vs_mest_lambda(rows: list[dict[str, Any]]) -> Figure:
-    """Figure 7: MEST's accuracy against λ, one line per density."""
+def _lambda_builder(entry: dict[str, Any]) -> Builder:
+    """Figure 7 of one setting (an entry of :func:`_per_setting`)."""
+    return lambda: _accuracy_vs_mest_lambda(entry["rows"], entry["setting"])
+
+
+def _accuracy_vs_mest_lambda(rows: list[dict[str, Any]], setting: Mapping[str, Any]) -> Figure:
+    """Figure 7 for one setting (everything varied but λ, the density, the criterion and the
+    seed; ``rows`` are the MEST runs): MEST's accuracy against λ, one line per density."""
     from dst import figures
 
-    mest = [
-        r
-        for r in rows
-        if r["config"].get(MODE, "dst") == "dst" and r["config"].get(CRITERION, "mest") == "mest"
-    ]
-    return figures.accuracy_vs_mest_lambda(figures.result_series(mest, LAMBDA, DENSITY))
+    own = [r for r in rows if _in_setting(r, setting)]
+    return figures.accuracy_vs_mest_lambda(
+        figures.result_series(own, LAMBDA, DENSITY), title=_titled(FIGURE_7_TITLE, setting)
+    )
 
 
 # -- figures from the histories ------------------------------------------------------------

@@ -624,3 +624,65 @@ def test_figures_are_written_by_child_processes_or_here(
         write_figures(analysis, tmp_path / "here")
     assert {p.name for p in (tmp_path / "here").iterdir()} == files
     assert "drawing the figures in this process" in caplog.text
+
+
+def test_the_best_criterion_tags_name_each_settings_own_best() -> None:
+    """lr 0.01: magnitude 0.90, snip 0.80 at density 0.1; 0.85, 0.95 at 0.5. lr 0.1: magnitude
+    0.30, snip 0.40 at 0.1; 0.45, 0.35 at 0.5. Across both learning rates the best run at
+    density 0.1 is lr 0.01's magnitude, yet snip is lr 0.1's best there. The means over every
+    configuration: magnitude (0.90 + 0.85 + 0.30 + 0.45) / 4 = 0.625, snip 0.625."""
+    from service.analysis import summary
+
+    accuracy = {
+        (0.01, "magnitude", 0.1): 0.90,
+        (0.01, "snip", 0.1): 0.80,
+        (0.01, "magnitude", 0.5): 0.85,
+        (0.01, "snip", 0.5): 0.95,
+        (0.1, "magnitude", 0.1): 0.30,
+        (0.1, "snip", 0.1): 0.40,
+        (0.1, "magnitude", 0.5): 0.45,
+        (0.1, "snip", 0.5): 0.35,
+    }
+    trials = []
+    for index, (lr, criterion, density) in enumerate(accuracy):
+        spec = run(criterion, 0, density)
+        spec = spec.model_copy(update={"training": spec.training.model_copy(update={"lr": lr})})
+        trials.append(FinishedTrial(spec, {"test_acc": accuracy[lr, criterion, density]}, index))
+    metrics, tags = summary(analyze([t.spec for t in trials], trials, partial=False))
+    assert metrics == {
+        "mean_test_acc.magnitude": pytest.approx(0.625),
+        "mean_test_acc.snip": pytest.approx(0.625),
+    }
+    assert tags == {
+        "best_criterion.density_0.1_lr-0.01": "magnitude",
+        "best_criterion.density_0.5_lr-0.01": "snip",
+        "best_criterion.density_0.1_lr-0.1": "snip",
+        "best_criterion.density_0.5_lr-0.1": "magnitude",
+    }
+    one = [t for t in trials if t.spec.training.lr == 0.1]  # one setting: the names stay
+    _, tags = summary(analyze([t.spec for t in one], one, partial=False))
+    assert tags == {"best_criterion.density_0.1": "snip", "best_criterion.density_0.5": "magnitude"}
+
+
+def test_a_best_criterion_tag_too_long_for_mlflow_is_named_by_its_settings_hash() -> None:
+    """MLflow takes tag names of at most 250 characters: a data root of 300 gives
+    ``best_criterion.density_<d>_<hash>`` (the setting's, as a figure's name would have)."""
+    from service.analysis import setting_hash, summary
+
+    long = "/d/" + "x" * 300
+    trials = []
+    for root in (long, "/d/y"):
+        for criterion in ("magnitude", "snip"):
+            for density in (0.1, 0.5):
+                spec = run(criterion, 0, density)
+                data = spec.data.model_copy(update={"root": root})
+                score = {"test_acc": 0.9 if criterion == "snip" else 0.8}
+                trials.append(FinishedTrial(spec.model_copy(update={"data": data}), score))
+    _, tags = summary(analyze([t.spec for t in trials], trials, partial=False))
+    hashed = setting_hash({"data.root": long})
+    assert tags == {
+        f"best_criterion.density_0.1_{hashed}": "snip",
+        f"best_criterion.density_0.5_{hashed}": "snip",
+        "best_criterion.density_0.1_root--d-y": "snip",
+        "best_criterion.density_0.5_root--d-y": "snip",
+    }

@@ -1,6 +1,8 @@
-"""Figure 1 (accuracy vs density, Section 4 of the paper) per setting of everything else a
-study varies, each with the dense and static baselines of that same setting, and figure names
-that never coincide. Every expected number is worked out by hand from the accuracies below."""
+"""Figures 1, 5, 7 and 11 (accuracy vs density, accuracy and ITOP vs update period, MEST λ)
+per setting of everything else a study varies, each with the baselines of that same setting;
+lines and panels named by the criterion and growth the runs used when the study does not vary
+them; figure names that never coincide. Every expected number is worked out by hand from the
+accuracies below."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pytest
 
 from service.analysis import FinishedTrial, analyze
 from service.figures import build_figure, figure_names
+from service.presets import preset_study
 from service.study import StudySpec, expand
 
 DST_BASE = {0.01: 0.80, 0.1: 0.40}  # by learning rate
@@ -160,3 +163,283 @@ def test_settings_whose_names_would_coincide_get_a_hash_each() -> None:
     ]
     first = {"sparsity.density": 0.1, "data.root": "/d/a b"}
     assert f"learning_curves_density-0.1_root--d-a-b_{setting_hash(first)}" in curves
+
+
+def study_trials(
+    grid: dict[str, Any],
+    score: Any,
+    baselines: dict[str, Any] | None = None,
+    sparsity: dict[str, Any] | None = None,
+) -> list[FinishedTrial]:
+    """The trials of a study over ``grid`` (seeds 0 and 1), each finished with ``score(spec)``
+    (a dict of final metrics) less 0.02 for seed 1: every mean over the two seeds is 0.01
+    below seed 0's value."""
+    study = StudySpec.model_validate(
+        {
+            "name": "figures",
+            "model": "small-mlp",
+            "dataset": "digits",
+            "training": {"lr": 0.01},
+            "sparsity": sparsity or {},
+            "grid": grid | {"seed": [0, 1]},
+            "baselines": baselines or {},
+        }
+    )
+    return [
+        FinishedTrial(
+            plan.spec,
+            {k: v - 0.02 * plan.spec.seed for k, v in score(plan.spec).items()},
+            plan.index,
+        )
+        for plan in expand(study)
+    ]
+
+
+def panels(analysis: Any, name: str) -> dict[str, dict[str, list[float]]]:
+    """Each panel of the figure by its title: its lines' labels -> their y values."""
+    return {
+        ax.get_title(): {str(line.get_label()): list(line.get_ydata()) for line in ax.get_lines()}
+        for ax in build_figure(analysis, name).axes
+    }
+
+
+def names_of(analysis: Any, stem: str) -> list[str]:
+    return [n for n in figure_names(analysis) if n == stem or n.startswith(f"{stem}_")]
+
+
+PERIOD_BASE = {0.01: 0.90, 0.1: 0.30}  # by learning rate
+STATIC_BY_LR = {0.01: 0.70, 0.1: 0.20}
+
+
+def period_score(spec: Any) -> dict[str, float]:
+    """Static: its learning rate's value. DST: its learning rate's, + 0.05 for magnitude,
+    + 0.01 at Δt = 50."""
+    s, lr = spec.sparsity, spec.training.lr
+    if s.mode == "static":
+        return {"test_acc": STATIC_BY_LR[lr]}
+    bonus = CRITERION_BONUS[s.criterion] + (0.01 if s.update_period == 50 else 0.0)
+    return {"test_acc": PERIOD_BASE[lr] + bonus}
+
+
+def test_figure_5_once_per_learning_rate_each_with_its_own_static_run() -> None:
+    """lr 0.01: magnitude 0.90 + 0.05 - 0.01 = 0.94 at Δt 25, 0.95 at 50; snip 0.89, 0.90;
+    static 0.70 - 0.01 = 0.69. lr 0.1: magnitude 0.34, 0.35; snip 0.29, 0.30; static 0.19.
+    The density is not varied: the one panel is titled by it (0.1, the spec's default)."""
+    trials = study_trials(
+        {
+            "training.lr": [0.01, 0.1],
+            "sparsity.update_period": [25, 50],
+            "sparsity.criterion": ["magnitude", "snip"],
+        },
+        period_score,
+        {"static": True},
+    )
+    analysis = analyze([t.spec for t in trials], trials, partial=False)
+    assert names_of(analysis, "accuracy_vs_update_period") == [
+        "accuracy_vs_update_period_lr-0.01",
+        "accuracy_vs_update_period_lr-0.1",
+    ]
+    static = "static (no updates)"
+    assert panels(analysis, "accuracy_vs_update_period_lr-0.01") == {
+        "density 0.1": {
+            "magnitude": pytest.approx([0.94, 0.95]),
+            "snip": pytest.approx([0.89, 0.90]),
+            static: pytest.approx([0.69, 0.69]),
+        }
+    }
+    assert panels(analysis, "accuracy_vs_update_period_lr-0.1") == {
+        "density 0.1": {
+            "magnitude": pytest.approx([0.34, 0.35]),
+            "snip": pytest.approx([0.29, 0.30]),
+            static: pytest.approx([0.19, 0.19]),
+        }
+    }
+    figure = build_figure(analysis, "accuracy_vs_update_period_lr-0.1")
+    assert figure.get_suptitle().endswith("(lr 0.1)")
+
+
+def test_figure_5_has_no_static_line_rather_than_another_settings() -> None:
+    """The lr 0.1 static run has not finished: its figure has no static line (not lr 0.01's
+    0.69)."""
+    trials = study_trials(
+        {
+            "training.lr": [0.01, 0.1],
+            "sparsity.update_period": [25, 50],
+            "sparsity.criterion": ["magnitude", "snip"],
+        },
+        period_score,
+        {"static": True},
+    )
+    kept = [
+        t for t in trials if not (t.spec.sparsity.mode == "static" and t.spec.training.lr == 0.1)
+    ]
+    analysis = analyze([t.spec for t in trials], kept, partial=False)
+    (lr_01,) = panels(analysis, "accuracy_vs_update_period_lr-0.1").values()
+    assert set(lr_01) == {"magnitude", "snip"}
+    (lr_001,) = panels(analysis, "accuracy_vs_update_period_lr-0.01").values()
+    assert lr_001["static (no updates)"] == pytest.approx([0.69, 0.69])
+
+
+ITOP_BASE = {0.01: 0.50, 0.1: 0.80}  # by learning rate
+
+
+def itop_score(spec: Any) -> dict[str, float]:
+    """ITOP: its learning rate's value, + 0.1 with gradient growth, + 0.05 at Δt = 50, + 0.02
+    for snip; the test accuracy as for Figure 5."""
+    s = spec.sparsity
+    itop = ITOP_BASE[spec.training.lr] + (0.1 if s.growth == "gradient" else 0.0)
+    itop += (0.05 if s.update_period == 50 else 0.0) + (0.02 if s.criterion == "snip" else 0.0)
+    return period_score(spec) | {"itop": itop}
+
+
+def test_figure_11_once_per_learning_rate_with_a_panel_per_growth() -> None:
+    """Figure 11 draws the growth as its panels: one figure per learning rate. Figure 5 does
+    not: one per learning rate and growth. ITOP means (Δt 25, 50), lr 0.01: random growth
+    magnitude 0.50 - 0.01 = 0.49, 0.54; snip 0.51, 0.56; gradient growth magnitude 0.59, 0.64;
+    snip 0.61, 0.66. lr 0.1: each 0.3 higher."""
+    trials = study_trials(
+        {
+            "training.lr": [0.01, 0.1],
+            "sparsity.growth": ["random", "gradient"],
+            "sparsity.update_period": [25, 50],
+            "sparsity.criterion": ["magnitude", "snip"],
+        },
+        itop_score,
+    )
+    analysis = analyze([t.spec for t in trials], trials, partial=False)
+    assert names_of(analysis, "itop_vs_update_period") == [
+        "itop_vs_update_period_lr-0.01",
+        "itop_vs_update_period_lr-0.1",
+    ]
+    assert names_of(analysis, "accuracy_vs_update_period") == [
+        "accuracy_vs_update_period_lr-0.01_growth-gradient",
+        "accuracy_vs_update_period_lr-0.01_growth-random",
+        "accuracy_vs_update_period_lr-0.1_growth-gradient",
+        "accuracy_vs_update_period_lr-0.1_growth-random",
+    ]
+    assert panels(analysis, "itop_vs_update_period_lr-0.01") == {
+        "gradient growth": {
+            "magnitude": pytest.approx([0.59, 0.64]),
+            "snip": pytest.approx([0.61, 0.66]),
+        },
+        "random growth": {
+            "magnitude": pytest.approx([0.49, 0.54]),
+            "snip": pytest.approx([0.51, 0.56]),
+        },
+    }
+    assert panels(analysis, "itop_vs_update_period_lr-0.1") == {
+        "gradient growth": {
+            "magnitude": pytest.approx([0.89, 0.94]),
+            "snip": pytest.approx([0.91, 0.96]),
+        },
+        "random growth": {
+            "magnitude": pytest.approx([0.79, 0.84]),
+            "snip": pytest.approx([0.81, 0.86]),
+        },
+    }
+    (gradient,) = panels(analysis, "accuracy_vs_update_period_lr-0.1_growth-gradient").values()
+    assert gradient == {
+        "magnitude": pytest.approx([0.34, 0.35]),
+        "snip": pytest.approx([0.29, 0.30]),
+    }
+
+
+def test_lines_and_panels_name_the_criterion_and_growth_the_study_holds_fixed() -> None:
+    """Only SNIP with gradient growth, over Δt and the density: Figure 1's panel is
+    "gradient growth" (not "random growth") and its line "snip" (not "None"); so are Figure
+    5's lines and Figure 11's. Accuracy 0.60, + 0.01 at Δt 50, + 0.1 at density 0.5; ITOP
+    0.40, + 0.05 at Δt 50, + 0.1 at density 0.5; each mean 0.01 lower. Figure 1 is drawn
+    once per Δt; Figure 11's panels name the density too (it has two)."""
+
+    def score(spec: Any) -> dict[str, float]:
+        s = spec.sparsity
+        late, high = (s.update_period == 50), (s.density == 0.5)
+        return {
+            "test_acc": 0.60 + 0.01 * late + 0.1 * high,
+            "itop": 0.40 + 0.05 * late + 0.1 * high,
+        }
+
+    trials = study_trials(
+        {"sparsity.update_period": [25, 50], "sparsity.density": [0.1, 0.5]},
+        score,
+        sparsity={"criterion": "snip", "growth": "gradient"},
+    )
+    analysis = analyze([t.spec for t in trials], trials, partial=False)
+    assert panels(analysis, "accuracy_vs_density_update_period-25") == {
+        "gradient growth": {"snip": pytest.approx([0.59, 0.69])}
+    }
+    assert panels(analysis, "accuracy_vs_density_update_period-50") == {
+        "gradient growth": {"snip": pytest.approx([0.60, 0.70])}
+    }
+    assert panels(analysis, "accuracy_vs_update_period") == {
+        "density 0.1": {"snip": pytest.approx([0.59, 0.60])},
+        "density 0.5": {"snip": pytest.approx([0.69, 0.70])},
+    }
+    assert panels(analysis, "itop_vs_update_period") == {
+        "density 0.1, gradient growth": {"snip": pytest.approx([0.39, 0.44])},
+        "density 0.5, gradient growth": {"snip": pytest.approx([0.49, 0.54])},
+    }
+
+
+MEST_BASE = {0.01: 0.80, 0.1: 0.40}  # by learning rate
+
+
+def mest_score(spec: Any) -> dict[str, float]:
+    """Its learning rate's value, + 0.1 at density 0.5, - 0.05 at λ = 10."""
+    s = spec.sparsity
+    high, large = (s.density == 0.5), (s.mest_lambda == 10.0)
+    return {"test_acc": MEST_BASE[spec.training.lr] + 0.1 * high - 0.05 * large}
+
+
+def test_figure_7_once_per_learning_rate_and_figure_1_labelled_mest() -> None:
+    """As the fig7-mest-lambda preset (MEST alone, gradient growth) over two learning rates.
+    Figure 7 (λ 0, 10), lr 0.01: density 0.1 at 0.80 - 0.01 = 0.79, 0.74; density 0.5 at
+    0.89, 0.84. lr 0.1: 0.39, 0.34; 0.49, 0.44. Figure 1 (densities 0.1, 0.5) per learning
+    rate and λ, its line "mest": lr 0.1 at λ 10: 0.34, 0.44."""
+    trials = study_trials(
+        {
+            "training.lr": [0.01, 0.1],
+            "sparsity.mest_lambda": [0.0, 10.0],
+            "sparsity.density": [0.1, 0.5],
+        },
+        mest_score,
+        sparsity={"criterion": "mest", "growth": "gradient"},
+    )
+    analysis = analyze([t.spec for t in trials], trials, partial=False)
+    assert names_of(analysis, "accuracy_vs_mest_lambda") == [
+        "accuracy_vs_mest_lambda_lr-0.01",
+        "accuracy_vs_mest_lambda_lr-0.1",
+    ]
+    assert lines(analysis, "accuracy_vs_mest_lambda_lr-0.01") == {
+        "0.1": pytest.approx([0.79, 0.74]),
+        "0.5": pytest.approx([0.89, 0.84]),
+    }
+    assert lines(analysis, "accuracy_vs_mest_lambda_lr-0.1") == {
+        "0.1": pytest.approx([0.39, 0.34]),
+        "0.5": pytest.approx([0.49, 0.44]),
+    }
+    assert panels(analysis, "accuracy_vs_density_lr-0.1_mest_lambda-10.0") == {
+        "gradient growth": {"mest": pytest.approx([0.34, 0.44])}
+    }
+
+
+def test_the_fig7_preset_keeps_its_figure_names_and_draws_no_other_criterion_as_mest() -> None:
+    """One setting: Figure 7 keeps its single-setting name; Figure 1, drawn per λ, labels its
+    line "mest" in a "gradient growth" panel. A λ sweep of magnitude alone (λ is no part of
+    its score) has no Figure 7: its runs are not MEST's."""
+    study = preset_study("fig7-mest-lambda", {"grid.seed": [0]})
+    specs = [plan.spec for plan in expand(StudySpec.model_validate(study))]
+    trials = [FinishedTrial(s, {"test_acc": 0.5}, i) for i, s in enumerate(specs)]
+    analysis = analyze(specs, trials, partial=False)
+    assert "accuracy_vs_mest_lambda" in figure_names(analysis)
+    assert panels(analysis, "accuracy_vs_density_mest_lambda-1.0") == {
+        "gradient growth": {"mest": pytest.approx([0.5, 0.5])}
+    }
+    magnitude = [
+        s.model_copy(update={"sparsity": s.sparsity.model_copy(update={"criterion": "magnitude"})})
+        for s in specs
+    ]
+    trials = [FinishedTrial(s, {"test_acc": 0.5}, i) for i, s in enumerate(magnitude)]
+    analysis = analyze(magnitude, trials, partial=False)
+    assert "accuracy_vs_density_mest_lambda-1.0" in figure_names(analysis)
+    assert names_of(analysis, "accuracy_vs_mest_lambda") == []
