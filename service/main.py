@@ -25,6 +25,7 @@ from service.core.config import Settings
 from service.db import make_engine, upgrade_database, upgrade_when_reachable
 from service.dispatcher import Dispatcher
 from service.lifecycle import Executor, Services, Tracker
+from service.readiness import ReadinessProbe
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ def create_app(
         analyses=analyses,
     )
     dispatcher = Dispatcher(services, settings.reconcile_interval_s)
+    readiness = ReadinessProbe(services)
 
     database_ready, stopping = threading.Event(), threading.Event()
 
@@ -83,6 +85,7 @@ def create_app(
             yield
         finally:
             stopping.set()
+            readiness.close()
             dispatcher.stop(wait=settings.shutdown_wait_s)
             engine.dispose()
 
@@ -96,6 +99,7 @@ def create_app(
     app.state.services = services
     app.state.dispatcher = dispatcher
     app.state.database_ready = database_ready
+    app.state.readiness = readiness
     app.state.analyses = analyses
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
