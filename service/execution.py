@@ -144,17 +144,22 @@ class RayExecutor:
                 entrypoint_num_cpus=0,
             )
         except Exception:
-            if self._surely_absent(experiment_id):  # no job will read it
+            exists = self._job_exists(experiment_id)
+            if exists:  # an earlier submission Ray took after all (its answer was lost, or
+                # the two raced): the same id, so the same experiment's job; not an error
+                log.info("job %s exists after a failed submission; keeping it", experiment_id)
+                return
+            if exists is False:  # no job will read it
                 self.release(experiment_id)
             raise
         log.info("submitted Ray job %s", experiment_id)
 
-    def _surely_absent(self, experiment_id: str) -> bool:
-        """True only if Ray answers that it has no such job (not when Ray cannot answer)."""
+    def _job_exists(self, experiment_id: str) -> bool | None:
+        """Whether Ray has a job of this id; None when Ray cannot answer."""
         try:
-            return self.status(experiment_id) is None
+            return self.status(experiment_id) is not None
         except Exception:
-            return False
+            return None
 
     def secrets_file(self, experiment_id: str) -> Path:
         """Where the driver of ``experiment_id`` finds its secrets (under the storage path)."""

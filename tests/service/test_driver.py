@@ -233,6 +233,33 @@ def test_the_drivers_secrets_never_reach_ray_and_reach_the_driver_once(
     assert (tmp_path / "secrets" / "e3.json").exists()  # kept for the job that may start
 
 
+def test_a_submission_refused_because_the_job_exists_keeps_that_job(tmp_path: Path) -> None:
+    """Ray took an earlier submission whose answer was lost, then refuses the repeat (400,
+    the id is taken): the experiment's job exists, so submitting succeeded."""
+
+    class Taken(FakeJobs):
+        def __init__(self) -> None:
+            super().__init__()
+            self.looked = 0
+
+        def get_job_status(self, job_id: str) -> Any:
+            self.looked += 1
+            if self.looked == 1:  # the first look, before the job became visible
+                raise RuntimeError(f"Request failed with status code 404: Job {job_id} not found.")
+            return JobStatus.RUNNING
+
+        def submit_job(self, **job: Any) -> str:
+            raise RuntimeError(
+                "Request failed with status code 400: Job with submission_id e1 already exists."
+            )
+
+    settings = Settings(database_url="postgresql+psycopg://dst:s@db/dst", storage_path=tmp_path)
+    executor = RayExecutor("http://ray:8265", env=driver_env(settings))
+    executor._client = Taken()  # type: ignore[assignment]
+    executor.submit("e1")  # no error: the job is there
+    assert (tmp_path / "secrets" / "e1.json").exists()  # for that job's driver to take
+
+
 def test_only_a_404_from_the_jobs_api_means_no_job() -> None:
     class Answers:
         def __init__(self, text: str) -> None:
