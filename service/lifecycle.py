@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -45,7 +46,11 @@ class Tracker(Protocol):
         self, experiment_id: str, study: StudySpec, plans: list[TrialPlan]
     ) -> tuple[str, str]: ...
     def finish_parent(
-        self, parent_run_id: str, status: ExperimentStatus, analysis: StudyAnalysis
+        self,
+        parent_run_id: str,
+        status: ExperimentStatus,
+        analysis: StudyAnalysis,
+        trial_runs: Mapping[str, str] | None = None,
     ) -> None: ...
     def links(
         self, mlflow_experiment_id: str | None, parent_run_id: str | None
@@ -202,9 +207,14 @@ def _finish_parent(
     else:  # a report asked for at the same time waits for this computation, not a second one
         version = crud.trials_version(session, experiment_id)
         analysis = services.analyses.get(experiment_id, version, compute)
+    trial_runs = {  # child run -> final state: runs a killed driver left running end so
+        t.mlflow_run_id: str(t.state)
+        for t in crud.list_trials(session, experiment_id)
+        if t.mlflow_run_id is not None
+    }
     session.commit()  # no transaction stays open across the MLflow calls
     try:
-        services.tracker.finish_parent(parent, status, analysis)
+        services.tracker.finish_parent(parent, status, analysis, trial_runs=trial_runs)
     except Exception as error:
         log.warning(
             "could not close the MLflow parent run of %s (retried later): %s", experiment_id, error

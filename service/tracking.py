@@ -127,9 +127,16 @@ class MlflowTracker:
         self.client.set_tag(run_id, TAG_PARENT_READY, "true")
         return mlflow_experiment, run_id
 
-    def finish_parent(self, parent_run_id: str, status: str, analysis: StudyAnalysis) -> None:
+    def finish_parent(
+        self,
+        parent_run_id: str,
+        status: str,
+        analysis: StudyAnalysis,
+        trial_runs: Mapping[str, str] | None = None,
+    ) -> None:
         """Attach the results table (JSON and text), the analysis (rankings JSON and CSV,
-        figures, summary metrics) and close the parent run."""
+        figures, summary metrics), end the child runs still running (``trial_runs``: child
+        run id -> its trial's final state) and close the parent run."""
         assert analysis.results is not None
         data = asdict(analysis.results)
         self.client.log_dict(parent_run_id, data, "results.json")
@@ -140,7 +147,26 @@ class MlflowTracker:
             self._log_analysis(parent_run_id, analysis)
         except Exception:  # the analysis is also served over REST; the run still closes
             log.exception("could not log the analysis of parent run %s", parent_run_id)
+        self.end_running_children(parent_run_id, status, trial_runs or {})
         self.client.set_terminated(parent_run_id, RUN_STATUS.get(status, "FINISHED"))
+
+    def end_running_children(
+        self, parent_run_id: str, status: str, trial_runs: Mapping[str, str]
+    ) -> None:
+        """End the child runs a job driver left running (it was killed before it could end
+        them): each with its trial's final state from ``trial_runs``, else the experiment's
+        ``status``, so no run of an ended experiment shows as running forever."""
+        experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        token = None
+        while True:
+            page = self.client.search_runs([experiment_id], query, page_token=token)
+            for run in page:
+                state = trial_runs.get(run.info.run_id, status)
+                self.client.set_terminated(run.info.run_id, RUN_STATUS.get(state, "FAILED"))
+            token = page.token
+            if not token:
+                return
 
     def _log_analysis(self, run_id: str, analysis: StudyAnalysis) -> None:
         from mlflow.entities import Metric, RunTag

@@ -3,6 +3,7 @@ in-memory fakes of Ray (the executor) and MLflow (the tracker)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,17 +56,25 @@ class FakeMlflow:
     tracking_uri: str = "http://mlflow"
     down: bool = False
     finished: list[tuple[str, str, int]] = field(default_factory=list)
+    trial_runs: dict[str, str] = field(default_factory=dict)  # as the last close was given
 
     def create_parent(self, experiment_id: str, study: Any, plans: Any) -> tuple[str, str]:
         if self.down:
             raise ConnectionError("MLflow is down")
         return "1", f"parent-{experiment_id}"
 
-    def finish_parent(self, parent: str, status: ExperimentStatus, analysis: StudyAnalysis) -> None:
+    def finish_parent(
+        self,
+        parent: str,
+        status: ExperimentStatus,
+        analysis: StudyAnalysis,
+        trial_runs: Mapping[str, str] | None = None,
+    ) -> None:
         if self.down:
             raise ConnectionError("MLflow is down")
         assert analysis.results is not None
         self.finished.append((parent, str(status), len(analysis.results.rows)))
+        self.trial_runs = dict(trial_runs or {})
 
     def links(self, *ids: Any) -> dict[str, str | None]:
         return {}
@@ -276,9 +285,11 @@ def test_the_end_is_recorded_before_the_parent_run_is_closed(services: Services)
     seen: list[ExperimentStatus] = []
     close = services.tracker.finish_parent
 
-    def finish_parent(parent: str, outcome: ExperimentStatus, analysis: StudyAnalysis) -> None:
+    def finish_parent(
+        parent: str, outcome: ExperimentStatus, analysis: StudyAnalysis, **more: Any
+    ) -> None:
         seen.append(ExperimentStatus(status(services)[0]))  # the stored status at this moment
-        close(parent, outcome, analysis)
+        close(parent, outcome, analysis, **more)
 
     services.tracker.finish_parent = finish_parent  # type: ignore[method-assign]
     add(services)
@@ -371,6 +382,22 @@ def test_a_stopped_job_is_cancelled(services: Services) -> None:
     assert status(services)[0] == ExperimentStatus.CANCELLED
     assert trial_states(services) == [TrialState.SUCCEEDED, TrialState.CANCELLED]
     assert services.tracker.finished == [("parent-e1", "cancelled", 1)]  # type: ignore[attr-defined]
+
+
+def test_closing_the_parent_hands_on_each_child_runs_final_trial_state(
+    services: Services,
+) -> None:
+    """A driver killed mid-trial leaves child runs running: the parent's close gets each
+    run's trial state, final by then, to end them with."""
+    add(services)
+    lifecycle.reconcile(services)
+    with Session(services.engine) as session:
+        crud.update_trial(session, "e1", 0, state=TrialState.SUCCEEDED, mlflow_run_id="run-0")
+        crud.update_trial(session, "e1", 1, state=TrialState.RUNNING, mlflow_run_id="run-1")
+        session.commit()
+    services.executor.jobs["e1"] = JobStatus.STOPPED  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    assert services.tracker.trial_runs == {"run-0": "succeeded", "run-1": "cancelled"}  # type: ignore[attr-defined]
 
 
 def test_a_job_ray_does_not_know_fails_the_experiment(services: Services) -> None:

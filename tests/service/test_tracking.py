@@ -21,6 +21,7 @@ from service.tracking import (
     ChildRuns,
     MlflowTracker,
     Outbox,
+    TrialRun,
     without_credentials,
 )
 
@@ -249,3 +250,23 @@ def test_a_trial_run_half_made_is_completed_by_the_retry_not_made_twice(failing:
     assert fake.files["run0"] == {"spec.json"}
     assert stored[-1] == (3, "run0")
     assert fake.tags["run0"][TAG_RESUMED] == "2"
+
+
+# MLflow's own SQL store, used in process here, still asks SQLAlchemy for a deprecated loader
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+def test_child_runs_a_killed_driver_left_running_end_with_their_trials_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
+    _, parent = tracker.create_parent("exp-1", study, expand(study))
+    done, failed, unknown = (
+        TrialRun.create(tracker.client, parent, "exp-1", i, f"trial {i}").run_id for i in range(3)
+    )
+    tracker.client.set_terminated(done, "FINISHED")  # its driver ended it
+    _, elsewhere = tracker.create_parent("exp-2", study, expand(study))
+    other = TrialRun.create(tracker.client, elsewhere, "exp-2", 0, "trial 0").run_id
+    tracker.end_running_children(parent, "cancelled", {done: "succeeded", failed: "failed"})
+    statuses = {r: tracker.client.get_run(r).info.status for r in (done, failed, unknown, other)}
+    assert statuses == {done: "FINISHED", failed: "FAILED", unknown: "KILLED", other: "RUNNING"}
