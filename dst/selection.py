@@ -26,8 +26,11 @@ def _kth_smallest(values: torch.Tensor, k: int) -> float:
     """The ``k``-th smallest (1-based) entry of a 1-D CPU tensor (NaN above every number).
 
     NumPy's introselect is about 20x faster than ``torch.topk`` or ``torch.kthvalue`` on
-    millions of entries, and topology updates run over such layers.
+    millions of entries, and topology updates run over such layers. NumPy has no bfloat16:
+    such values are widened to float32 first, which is exact.
     """
+    if values.dtype == torch.bfloat16:
+        values = values.float()
     return float(np.partition(values.detach().numpy(), k - 1)[k - 1])
 
 

@@ -28,6 +28,15 @@ def test_lowest_k_ranks_nan_after_every_number() -> None:
     assert lowest_k(values, 5).tolist() == [0, 1, 2, 4, 5]  # then NaN, lowest position first
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_half_and_double_precision_select_as_float32_does(dtype: torch.dtype) -> None:
+    values = torch.tensor([3.0, -1.0, math.nan, 0.5, 3.0, -math.inf, 2.0])
+    for k in range(1, 8):
+        assert torch.equal(lowest_k(values.to(dtype), k), lowest_k(values, k)), k
+    scores, mask = values.to(dtype), torch.tensor([True, True, True, False, True, True, True])
+    assert select_pruned(scores, mask, 3).tolist() == [1, 2, 5]  # NaN counts as the lowest
+
+
 def tricky_values(n: int, seed: int) -> torch.Tensor:
     """A few levels (many ties), ±inf and NaN."""
     gen = torch.Generator().manual_seed(seed)
