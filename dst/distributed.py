@@ -96,16 +96,17 @@ def mask_fingerprint(masks: Masks) -> torch.Tensor:
 
     Equal masks give equal fingerprints. Sums alone are linear, so moves that cancel (one
     connection one place up, another one place down) would keep them; the hash
-    (:func:`dst.hashing.mix32`) is not, so two different masks share a fingerprint only by a 32-bit
-    coincidence. Exact integer sums: no rounding can differ between ranks.
+    (:func:`dst.hashing.mix32`) is not, so two different masks share a fingerprint only by a
+    32-bit coincidence. Exact integer sums (below 2^62 for layers under 2^30 weights): no
+    rounding can differ between ranks.
     """
     rows = []
     for mask in masks.values():
-        active = mask.flatten().nonzero().squeeze(1)  # [k] flat indices, int64
-        rows.append(
-            torch.stack([active.new_tensor(len(active)), active.sum(), mix32(active).sum()])
-        )
-    return torch.stack(rows).cpu() if rows else torch.zeros(0, 3, dtype=torch.long)
+        flat = mask.flatten()  # [n] bool
+        idx = torch.arange(flat.numel(), device=flat.device)  # [n]: not listed, no GPU wait
+        on = flat.long()  # [n], 0 or 1
+        rows.append(torch.stack([on.sum(), (idx * on).sum(), (mix32(idx) * on).sum()]))
+    return torch.stack(rows).cpu() if rows else torch.zeros(0, 3, dtype=torch.long)  # one wait
 
 
 def check_masks_agree(masks: Masks, world: World, step: int) -> None:

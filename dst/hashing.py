@@ -5,7 +5,7 @@ tensor data path's per-sample augmentation (a function of run seed, epoch and sa
 so any number of data-parallel workers, and a resume anywhere, draw the same) and the
 cross-rank mask fingerprint of data-parallel training.
 
-The hash is Wellons' lowbias32 (xor-shifts and two multiplications mod 2^32), in two
+The hash is Wellons' lowbias32 (xor-shifts and two multiplications mod 2^32), in three
 implementations that agree bit for bit: :func:`mix32` on tensors (on their device, for masks
 that live on a GPU), :func:`mix32_np` on host arrays (for keys the host already holds: a few
 microseconds for a batch, where a dozen tiny tensor ops would cost a millisecond) and

@@ -16,6 +16,7 @@ sparsity distributions in each layer").
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class LayerUpdate:
 
     @property
     def new(self) -> torch.Tensor:
-        """Grown positions that were inactive before the update, [k_new <= k] int64."""
+        """Grown positions that were inactive before the update, [g_new <= g] int64."""
         return self.grown[self.is_new]
 
 
@@ -122,13 +123,18 @@ def _prune_global(
     flat_m = torch.cat([masks[name].flatten() for name in weights])  # [N]
     k = prune_count(fraction, sum(counts[name] for name in weights))
     chosen = select_pruned(criterion.score(flat_w, flat_g, flat_m, generator), flat_m, k)  # [k]
-    out, offset = {}, 0
-    for name, w in weights.items():
-        n = w.numel()
-        inside = (chosen >= offset) & (chosen < offset + n)  # [k]
-        out[name] = torch.sort(chosen[inside] - offset).values  # [k_layer]
-        offset += n
-    return out
+    return dict(zip(weights, per_layer(chosen, [w.numel() for w in weights.values()]), strict=True))
+
+
+def per_layer(chosen: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Indices ``chosen`` into the concatenation of layers of ``sizes``, as each layer's own
+    ascending flat indices: one sort, and one wait for a GPU (the split points), however many
+    layers."""
+    ordered = torch.sort(chosen).values  # [K]
+    ends = torch.tensor(list(itertools.accumulate(sizes)), device=chosen.device)  # [L]
+    cuts = [0, *torch.searchsorted(ordered, ends).tolist()]  # L + 1 split points
+    starts = [0, *itertools.accumulate(sizes)]
+    return [ordered[cuts[i] : cuts[i + 1]] - starts[i] for i in range(len(sizes))]
 
 
 class TopologyUpdater:
@@ -280,14 +286,11 @@ class TopologyUpdater:
         mask = torch.cat([masks[name].view(-1) for name in weights])  # [N], after pruning
         total = sum(len(p) for p in pruned_sets.values())
         chosen = self.growth.select(grad, mask, total, self.generator)  # [K] into [N]
-        updates, offset = {}, 0
-        for name, w in weights.items():
-            n = w.numel()
-            inside = (chosen >= offset) & (chosen < offset + n)  # [K]
-            grown = torch.sort(chosen[inside] - offset).values  # [g], this layer's share
-            offset += n
-            updates[name] = _grow(w, masks[name], before[name], pruned_sets[name], grown, optimizer)
-        return updates
+        shares = per_layer(chosen, [w.numel() for w in weights.values()])  # [g] each
+        return {
+            name: _grow(w, masks[name], before[name], pruned_sets[name], grown, optimizer)
+            for (name, w), grown in zip(weights.items(), shares, strict=True)
+        }
 
     def _update_together(
         self,

@@ -233,21 +233,24 @@ def setting_hash(setting: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+MAX_SETTING_NAME = 200  # characters of a figure's or tag's name (file systems take 255 bytes)
+
+
 def setting_names(stem: str, settings: Sequence[Mapping[str, Any]]) -> list[str]:
     """The names of ``settings`` (figures, MLflow tags): ``stem`` for one setting, else
-    ``stem_<slug>``, and ``stem_<slug>_<hash>`` where two settings share a slug (values that
-    differ only in characters :func:`setting_slug` replaces), so no name is another's."""
+    ``stem_<slug>``; ``stem_<slug>_<hash>`` where two settings share a slug (values that
+    differ only in characters :func:`setting_slug` replaces), so no name is another's; and
+    ``stem_<hash>`` where the slug would make the name longer than :data:`MAX_SETTING_NAME`
+    (a long data root), which a file name or an MLflow tag could not take."""
     if len(settings) == 1:
         return [stem]
     slugs = [setting_slug(setting) for setting in settings]
     shared = {slug for slug, count in Counter(slugs).items() if count > 1}
-    return [
-        f"{stem}_{slug}_{setting_hash(setting)}" if slug in shared else f"{stem}_{slug}"
-        for slug, setting in zip(slugs, settings, strict=True)
-    ]
-
-
-MLFLOW_KEY_LENGTH = 250  # the longest metric or tag name MLflow takes
+    names = []
+    for slug, setting in zip(slugs, settings, strict=True):
+        name = f"{stem}_{slug}_{setting_hash(setting)}" if slug in shared else f"{stem}_{slug}"
+        names.append(name if len(name) <= MAX_SETTING_NAME else f"{stem}_{setting_hash(setting)}")
+    return names
 
 
 def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
@@ -256,7 +259,7 @@ def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
     and the best criterion at each density of each setting (everything varied but the
     criterion and the density): tags ``best_criterion.density_<d>`` for a study of one
     setting, else ``best_criterion.density_<d>_<setting>`` (named as the figures are, e.g.
-    ``best_criterion.density_0.1_growth-gradient``; ``_<hash>`` alone for a name too long)."""
+    ``best_criterion.density_0.1_growth-gradient``; ``_<hash>`` alone for a long setting)."""
     rows = [r for r in result_rows(analysis) if r["config"].get(MODE, "dst") == "dst"]
     fields = [f for f in analysis.group_by if f not in (MODE, CRITERION, DENSITY)]
     settings: list[dict[str, Any]] = []
@@ -276,12 +279,10 @@ def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
             best[key] = (mean, criterion)
     metrics = {f"mean_test_acc.{c}": sum(v) / len(v) for c, v in by_criterion.items()}
     suffixes = setting_names("", settings)  # "" for one setting, else "_<setting>"
-    tags = {}
-    for (index, density), (_, criterion) in best.items():
-        name = f"best_criterion.density_{density}{suffixes[index]}"
-        if len(name) > MLFLOW_KEY_LENGTH:
-            name = f"best_criterion.density_{density}_{setting_hash(settings[index])}"
-        tags[name] = criterion
+    tags = {
+        f"best_criterion.density_{density}{suffixes[index]}": criterion
+        for (index, density), (_, criterion) in best.items()
+    }
     return metrics, tags
 
 

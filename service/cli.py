@@ -360,7 +360,7 @@ def results(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) 
 def _study(spec_path: Path | None, preset: str | None, overrides: list[str]) -> dict[str, Any]:
     """The study to submit: a spec file or a preset, with ``key.path=value`` overrides
     (applied alike to both, so an override that works with one works with the other)."""
-    from service.presets import apply_overrides, preset_study, presets
+    from service.presets import override_study, preset_study, presets
 
     if (spec_path is None) == (preset is None):
         raise fail("give either a SPEC file or --preset NAME")
@@ -369,9 +369,9 @@ def _study(spec_path: Path | None, preset: str | None, overrides: list[str]) -> 
     try:
         parsed = _parse_overrides(overrides)
         if preset is not None:
-            return apply_overrides(preset_study(preset), parsed)
+            return override_study(preset_study(preset), parsed)
         assert spec_path is not None  # one of the two, as checked above
-        return apply_overrides(read_study(spec_path), parsed)
+        return override_study(read_study(spec_path), parsed)
     except ValueError as error:
         raise fail(str(error)) from None
 

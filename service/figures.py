@@ -44,8 +44,6 @@ from service.analysis import (
     result_rows,
     setting_names,
 )
-from service.analysis import setting_hash as setting_hash  # a figure's name, as before
-from service.analysis import setting_slug as setting_slug
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -225,7 +223,10 @@ FIGURE_1_TITLE = "Test accuracy vs density per growth criterion"
 
 
 def _settings(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
-    """The distinct settings of ``fields`` among ``rows``' configs, in row order."""
+    """The distinct settings of ``fields`` among ``rows``' configs, in row order. A field
+    with one value in all ``rows`` is left out: it varies in the study only through its
+    baselines (the dense + dropout run's dropout), and splits nothing here."""
+    fields = [f for f in fields if len({repr(row["config"].get(f)) for row in rows}) > 1]
     seen: list[dict[str, Any]] = []
     for row in rows:
         setting = {f: row["config"].get(f) for f in fields}

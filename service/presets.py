@@ -46,12 +46,12 @@ def presets() -> dict[str, Preset]:
 
 
 def preset_study(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Preset ``name``'s study with ``overrides`` applied (:func:`apply_overrides`);
+    """Preset ``name``'s study with ``overrides`` applied (:func:`override_study`);
     ``KeyError`` for an unknown preset, ``ValueError`` for an override that cannot apply."""
-    return apply_overrides(copy.deepcopy(presets()[name].study), overrides or {})
+    return override_study(copy.deepcopy(presets()[name].study), overrides or {})
 
 
-def apply_overrides(study: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+def override_study(study: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``study`` (changed in place, and returned) with ``overrides`` (dotted path -> value)
     applied. In the sections whose keys contain dots themselves (:data:`WHOLE_KEYS`: ``grid``,
     ``tags``) the rest of the path is one key, dots included: ``grid.sparsity.density`` sets

@@ -31,12 +31,16 @@ class ReadinessProbe:
             "ray": services.executor.ping,
             "mlflow": services.tracker.ping,
         }
-        self._pool: ThreadPoolExecutor | None = None  # made on first use, again after close
+        self._pool: ThreadPoolExecutor | None = None  # made on first use
         self._running: dict[str, Future[bool]] = {}
+        self._closed = False
         self._lock = threading.Lock()
 
     def check(self, skip: frozenset[str] = frozenset()) -> dict[str, bool]:
-        """Each check's answer (False for those in ``skip``, and for any not done in time)."""
+        """Each check's answer (False for those in ``skip``, for any not done in time, and
+        for all once the probe is closed: the app is stopping)."""
+        if self._closed:
+            return dict.fromkeys(self.checks, False)
         futures = {name: self._start(name) for name in self.checks if name not in skip}
         wait(futures.values(), timeout=self.deadline_s)
         answers = {name: _answer(future) for name, future in futures.items()}
@@ -53,11 +57,12 @@ class ReadinessProbe:
             return running
 
     def close(self) -> None:
-        """Let the threads go; calls under way end on their own timeouts."""
+        """Answer not ready from now on and let the threads go (calls under way end on
+        their own timeouts)."""
         with self._lock:
+            self._closed = True
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool, self._running = None, {}
 
 
 def _answer(future: Future[bool]) -> bool:

@@ -151,22 +151,27 @@ class MlflowTracker:
         self.client.set_terminated(parent_run_id, RUN_STATUS.get(status, "FINISHED"))
 
     def end_running_children(
-        self, parent_run_id: str, status: str, trial_runs: Mapping[str, str]
+        self, parent_run_id: str, status: str, trial_runs: Mapping[str, str], page: int = 1000
     ) -> None:
         """End the child runs a job driver left running (it was killed before it could end
         them): each with its trial's final state from ``trial_runs``, else the experiment's
-        ``status``, so no run of an ended experiment shows as running forever."""
+        ``status``, so no run of an ended experiment shows as running forever. All are found
+        first, ``page`` at a time: ending them while paging would shift the later pages."""
         experiment_id = self.client.get_run(parent_run_id).info.experiment_id
         query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+        running: list[str] = []
         token = None
         while True:
-            page = self.client.search_runs([experiment_id], query, page_token=token)
-            for run in page:
-                state = trial_runs.get(run.info.run_id, status)
-                self.client.set_terminated(run.info.run_id, RUN_STATUS.get(state, "FAILED"))
-            token = page.token
+            found = self.client.search_runs(
+                [experiment_id], query, max_results=page, page_token=token
+            )
+            running += [run.info.run_id for run in found]
+            token = found.token
             if not token:
-                return
+                break
+        for run_id in running:
+            state = trial_runs.get(run_id, status)
+            self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"))
 
     def _log_analysis(self, run_id: str, analysis: StudyAnalysis) -> None:
         from mlflow.entities import Metric, RunTag
@@ -248,8 +253,9 @@ class TrialRun:
         plan_index: int,
         label: str,
     ) -> TrialRun:
-        """A new child run under the parent, tagged with the experiment and trial index:
-        one request, so a failure leaves either no run or a whole one."""
+        """A new child run under the parent, tagged with the experiment and trial index, in
+        one creating request, so a failure leaves either no run or a whole one. (A run whose
+        creation answer was lost is ended when the experiment's parent run closes.)"""
         parent = client.get_run(parent_run_id)
         run = client.create_run(
             parent.info.experiment_id,

@@ -254,9 +254,9 @@ def test_a_topology_update_on_cuda_does_not_wait_for_the_device(together: bool) 
 
 
 def test_augmented_tensor_batches_do_not_synchronize_per_batch() -> None:
-    """Indices reach the GPU through page-locked memory and the keyed draws are computed there.
-    (On torch 2.11 an H100 showed one synchronization in eight batches, inside ``torch.cuda``:
-    not one per batch.)"""
+    """Indices and the keyed draws (hashed on the host) reach the GPU through page-locked
+    memory. (On torch 2.11 an H100 showed one synchronization in eight batches, inside
+    ``torch.cuda``: not one per batch.)"""
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (576, 3, 32, 32), dtype=torch.uint8, generator=gen)
     norm = ImageNorm((0.5, 0.4, 0.3), (0.25, 0.25, 0.25))

@@ -51,3 +51,13 @@ def test_keyed_draws_are_uniform_and_below_one() -> None:
         assert chisquare(counts.tolist()).pvalue > 0.001
     pairs = torch.bincount((draws[0] * 3).long() * 3 + (draws[1] * 3).long(), minlength=9)
     assert chisquare(pairs.tolist()).pvalue > 0.001  # the rows are independent
+
+
+def test_negative_and_wide_keys_hash_alike_everywhere() -> None:
+    """Every implementation takes its input mod 2^32 (two's complement for negatives)."""
+    values = [-1, -(2**31), -123_456_789, 2**32, 2**40 + 17, 2**62]
+    expected = [lowbias32(v % 2**32) for v in values]
+    assert mix32(torch.tensor(values)).tolist() == expected
+    assert mix32_np(np.array(values, dtype=np.int64)).tolist() == expected
+    assert [mix32_int(v) for v in values] == expected
+    assert combine(-1) == combine(2**32 - 1)

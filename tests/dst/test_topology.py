@@ -15,7 +15,7 @@ from dst.growth import GROWTH
 from dst.masks import apply_masks, init_masks, prunable_weights, true_indices
 from dst.optimizers import MaskedSGD
 from dst.schedules import PruneSchedule
-from dst.topology import TopologyUpdater, optimizer_state
+from dst.topology import TopologyUpdater, optimizer_state, per_layer
 
 
 def mlp() -> nn.Module:
@@ -348,3 +348,10 @@ def test_prune_count_is_fraction_of_active_weights() -> None:
     sets = updater("magnitude", "random").prune_sets(weights, masks, 0.2)
     for name, idx in sets.items():
         assert len(idx) == round(0.2 * int(masks[name].sum()))
+
+
+def test_indices_into_the_concatenation_split_into_each_layers_own() -> None:
+    """Layers of 3, 4, 5 and 2 weights start at 0, 3, 7 and 12."""
+    chosen = torch.tensor([7, 0, 3, 9, 4])
+    shares = per_layer(chosen, [3, 4, 5, 2])
+    assert [s.tolist() for s in shares] == [[0], [0, 1], [0, 2], []]

@@ -29,10 +29,11 @@ from service.analysis import (
     analyze,
     experiment_masks_dir,
     first_update_fraction,
+    setting_slug,
     trial_masks_dir,
 )
 from service.client import ApiClient
-from service.figures import build_figure, figure_names, render, setting_slug, trial_figures
+from service.figures import build_figure, figure_names, render, trial_figures
 from service.report import write_report
 from service.states import TrialState
 from tests.service.test_api import AUTH, TOKEN, unreachable_app

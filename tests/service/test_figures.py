@@ -125,14 +125,10 @@ def test_no_dense_line_rather_than_another_settings() -> None:
     ]
     analysis = analyze([t.spec for t in trials], kept, partial=False)
     names = [n for n in figure_names(analysis) if n.startswith("accuracy_vs_density")]
-    assert names == [
-        "accuracy_vs_density_lr-0.01_dropout-0.0",
-        "accuracy_vs_density_lr-0.1_dropout-0.0",
-    ]
-    assert lines(analysis, "accuracy_vs_density_lr-0.01_dropout-0.0")["dense"] == (
-        pytest.approx([0.96, 0.96])
-    )
-    assert set(lines(analysis, "accuracy_vs_density_lr-0.1_dropout-0.0")) == {"magnitude", "snip"}
+    # the dropout varies only through the dense + dropout baseline: it splits no figure
+    assert names == ["accuracy_vs_density_lr-0.01", "accuracy_vs_density_lr-0.1"]
+    assert lines(analysis, "accuracy_vs_density_lr-0.01")["dense"] == pytest.approx([0.96, 0.96])
+    assert set(lines(analysis, "accuracy_vs_density_lr-0.1")) == {"magnitude", "snip"}
 
 
 def test_settings_whose_names_would_coincide_get_a_hash_each() -> None:
@@ -152,7 +148,7 @@ def test_settings_whose_names_would_coincide_get_a_hash_each() -> None:
     analysis = analyze(specs, trials, partial=False)
     curves = [n for n in figure_names(analysis) if n.startswith("learning_curves")]
     assert len(set(curves)) == 6  # three roots × two densities
-    from service.figures import setting_hash
+    from service.analysis import setting_hash
 
     assert setting_hash({"data.root": "/d/a b"}) == "c416057e"
     names = [n for n in figure_names(analysis) if n.startswith("accuracy_vs_density")]
@@ -443,3 +439,17 @@ def test_the_fig7_preset_keeps_its_figure_names_and_draws_no_other_criterion_as_
     analysis = analyze(magnitude, trials, partial=False)
     assert "accuracy_vs_density_mest_lambda-1.0" in figure_names(analysis)
     assert names_of(analysis, "accuracy_vs_mest_lambda") == []
+
+
+def test_a_setting_too_long_for_a_file_name_is_named_by_its_hash() -> None:
+    """A figure is written as a file: a 300-character data root would pass the 255 bytes a
+    file name may have, so that setting's figure is named by its hash."""
+    from service.analysis import MAX_SETTING_NAME, setting_hash, setting_names
+
+    long = {"data.root": "/d/" + "x" * 300}
+    names = setting_names("accuracy_vs_density", [long, {"data.root": "/d/y"}])
+    assert names == [
+        f"accuracy_vs_density_{setting_hash(long)}",
+        "accuracy_vs_density_root--d-y",
+    ]
+    assert all(len(n) <= MAX_SETTING_NAME for n in names)

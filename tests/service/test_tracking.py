@@ -267,6 +267,9 @@ def test_child_runs_a_killed_driver_left_running_end_with_their_trials_state(
     tracker.client.set_terminated(done, "FINISHED")  # its driver ended it
     _, elsewhere = tracker.create_parent("exp-2", study, expand(study))
     other = TrialRun.create(tracker.client, elsewhere, "exp-2", 0, "trial 0").run_id
-    tracker.end_running_children(parent, "cancelled", {done: "succeeded", failed: "failed"})
+    more = [TrialRun.create(tracker.client, parent, "exp-1", i, "t").run_id for i in (3, 4)]
+    mapping = {done: "succeeded", failed: "failed"}
+    tracker.end_running_children(parent, "cancelled", mapping, page=1)  # a page per run
+    assert {tracker.client.get_run(r).info.status for r in more} == {"KILLED"}
     statuses = {r: tracker.client.get_run(r).info.status for r in (done, failed, unknown, other)}
     assert statuses == {done: "FINISHED", failed: "FAILED", unknown: "KILLED", other: "RUNNING"}
