@@ -6,21 +6,19 @@ Fast: no container is started."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
-from unittest import mock
-from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from service.core.config import Settings
 from service.execution import DRIVER_SECRETS, driver_env
+from tests.deploy.mlflow_security import mlflow_refusals
 from tests.deploy.stack import REPO, podman_compose, podman_env
 
 COMPOSE = REPO / "docker-compose.yml"
@@ -52,29 +50,6 @@ def interpolate(text: str, values: dict[str, str]) -> str:
     ``values`` (an unset or empty variable takes the default)."""
     pattern = r"\$\{([A-Z0-9_]+)(?::-([^}]*))?\}"
     return re.sub(pattern, lambda m: values.get(m.group(1)) or m.group(2) or "", text)
-
-
-def mlflow_refusals(ui_url: str, allowed_hosts: str, cors_origins: str) -> list[str]:
-    """What MLflow's security middleware refuses of a browser that opens the UI at ``ui_url``:
-    its Host header (403 "Invalid Host header"), or the UI's POSTs from its origin (403
-    "Cross-origin request blocked"), with MLflow's own parsing of the two variables."""
-    from mlflow.server.fastapi_security import get_allowed_hosts, get_allowed_origins
-    from mlflow.server.security_utils import is_allowed_host_header, should_block_cors_request
-
-    env = {
-        "MLFLOW_SERVER_ALLOWED_HOSTS": allowed_hosts,
-        "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": cors_origins,
-    }
-    with mock.patch.dict(os.environ, env):
-        hosts, origins = get_allowed_hosts(), get_allowed_origins()
-    parts = urlsplit(ui_url)
-    origin = f"{parts.scheme}://{parts.netloc}"
-    refused = []
-    if not is_allowed_host_header(hosts, parts.netloc):
-        refused.append(f"Host {parts.netloc}")
-    if should_block_cors_request(origin, "POST", origins):
-        refused.append(f"Origin {origin}")
-    return refused
 
 
 def check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:

@@ -11,14 +11,12 @@ that never starts.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
-from unittest import mock
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -28,6 +26,7 @@ import yaml
 
 from service.core.config import Settings
 from service.execution import DRIVER_SECRETS, driver_env
+from tests.deploy.mlflow_security import mlflow_refusals
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kuberay"
 DOCKERFILE = DEPLOY.parent / "Dockerfile"
@@ -232,29 +231,6 @@ def env_value(env: Doc) -> str:
         return str(env["value"])
     ref = env["valueFrom"]["configMapKeyRef"]
     return generated_configmaps()[ref["name"]][ref["key"]]
-
-
-def mlflow_refusals(ui_url: str, allowed_hosts: str, cors_origins: str) -> list[str]:
-    """What MLflow's security middleware refuses of a browser that opens the UI at ``ui_url``:
-    its Host header (403 "Invalid Host header"), or the UI's POSTs from its origin (403
-    "Cross-origin request blocked"), with MLflow's own parsing of the two variables."""
-    from mlflow.server.fastapi_security import get_allowed_hosts, get_allowed_origins
-    from mlflow.server.security_utils import is_allowed_host_header, should_block_cors_request
-
-    env = {
-        "MLFLOW_SERVER_ALLOWED_HOSTS": allowed_hosts,
-        "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": cors_origins,
-    }
-    with mock.patch.dict(os.environ, env):
-        hosts, origins = get_allowed_hosts(), get_allowed_origins()
-    parts = urlsplit(ui_url)
-    origin = f"{parts.scheme}://{parts.netloc}"
-    refused = []
-    if not is_allowed_host_header(hosts, parts.netloc):
-        refused.append(f"Host {parts.netloc}")
-    if should_block_cors_request(origin, "POST", origins):
-        refused.append(f"Origin {origin}")
-    return refused
 
 
 def service_ports() -> dict[str, set[int]]:
