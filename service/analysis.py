@@ -259,18 +259,21 @@ def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
     and the best criterion at each density of each setting (everything varied but the
     criterion and the density): tags ``best_criterion.density_<d>`` for a study of one
     setting, else ``best_criterion.density_<d>_<setting>`` (named as the figures are, e.g.
-    ``best_criterion.density_0.1_growth-gradient``; ``_<hash>`` alone for a long setting)."""
+    ``best_criterion.density_0.1_growth-gradient``; ``_<hash>`` alone for a long setting).
+    A criterion or density the study does not vary counts with its one value."""
     rows = [r for r in result_rows(analysis) if r["config"].get(MODE, "dst") == "dst"]
     fields = [f for f in analysis.group_by if f not in (MODE, CRITERION, DENSITY)]
     settings: list[dict[str, Any]] = []
     by_criterion: dict[str, list[float]] = {}
     best: dict[tuple[int, str], tuple[float, str]] = {}  # (setting, density) -> (mean, best)
+    fixed = analysis.fixed  # a field the study does not vary has one value for every row
     for row in rows:
-        criterion, mean = row["config"].get(CRITERION), row["test_acc_mean"]
+        criterion = row["config"].get(CRITERION, fixed.get(CRITERION))
+        mean = row["test_acc_mean"]
         if criterion is None or mean is None:
             continue
         by_criterion.setdefault(criterion, []).append(mean)
-        density = row["config"].get(DENSITY)
+        density = row["config"].get(DENSITY, fixed.get(DENSITY))
         setting = {f: row["config"].get(f) for f in fields}
         if setting not in settings:
             settings.append(setting)

@@ -665,6 +665,20 @@ def test_the_best_criterion_tags_name_each_settings_own_best() -> None:
     assert tags == {"best_criterion.density_0.1": "snip", "best_criterion.density_0.5": "magnitude"}
 
 
+def test_a_study_of_one_criterion_still_reports_it() -> None:
+    """The criterion is not varied (so not in the results' configs): its mean and its tag
+    at each density still come out, under the criterion the runs used."""
+    from service.analysis import summary
+
+    trials = [
+        FinishedTrial(run("snip", seed, density), {"test_acc": acc})
+        for seed, density, acc in ((0, 0.1, 0.6), (1, 0.1, 0.8), (0, 0.5, 0.9), (1, 0.5, 0.9))
+    ]
+    metrics, tags = summary(analyze([t.spec for t in trials], trials, partial=False))
+    assert metrics == {"mean_test_acc.snip": pytest.approx((0.7 + 0.9) / 2)}
+    assert tags == {"best_criterion.density_0.1": "snip", "best_criterion.density_0.5": "snip"}
+
+
 def test_a_best_criterion_tag_too_long_for_mlflow_is_named_by_its_settings_hash() -> None:
     """MLflow takes tag names of at most 250 characters: a data root of 300 gives
     ``best_criterion.density_<d>_<hash>`` (the setting's, as a figure's name would have)."""
