@@ -50,7 +50,10 @@ class ReadinessProbe:
         """The check's call under way, or a new one."""
         with self._lock:
             running = self._running.get(name)
-            if running is None or running.done():
+            if self._closed:  # closed since this probe began: answer no, start nothing
+                running = Future()
+                running.set_result(False)
+            elif running is None or running.done():
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(len(self.checks), thread_name_prefix="ready")
                 running = self._running[name] = self._pool.submit(self.checks[name])

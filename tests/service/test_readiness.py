@@ -49,6 +49,7 @@ def test_every_dependency_answering_is_ready() -> None:
     }
     ready.close()  # the app is stopping: not ready, and no thread started
     assert ready.check() == {"database": False, "ray": False, "mlflow": False}
+    assert ready._start("ray").result(timeout=1) is False  # a probe begun before the close
 
 
 def test_a_hung_dependency_is_not_ready_by_the_deadline_and_is_not_called_again() -> None:
