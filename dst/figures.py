@@ -251,6 +251,14 @@ def _unit_y(ax: Axes) -> None:
     ax.set_ylim(0.0, 1.02)
 
 
+# the default titles of the figures a study draws once per setting (the service adds the
+# setting to them)
+ACCURACY_VS_DENSITY_TITLE = "Test accuracy vs density per growth criterion"
+ACCURACY_VS_UPDATE_PERIOD_TITLE = "Accuracy vs topology update period Δt"
+ITOP_VS_UPDATE_PERIOD_TITLE = "Final ITOP ratio vs topology update period Δt"
+ACCURACY_VS_MEST_LAMBDA_TITLE = "C_MEST: accuracy vs λ (score = |θ| + λ|∇θ L|)"
+
+
 # -- Figure 1: accuracy vs density -----------------------------------------------------------
 
 
@@ -260,7 +268,7 @@ def accuracy_vs_density(
     static: Series | None = None,
     *,
     ylabel: str = "test accuracy",
-    title: str = "Test accuracy vs density per growth criterion",
+    title: str = ACCURACY_VS_DENSITY_TITLE,
 ) -> Figure:
     """Figure 1 (and 10, 22): accuracy against density on a log axis, one panel per growth
     criterion (``panels`` maps e.g. ``"random"`` to its lines), one line per pruning criterion
@@ -449,7 +457,7 @@ def accuracy_vs_update_period(
     static: Mapping[str, float] | None = None,
     *,
     ylabel: str = "validation accuracy",
-    title: str = "Accuracy vs topology update period Δt",
+    title: str = ACCURACY_VS_UPDATE_PERIOD_TITLE,
 ) -> Figure:
     """Figure 5: accuracy against the update period Δt (log₂ axis: the paper doubles Δt from
     25 to 6400), one panel per density (or density × growth; ``panels`` maps the panel title to
@@ -470,7 +478,7 @@ def accuracy_vs_update_period(
 def itop_vs_update_period(
     panels: Mapping[str, Sequence[Series]],
     *,
-    title: str = "Final ITOP ratio vs topology update period Δt",
+    title: str = ITOP_VS_UPDATE_PERIOD_TITLE,
 ) -> Figure:
     """Figure 11: the ITOP ratio at the end of training (weights ever active / prunable
     weights, Appendix E) against the update period Δt on a log₂ axis, one panel per growth
@@ -543,7 +551,7 @@ def accuracy_vs_mest_lambda(
     references: Mapping[str, float] | None = None,
     *,
     ylabel: str = "test accuracy",
-    title: str = "C_MEST: accuracy vs λ (score = |θ| + λ|∇θ L|)",
+    title: str = ACCURACY_VS_MEST_LAMBDA_TITLE,
 ) -> Figure:
     """Figure 7: accuracy of the MEST criterion against its λ, one line per density (log x
     axis; λ = 0, plain magnitude, stays on it as a linear stretch). ``references`` are

@@ -534,15 +534,14 @@ def _baseline_label(spec: RunSpec) -> str:
     return BASELINE_LABELS[2]
 
 
-def _baseline_matches(trial: FinishedTrial, setting: dict[str, Any]) -> bool:
-    """A baseline belongs beside a setting when it agrees on every field it has a value for:
-    a static run on the density, a dense run on nothing sparse; dropout never counts (the
-    dense + dropout baseline differs in it on purpose)."""
-    config = run_config(trial.spec)
+def baseline_matches(config: Mapping[str, Any], setting: Mapping[str, Any], dense: bool) -> bool:
+    """A baseline (its ``config``; ``dense``: a dense run) belongs beside a setting when it
+    agrees on every field it has a value for: a static run on the density, a dense run on
+    nothing sparse; dropout never counts (the dense + dropout baseline differs in it on
+    purpose). The learning curves and the figures' baselines both follow this rule."""
     for key, value in setting.items():
         own = config.get(key)
-        dense_ignores = trial.spec.sparsity.mode == "dense" and key.startswith("sparsity.")
-        if own is None or dense_ignores or key == DROPOUT:
+        if own is None or key == DROPOUT or (dense and key.startswith("sparsity.")):
             continue
         if own != value:
             return False
@@ -587,7 +586,8 @@ def learning_curves(
     for key, lines in groups.items():
         setting = json.loads(key)
         for baseline in baselines:
-            if _baseline_matches(baseline, setting):
+            dense = baseline.spec.sparsity.mode == "dense"
+            if baseline_matches(run_config(baseline.spec), setting, dense):
                 lines.setdefault(_baseline_label(baseline.spec), []).append(baseline)
         curves = {}
         for label, trials in lines.items():

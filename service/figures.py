@@ -39,6 +39,7 @@ from service.analysis import (
     MODE,
     PERIOD,
     StudyAnalysis,
+    baseline_matches,
     removal_columns,
     removal_points,
     result_rows,
@@ -219,7 +220,6 @@ def _nan(values: Sequence[Sequence[float | None]]) -> list[list[float]]:
 
 
 DENSITY_DRAWN = (MODE, CRITERION, DENSITY, GROWTH)  # Figure 1's x, lines and panels
-FIGURE_1_TITLE = "Test accuracy vs density per growth criterion"
 
 
 def _settings(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> list[dict[str, Any]]:
@@ -241,18 +241,9 @@ def _in_setting(row: dict[str, Any], setting: Mapping[str, Any]) -> bool:
 
 
 def _baseline_matches(row: dict[str, Any], setting: Mapping[str, Any]) -> bool:
-    """Whether a baseline row belongs beside ``setting`` (Figure 1): it agrees on every field
-    it has a value for, a dense run on nothing sparse, a static run on all but the DST-only
-    fields (``None`` in its row); the dropout never counts, as in
-    :func:`service.analysis._baseline_matches` (baselines train without it)."""
-    dense = row["config"].get(MODE) == "dense"
-    for key, value in setting.items():
-        own = row["config"].get(key)
-        if own is None or key == DROPOUT or (dense and key.startswith("sparsity.")):
-            continue
-        if own != value:
-            return False
-    return True
+    """Whether a baseline row belongs beside ``setting``: :func:`service.analysis.
+    baseline_matches` on the row's config."""
+    return baseline_matches(row["config"], setting, dense=row["config"].get(MODE) == "dense")
 
 
 def _dense_baseline(rows: Sequence[dict[str, Any]], setting: Mapping[str, Any]) -> float | None:
@@ -290,7 +281,7 @@ def _accuracy_vs_density(rows: list[dict[str, Any]], setting: Mapping[str, Any])
         panels,
         dense=_dense_baseline(rows, setting),
         static=static_series[0] if static_series else None,
-        title=_titled(FIGURE_1_TITLE, setting),
+        title=_titled(figures.ACCURACY_VS_DENSITY_TITLE, setting),
     )
 
 
@@ -317,9 +308,6 @@ def _titled(title: str, setting: Mapping[str, Any]) -> str:
 PERIOD_DRAWN = (MODE, CRITERION, PERIOD, DENSITY)  # Figure 5's baseline, lines, x and panels
 ITOP_DRAWN = (MODE, CRITERION, PERIOD, GROWTH, DENSITY)  # Figure 11's: and the growth
 LAMBDA_DRAWN = (MODE, CRITERION, LAMBDA, DENSITY)  # Figure 7's: MEST alone, x, lines
-FIGURE_5_TITLE = "Accuracy vs topology update period Δt"
-FIGURE_11_TITLE = "Final ITOP ratio vs topology update period Δt"
-FIGURE_7_TITLE = "C_MEST: accuracy vs λ (score = |θ| + λ|∇θ L|)"
 
 
 def _period_builder(entry: dict[str, Any]) -> Builder:
@@ -345,7 +333,10 @@ def _accuracy_vs_update_period(rows: list[dict[str, Any]], setting: Mapping[str,
         if own:
             static[name] = own[0]["test_acc_mean"]
     return figures.accuracy_vs_update_period(
-        panels, static, ylabel="test accuracy", title=_titled(FIGURE_5_TITLE, setting)
+        panels,
+        static,
+        ylabel="test accuracy",
+        title=_titled(figures.ACCURACY_VS_UPDATE_PERIOD_TITLE, setting),
     )
 
 
@@ -368,7 +359,9 @@ def _itop_vs_update_period(rows: list[dict[str, Any]], setting: Mapping[str, Any
             if series:  # a panel is titled "<name> growth"
                 name = str(growth or "random")
                 panels[f"density {density}, {name}" if len(densities) > 1 else name] = series
-    return figures.itop_vs_update_period(panels, title=_titled(FIGURE_11_TITLE, setting))
+    return figures.itop_vs_update_period(
+        panels, title=_titled(figures.ITOP_VS_UPDATE_PERIOD_TITLE, setting)
+    )
 
 
 def _lambda_builder(entry: dict[str, Any]) -> Builder:
@@ -383,7 +376,8 @@ def _accuracy_vs_mest_lambda(rows: list[dict[str, Any]], setting: Mapping[str, A
 
     own = [r for r in rows if _in_setting(r, setting)]
     return figures.accuracy_vs_mest_lambda(
-        figures.result_series(own, LAMBDA, DENSITY), title=_titled(FIGURE_7_TITLE, setting)
+        figures.result_series(own, LAMBDA, DENSITY),
+        title=_titled(figures.ACCURACY_VS_MEST_LAMBDA_TITLE, setting),
     )
 
 
