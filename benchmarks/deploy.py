@@ -119,6 +119,8 @@ def measure(cold_downloads: bool) -> list[tuple[str, str]]:
             stack.up(workers=2)
             stack.wait_ready()
             rows.append(("compose up -> API ready", f"{time.monotonic() - start:.0f} s"))
+            stack.wait_workers(2)
+            rows.append(("compose up -> both workers joined", f"{time.monotonic() - start:.0f} s"))
             client = ApiClient(stack.api_url, stack.api_token)
             cold = first_trial_running(client, "first")
             warm = first_trial_running(client, "second")

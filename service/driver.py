@@ -18,7 +18,8 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
@@ -127,6 +128,33 @@ def cluster_misfit(res: Resources, nodes: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def wait_for_fit(
+    res: Resources,
+    list_nodes: Callable[[], list[dict[str, Any]]],
+    wait_s: float,
+    *,
+    poll_s: float = 2.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[str | None, list[dict[str, Any]]]:
+    """Poll the cluster's nodes until one trial fits (:func:`cluster_misfit`) or ``wait_s``
+    has passed: the misfit (None once it fits) and the nodes last seen.
+
+    A cluster just started may not have its workers yet (``docker compose up`` starts the
+    head first): refusing at once would fail a study that could run a few seconds later.
+    """
+    deadline = clock() + wait_s
+    nodes = list_nodes()
+    misfit = cluster_misfit(res, nodes)
+    if misfit is not None and wait_s > 0:
+        log.info("waiting up to %g s for Ray nodes that can hold a trial: %s", wait_s, misfit)
+    while misfit is not None and clock() < deadline:
+        sleep(min(poll_s, max(deadline - clock(), 0.0)))
+        nodes = list_nodes()
+        misfit = cluster_misfit(res, nodes)
+    return misfit, nodes
+
+
 VERSION_LABEL = "dst-lab-version"  # the image version a node carries (deploy/bin/dst-ray-node)
 
 
@@ -162,6 +190,38 @@ def secrets_exposed(nodes: list[dict[str, Any]], node_id: str) -> str | None:
         "environment, which holds the service's database URL (DST_DRIVER_SECRETS=head); start "
         "the head with --num-cpus=0 (and no GPUs), or use DST_DRIVER_SECRETS=file"
     )
+
+
+def preflight(
+    settings: Settings,
+    res: Resources,
+    list_nodes: Callable[[], list[dict[str, Any]]],
+    *,
+    node_id: str,
+    secrets_from_head: bool,
+    version: str | None,
+) -> str | None:
+    """Why the trials must not start on this Ray cluster, or None when they may.
+
+    Refused: trials that could read the service's secrets (taken from this driver's node,
+    which also offers CPUs or GPUs), and trials no node can hold once
+    ``settings.ray_nodes_wait_s`` has passed (unless the cluster autoscales). Nodes of
+    another image version are only logged: the trials may still run.
+    """
+    nodes = list_nodes()
+    exposed = secrets_exposed(nodes, node_id) if secrets_from_head else None
+    if exposed is not None:
+        return f"the trials would share the service's secrets: {exposed}"
+    misfit = None
+    if not settings.ray_autoscaling:
+        misfit, nodes = wait_for_fit(res, list_nodes, settings.ray_nodes_wait_s)
+    for line in version_mismatches(nodes, version):
+        log.error(line)
+    if misfit is None:
+        return None
+    wait_s = settings.ray_nodes_wait_s
+    waited = f" (after waiting {wait_s:g} s for nodes to join)" if wait_s > 0 else ""
+    return f"the Ray cluster cannot run these trials: {misfit}{waited}"
 
 
 def _trial_name(trial: tune.experiment.Trial) -> str:
@@ -210,16 +270,17 @@ def main(argv: list[str] | None = None) -> None:
     recorder = recorder_for(experiment_id)
     scrub_worker_environment(DRIVER_ONLY_ENV)
     ray.init(address="auto", log_to_driver=True)
-    nodes = ray.nodes()
-    for line in version_mismatches(nodes, os.environ.get("DST_IMAGE_VERSION")):
-        log.error(line)
-    exposed = secrets_exposed(nodes, ray.get_runtime_context().get_node_id()) if from_head else None
-    if exposed is not None:
-        log.error(exposed)
-    misfit = None if settings.ray_autoscaling else cluster_misfit(resources, nodes)
-    if misfit is not None:
-        _fail(engine, experiment_id, f"the Ray cluster cannot run these trials: {misfit}")
-        raise SystemExit(misfit)
+    refusal = preflight(
+        settings,
+        resources,
+        ray.nodes,
+        node_id=ray.get_runtime_context().get_node_id(),
+        secrets_from_head=from_head,
+        version=os.environ.get("DST_IMAGE_VERSION"),
+    )
+    if refusal is not None:
+        _fail(engine, experiment_id, refusal)
+        raise SystemExit(refusal)
     signal.signal(signal.SIGTERM, _sigterm_to_sigint)
     tuner = make_tuner(
         str(results_dir / experiment_id), configs, resources, experiment_id, [recorder]

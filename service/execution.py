@@ -49,7 +49,13 @@ SECRETS_FILE_ENV = "DST_DRIVER_SECRETS_FILE"
 # with secrets from the head: the names of the secrets the driver must find in its environment
 HEAD_SECRETS_ENV = "DST_DRIVER_SECRETS_FROM_HEAD"
 # what the job driver gets and Ray workers must not (the driver scrubs them from the job)
-DRIVER_ONLY_ENV = (*DRIVER_SECRETS, "DST_STORAGE_PATH", SECRETS_FILE_ENV, HEAD_SECRETS_ENV)
+DRIVER_ONLY_ENV = (
+    *DRIVER_SECRETS,
+    "DST_STORAGE_PATH",
+    "DST_RAY_NODES_WAIT_S",
+    SECRETS_FILE_ENV,
+    HEAD_SECRETS_ENV,
+)
 
 
 def driver_env(settings: Settings) -> dict[str, str]:
@@ -66,6 +72,7 @@ def driver_env(settings: Settings) -> dict[str, str]:
         env["DST_DATA_DIR"] = str(settings.data_dir)
     if settings.ray_autoscaling:  # the driver decides whether the cluster can hold a trial
         env["DST_RAY_AUTOSCALING"] = "true"
+    env["DST_RAY_NODES_WAIT_S"] = f"{settings.ray_nodes_wait_s:g}"
     return env
 
 

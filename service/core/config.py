@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         description="the Ray cluster adds nodes on demand: do not refuse trials that no "
         "current node can hold",
     )
+    ray_nodes_wait_s: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="how long a job driver waits for Ray nodes that can hold its trials to "
+        "join (the workers of a cluster just started) before it fails the study",
+    )
     call_timeout_s: float = Field(
         10.0, gt=0, le=300, description="timeout of each Ray Jobs API and MLflow call the API makes"
     )

@@ -38,6 +38,21 @@ TOOLS = ("podman", "runc", "debootstrap")
 INSTALL_HINT = "apt-get install podman runc debootstrap (`.ci/run` does it)"
 
 
+# run in the head container (its Ray auth token is in its environment): polls the GCS until
+# argv[1] nodes offering CPUs are alive or argv[2] seconds have passed; prints how many are
+COUNT_WORKERS = """
+import sys, time, ray
+ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+want, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while True:
+    alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if len(alive) >= want or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+print(len(alive))
+"""
+
+
 def podman_env() -> dict[str, str]:
     """This process's environment with the project's Podman settings (cgroupfs, runc)."""
     return os.environ | {"CONTAINERS_CONF": str(CONTAINERS_CONF)}
@@ -194,6 +209,23 @@ class Stack:
                 last = str(error)
             time.sleep(1)
         raise RuntimeError(f"the stack was not ready in {timeout:.0f} s: {last}\n{self.logs()}")
+
+    def wait_workers(self, count: int, timeout: float = 240) -> float:
+        """Seconds until ``count`` Ray nodes that offer CPUs have joined the head (``/readyz``
+        answers once the head is up, before its workers join)."""
+        start = time.monotonic()
+        done = subprocess.run(
+            ["podman", "exec", self.container("ray-head"), "python", "-c", COUNT_WORKERS,
+             str(count), str(timeout)],
+            env=podman_env(), capture_output=True, text=True, timeout=timeout + 60,
+        )  # fmt: skip
+        joined = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
+        if not joined or int(joined[0]) < count:
+            raise RuntimeError(
+                f"{count} Ray workers did not join in {timeout:.0f} s (saw {joined or '?'}): "
+                f"{done.stderr.strip()[-2000:]}\n{self.logs()}"
+            )
+        return time.monotonic() - start
 
     def container(self, service: str, number: int = 1) -> str:
         return f"{self.project}_{service}_{number}"

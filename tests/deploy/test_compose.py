@@ -40,6 +40,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.build()
         stack.up(workers=2)
         stack.wait_ready()
+        stack.wait_workers(2)
         yield stack
     finally:
         stack.down()

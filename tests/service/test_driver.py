@@ -17,11 +17,13 @@ from service.core.config import Settings
 from service.db import make_engine, upgrade_database
 from service.driver import (
     cluster_misfit,
+    preflight,
     scrub_worker_environment,
     secrets_exposed,
     start,
     trial_config,
     version_mismatches,
+    wait_for_fit,
 )
 from service.execution import (
     DRIVER_ONLY_ENV,
@@ -325,6 +327,93 @@ def test_a_trial_no_node_can_hold_is_named_before_it_waits_forever(
     assert (problem is None) == fits, problem
     if not fits:
         assert "gpus_per_trial" in problem and "offer" in problem  # type: ignore[operator]
+
+
+class JoiningCluster:
+    """``ray.nodes()`` of a cluster whose workers join over time, on a fake clock."""
+
+    def __init__(self, joins: dict[float, dict]) -> None:
+        self.now = 0.0
+        self.joins = joins  # when (s) each worker node joins
+        self.polls: list[float] = []
+
+    def nodes(self) -> list[dict]:
+        self.polls.append(self.now)
+        head = {"NodeID": "head", "Alive": True, "Resources": {"CPU": 0.0}}
+        return [head, *(n for t, n in self.joins.items() if t <= self.now)]
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+
+def test_the_driver_waits_for_workers_that_join_after_it_starts() -> None:
+    """A cluster just brought up: the head first, the worker 5 s later. The driver polls
+    every 2 s, sees the worker at 6 s, and goes on without waiting out its 60 s."""
+    cluster = JoiningCluster({5.0: node(2)})
+    misfit, nodes = wait_for_fit(
+        Resources(cpus_per_trial=1), cluster.nodes, 60, clock=lambda: cluster.now,
+        sleep=cluster.sleep,
+    )  # fmt: skip
+    assert misfit is None and len(nodes) == 2
+    assert cluster.polls == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_the_driver_gives_up_on_a_cluster_that_never_fits_when_its_wait_ends() -> None:
+    """No GPU ever joins: the last poll is at the deadline (not past it), and the misfit
+    names what the nodes offer."""
+    cluster = JoiningCluster({1.0: node(2)})
+    misfit, _ = wait_for_fit(
+        Resources(gpus_per_trial=0.5), cluster.nodes, 5, clock=lambda: cluster.now,
+        sleep=cluster.sleep,
+    )  # fmt: skip
+    assert misfit is not None and "{CPU: 0, GPU: 0}, {CPU: 2, GPU: 0}" in misfit
+    assert cluster.polls == [0.0, 2.0, 4.0, 5.0]
+
+
+def test_a_driver_told_not_to_wait_polls_once() -> None:
+    cluster = JoiningCluster({1.0: node(2)})
+    misfit, _ = wait_for_fit(
+        Resources(cpus_per_trial=1), cluster.nodes, 0, clock=lambda: cluster.now,
+        sleep=cluster.sleep,
+    )  # fmt: skip
+    assert misfit is not None and cluster.polls == [0.0]
+
+
+@pytest.mark.parametrize(
+    ("settings", "head", "from_head", "refused"),
+    [
+        ({}, {"CPU": 0.0}, True, None),  # a worker holds the trial: it runs
+        ({}, {"CPU": 2.0}, False, None),  # the head runs trials, but holds no secret
+        ({}, {"CPU": 2.0}, True, "would share the service's secrets"),
+        ({}, {"CPU": 0.0, "GPU": 1.0}, True, "would share the service's secrets"),
+        ({"ray_nodes_wait_s": 0}, {"CPU": 0.0}, False, "cannot run these trials"),
+        ({"ray_autoscaling": True}, {"CPU": 0.0}, False, None),  # nodes come on demand
+    ],
+)
+def test_the_driver_refuses_a_cluster_before_any_trial_starts(
+    settings: dict, head: dict, from_head: bool, refused: str | None
+) -> None:
+    """What ``preflight`` says of a head (the driver's node) and one worker of 2 CPUs, for
+    trials of 2 GPUs where the case says ``cannot run`` and of 1 CPU otherwise."""
+    gpus = 2 if refused == "cannot run these trials" or settings.get("ray_autoscaling") else 0
+    nodes = [
+        {"NodeID": "head", "Alive": True, "Resources": head},
+        {"NodeID": "worker", "Alive": True, "Resources": {"CPU": 2.0}},
+    ]
+    answer = preflight(
+        Settings(database_url="sqlite://", **settings),
+        Resources(cpus_per_trial=1, gpus_per_trial=gpus, workers_per_trial=max(gpus, 1)),
+        lambda: nodes,
+        node_id="head",
+        secrets_from_head=from_head,
+        version=None,
+    )
+    if refused is None:
+        assert answer is None
+    else:
+        assert answer is not None and refused in answer, answer
+        assert "after waiting" not in answer  # these refusals come at once
 
 
 def test_a_node_from_another_image_version_is_named() -> None:

@@ -216,14 +216,16 @@ def test_a_multi_worker_trial_runs_ddp(local_ray: str, mlflow_sqlite: str, stora
         assert abs(active / total - 0.1) < 0.01
 
 
-def test_a_gpu_study_on_a_cluster_without_gpus_fails_at_once_and_says_why(
+def test_a_gpu_study_on_a_cluster_without_gpus_fails_and_says_why(
     local_ray: str, mlflow_sqlite: str, storage: Path
 ) -> None:
-    """Ray would keep such trials pending forever; the driver refuses them instead."""
+    """Ray would keep such trials pending forever; the driver refuses them instead, once it
+    has waited its while (here 2 s) for nodes that could hold them."""
     spec = study("gpu-on-cpu", resources={"gpus_per_trial": 0.5}, device="cuda")
     with api(
-        storage / "gpu", f"sqlite:///{storage / 'gpu.db'}", local_ray, mlflow_sqlite
-    ) as client:
+        storage / "gpu", f"sqlite:///{storage / 'gpu.db'}", local_ray, mlflow_sqlite,
+        ray_nodes_wait_s=2,
+    ) as client:  # fmt: skip
         created = client.submit(spec)
         final = wait_terminal(client, created["id"], timeout=120)
         assert final["status"] == "failed", final
@@ -231,6 +233,7 @@ def test_a_gpu_study_on_a_cluster_without_gpus_fails_at_once_and_says_why(
         assert {t["state"] for t in trials} == {"failed"}
         assert all("cannot run these trials" in t["error"] for t in trials)
         assert "{CPU: 1, GPU: 0.5}" in trials[0]["error"]
+        assert "after waiting 2 s for nodes to join" in trials[0]["error"]
 
 
 def test_a_driver_told_to_take_its_secrets_from_a_head_without_them_fails_naming_them(
