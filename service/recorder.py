@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
-from ray.tune.result import HOSTNAME
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -39,7 +38,7 @@ from service.core.config import Settings
 from service.db import make_engine
 from service.states import TrialState
 from service.tracking import ChildRuns, without_credentials
-from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, REMOVAL_LAYERS, RESUMED
+from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, NODE, REMOVAL_LAYERS, RESUMED
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -137,7 +136,10 @@ class TrialRecorder(tune.Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: TuneTrial, result: dict, **info: Any
     ) -> None:
-        """An epoch: its metrics; the initial masks after the first, the final after the last."""
+        """Where the trial runs (its first report after each start); an epoch: its metrics,
+        the initial masks after the first, the final after the last."""
+        if NODE in result:
+            self._placed(trial_index(trial), str(result[NODE]), str(result.get(GPUS) or ""))
         metrics = result.get(METRICS)
         if not metrics:
             return
@@ -145,11 +147,6 @@ class TrialRecorder(tune.Callback):
         last = self._epochs.get(index, 0)
         self._epochs[index] = max(last, epoch)  # a restore may replay several epochs
         fields: dict[str, Any] = {"epoch": epoch, "metrics": metrics}
-        node = str(result.get(HOSTNAME) or "")  # Tune fills it in: the trial process's host
-        if node:
-            fields["node"] = node
-        if GPUS in result:  # the first report after each start: the GPUs Ray gave
-            fields["gpus"] = result[GPUS] or None
         resumed = result.get(RESUMED)  # the trial restored a checkpoint (e.g. DDP workers lost)
         if resumed is not None:
             log.info("trial %d resumed after epoch %d", index, resumed)
@@ -158,8 +155,6 @@ class TrialRecorder(tune.Callback):
         if self.runs is not None:
             if resumed is not None:
                 self.runs.mark_resumed(index, resumed)
-            if GPUS in result:  # the trial's first report since it (re)started
-                self.runs.mark_placement(index, node, result[GPUS])
             if epoch > last:  # an epoch repeated after a restore has the same values: log once
                 self.runs.log_epoch(index, metrics)
         directory = checkpoint_dir(trial, result)
@@ -175,6 +170,12 @@ class TrialRecorder(tune.Callback):
             if self.runs is not None:
                 self.runs.log_masks(index, directory / MASKS, "final")
             self._keep_masks(index, directory)
+
+    def _placed(self, index: int, node: str, gpus: str) -> None:
+        """The hosts and GPUs the trial (re)started on, in its row and as its run's tags."""
+        self._record(index, node=node or None, gpus=gpus or None)
+        if self.runs is not None:
+            self.runs.mark_placement(index, node, gpus)
 
     def _keep_masks(self, index: int, directory: Path) -> None:
         """Copy a finished trial's initial and final masks (and its first update's per-layer

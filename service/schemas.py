@@ -59,12 +59,13 @@ class TrialOut(BaseModel):
         description="the epoch the trial last resumed from after a failure (None: never)"
     )
     node: str | None = Field(
-        description="the host (Ray node) the trial last reported from: after a worker is lost, "
-        "where it resumed"
+        description="the hosts (Ray nodes) the trial's training processes ran on when it last "
+        "started, comma-separated in rank order: after a worker is lost, where it resumed; "
+        "None until the trial says"
     )
     gpus: str | None = Field(
         description="the ids of the GPUs Ray gave the trial when it last started, one per "
-        "process (rank order; 'host:id' for a DDP worker on another host than `node`); trials "
+        "process in rank order ('host:id' when its processes span several hosts); trials "
         "sharing a GPU show the same id; None: no GPU"
     )
     started_at: datetime | None

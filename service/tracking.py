@@ -432,8 +432,8 @@ class ChildRuns:
         self._put(index, f"resume tag {epoch}", lambda run: run.tag(TAG_RESUMED, str(epoch)))
 
     def mark_placement(self, index: int, node: str, gpus: str) -> None:
-        """Tag the run with where its trial (re)started: host and GPU ids (see
-        :func:`service.trial.gpu_placement`)."""
+        """Tag the run with where its trial (re)started: hosts and GPU ids (see
+        :func:`service.trial.placement`)."""
 
         def write(run: TrialRun) -> None:
             run.tag(TAG_NODE, node)

@@ -1,6 +1,7 @@
 """The Ray Tune trial (runs on Ray workers): train one stored trial, report, checkpoint.
 
-A trial only trains. Each epoch it reports its metrics (under :data:`METRICS`) with a
+A trial only trains. When it (re)starts it first reports where it runs (:func:`placement`).
+Each epoch it reports its metrics (under :data:`METRICS`) with a
 checkpoint directory holding the whole training state (:data:`STATE_FILE`: model, optimizer,
 masks, schedules, mask generator, ITOP, history), the initial and current masks as packed
 bits and, with ``analysis.removal_sets``, the first update's per-layer removal-set Jaccard
@@ -39,13 +40,14 @@ log = logging.getLogger(__name__)
 METRICS = "dst"  # the key of a report's epoch metrics (Tune adds its own keys beside it)
 RESUMED = "dst_resumed_from_epoch"  # in the first report after a restore: the epoch restored
 STEP = "dst_checkpoint_step"  # a report inside an epoch: only a checkpoint, at this global step
-GPUS = "dst_gpus"  # in the first report after each start: the GPUs Ray gave (see gpu_placement)
+# a trial's first report after each start, before any epoch, says where it runs (placement)
+NODE = "dst_node"  # the hosts of its training processes
+GPUS = "dst_gpus"  # the GPUs Ray gave them
 STATE_FILE = "state.pt"
 INITIAL_MASKS = "masks_initial.npz"
 MASKS = "masks.npz"
 REMOVAL_LAYERS = "removal_first.json"  # per-layer removal-set Jaccard at the first update
 DDP_MAX_FAILURES = 2  # worker-group restarts of one multi-worker trial
-TUNE_HOST = "tune_host"  # in a DDP worker's config: the host of the trial's Tune process
 
 
 @contextmanager
@@ -80,18 +82,19 @@ def restore(trainer: Trainer, checkpoint: Any) -> dict[str, int]:
     return {RESUMED: trainer.epoch}
 
 
-def gpu_placement(workers: list[tuple[str, list[str]]], home: str) -> str:
-    """The GPUs a trial's processes were given, as the API shows them: ``workers`` holds
-    each process's (host, Ray GPU ids), rank order; ``home`` is the host of the trial's Tune
-    process, which the API shows as the trial's ``node``. Ids alone for processes there,
-    ``host:id`` for the others; "" when no GPU.
+def placement(workers: list[tuple[str, list[str]]]) -> dict[str, str]:
+    """Where a trial's training processes run, as the API shows it (``node``, ``gpus``):
+    ``workers`` holds each process's (host, Ray GPU ids), in rank order. The hosts each
+    once, in rank order; the GPU ids, as ``host:id`` where the processes span several hosts;
+    "" for no GPU.
 
-    >>> gpu_placement([("a", ["0"]), ("a", ["1"]), ("b", ["0"])], home="a")
-    '0,1,b:0'
+    >>> placement([("a", ["0"]), ("a", ["1"]), ("b", ["0"])])
+    {'dst_node': 'a,b', 'dst_gpus': 'a:0,a:1,b:0'}
     """
-    return ",".join(
-        gpu if host == home else f"{host}:{gpu}" for host, gpus in workers for gpu in gpus
-    )
+    hosts = list(dict.fromkeys(host for host, _ in workers))
+    one_host = len(hosts) == 1
+    gpus = ",".join(gpu if one_host else f"{host}:{gpu}" for host, ids in workers for gpu in ids)
+    return {NODE: ",".join(hosts), GPUS: gpus}
 
 
 def this_process() -> tuple[str, list[str]]:
@@ -113,14 +116,12 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from dst.training import Trainer
 
+    checkpoint = tune.get_checkpoint()  # (taken before any report)
+    tune.report(placement([this_process()]))  # at once: the data may take long to load
     torch.set_num_threads(max(1, int(trial["cpus"])))
     keep_to_gpu_share(float(trial["gpus"]))
     trainer = Trainer(RunSpec.model_validate(trial["spec"]))
-    host, gpus = this_process()
-    note: dict[str, Any] = {
-        GPUS: gpu_placement([(host, gpus)], home=host),
-        **restore(trainer, tune.get_checkpoint()),
-    }
+    note: dict[str, Any] = restore(trainer, checkpoint)
 
     def report(metrics: Metrics) -> None:
         with checkpoint_directory(trainer) as directory:
@@ -168,8 +169,7 @@ def _run_data_parallel(trial: dict[str, Any]) -> None:
     per_worker = res.per_worker()
     TorchTrainer(
         _data_parallel_worker,
-        # the host of this Tune process, which reports for the trial (its `node`)
-        train_loop_config={**trial, TUNE_HOST: socket.gethostname()},
+        train_loop_config=trial,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker
         ),
@@ -195,14 +195,13 @@ def _data_parallel_worker(trial: dict[str, Any]) -> None:
     from dst.training import Trainer
 
     world = World.current()
+    checkpoint = ray.train.get_checkpoint()  # (taken before any report)
+    ray.train.report(placement(all_gather(this_process(), world)))  # every rank, as below
     torch.set_num_threads(max(1, int(float(trial["cpus"]) / world.size)))
     trainer = Trainer(
         RunSpec.model_validate(trial["spec"]), device=ray.train.torch.get_device(), world=world
     )
-    note: dict[str, Any] = {
-        GPUS: gpu_placement(all_gather(this_process(), world), home=trial[TUNE_HOST]),
-        **restore(trainer, ray.train.get_checkpoint()),  # every rank: the same state
-    }
+    note: dict[str, Any] = restore(trainer, checkpoint)  # every rank: the same state
 
     def send(result: dict[str, Any]) -> None:  # every rank reports; rank 0 checkpoints
         if world.rank != 0:

@@ -1,8 +1,9 @@
 """The compose stack for real, in containers: images built here, PostgreSQL, MLflow, a Ray
-head, two Ray workers and the API brought up with podman-compose; a study submitted over the
-published port loses a worker mid-study (SIGKILL) and still finishes, every trial succeeded,
-resumed from its checkpoint on the surviving worker, recorded once in the database and MLflow;
-then the stack is torn down and nothing of it is left.
+head, two Ray workers and the API brought up with podman-compose. A DDP trial trains across
+both worker containers (gloo between two hosts). A study submitted over the published port
+loses a worker mid-study (SIGKILL) and still finishes, every trial succeeded, resumed from its
+checkpoint on the surviving worker, recorded once in the database and MLflow; then the stack
+is torn down and nothing of it is left.
 
 This machine kind has no Docker engine; Podman (Debian's packages) runs the same images and
 compose file. Without Podman the test fails, saying what to install: it never skips.
@@ -19,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from service.client import TERMINAL, ApiClient
-from service.tracking import PARENT_TAG
+from service.tracking import PARENT_TAG, TAG_GPUS, TAG_NODE
 from tests.deploy.stack import INSTALL_HINT, Stack, ensure_base_image, missing_tools, podman
 from tests.service.e2e import study, wait_for, wait_terminal
 
@@ -77,6 +78,28 @@ def busy_worker(
     if experiment["status"] in TERMINAL:  # no point waiting on: say what happened
         raise AssertionError(f"the study ended before a worker could be lost: {experiment}")
     return None
+
+
+def test_a_ddp_trial_spans_both_worker_containers_and_says_so(stack: Stack) -> None:
+    """Two DDP workers of 0.6 CPU cannot share a 1-CPU worker: the trial trains with gloo
+    across both containers (two hosts on the stack's network). It succeeds, and its ``node``
+    (in the API and as its run's tag) names both worker hosts, not the head, where its Tune
+    process could never run (the head offers no CPU) and not one host only.
+
+    (Runs before the worker-loss test, which kills a worker; it checks both are up.)"""
+    stack.wait_workers(2)
+    workers = worker_hosts(stack)
+    spec = study("compose-ddp", resources={"cpus_per_trial": 1.2, "workers_per_trial": 2})
+    spec["grid"] = {}
+    client = ApiClient(stack.api_url, stack.api_token)
+    experiment_id = client.submit(spec)["id"]
+    final = wait_terminal(client, experiment_id, timeout=400)
+    assert final["status"] == "succeeded", f"{final}\n{stack.logs()}"
+    (trial,) = client.trials(experiment_id)
+    assert trial["epoch"] == 2 and trial["gpus"] is None, trial
+    assert sorted(trial["node"].split(",")) == sorted(workers), (trial, workers)
+    tags = MlflowClient(stack.mlflow_url).get_run(trial["mlflow_run_id"]).data.tags
+    assert tags[TAG_NODE] == trial["node"] and tags[TAG_GPUS] == ""
 
 
 def test_a_study_survives_losing_a_worker_container(stack: Stack) -> None:

@@ -21,7 +21,7 @@ from service.db import make_engine, upgrade_database
 from service.recorder import TrialRecorder, checkpoint_dir, recorder_for
 from service.states import TrialState
 from service.study import StudySpec, expand
-from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, REMOVAL_LAYERS, RESUMED
+from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, NODE, REMOVAL_LAYERS, RESUMED
 
 EXPERIMENT = "e" * 32
 
@@ -268,49 +268,32 @@ def test_initial_masks_come_from_the_first_checkpoint_still_on_storage(
     ]
 
 
-def test_the_trial_row_says_which_node_it_last_reported_from(
+def test_the_trial_row_says_where_it_runs_from_its_first_report_after_each_start(
     engine: Engine, tmp_path: Path
 ) -> None:
-    """Tune's result names the reporting process's host: a trial moved to another worker
-    after a loss shows its new node; a report without a host leaves the last one."""
-    recorder = TrialRecorder(engine, EXPERIMENT, None)
-    trial = tune_trial(tmp_path)
-    assert row(engine).node is None
-    first = result(1, "none") | {"hostname": "worker-a", "node_ip": "10.0.0.2"}
-    recorder.on_trial_result(0, [], trial, first)  # type: ignore[arg-type]
-    assert row(engine).node == "worker-a"
-    moved = result(2, "none") | {"hostname": "worker-b", RESUMED: 1}
-    recorder.on_trial_result(0, [], trial, moved)  # type: ignore[arg-type]
-    assert (row(engine).node, row(engine).resumed_from_epoch) == ("worker-b", 1)
-    recorder.on_trial_result(0, [], trial, result(3, "none"))  # type: ignore[arg-type]
-    assert row(engine).node == "worker-b"
-
-
-def test_the_trial_row_says_which_gpus_it_was_given_when_it_last_started(
-    engine: Engine, tmp_path: Path
-) -> None:
-    """The first report after each start names the GPUs; a CPU trial's empty name is None,
-    and later reports (without the name) leave it."""
+    """A trial's placement report (before any epoch) names its hosts and GPUs; epochs leave
+    them; a retry makes them unknown until its own placement report, which may name another
+    host; a CPU trial's empty GPU list is None. The child run is tagged once per start."""
     runs = FakeRuns()
     recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
     trial = tune_trial(tmp_path)
-    first = result(1, "none") | {GPUS: "0", "hostname": "a"}
-    recorder.on_trial_result(0, [], trial, first)  # type: ignore[arg-type]
-    assert row(engine).gpus == "0"
-    recorder.on_trial_result(0, [], trial, result(2, "none"))  # type: ignore[arg-type]
-    assert row(engine).gpus == "0"
+    assert (row(engine).node, row(engine).gpus) == (None, None)
+    recorder.on_trial_result(0, [], trial, {NODE: "a", GPUS: "0", "hostname": "tune"})  # type: ignore[arg-type]
+    assert (row(engine).node, row(engine).gpus, row(engine).epoch) == ("a", "0", 0)
+    recorder.on_trial_result(0, [], trial, result(1, "none") | {"hostname": "tune"})  # type: ignore[arg-type]
+    assert (row(engine).node, row(engine).gpus, row(engine).epoch) == ("a", "0", 1)
     recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]  # a retry: unknown again
     assert (row(engine).node, row(engine).gpus) == (None, None)
-    restarted = result(3, "none") | {GPUS: "1,b:0", RESUMED: 2, "hostname": "a"}
-    recorder.on_trial_result(0, [], trial, restarted)  # type: ignore[arg-type]
-    assert row(engine).gpus == "1,b:0"
-    on_cpu = result(4, "none") | {GPUS: "", "hostname": "c"}
-    recorder.on_trial_result(0, [], trial, on_cpu)  # type: ignore[arg-type]
-    assert row(engine).gpus is None
-    # the child run is tagged once per start, not per epoch
+    recorder.on_trial_result(0, [], trial, {NODE: "a,b", GPUS: "a:1,b:0"})  # type: ignore[arg-type]
+    assert (row(engine).node, row(engine).gpus) == ("a,b", "a:1,b:0")
+    recorder.on_trial_result(0, [], trial, result(2, "none") | {RESUMED: 1})  # type: ignore[arg-type]
+    assert (row(engine).node, row(engine).resumed_from_epoch) == ("a,b", 1)
+    recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
+    recorder.on_trial_result(0, [], trial, {NODE: "c", GPUS: ""})  # type: ignore[arg-type]
+    assert (row(engine).node, row(engine).gpus) == ("c", None)
     assert [c for c in runs.calls if c[0] == "placement"] == [
         ("placement", 0, "a", "0"),
-        ("placement", 0, "a", "1,b:0"),
+        ("placement", 0, "a,b", "a:1,b:0"),
         ("placement", 0, "c", ""),
     ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.trial import gpu_placement, keep_to_gpu_share
+from service.trial import GPUS, NODE, keep_to_gpu_share, placement
 
 
 @pytest.mark.parametrize(
@@ -31,19 +31,17 @@ def test_a_trial_keeps_to_its_share_of_the_gpu(
 
 
 @pytest.mark.parametrize(
-    ("workers", "shown"),
+    ("workers", "node", "gpus"),
     [
-        ([("a", ["0"])], "0"),  # a trial with a GPU (or a share of one) of its own
-        ([("a", [])], ""),  # a CPU trial
-        ([], ""),
-        ([("a", ["2"]), ("a", ["3"])], "2,3"),  # two DDP workers on the trial's node
-        ([("a", ["0"]), ("b", ["0"]), ("b", ["1"])], "0,b:0,b:1"),  # and on another host
-        ([("b", ["0"]), ("b", ["1"])], "b:0,b:1"),  # all away from the trial's Tune process
-        ([("a", []), ("a", [])], ""),  # CPU workers (gloo)
+        ([("a", ["0"])], "a", "0"),  # a trial with a GPU (or a share of one) of its own
+        ([("a", [])], "a", ""),  # a CPU trial
+        ([("a", ["2"]), ("a", ["3"])], "a", "2,3"),  # two DDP workers on one host
+        ([("a", ["0"]), ("b", ["0"]), ("b", ["1"])], "a,b", "a:0,b:0,b:1"),  # on two hosts
+        ([("b", ["1"]), ("a", ["0"]), ("b", ["0"])], "b,a", "b:1,a:0,b:0"),  # rank order
+        ([("a", []), ("b", [])], "a,b", ""),  # CPU workers (gloo) on two hosts
     ],
 )
-def test_a_trial_names_its_gpus_by_rank_and_the_hosts_other_than_its_node(
-    workers: list[tuple[str, list[str]]], shown: str
+def test_a_trial_names_its_hosts_and_its_gpus_in_rank_order(
+    workers: list[tuple[str, list[str]]], node: str, gpus: str
 ) -> None:
-    """The trial's ``node`` is "a", the host of its Tune process."""
-    assert gpu_placement(workers, home="a") == shown
+    assert placement(workers) == {NODE: node, GPUS: gpus}
