@@ -94,7 +94,7 @@ class Trial(Base):
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     resumed_from_epoch: Mapped[int | None] = mapped_column(Integer)  # last resume, if any
-    node: Mapped[str | None] = mapped_column(String(255))  # host it last reported from
+    node: Mapped[str | None] = mapped_column(Text)  # hosts it runs on (service.trial)
     gpus: Mapped[str | None] = mapped_column(Text)  # GPU ids Ray gave it (service.trial)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

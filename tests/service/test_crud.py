@@ -116,6 +116,37 @@ def test_experiments_that_ended_before_the_closing_time_was_kept_count_as_closed
     assert rows["a"] is not None and rows["b"] is None
 
 
+def test_a_trial_on_many_hosts_is_stored_with_all_of_them(engine: Engine) -> None:
+    """A DDP trial's node names every host of its workers (16 long host names here)."""
+    hosts = ",".join(f"ray-worker-gpu-{n:02d}.cluster.internal.example.org" for n in range(16))
+    assert len(hosts) > 255
+    with Session(engine) as session:
+        experiment_id = add_experiment(session)
+        crud.update_trial(session, experiment_id, 0, node=hosts)
+        session.commit()
+    with Session(engine) as session:
+        row = crud.get_trial(session, experiment_id, 0)
+        assert row is not None and row.node == hosts
+
+
+def test_a_trial_keeps_its_node_when_the_column_widens(tmp_path: Path) -> None:
+    from alembic import command
+
+    from service.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0006")
+    engine = make_engine(url)
+    with Session(engine) as session:  # the models' columns are those of 0006 but the node's
+        experiment_id = add_experiment(session)
+        crud.update_trial(session, experiment_id, 1, node="worker-a", gpus="0")
+        session.commit()
+    upgrade_database(engine)
+    with Session(engine) as session:
+        rows = {t.index: (t.node, t.gpus) for t in crud.list_trials(session, experiment_id)}
+    assert rows == {0: (None, None), 1: ("worker-a", "0"), 2: (None, None)}
+
+
 def test_epochs_form_each_trials_history_and_a_repeated_epoch_replaces_its_row(
     engine: Engine,
 ) -> None:
