@@ -148,11 +148,18 @@ def wait_for_fit(
     misfit = cluster_misfit(res, nodes)
     if misfit is not None and wait_s > 0:
         log.info("waiting up to %g s for Ray nodes that can hold a trial: %s", wait_s, misfit)
+    waited = False
     while misfit is not None and clock() < deadline:
         sleep(min(poll_s, max(deadline - clock(), 0.0)))
-        nodes = list_nodes()
+        nodes, waited = list_nodes(), True
         misfit = cluster_misfit(res, nodes)
+    if waited and misfit is None:
+        log.info("the Ray cluster can hold a trial now: %d nodes alive", _alive(nodes))
     return misfit, nodes
+
+
+def _alive(nodes: list[dict[str, Any]]) -> int:
+    return sum(1 for node in nodes if node.get("Alive"))
 
 
 VERSION_LABEL = "dst-lab-version"  # the image version a node carries (deploy/bin/dst-ray-node)
@@ -270,14 +277,17 @@ def main(argv: list[str] | None = None) -> None:
     recorder = recorder_for(experiment_id)
     scrub_worker_environment(DRIVER_ONLY_ENV)
     ray.init(address="auto", log_to_driver=True)
-    refusal = preflight(
-        settings,
-        resources,
-        ray.nodes,
-        node_id=ray.get_runtime_context().get_node_id(),
-        secrets_from_head=from_head,
-        version=os.environ.get("DST_IMAGE_VERSION"),
-    )
+    try:
+        refusal = preflight(
+            settings,
+            resources,
+            ray.nodes,
+            node_id=ray.get_runtime_context().get_node_id(),
+            secrets_from_head=from_head,
+            version=os.environ.get("DST_IMAGE_VERSION"),
+        )
+    except Exception as error:  # the trials must not stay pending: say why they never ran
+        refusal = f"could not read the Ray cluster's nodes: {error!r}"
     if refusal is not None:
         _fail(engine, experiment_id, refusal)
         raise SystemExit(refusal)

@@ -105,8 +105,8 @@ class TrialRecorder(tune.Callback):
             session.commit()
 
     def on_trial_start(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
-        """Running; a trial that already has epochs behind it resumes (its first report
-        says from which epoch; a Tune retry already shows it here)."""
+        """Running; a trial that already has epochs behind it resumes (its first epoch
+        report says from which epoch; a Tune retry already shows it here)."""
         index = trial_index(trial)
         with Session(self.engine) as session:
             row = crud.get_trial(session, self.experiment_id, index)

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 METRICS = "dst"  # the key of a report's epoch metrics (Tune adds its own keys beside it)
-RESUMED = "dst_resumed_from_epoch"  # in the first report after a restore: the epoch restored
+RESUMED = "dst_resumed_from_epoch"  # in the first epoch report after a restore: its epoch
 STEP = "dst_checkpoint_step"  # a report inside an epoch: only a checkpoint, at this global step
 # a trial's first report after each start, before any epoch, says where it runs (placement)
 NODE = "dst_node"  # the hosts of its training processes

@@ -214,16 +214,22 @@ class Stack:
         """Seconds until ``count`` Ray nodes that offer CPUs have joined the head (``/readyz``
         answers once the head is up, before its workers join)."""
         start = time.monotonic()
-        done = subprocess.run(
-            ["podman", "exec", self.container("ray-head"), "python", "-c", COUNT_WORKERS,
-             str(count), str(timeout)],
-            env=podman_env(), capture_output=True, text=True, timeout=timeout + 60,
-        )  # fmt: skip
-        joined = done.stdout.strip().splitlines()[-1:] if done.returncode == 0 else []
-        if not joined or int(joined[0]) < count:
+        command = [
+            "podman", "exec", self.container("ray-head"), "python", "-c", COUNT_WORKERS,
+            str(count), str(timeout),
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(
+                command, env=podman_env(), capture_output=True, text=True, timeout=timeout + 60
+            )
+            said = (done.stdout.strip().splitlines() or ["?"])[-1]
+            problem = done.stderr.strip()[-2000:]
+        except subprocess.TimeoutExpired:
+            said, problem = "?", "the count did not return"
+        if not said.isdigit() or int(said) < count:
             raise RuntimeError(
-                f"{count} Ray workers did not join in {timeout:.0f} s (saw {joined or '?'}): "
-                f"{done.stderr.strip()[-2000:]}\n{self.logs()}"
+                f"{count} Ray workers did not join in {timeout:.0f} s (saw {said}): "
+                f"{problem}\n{self.logs()}"
             )
         return time.monotonic() - start
 

@@ -452,6 +452,7 @@ def test_raycluster_layout() -> None:
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     assert head["rayStartParams"]["num-cpus"] == "0"  # the head only schedules
+    assert head["rayStartParams"]["num-gpus"] == "0"  # (even on a host with GPUs)
     assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert {"cpu", "gpu"} <= groups.keys()

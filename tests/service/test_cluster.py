@@ -129,7 +129,8 @@ class LocalCluster:
         """Start the head; its dashboard address once the Jobs API answers."""
         self.gcs_port, dashboard = free_port(), free_port()
         head = self._start("head", [
-            "--head", f"--port={self.gcs_port}", "--num-cpus=0", "--include-dashboard=true",
+            "--head", f"--port={self.gcs_port}", "--num-cpus=0", "--num-gpus=0",
+            "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
             f"--ray-client-server-port={free_port()}",
         ])  # fmt: skip
@@ -326,7 +327,7 @@ def test_a_study_survives_losing_a_worker_node(
     assert 1 <= len(resumed) <= placed["node_a"], resumed
     for index, epoch in resumed.items():
         assert 2 <= epoch < EPOCHS, (index, epoch)  # from a checkpoint, not from scratch
-        # the retried trial restored that checkpoint: its first report is the next epoch
+        # the retried trial restored that checkpoint: its first epoch report is the next epoch
         reports = resumed_reports(storage, experiment_id, index)
         assert [(r["dst_resumed_from_epoch"], r["dst"]["epoch"]) for r in reports] == [
             (epoch, epoch + 1)

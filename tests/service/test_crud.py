@@ -129,6 +129,22 @@ def test_a_trial_on_many_hosts_is_stored_with_all_of_them(engine: Engine) -> Non
         assert row is not None and row.node == hosts
 
 
+def test_a_downgrade_below_the_wide_node_column_cuts_long_host_lists(engine: Engine) -> None:
+    from alembic import command
+
+    from service.db import alembic_config
+
+    with Session(engine) as session:
+        experiment_id = add_experiment(session)
+        crud.update_trial(session, experiment_id, 0, node="h" * 300)
+        crud.update_trial(session, experiment_id, 1, node="worker-a")
+        session.commit()
+    command.downgrade(alembic_config(engine.url.render_as_string(hide_password=False)), "0006")
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text("SELECT trial_index, node FROM dst_trials")).all())
+    assert rows == {0: "h" * 255, 1: "worker-a", 2: None}
+
+
 def test_a_trial_keeps_its_node_when_the_column_widens(tmp_path: Path) -> None:
     from alembic import command
 

@@ -24,6 +24,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # the hosts of a trial on many nodes are cut to what the narrower column holds
+    op.execute("UPDATE dst_trials SET node = substr(node, 1, 255) WHERE length(node) > 255")
     with op.batch_alter_table("dst_trials") as batch:
         batch.alter_column(
             "node", type_=sa.String(255), existing_type=sa.Text(), existing_nullable=True
