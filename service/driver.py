@@ -133,33 +133,33 @@ def wait_for_fit(
     list_nodes: Callable[[], list[dict[str, Any]]],
     wait_s: float,
     *,
+    nodes: list[dict[str, Any]] | None = None,
     poll_s: float = 2.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> tuple[str | None, list[dict[str, Any]]]:
     """Poll the cluster's nodes until one trial fits (:func:`cluster_misfit`) or ``wait_s``
-    has passed: the misfit (None once it fits) and the nodes last seen.
+    has passed: the misfit (None once it fits) and the nodes last seen. ``nodes``: the nodes
+    the caller has just read, if it has (else they are read first).
 
     A cluster just started may not have its workers yet (``docker compose up`` starts the
     head first): refusing at once would fail a study that could run a few seconds later.
     """
-    deadline = clock() + wait_s
-    nodes = list_nodes()
+    nodes = list_nodes() if nodes is None else nodes
     misfit = cluster_misfit(res, nodes)
-    if misfit is not None and wait_s > 0:
-        log.info("waiting up to %g s for Ray nodes that can hold a trial: %s", wait_s, misfit)
-    waited = False
-    while misfit is not None and clock() < deadline:
+    if misfit is None or wait_s <= 0:
+        return misfit, nodes
+    log.info("waiting up to %g s for Ray nodes that can hold a trial: %s", wait_s, misfit)
+    deadline = clock() + wait_s
+    while clock() < deadline:
         sleep(min(poll_s, max(deadline - clock(), 0.0)))
-        nodes, waited = list_nodes(), True
+        nodes = list_nodes()
         misfit = cluster_misfit(res, nodes)
-    if waited and misfit is None:
-        log.info("the Ray cluster can hold a trial now: %d nodes alive", _alive(nodes))
+        if misfit is None:
+            alive = sum(1 for node in nodes if node.get("Alive"))
+            log.info("the Ray cluster can hold a trial now: %d nodes alive", alive)
+            break
     return misfit, nodes
-
-
-def _alive(nodes: list[dict[str, Any]]) -> int:
-    return sum(1 for node in nodes if node.get("Alive"))
 
 
 VERSION_LABEL = "dst-lab-version"  # the image version a node carries (deploy/bin/dst-ray-node)
@@ -221,7 +221,7 @@ def preflight(
         return f"the trials would share the service's secrets: {exposed}"
     misfit = None
     if not settings.ray_autoscaling:
-        misfit, nodes = wait_for_fit(res, list_nodes, settings.ray_nodes_wait_s)
+        misfit, nodes = wait_for_fit(res, list_nodes, settings.ray_nodes_wait_s, nodes=nodes)
     for line in version_mismatches(nodes, version):
         log.error(line)
     if misfit is None:

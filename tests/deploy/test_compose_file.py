@@ -133,7 +133,8 @@ def test_the_ray_head_holds_what_the_job_drivers_record_with() -> None:
         assert not set(services()[worker]["environment"]) & set(DRIVER_SECRETS), worker
     assert head["RAY_HEAD_NUM_CPUS"] == "${RAY_HEAD_NUM_CPUS:-0}"
     # nor GPUs, even on a host that has them (a driver on a head offering any refuses trials)
-    start_head = (BIN / "dst-ray-node").read_text().split("ray start --head", 1)[1].split("fi")[0]
+    script = (BIN / "dst-ray-node").read_text()
+    start_head = script.split("ray start --head", 1)[1].split("\nfi\n", 1)[0]
     assert "--num-gpus=0" in start_head
 
 

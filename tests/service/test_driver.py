@@ -381,22 +381,21 @@ def test_a_driver_told_not_to_wait_polls_once() -> None:
 
 
 @pytest.mark.parametrize(
-    ("settings", "head", "from_head", "refused"),
+    ("settings", "head", "from_head", "gpus", "refused"),
     [
-        ({}, {"CPU": 0.0}, True, None),  # a worker holds the trial: it runs
-        ({}, {"CPU": 2.0}, False, None),  # the head runs trials, but holds no secret
-        ({}, {"CPU": 2.0}, True, "would share the service's secrets"),
-        ({}, {"CPU": 0.0, "GPU": 1.0}, True, "would share the service's secrets"),
-        ({"ray_nodes_wait_s": 0}, {"CPU": 0.0}, False, "cannot run these trials"),
-        ({"ray_autoscaling": True}, {"CPU": 0.0}, False, None),  # nodes come on demand
+        ({}, {"CPU": 0.0}, True, 0, None),  # a worker holds the trial: it runs
+        ({}, {"CPU": 2.0}, False, 0, None),  # the head runs trials, but holds no secret
+        ({}, {"CPU": 2.0}, True, 0, "would share the service's secrets"),
+        ({}, {"CPU": 0.0, "GPU": 1.0}, True, 0, "would share the service's secrets"),
+        ({"ray_nodes_wait_s": 0}, {"CPU": 0.0}, False, 2, "cannot run these trials"),
+        ({"ray_autoscaling": True}, {"CPU": 0.0}, False, 2, None),  # nodes come on demand
     ],
 )
 def test_the_driver_refuses_a_cluster_before_any_trial_starts(
-    settings: dict, head: dict, from_head: bool, refused: str | None
+    settings: dict, head: dict, from_head: bool, gpus: int, refused: str | None
 ) -> None:
     """What ``preflight`` says of a head (the driver's node) and one worker of 2 CPUs, for
-    trials of 2 GPUs where the case says ``cannot run`` and of 1 CPU otherwise."""
-    gpus = 2 if refused == "cannot run these trials" or settings.get("ray_autoscaling") else 0
+    trials of one CPU and ``gpus`` GPUs (one per worker)."""
     nodes = [
         {"NodeID": "head", "Alive": True, "Resources": head},
         {"NodeID": "worker", "Alive": True, "Resources": {"CPU": 2.0}},
