@@ -379,7 +379,7 @@ def test_trials_given_half_a_gpu_share_it_two_at_a_time(
             time.sleep(0.2)
         final = wait_terminal(client, experiment_id)
         driver_log = RayExecutor(gpu_cluster.address).logs(experiment_id)  # all of it
-        assert final["status"] == "succeeded", (final, driver_log[-6000:])
+        assert final["status"] == "succeeded", (final.get("error"), driver_log[-6000:])
         trials = client.trials(experiment_id)
     assert "recording to the database at sqlite:///" in driver_log  # (the log is all there)
     assert "DST_DRIVER_SECRETS=head" not in driver_log  # the head runs no trial: no warning
