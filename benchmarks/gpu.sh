@@ -4,7 +4,8 @@
 #   1. the CUDA tests (the fused masked update: one launch, no host sync, the CPU's result;
 #      no host sync per step or per update, fast options, two ranks sharing the GPU),
 #   2. ResNet-50 at batch 64, where the host paces an H200: DST/dense with auto's kernel
-#      (fused), then with the compiled and foreach kernels,
+#      (fused); a dense and a DST step profiled side by side at bf16 (channels-last and not);
+#      DST/dense with the compiled and foreach kernels,
 #   3. the host's time in a MaskedSGD step per kernel,
 #   4. ResNet-50 dense vs DST at batch 64 and 256 (images/s, DST/dense ratio, topology update
 #      cost, memory),
@@ -38,6 +39,7 @@ step device 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=
 step torch 60 $PY -c 'import torch, triton; print("torch", torch.__version__, torch.version.cuda, "triton", triton.__version__)'
 step test_cuda 240 $PY -m pytest tests/dst/test_cuda.py -q -p no:cacheprovider
 step resnet50_b64 120 $PY "${B64[@]}"
+step profile_b64 150 $PY "${B64[@]}" --precision bf16 --profile-steps
 step resnet50_b64_compiled 120 $PY "${B64[@]}" --kernel compiled
 step resnet50_b64_foreach 120 $PY "${B64[@]}" --kernel foreach
 step optimizer_overhead 60 $PY -m benchmarks.optimizer_overhead --device cuda

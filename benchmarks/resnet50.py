@@ -15,6 +15,8 @@ around forward and loss, channels-last inputs). Targets on a GPU: DST within 2 %
     uv run python -m benchmarks.resnet50 --device cuda --batches 64 128 256
     uv run python -m benchmarks.resnet50 --device cpu --image-size 64 --batches 8 --rounds 3
     uv run python -m benchmarks.resnet50 --device cuda --batches 256 --profile-update
+    uv run python -m benchmarks.resnet50 --device cuda --batches 64 --precision bf16 \
+        --layouts nhwc --profile-steps
 """
 
 from __future__ import annotations
@@ -72,7 +74,19 @@ def build(info: DataInfo, device: torch.device) -> nn.Module:
     return build_model("resnet50", info).to(device)
 
 
-def measure(args: argparse.Namespace, setting: Setting, device: torch.device) -> Measured:
+@dataclass(frozen=True)
+class Steps:
+    """One setting's training steps, each on the same batch: dense, DST, and DST with a
+    topology update before its optimizer step."""
+
+    dense: Callable[[], None]
+    sparse: Callable[[], None]
+    update: Callable[[], None]
+
+
+def training_steps(args: argparse.Namespace, setting: Setting, device: torch.device) -> Steps:
+    """Two ResNet-50s with the same initial weights, one dense and one sparse (ERK masks, as
+    A.2 for conv nets), and their steps as the training loop takes them."""
     info = DataInfo("imagenet", "image", (3, args.image_size, args.image_size), 1000)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(setting.batch, *info.input_shape, generator=gen).to(device)
@@ -83,7 +97,7 @@ def measure(args: argparse.Namespace, setting: Setting, device: torch.device) ->
     dense = build(info, device)
     dense_opt = optimizer(dense, None, args.kernel)
     sparse = build(info, device)
-    masks = sparsify(sparse, args.density, gen, init="erk")  # ERK, as A.2 for conv nets
+    masks = sparsify(sparse, args.density, gen, init="erk")
     weights = prunable_weights(sparse)
     sparse_opt = optimizer(sparse, masks, args.kernel)
     updater = topology_updater(args.criterion, args.growth)
@@ -107,14 +121,20 @@ def measure(args: argparse.Namespace, setting: Setting, device: torch.device) ->
         updater.update(weights, masks, sparse_opt, 800)
         sparse_opt.step()
 
-    for fn in (dense_step, sparse_step, update_step):  # warm-up (cuDNN autotuning, kernels)
+    steps = Steps(dense_step, sparse_step, update_step)
+    for fn in (steps.dense, steps.sparse, steps.update):  # warm-up (cuDNN autotuning, kernels)
         timed(fn, 2, device)
+    return steps
+
+
+def measure(args: argparse.Namespace, setting: Setting, device: torch.device) -> Measured:
+    steps = training_steps(args, setting, device)
     # after the warm-up: cuDNN's autotuning tries algorithms with large workspaces
-    memory = (peak_memory(dense_step, device), peak_memory(sparse_step, device))
+    memory = (peak_memory(steps.dense, device), peak_memory(steps.sparse, device))
     blocks: dict[str, Callable[[], float]] = {
-        "dense": lambda: timed(dense_step, args.steps, device),
-        "sparse": lambda: timed(sparse_step, args.steps, device),
-        "update": lambda: timed(update_step, 1, device),
+        "dense": lambda: timed(steps.dense, args.steps, device),
+        "sparse": lambda: timed(steps.sparse, args.steps, device),
+        "update": lambda: timed(steps.update, 1, device),
     }
     times = interleaved(blocks, args.rounds)
     update = statistics.median(
@@ -185,7 +205,7 @@ def profile_one(update: Callable[[], object], device: torch.device) -> None:
         if cuda:
             torch.cuda.set_sync_debug_mode("default")
         sync(device)
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
     syncs = Counter(  # PyTorch's warning for each sync (not its one notice that the mode is new)
         f"{w.filename}:{w.lineno}"
@@ -193,6 +213,70 @@ def profile_one(update: Callable[[], object], device: torch.device) -> None:
         if "called a synchronizing CUDA operation" in str(w.message)
     )
     print(f"host synchronizations: {sum(syncs.values())} {dict(syncs)}")
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """Where one kind of training step spends its time, per step."""
+
+    wall_ms: float  # timed outside the profiler
+    busy_ms: float  # the GPU kernels' time (0 off CUDA)
+    kernels: float  # GPU kernels launched (0 off CUDA)
+    ops: dict[str, tuple[float, float]]  # operator -> (calls, self ms on the device, or host)
+
+
+def step_profile(step: Callable[[], None], steps: int, device: torch.device) -> StepProfile:
+    """``steps`` calls of ``step``, timed, then profiled with PyTorch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    wall = timed(step, steps, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    ops = {
+        e.key: (
+            e.count / steps,
+            (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps,
+        )
+        for e in prof.key_averages()
+    }
+    return StepProfile(
+        wall * 1e3,
+        sum(k.time_range.elapsed_us() for k in kernels) / 1e3 / steps,
+        len(kernels) / steps,
+        ops,
+    )
+
+
+def profile_steps(args: argparse.Namespace, setting: Setting, device: torch.device) -> None:
+    """A dense and a DST step side by side: wall time, GPU busy time and kernels per step,
+    then the operators whose time or calls differ most. A step whose wall time exceeds its
+    GPU time waits on the host (launches); one whose operators take longer is the GPU's."""
+    steps = training_steps(args, setting, device)
+    dense = step_profile(steps.dense, args.steps, device)
+    sparse = step_profile(steps.sparse, args.steps, device)
+    for name, p in (("dense", dense), ("DST", sparse)):
+        busy = f"{p.busy_ms:7.2f} ms ({p.busy_ms / p.wall_ms:4.0%})" if p.kernels else "n/a"
+        print(
+            f"{setting!s:<24} {name:<5} {p.wall_ms:7.2f} ms a step, GPU busy {busy}, "
+            f"{p.kernels:6.0f} GPU kernels, {sum(c for c, _ in p.ops.values()):6.0f} operators"
+        )
+    where = "device" if device.type == "cuda" else "host"
+    names = set(dense.ops) | set(sparse.ops)
+
+    def delta(name: str) -> tuple[float, float]:
+        (dc, dt), (sc, st) = dense.ops.get(name, (0.0, 0.0)), sparse.ops.get(name, (0.0, 0.0))
+        return abs(st - dt), abs(sc - dc)
+
+    print(f"  {'operator, per step':<52} {'calls dense/DST':>17} {where + ' ms dense/DST':>24}")
+    for name in sorted(names, key=delta, reverse=True)[:12]:
+        (dc, dt), (sc, st) = dense.ops.get(name, (0.0, 0.0)), sparse.ops.get(name, (0.0, 0.0))
+        print(f"  {name[:52]:<52} {dc:8.1f}/{sc:<8.1f} {dt:11.3f}/{st:.3f}")
 
 
 def report(setting: Setting, m: Measured) -> None:
@@ -230,6 +314,12 @@ def main() -> None:
         help="time and profile one topology update, all layers at once and layer by layer "
         "(gradient of the first batch size, fp32), instead of the comparison",
     )
+    parser.add_argument(
+        "--profile-steps",
+        action="store_true",
+        help="profile --steps dense and DST steps of each setting side by side (time a step, "
+        "GPU busy time, kernels, the operators that differ most), instead of the comparison",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -251,7 +341,10 @@ def main() -> None:
         return
     for batch, precision, layout in itertools.product(args.batches, args.precision, args.layouts):
         setting = Setting(batch, precision == "bf16", layout == "nhwc")
-        report(setting, measure(args, setting, device))
+        if args.profile_steps:
+            profile_steps(args, setting, device)
+        else:
+            report(setting, measure(args, setting, device))
 
 
 if __name__ == "__main__":
