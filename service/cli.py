@@ -1,4 +1,4 @@
-"""Service commands of the ``dst`` CLI: serve, submit, status, cancel, results, demo.
+"""Service commands of the ``dst`` CLI: serve, submit, status, cancel, logs, results, demo.
 
 ``dst`` is one command: the engine's commands (run, inspect, models, ...) come from
 :mod:`dst.cli`; this module adds the ones that talk to (or start) the REST API.
@@ -346,6 +346,21 @@ def cancel(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -
     except ApiError as error:
         raise fail(str(error)) from None
     typer.echo(f"{e['id']}: {e['status']}")
+
+
+@app.command()
+def logs(
+    experiment_id: str,
+    tail: Annotated[int, typer.Option(min=1, help="lines from the end of the log")] = 200,
+    api: ApiUrl = DEFAULT_URL,
+    token: Token = None,
+) -> None:
+    """The end of an experiment's job driver log on Ray (why a study failed, which trials
+    wait for resources)."""
+    try:
+        typer.echo(_client(api, token).log(experiment_id, tail), nl=False)
+    except ApiError as error:
+        raise fail(str(error)) from None
 
 
 @app.command()

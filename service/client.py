@@ -114,6 +114,11 @@ class ApiClient:
     def analysis(self, experiment_id: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/experiments/{experiment_id}/analysis"))
 
+    def log(self, experiment_id: str, tail: int = 200) -> str:
+        """The last ``tail`` lines of the experiment's job driver output."""
+        path = f"/experiments/{experiment_id}/log"
+        return bytes(self._call("GET", path, raw=True, params={"tail": tail})).decode()
+
     def figure(self, experiment_id: str, filename: str, dpi: int | None = None) -> bytes:
         """A figure's image (``NAME.png``, at ``dpi`` if given, or ``NAME.svg``)."""
         params = {"dpi": dpi} if dpi is not None else None

@@ -197,8 +197,13 @@ class RayExecutor:
             self.client.stop_job(experiment_id)
 
     def logs(self, experiment_id: str) -> str:
-        """The driver's output (for debugging failed experiments)."""
-        return str(self.client.get_job_logs(experiment_id))
+        """The driver's whole output so far; :class:`LookupError` if Ray has no such job."""
+        try:
+            return str(self.client.get_job_logs(experiment_id))
+        except RuntimeError as error:  # as in status: the Jobs API's answers other than 200
+            if "status code 404" in str(error):
+                raise LookupError(f"Ray has no job {experiment_id}") from None
+            raise
 
     def ping(self) -> bool:
         """True when the Ray Jobs API answers (with the client's credentials, within 2 s)."""

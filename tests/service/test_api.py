@@ -77,6 +77,7 @@ def stored(client: TestClient) -> int:
         ("GET", "/experiments/abc/trials"),
         ("POST", "/experiments/abc/cancel"),
         ("GET", "/experiments/abc/results"),
+        ("GET", "/experiments/abc/log"),
     ],
 )
 @pytest.mark.parametrize(
@@ -319,7 +320,69 @@ def test_list_is_paginated_and_filtered_by_status(client: TestClient) -> None:
 
 
 def test_unknown_experiment_is_404(client: TestClient) -> None:
-    for path in ("/experiments/nope", "/experiments/nope/trials", "/experiments/nope/results"):
+    for path in (
+        "/experiments/nope",
+        "/experiments/nope/trials",
+        "/experiments/nope/results",
+        "/experiments/nope/log",
+    ):
         response = client.get(path, headers=AUTH)
         assert response.status_code == 404 and "nope" in response.json()["detail"]
     assert client.post("/experiments/nope/cancel", headers=AUTH).status_code == 404
+
+
+# --- the driver's log ------------------------------------------------------------------------
+
+
+def driver_output(experiment_id: str) -> str:
+    return "".join(f"{experiment_id} line {i}\n" for i in range(500))
+
+
+def test_the_log_is_the_end_of_the_drivers_output(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    experiment = client.post("/experiments", json=valid_study(), headers=AUTH).json()["id"]
+    monkeypatch.setattr(client.app.state.services.executor, "logs", driver_output)  # type: ignore[attr-defined]
+    path = f"/experiments/{experiment}/log"
+    three = client.get(path, params={"tail": 3}, headers=AUTH)
+    assert three.status_code == 200 and three.headers["content-type"].startswith("text/plain")
+    assert three.text == "".join(f"{experiment} line {i}\n" for i in (497, 498, 499))
+    default = client.get(path, headers=AUTH).text.splitlines()
+    assert len(default) == 200 and default[0] == f"{experiment} line 300"
+    whole = client.get(path, params={"tail": 100_000}, headers=AUTH).text
+    assert whole == driver_output(experiment)
+    for bad in (0, 100_001, "all"):
+        refused = client.get(path, params={"tail": bad}, headers=AUTH)
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == [
+            "query",
+            "tail",
+        ]
+
+
+def test_a_log_ray_does_not_have_is_a_404_that_says_why(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_job(experiment_id: str) -> str:
+        raise LookupError(f"Ray has no job {experiment_id}")
+
+    monkeypatch.setattr(client.app.state.services.executor, "logs", no_job)  # type: ignore[attr-defined]
+    queued = client.post("/experiments", json=valid_study(), headers=AUTH).json()["id"]
+    response = client.get(f"/experiments/{queued}/log", headers=AUTH)
+    assert response.status_code == 404
+    assert response.json()["detail"].endswith("it has not been submitted yet")
+    cancelled = client.post("/experiments", json=valid_study(), headers=AUTH).json()["id"]
+    client.post(f"/experiments/{cancelled}/cancel", headers=AUTH)
+    response = client.get(f"/experiments/{cancelled}/log", headers=AUTH)
+    assert response.status_code == 404
+    assert response.json()["detail"].endswith("Ray no longer has its job")
+
+
+def test_the_log_while_ray_does_not_answer_is_a_503_and_loses_nothing(
+    client: TestClient,
+) -> None:
+    experiment = client.post("/experiments", json=valid_study(), headers=AUTH).json()["id"]
+    response = client.get(f"/experiments/{experiment}/log", headers=AUTH)
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert "Ray's Jobs API did not answer" in response.json()["detail"]
+    assert client.get(f"/experiments/{experiment}", headers=AUTH).status_code == 200
+    assert stored(client) == 1

@@ -15,7 +15,7 @@ runner = CliRunner()
 
 
 def test_unreachable_api_is_a_clear_error() -> None:
-    for args in (["status"], ["cancel", "abc"], ["results", "abc"]):
+    for args in (["status"], ["cancel", "abc"], ["results", "abc"], ["logs", "abc"]):
         result = runner.invoke(app, [*args, "--api", "http://127.0.0.1:9", "--token", "t"])
         assert result.exit_code == 2, result.output
         assert "cannot reach the API at http://127.0.0.1:9" in result.output
@@ -33,6 +33,9 @@ class FakeApi:
     def submit(self, study: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         self.submitted.append(study)
         return {"id": "e1", "status": "pending", "n_trials": 1}
+
+    def log(self, experiment_id: str, tail: int = 200) -> str:
+        return "".join(f"{experiment_id} line {i}\n" for i in range(tail))
 
     def experiments(self, status: str | None = None, limit: int = 20) -> dict[str, Any]:
         items = [
@@ -188,6 +191,18 @@ def test_status_limit_out_of_range_is_a_one_line_error(fake_api: FakeApi, limit:
     result = runner.invoke(app, ["status", "--limit", limit])
     assert result.exit_code == 2
     assert result.output.splitlines() == [f"--limit must be between 1 and 500, got {limit}"]
+
+
+def test_logs_prints_the_lines_the_api_gives_as_they_are(fake_api: FakeApi) -> None:
+    result = runner.invoke(app, ["logs", "e7", "--tail", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "e7 line 0\ne7 line 1\n"  # no blank line added
+
+
+@pytest.mark.parametrize("tail", ["0", "-3"])
+def test_logs_tail_below_one_is_a_one_line_error(fake_api: FakeApi, tail: str) -> None:
+    result = runner.invoke(app, ["logs", "e7", "--tail", tail])
+    assert result.exit_code == 2 and "--tail" in result.output, result.output
 
 
 def test_results_table_has_one_line_per_row() -> None:

@@ -112,6 +112,9 @@ def run_study(client, mlflow_uri: str, name: str, ray: str, database_url: str) -
     assert database_url not in json.dumps(job.runtime_env)
     storage = Path(job.runtime_env["env_vars"]["DST_STORAGE_PATH"])
     assert list((storage / "secrets").glob("*")) == []  # the driver took its secrets file
+    log = client.log(created["id"], tail=100_000)  # the driver's output, read through Ray
+    assert "recording to the database at" in log and "4 trials done" in log
+    assert client.log(created["id"], tail=2) == "".join(log.splitlines(keepends=True)[-2:])
     figures = client.analysis(created["id"])["figures"]
     assert {"learning_curves", "loss_gap", "jaccard_over_time"} <= {f["name"] for f in figures}
     for figure in figures:  # drawn from what the real trials recorded
@@ -234,6 +237,7 @@ def test_a_gpu_study_on_a_cluster_without_gpus_fails_and_says_why(
         assert all("cannot run these trials" in t["error"] for t in trials)
         assert "{CPU: 1, GPU: 0.5}" in trials[0]["error"]
         assert "after waiting 2 s for nodes to join" in trials[0]["error"]
+        assert "cannot run these trials" in client.log(created["id"])  # the driver said why
 
 
 def test_a_driver_told_to_take_its_secrets_from_a_head_without_them_fails_naming_them(

@@ -1,4 +1,5 @@
-"""Experiment endpoints: submit, list, inspect, trials, cancel, results."""
+"""Experiment endpoints: submit, list, inspect, trials, cancel, results, the driver's log,
+analysis and figures."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi import Path as FastApiPath
+from fastapi.responses import PlainTextResponse
 from sqlalchemy.exc import IntegrityError
 
 from dst.spec import flatten
@@ -304,6 +306,51 @@ def get_results(experiment_id: str, session: SessionDep) -> ResultsOut:
         group_by=results.group_by,
         rows=results.rows,
     )
+
+
+MAX_LOG_LINES = 100_000
+
+
+@router.get(
+    "/{experiment_id}/log",
+    response_class=Response,  # errors stay JSON (Problem); the 200 is text
+    responses=NOT_FOUND
+    | {
+        200: {"content": {"text/plain": {}}, "description": "the last lines of the log"},
+        503: {"model": Problem, "description": "the database or Ray's Jobs API is unreachable"},
+    },
+)
+def get_log(
+    experiment_id: str,
+    session: SessionDep,
+    services: ServicesDep,
+    tail: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, description="lines from the end")] = 200,
+) -> PlainTextResponse:
+    """The last ``tail`` lines of the experiment's job driver output on Ray: what the driver
+    and Tune say, such as trials that wait for resources no node has, or why a study failed.
+    Asked of Ray at each call, within the service's call timeout (503 if Ray does not answer)."""
+    experiment = _get(session, experiment_id)
+    queued = experiment.status == ExperimentStatus.QUEUED
+    session.close()  # no database connection is held while Ray answers
+    try:
+        text = services.executor.logs(experiment_id)
+    except LookupError:
+        why = "it has not been submitted yet" if queued else "Ray no longer has its job"
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} has no log on Ray: {why}"
+        ) from None
+    except Exception as error:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"Ray's Jobs API did not answer ({type(error).__name__}); retry later",
+            headers={"Retry-After": "5"},
+        ) from None
+    return PlainTextResponse(last_lines(text, tail))
+
+
+def last_lines(text: str, n: int) -> str:
+    """The last ``n`` lines of ``text``, each with its line break."""
+    return "".join(text.splitlines(keepends=True)[-n:])
 
 
 FIGURE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
