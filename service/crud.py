@@ -147,6 +147,7 @@ def set_experiment_status(
     values: dict[str, Any] = {"status": status, "updated_at": utcnow()}
     if status in TERMINAL_EXPERIMENT:
         values["finished_at"] = utcnow()
+        values["notice"] = None  # an ended experiment waits for nothing
     if error is not None:
         values["error"] = error
     result = session.execute(
@@ -160,6 +161,15 @@ def set_experiment_status(
 
 def set_error(session: Session, experiment_id: str, error: str | None) -> None:
     session.execute(update(Experiment).where(Experiment.id == experiment_id).values(error=error))
+
+
+def set_experiment_notice(session: Session, experiment_id: str, notice: str | None) -> None:
+    """What a live experiment waits for (None: nothing); an ended one keeps none."""
+    session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status.not_in(TERMINAL_EXPERIMENT))
+        .values(notice=notice)
+    )
 
 
 def set_mlflow_ids(

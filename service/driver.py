@@ -18,8 +18,7 @@ import json
 import logging
 import os
 import signal
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
@@ -30,6 +29,7 @@ from ray.tune.logger import JsonLoggerCallback
 from sqlalchemy.orm import Session
 
 from service import crud
+from service.capacity import Nodes, capacity_watch_for, wait_for_fit
 from service.core.config import Settings
 from service.db import Trial, make_engine
 from service.execution import DRIVER_ONLY_ENV, take_secrets
@@ -105,63 +105,6 @@ def make_tuner(
     )
 
 
-def cluster_misfit(res: Resources, nodes: list[dict[str, Any]]) -> str | None:
-    """Why the Ray cluster (``ray.nodes()``) can never run one trial, or None if it can.
-
-    Each process of a trial must fit on one alive node's total resources; otherwise Ray
-    would keep the trial pending forever (a cluster that adds nodes on demand is the
-    operator's case, see ``DST_RAY_AUTOSCALING``).
-    """
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
-    for bundle in res.bundles():
-        needed = {k: v for k, v in bundle.items() if v > 0}
-        if any(all(node.get(k, 0.0) >= v for k, v in needed.items()) for node in alive):
-            continue
-        offers = ", ".join(f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}}}" for n in alive)
-        asked = ", ".join(f"{k}: {v:g}" for k, v in needed.items())
-        return (
-            f"resources (cpus_per_trial={res.cpus_per_trial:g}, gpus_per_trial="
-            f"{res.gpus_per_trial:g}, workers_per_trial={res.workers_per_trial}) need a "
-            f"process with {{{asked}}} on one node, but the Ray cluster's nodes offer "
-            f"{offers or 'nothing'}"
-        )
-    return None
-
-
-def wait_for_fit(
-    res: Resources,
-    list_nodes: Callable[[], list[dict[str, Any]]],
-    wait_s: float,
-    *,
-    nodes: list[dict[str, Any]] | None = None,
-    poll_s: float = 2.0,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> tuple[str | None, list[dict[str, Any]]]:
-    """Poll the cluster's nodes until one trial fits (:func:`cluster_misfit`) or ``wait_s``
-    has passed: the misfit (None once it fits) and the nodes last seen. ``nodes``: the nodes
-    the caller has just read, if it has (else they are read first).
-
-    A cluster just started may not have its workers yet (``docker compose up`` starts the
-    head first): refusing at once would fail a study that could run a few seconds later.
-    """
-    nodes = list_nodes() if nodes is None else nodes
-    misfit = cluster_misfit(res, nodes)
-    if misfit is None or wait_s <= 0:
-        return misfit, nodes
-    log.info("waiting up to %g s for Ray nodes that can hold a trial: %s", wait_s, misfit)
-    deadline = clock() + wait_s
-    while clock() < deadline:
-        sleep(min(poll_s, max(deadline - clock(), 0.0)))
-        nodes = list_nodes()
-        misfit = cluster_misfit(res, nodes)
-        if misfit is None:
-            alive = sum(1 for node in nodes if node.get("Alive"))
-            log.info("the Ray cluster can hold a trial now: %d nodes alive", alive)
-            break
-    return misfit, nodes
-
-
 VERSION_LABEL = "dst-lab-version"  # the image version a node carries (deploy/bin/dst-ray-node)
 
 
@@ -202,7 +145,7 @@ def secrets_exposed(nodes: list[dict[str, Any]], node_id: str) -> str | None:
 def preflight(
     settings: Settings,
     res: Resources,
-    list_nodes: Callable[[], list[dict[str, Any]]],
+    list_nodes: Nodes,
     *,
     node_id: str,
     secrets_from_head: bool,
@@ -292,8 +235,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(engine, experiment_id, refusal)
         raise SystemExit(refusal)
     signal.signal(signal.SIGTERM, _sigterm_to_sigint)
+    watch = capacity_watch_for(experiment_id, resources)  # says when trials cannot be placed
     tuner = make_tuner(
-        str(results_dir / experiment_id), configs, resources, experiment_id, [recorder]
+        str(results_dir / experiment_id), configs, resources, experiment_id, [recorder, watch]
     )
     results = tuner.fit()
     with Session(engine) as session:

@@ -32,6 +32,10 @@ class ExperimentOut(BaseModel):
     trial_counts: dict[str, int] = Field(description="trials by state")
     tags: dict[str, str]
     error: str | None
+    notice: str | None = Field(
+        description="what the experiment waits for while it waits, e.g. trials that no node "
+        "of the Ray cluster can hold since a node left (its job driver's word; None otherwise)"
+    )
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None

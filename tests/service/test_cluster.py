@@ -6,7 +6,9 @@ worker nodes, each a session of processes of its own on this machine.
   the other node, with one child run each.
 - A worker with one GPU (a logical GPU: Ray schedules and assigns it like a real one, and the
   trials, with device ``auto``, find no CUDA and train on the CPU): trials of half a GPU share
-  it two at a time, each told it has GPU 0.
+  it two at a time, each told it has GPU 0. SIGKILL that node mid-study: the experiment's
+  notice says that its trials wait for a node that can hold them until a GPU node joins
+  again; then they resume and the study succeeds.
 """
 
 from __future__ import annotations
@@ -162,6 +164,15 @@ class LocalCluster:
             if node.state == "ALIVE" and f"{name}_try{attempts[name]}" in node.resources_total
         }
         return found if len(found) == len(workers) else None
+
+    def restart(self, name: str) -> None:
+        """Start the worker ``name`` again after :meth:`kill` (a new node, offering what the
+        first did); returns once it is alive."""
+        attempts = {name: 1}
+        self._start_worker(name, 1)
+        self.node_ids |= wait_for(
+            lambda: self._alive((name,), attempts), f"{name} to join again", 180
+        )
 
     def node_state(self, name: str) -> str | None:
         """ALIVE or DEAD, as the head sees the worker ``name``."""
@@ -392,3 +403,45 @@ def test_trials_given_half_a_gpu_share_it_two_at_a_time(
         assert (trial["node"], trial["gpus"]) == (socket.gethostname(), "0"), trial
         tags = MlflowClient(mlflow_sqlite).get_run(trial["mlflow_run_id"]).data.tags
         assert (tags[TAG_NODE], tags[TAG_GPUS]) == (socket.gethostname(), "0"), trial
+
+
+def test_trials_no_node_can_hold_after_a_node_leaves_are_named_until_one_joins(
+    gpu_cluster: LocalCluster, mlflow_sqlite: str, tmp_path: Path
+) -> None:
+    """Two trials of half a GPU run on the only GPU node; SIGKILL it once both have
+    checkpointed. Ray keeps the trials pending without a word; the experiment's notice (REST)
+    says what they wait for, until the node is back; then they resume from their checkpoints,
+    the notice is gone and the study succeeds."""
+    resources = {"cpus_per_trial": 0.25, "gpus_per_trial": 0.5}
+    spec = study("lose-the-gpu", epochs=EPOCHS, resources=resources, device="auto")
+    spec["grid"] = {"seed": [0, 1]}
+    database, storage = gpu_cluster.head_env["DST_DATABASE_URL"], tmp_path / "storage"
+    with api(
+        storage, database, gpu_cluster.address, mlflow_sqlite, driver_secrets="head"
+    ) as client:
+        experiment_id = client.submit(spec)["id"]
+        wait_for(
+            lambda: all(
+                t["state"] == "running" and t["epoch"] >= 3 for t in client.trials(experiment_id)
+            ),
+            "both trials to checkpoint three epochs",
+            240,
+        )
+        assert client.experiment(experiment_id)["notice"] is None
+        gpu_cluster.kill("gpu_node")
+        notice = wait_for(lambda: client.experiment(experiment_id)["notice"], "a notice", 120)
+        assert notice.startswith("2 trials wait for a node that can hold them, since "), notice
+        assert "gpus_per_trial=0.5" in notice and "offer {CPU: 0, GPU: 0}" in notice, notice
+        gpu_cluster.restart("gpu_node")
+        wait_for(
+            lambda: client.experiment(experiment_id)["notice"] is None, "the notice to go", 120
+        )
+        final = wait_terminal(client, experiment_id, timeout=240)
+        driver_log = RayExecutor(gpu_cluster.address).logs(experiment_id)
+        assert final["status"] == "succeeded", (final.get("error"), driver_log[-6000:])
+        assert final["notice"] is None
+        trials = client.trials(experiment_id)
+    assert notice in driver_log  # the driver said it too
+    for trial in trials:
+        assert trial["state"] == "succeeded" and trial["epoch"] == EPOCHS, trial
+        assert 3 <= trial["resumed_from_epoch"] < EPOCHS, trial

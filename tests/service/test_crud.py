@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from service import crud
 from service.db import VERSION_TABLE, Base, make_engine, upgrade_database
+from service.states import ExperimentStatus
 from service.study import StudySpec, expand
 from tests.service.conftest import POSTGRES
 
@@ -153,14 +155,28 @@ def test_a_trial_keeps_its_node_when_the_column_widens(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     command.upgrade(alembic_config(url), "0006")
     engine = make_engine(url)
-    with Session(engine) as session:  # the models' columns are those of 0006 but the node's
-        experiment_id = add_experiment(session)
-        crud.update_trial(session, experiment_id, 1, node="worker-a", gpus="0")
-        session.commit()
+    with engine.begin() as conn:  # rows as 0006 stores them (the models are today's)
+        now = {"t": datetime.now(UTC)}
+        conn.execute(
+            text(
+                "INSERT INTO dst_experiments (id, name, status, spec_json, n_trials, created_at, "
+                "updated_at) VALUES ('e1', 'db', 'running', '{}', 2, :t, :t)"
+            ),
+            now,
+        )
+        for index, node, gpus in [(0, None, None), (1, "worker-a", "0")]:
+            conn.execute(
+                text(
+                    "INSERT INTO dst_trials (experiment_id, trial_index, label, spec_json, state, "
+                    "epoch, node, gpus, updated_at) "
+                    "VALUES ('e1', :index, 'l', '{}', 'running', 0, :node, :gpus, :t)"
+                ),
+                now | {"index": index, "node": node, "gpus": gpus},
+            )
     upgrade_database(engine)
     with Session(engine) as session:
-        rows = {t.index: (t.node, t.gpus) for t in crud.list_trials(session, experiment_id)}
-    assert rows == {0: (None, None), 1: ("worker-a", "0"), 2: (None, None)}
+        rows = {t.index: (t.node, t.gpus) for t in crud.list_trials(session, "e1")}
+    assert rows == {0: (None, None), 1: ("worker-a", "0")}
 
 
 def test_epochs_form_each_trials_history_and_a_repeated_epoch_replaces_its_row(
@@ -243,3 +259,19 @@ def test_list_filters_and_pages(engine: Engine) -> None:
         items, total = crud.list_experiments(session, status="submitted")
         assert total == 1 and items[0].id == ids[0]
         assert {e.id for e in crud.live_experiments(session)} == set(ids)
+
+
+def test_a_live_experiments_notice_is_kept_until_it_ends(engine: Engine) -> None:
+    with Session(engine) as session:
+        experiment_id = add_experiment(session)
+        for status in (ExperimentStatus.SUBMITTED, ExperimentStatus.RUNNING):
+            crud.set_experiment_status(session, experiment_id, status)
+        crud.set_experiment_notice(session, experiment_id, "2 trials wait for a node")
+        session.commit()
+    with Session(engine) as session:
+        assert crud.get_experiment(session, experiment_id).notice == "2 trials wait for a node"  # type: ignore[union-attr]
+        crud.set_experiment_status(session, experiment_id, ExperimentStatus.FAILED, error="x")
+        crud.set_experiment_notice(session, experiment_id, "too late")  # ended: none kept
+        session.commit()
+    with Session(engine) as session:
+        assert crud.get_experiment(session, experiment_id).notice is None  # type: ignore[union-attr]

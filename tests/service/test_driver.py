@@ -16,14 +16,12 @@ from service import crud
 from service.core.config import Settings
 from service.db import make_engine, upgrade_database
 from service.driver import (
-    cluster_misfit,
     preflight,
     scrub_worker_environment,
     secrets_exposed,
     start,
     trial_config,
     version_mismatches,
-    wait_for_fit,
 )
 from service.execution import (
     DRIVER_ONLY_ENV,
@@ -296,88 +294,6 @@ def test_scrubbing_outside_a_ray_job_does_nothing(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
     scrub_worker_environment(DRIVER_ONLY_ENV)
     assert RAY_JOB_CONFIG_JSON_ENV_VAR not in os.environ
-
-
-def node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
-    resources = {"CPU": cpus, "memory": 1e9} | ({"GPU": gpus} if gpus else {})
-    return {"Alive": alive, "Resources": resources}
-
-
-@pytest.mark.parametrize(
-    ("resources", "nodes", "fits"),
-    [
-        ({"cpus_per_trial": 0.5}, [node(2)], True),
-        ({"cpus_per_trial": 4}, [node(2), node(2)], False),  # CPUs of one node, not the sum
-        ({"gpus_per_trial": 0.5}, [node(2)], False),
-        ({"gpus_per_trial": 0.5}, [node(2), node(8, 1)], True),
-        ({"gpus_per_trial": 0.5}, [node(8, 1, alive=False)], False),
-        (
-            {"cpus_per_trial": 8, "gpus_per_trial": 4, "workers_per_trial": 4},
-            [node(4, 2)] * 2,
-            True,
-        ),
-        ({"cpus_per_trial": 8, "gpus_per_trial": 4, "workers_per_trial": 4}, [node(1, 4)], False),
-    ],
-)
-def test_a_trial_no_node_can_hold_is_named_before_it_waits_forever(
-    resources: dict, nodes: list[dict], fits: bool
-) -> None:
-    res = Resources.model_validate(resources)
-    problem = cluster_misfit(res, nodes)
-    assert (problem is None) == fits, problem
-    if not fits:
-        assert "gpus_per_trial" in problem and "offer" in problem  # type: ignore[operator]
-
-
-class JoiningCluster:
-    """``ray.nodes()`` of a cluster whose workers join over time, on a fake clock."""
-
-    def __init__(self, joins: dict[float, dict]) -> None:
-        self.now = 0.0
-        self.joins = joins  # when (s) each worker node joins
-        self.polls: list[float] = []
-
-    def nodes(self) -> list[dict]:
-        self.polls.append(self.now)
-        head = {"NodeID": "head", "Alive": True, "Resources": {"CPU": 0.0}}
-        return [head, *(n for t, n in self.joins.items() if t <= self.now)]
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.now += seconds
-
-
-def test_the_driver_waits_for_workers_that_join_after_it_starts() -> None:
-    """A cluster just brought up: the head first, the worker 5 s later. The driver polls
-    every 2 s, sees the worker at 6 s, and goes on without waiting out its 60 s."""
-    cluster = JoiningCluster({5.0: node(2)})
-    misfit, nodes = wait_for_fit(
-        Resources(cpus_per_trial=1), cluster.nodes, 60, clock=lambda: cluster.now,
-        sleep=cluster.sleep,
-    )  # fmt: skip
-    assert misfit is None and len(nodes) == 2
-    assert cluster.polls == [0.0, 2.0, 4.0, 6.0]
-
-
-def test_the_driver_gives_up_on_a_cluster_that_never_fits_when_its_wait_ends() -> None:
-    """No GPU ever joins: the last poll is at the deadline (not past it), and the misfit
-    names what the nodes offer."""
-    cluster = JoiningCluster({1.0: node(2)})
-    misfit, _ = wait_for_fit(
-        Resources(gpus_per_trial=0.5), cluster.nodes, 5, clock=lambda: cluster.now,
-        sleep=cluster.sleep,
-    )  # fmt: skip
-    assert misfit is not None and "{CPU: 0, GPU: 0}, {CPU: 2, GPU: 0}" in misfit
-    assert cluster.polls == [0.0, 2.0, 4.0, 5.0]
-
-
-def test_a_driver_told_not_to_wait_polls_once() -> None:
-    cluster = JoiningCluster({1.0: node(2)})
-    misfit, _ = wait_for_fit(
-        Resources(cpus_per_trial=1), cluster.nodes, 0, clock=lambda: cluster.now,
-        sleep=cluster.sleep,
-    )  # fmt: skip
-    assert misfit is not None and cluster.polls == [0.0]
 
 
 @pytest.mark.parametrize(

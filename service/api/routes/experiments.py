@@ -64,6 +64,7 @@ def experiment_out(
         trial_counts=counts if counts is not None else crud.trial_counts_by_state(session, e.id),
         tags=study.get("tags", {}),
         error=e.error,
+        notice=e.notice,
         created_at=crud.as_aware(e.created_at),
         updated_at=crud.as_aware(e.updated_at),
         finished_at=crud.as_aware(e.finished_at),
