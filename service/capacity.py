@@ -5,6 +5,8 @@ node can ever run, after waiting for nodes still joining), and watched while Tun
 (:class:`CapacityWatch`): a node that leaves mid-study can leave trials pending that no
 remaining node can hold. Ray would keep them pending without a word; the watch says so on
 the experiment (its ``notice``) until a node that can hold them joins or the study ends.
+Like the check before Tune starts, the watch is off on a cluster that adds nodes on demand
+(``DST_RAY_AUTOSCALING``), where waiting for a node is the normal course.
 """
 
 from __future__ import annotations
@@ -84,16 +86,19 @@ def wait_for_fit(
     return misfit, nodes
 
 
-WATCH_POLL_S = 10.0  # how often the watch reads the cluster's nodes while trials are pending
+WATCH_POLL_S = 10.0  # how often the watch reads the cluster's nodes while trials are unfinished
+UNFINISHED = (TuneTrial.PENDING, TuneTrial.RUNNING)
 
 
 class CapacityWatch(tune.Callback):
-    """A Tune callback that keeps the experiment's notice saying which pending trials no
+    """A Tune callback that keeps the experiment's notice saying which unfinished trials no
     alive node can hold, and since when; the notice is cleared once a node can hold them or
-    no trial is pending, and when the Tune experiment ends.
+    none is left, and when the Tune experiment ends.
 
-    ``publish`` stores a notice (None: clear it). The nodes are read at most every
-    ``poll_s`` seconds, and only while some trial is pending.
+    Unfinished counts running trials too: a multi-worker trial's own process (a sliver of a
+    CPU) is placed and running while its workers wait inside Train for a node that can hold
+    them. ``publish`` stores a notice (None: clear it). The nodes are read at most every
+    ``poll_s`` seconds, and only while some trial is unfinished.
     """
 
     def __init__(
@@ -110,7 +115,7 @@ class CapacityWatch(tune.Callback):
         self.experiment_id, self.res, self.list_nodes = experiment_id, res, list_nodes
         self.publish, self.poll_s, self.clock, self.now = publish, poll_s, clock, now
         self._next_poll = float("-inf")
-        self._since: datetime | None = None  # when the pending trials were first seen stuck
+        self._since: datetime | None = None  # when the trials were first seen without a node
         self._notice: str | None = None  # what was last published
 
     def __reduce__(self) -> tuple[Any, tuple[str, Resources]]:
@@ -118,19 +123,21 @@ class CapacityWatch(tune.Callback):
         resources only (no database URL), and come back as this driver's own watch."""
         return capacity_watch_for, (self.experiment_id, self.res)
 
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+    def on_step_end(self, iteration: int, trials: list[TuneTrial], **info: Any) -> None:
         if self.clock() < self._next_poll:
             return
         self._next_poll = self.clock() + self.poll_s
-        pending = sum(1 for t in trials if t.status == TuneTrial.PENDING)
+        unfinished = sum(1 for t in trials if t.status in UNFINISHED)
         misfit = None
-        if pending:
+        if unfinished:
             try:
                 misfit = cluster_misfit(self.res, self.list_nodes())
             except Exception as error:  # the GCS busy or restarting: next time
                 log.warning("could not read the Ray cluster's nodes: %r", error)
                 return
         if misfit is None:
+            if self._since is not None:
+                log.info("the Ray cluster can hold the trials again")
             self._since = None
             self._set(None)
             return
@@ -138,21 +145,19 @@ class CapacityWatch(tune.Callback):
             self._since = self.now()
         waits = (
             "trial waits for a node that can hold it"
-            if pending == 1
-            else ("trials wait for a node that can hold them")
+            if unfinished == 1
+            else "trials wait for a node that can hold them"
         )
         since = self._since.strftime("%Y-%m-%d %H:%M:%S UTC")
-        self._set(f"{pending} {waits}, since {since}: {misfit}")
+        self._set(f"{unfinished} {waits}, since {since}: {misfit}")
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
+    def on_experiment_end(self, trials: list[TuneTrial], **info: Any) -> None:
         self._set(None)
 
     def _set(self, notice: str | None) -> None:
         if notice == self._notice:
             return
-        if notice is None:
-            log.info("the Ray cluster can hold the pending trials again")
-        else:
+        if notice is not None:
             log.warning(notice)
         try:
             self.publish(notice)

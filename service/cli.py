@@ -301,7 +301,7 @@ def status(
         e = client.experiment(experiment_id)
         typer.echo(f"{e['id']}  {e['name']}  {e['status']}  {e['trial_counts']}")
         if e.get("notice"):
-            typer.echo(f"waiting: {e['notice']}")
+            typer.echo(f"notice: {e['notice']}")
         if e.get("mlflow", {}).get("parent_run_url"):
             typer.echo(f"MLflow: {e['mlflow']['parent_run_url']}")
         for t in client.trials(experiment_id):

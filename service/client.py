@@ -117,7 +117,7 @@ class ApiClient:
     def log(self, experiment_id: str, tail: int = 200) -> str:
         """The last ``tail`` lines of the experiment's job driver output."""
         path = f"/experiments/{experiment_id}/log"
-        return bytes(self._call("GET", path, raw=True, params={"tail": tail})).decode()
+        return bytes(self._call("GET", path, raw=True, params={"tail": tail})).decode("utf-8")
 
     def figure(self, experiment_id: str, filename: str, dpi: int | None = None) -> bytes:
         """A figure's image (``NAME.png``, at ``dpi`` if given, or ``NAME.svg``)."""

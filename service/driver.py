@@ -80,7 +80,9 @@ def make_tuner(
     """A new Tune experiment over the trials, or the saved one at ``path`` restored."""
     first = res.bundles()[0]  # the trial's own process (a multi-worker trial's only waits)
     trainable = tune.with_resources(run_trial, {"cpu": first["CPU"], "gpu": first["GPU"]})
-    if tune.Tuner.can_restore(path):  # the saved state brings its callbacks (our recorder)
+    # the saved state brings its own callbacks (our recorder and watch; ``callbacks`` go
+    # unused), as the driver that first ran the experiment built them
+    if tune.Tuner.can_restore(path):
         log.info("restoring Tune experiment from %s", path)
         # a trial that failed for good (its retries spent) is FAILED in the database, which
         # keeps terminal states: restoring does not run it again
@@ -235,9 +237,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(engine, experiment_id, refusal)
         raise SystemExit(refusal)
     signal.signal(signal.SIGTERM, _sigterm_to_sigint)
-    watch = capacity_watch_for(experiment_id, resources)  # says when trials cannot be placed
+    callbacks: list[tune.Callback] = [recorder]
+    if not settings.ray_autoscaling:  # says when trials have no node that can hold them
+        callbacks.append(capacity_watch_for(experiment_id, resources))
     tuner = make_tuner(
-        str(results_dir / experiment_id), configs, resources, experiment_id, [recorder, watch]
+        str(results_dir / experiment_id), configs, resources, experiment_id, callbacks
     )
     results = tuner.fit()
     with Session(engine) as session:
@@ -264,6 +268,7 @@ def start(session: Session, experiment_id: str) -> bool:
     could start, a submission the API could not confirm or a stop that did not arrive: then
     nothing trains."""
     crud.set_experiment_status(session, experiment_id, ExperimentStatus.RUNNING)
+    crud.set_experiment_notice(session, experiment_id, None)  # an earlier driver's is stale
     session.commit()
     experiment = crud.get_experiment(session, experiment_id)
     status = ExperimentStatus(experiment.status) if experiment else ExperimentStatus.CANCELLED

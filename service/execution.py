@@ -184,8 +184,8 @@ class RayExecutor:
         """The job's status; None if Ray has no such job."""
         try:
             status = self.client.get_job_status(experiment_id)
-        except RuntimeError as error:  # the Jobs API's answers other than 200, as text
-            if "status code 404" in str(error):  # (a bare "404" may be part of a job id)
+        except RuntimeError as error:
+            if no_such_job(error):
                 return None
             raise
         return JobStatus(str(status.value))
@@ -200,8 +200,8 @@ class RayExecutor:
         """The driver's whole output so far; :class:`LookupError` if Ray has no such job."""
         try:
             return str(self.client.get_job_logs(experiment_id))
-        except RuntimeError as error:  # as in status: the Jobs API's answers other than 200
-            if "status code 404" in str(error):
+        except RuntimeError as error:
+            if no_such_job(error):
                 raise LookupError(f"Ray has no job {experiment_id}") from None
             raise
 
@@ -213,6 +213,12 @@ class RayExecutor:
             self._client = None
             return False
         return True
+
+
+def no_such_job(error: RuntimeError) -> bool:
+    """Whether the Jobs API's answer other than 200 (raised as text) says it has no such job
+    (its 404; a bare "404" may be part of a job id)."""
+    return "status code 404" in str(error)
 
 
 def write_secrets(path: Path, secrets: dict[str, str]) -> Path:

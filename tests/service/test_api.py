@@ -342,7 +342,13 @@ def test_the_log_is_the_end_of_the_drivers_output(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     experiment = client.post("/experiments", json=valid_study(), headers=AUTH).json()["id"]
-    monkeypatch.setattr(client.app.state.services.executor, "logs", driver_output)  # type: ignore[attr-defined]
+    services = client.app.state.services  # type: ignore[attr-defined]
+
+    def logs(experiment_id: str) -> str:
+        assert services.engine.pool.checkedout() == 0  # no connection held while Ray answers
+        return driver_output(experiment_id)
+
+    monkeypatch.setattr(services.executor, "logs", logs)
     path = f"/experiments/{experiment}/log"
     three = client.get(path, params={"tail": 3}, headers=AUTH)
     assert three.status_code == 200 and three.headers["content-type"].startswith("text/plain")
@@ -351,6 +357,8 @@ def test_the_log_is_the_end_of_the_drivers_output(
     assert len(default) == 200 and default[0] == f"{experiment} line 300"
     whole = client.get(path, params={"tail": 100_000}, headers=AUTH).text
     assert whole == driver_output(experiment)
+    monkeypatch.setattr(services.executor, "logs", lambda _: "10%\r50%\r100%\ndone\n")
+    assert client.get(path, params={"tail": 2}, headers=AUTH).text == "10%\r50%\r100%\ndone\n"
     for bad in (0, 100_001, "all"):
         refused = client.get(path, params={"tail": bad}, headers=AUTH)
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == [
@@ -374,7 +382,7 @@ def test_a_log_ray_does_not_have_is_a_404_that_says_why(
     client.post(f"/experiments/{cancelled}/cancel", headers=AUTH)
     response = client.get(f"/experiments/{cancelled}/log", headers=AUTH)
     assert response.status_code == 404
-    assert response.json()["detail"].endswith("Ray no longer has its job")
+    assert response.json()["detail"].endswith("never submitted, or Ray no longer keeps its job")
 
 
 def test_the_log_while_ray_does_not_answer_is_a_503_and_loses_nothing(
@@ -386,3 +394,16 @@ def test_the_log_while_ray_does_not_answer_is_a_503_and_loses_nothing(
     assert "Ray's Jobs API did not answer" in response.json()["detail"]
     assert client.get(f"/experiments/{experiment}", headers=AUTH).status_code == 200
     assert stored(client) == 1
+
+
+def test_an_error_answer_from_ray_is_a_502_that_quotes_it(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def agent_down(experiment_id: str) -> str:
+        raise RuntimeError("Request failed with status code 500: the job agent is unreachable")
+
+    monkeypatch.setattr(client.app.state.services.executor, "logs", agent_down)  # type: ignore[attr-defined]
+    experiment = client.post("/experiments", json=valid_study(), headers=AUTH).json()["id"]
+    response = client.get(f"/experiments/{experiment}/log", headers=AUTH)
+    assert response.status_code == 502
+    assert "status code 500: the job agent is unreachable" in response.json()["detail"]

@@ -13,7 +13,7 @@ from ray.tune.experiment import Trial as TuneTrial
 from sqlalchemy.orm import Session
 
 from service import crud
-from service.capacity import CapacityWatch, cluster_misfit, wait_for_fit
+from service.capacity import CapacityWatch, capacity_watch_for, cluster_misfit, wait_for_fit
 from service.db import make_engine, upgrade_database
 from service.states import ExperimentStatus
 from service.study import Resources, StudySpec, expand
@@ -182,12 +182,28 @@ def test_trials_pending_on_a_busy_cluster_that_can_hold_them_have_no_notice() ->
     assert cluster.published == [] and cluster.polls == [0, 10, 20]
 
 
-def test_no_pending_trial_no_reading_of_the_nodes() -> None:
+def test_no_unfinished_trial_no_reading_of_the_nodes() -> None:
     cluster = LosingCluster()
+    cluster.gpu_node = False
     watch = cluster.watch()
     for at in (0, 10, 20):
-        cluster.step(watch, at, TuneTrial.RUNNING, TuneTrial.TERMINATED)
+        cluster.step(watch, at, TuneTrial.TERMINATED, TuneTrial.ERROR)
     assert cluster.polls == [] and cluster.published == []
+
+
+def test_a_running_multi_worker_trial_whose_workers_have_no_node_is_named() -> None:
+    """A multi-worker trial's own process (a sliver of a CPU) is placed and running while its
+    workers wait inside Train for GPUs no node has."""
+    cluster = LosingCluster()
+    cpu_only = [node(0), node(4)]  # the trial's own process fits; its workers do not
+    watch = CapacityWatch(
+        "e1", Resources(cpus_per_trial=2, gpus_per_trial=2, workers_per_trial=2),
+        lambda: cpu_only, cluster.published.append, poll_s=10, clock=lambda: cluster.now,
+    )  # fmt: skip
+    cluster.step(watch, 0, TuneTrial.RUNNING)
+    (notice,) = cluster.published
+    assert notice is not None and notice.startswith("1 trial waits for a node"), notice
+    assert "{CPU: 1, GPU: 1}" in notice, notice
 
 
 def test_a_notice_the_database_refused_is_stored_at_the_next_poll() -> None:
@@ -236,9 +252,15 @@ def test_the_notice_is_cleared_when_the_tune_experiment_ends() -> None:
 def test_a_watch_saved_with_tunes_state_comes_back_writing_this_drivers_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Tune pickles its callbacks into the experiment's state on storage: no database URL
-    goes there, and the watch restored in a driver stores its notice in that driver's
-    database (until the experiment ends, which clears it)."""
+    """Tune pickles its callbacks (with Ray's cloudpickle) into the experiment's state on
+    storage: the database URL and its password do not go there, and the watch restored in a
+    driver stores its notice in that driver's database (until the experiment ends, which
+    clears it)."""
+    from ray import cloudpickle
+
+    monkeypatch.setenv("DST_DATABASE_URL", "postgresql+psycopg://dst:s3cret-pw@db:5432/dst")
+    saved = cloudpickle.dumps(capacity_watch_for("e1", GPU_TRIALS))
+    assert b"s3cret-pw" not in saved and b"db:5432" not in saved
     url = f"sqlite:///{tmp_path / 'watch.db'}"
     engine = make_engine(url)
     upgrade_database(engine)
@@ -250,10 +272,9 @@ def test_a_watch_saved_with_tunes_state_comes_back_writing_this_drivers_database
         crud.set_experiment_status(session, "e1", ExperimentStatus.SUBMITTED)
         crud.set_experiment_status(session, "e1", ExperimentStatus.RUNNING)
         session.commit()
-    saved = pickle.dumps(CapacityWatch("e1", GPU_TRIALS, list, print))
-    assert b"sqlite" not in saved
     monkeypatch.setenv("DST_DATABASE_URL", url)
     restored = pickle.loads(saved)
+    assert isinstance(restored, CapacityWatch)
     assert (restored.experiment_id, restored.res) == ("e1", GPU_TRIALS)
     restored.publish("2 trials wait")
     with Session(engine) as session:

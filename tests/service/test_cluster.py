@@ -429,7 +429,12 @@ def test_trials_no_node_can_hold_after_a_node_leaves_are_named_until_one_joins(
         )
         assert client.experiment(experiment_id)["notice"] is None
         gpu_cluster.kill("gpu_node")
-        notice = wait_for(lambda: client.experiment(experiment_id)["notice"], "a notice", 120)
+
+        def both_waiting() -> str | None:  # (Tune may see one trial's node gone first)
+            notice = client.experiment(experiment_id)["notice"]
+            return notice if notice and notice.startswith("2 trials wait") else None
+
+        notice = wait_for(both_waiting, "a notice naming both trials", 120)
         assert notice.startswith("2 trials wait for a node that can hold them, since "), notice
         assert "gpus_per_trial=0.5" in notice and "offer {CPU: 0, GPU: 0}" in notice, notice
         gpu_cluster.restart("gpu_node")

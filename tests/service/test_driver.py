@@ -32,7 +32,7 @@ from service.execution import (
     take_secrets,
     write_secrets,
 )
-from service.states import ExperimentStatus, JobStatus
+from service.states import TERMINAL_EXPERIMENT, ExperimentStatus, JobStatus
 from service.study import Resources, StudySpec, expand
 
 
@@ -91,10 +91,13 @@ def test_a_driver_trains_only_an_experiment_that_is_still_wanted(
         experiment = crud.get_experiment(session, "e1")
         assert experiment is not None
         experiment.status = before
+        if before not in TERMINAL_EXPERIMENT:  # (an ended experiment never keeps one)
+            experiment.notice = "1 trial waits"  # an earlier driver's word: not this one's
         session.commit()
         assert start(session, "e1") is trains
         experiment = crud.get_experiment(session, "e1")
         assert experiment is not None and experiment.status == after
+        assert experiment.notice is None
 
 
 def test_the_driver_environment_is_built_in_one_place(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -276,6 +279,23 @@ def test_only_a_404_from_the_jobs_api_means_no_job() -> None:
     )
     with pytest.raises(RuntimeError, match="status code 500"):
         executor.status("9f404c")
+
+
+def test_only_a_404_from_the_jobs_api_means_a_job_has_no_log() -> None:
+    class Answers:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def get_job_logs(self, job_id: str) -> Any:
+            raise RuntimeError(self.text)
+
+    executor = RayExecutor("http://ray:8265")
+    executor._client = Answers("Request failed with status code 404: not found.")  # type: ignore[assignment]
+    with pytest.raises(LookupError, match="Ray has no job e1"):
+        executor.logs("e1")
+    executor._client = Answers("Request failed with status code 500: agent unreachable.")  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="status code 500"):
+        executor.logs("9f404c")
 
 
 def test_workers_do_not_inherit_the_driver_environment(monkeypatch: pytest.MonkeyPatch) -> None:

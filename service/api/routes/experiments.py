@@ -310,23 +310,21 @@ def get_results(experiment_id: str, session: SessionDep) -> ResultsOut:
 
 
 MAX_LOG_LINES = 100_000
+LOG_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/plain": {}}, "description": "the last lines of the log"},
+    404: {"model": Problem, "description": "no such experiment, or Ray has no job for it"},
+    502: {"model": Problem, "description": "Ray's Jobs API answered with an error"},
+    503: {"model": Problem, "description": "the database or Ray's Jobs API is unreachable"},
+}
 
 
-@router.get(
-    "/{experiment_id}/log",
-    response_class=Response,  # errors stay JSON (Problem); the 200 is text
-    responses=NOT_FOUND
-    | {
-        200: {"content": {"text/plain": {}}, "description": "the last lines of the log"},
-        503: {"model": Problem, "description": "the database or Ray's Jobs API is unreachable"},
-    },
-)
+@router.get("/{experiment_id}/log", response_class=Response, responses=LOG_RESPONSES)
 def get_log(
     experiment_id: str,
     session: SessionDep,
     services: ServicesDep,
     tail: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, description="lines from the end")] = 200,
-) -> PlainTextResponse:
+) -> Response:
     """The last ``tail`` lines of the experiment's job driver output on Ray: what the driver
     and Tune say, such as trials that wait for resources no node has, or why a study failed.
     Asked of Ray at each call, within the service's call timeout (503 if Ray does not answer)."""
@@ -336,11 +334,19 @@ def get_log(
     try:
         text = services.executor.logs(experiment_id)
     except LookupError:
-        why = "it has not been submitted yet" if queued else "Ray no longer has its job"
+        why = (
+            "it has not been submitted yet"
+            if queued
+            else ("it was never submitted, or Ray no longer keeps its job")
+        )
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} has no log on Ray: {why}"
         ) from None
-    except Exception as error:
+    except RuntimeError as error:  # the Jobs API answered, with an error
+        raise HTTPException(
+            status.HTTP_502_BAD_GATEWAY, f"Ray's Jobs API answered with an error: {error}"
+        ) from None
+    except OSError as error:  # unreachable, refused, timed out (requests' errors included)
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             f"Ray's Jobs API did not answer ({type(error).__name__}); retry later",
@@ -350,8 +356,12 @@ def get_log(
 
 
 def last_lines(text: str, n: int) -> str:
-    """The last ``n`` lines of ``text``, each with its line break."""
-    return "".join(text.splitlines(keepends=True)[-n:])
+    """The last ``n`` lines of ``text`` (split at line feeds only, as ``tail -n`` does: a
+    progress bar's carriage returns stay inside their line)."""
+    lines = text.split("\n")
+    if lines[-1] == "":  # the text ends with a line feed: no empty line after it
+        return "\n".join(lines[-n - 1 :])
+    return "\n".join(lines[-n:])
 
 
 FIGURE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
