@@ -34,6 +34,14 @@ class FakeApi:
         self.submitted.append(study)
         return {"id": "e1", "status": "pending", "n_trials": 1}
 
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        notice = "2 trials wait for a node that can hold them, since 2026-11-27 18:02:10 UTC"
+        return {"id": experiment_id, "name": "s", "status": "running", "notice": notice,
+                "trial_counts": {"pending": 2}, "mlflow": {}}  # fmt: skip
+
+    def trials(self, experiment_id: str) -> list[dict[str, Any]]:
+        return []
+
     def log(self, experiment_id: str, tail: int = 200) -> str:
         return "".join(f"{experiment_id} line {i}\n" for i in range(tail))
 
@@ -203,6 +211,14 @@ def test_logs_prints_the_lines_the_api_gives_as_they_are(fake_api: FakeApi) -> N
 def test_logs_tail_below_one_is_a_one_line_error(fake_api: FakeApi, tail: str) -> None:
     result = runner.invoke(app, ["logs", "e7", "--tail", tail])
     assert result.exit_code == 2 and "--tail" in result.output, result.output
+
+
+def test_status_shows_what_an_experiment_waits_for(fake_api: FakeApi) -> None:
+    result = runner.invoke(app, ["status", "e7"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1] == (
+        "notice: 2 trials wait for a node that can hold them, since 2026-11-27 18:02:10 UTC"
+    )
 
 
 def test_results_table_has_one_line_per_row() -> None:
