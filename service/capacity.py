@@ -124,9 +124,10 @@ class CapacityWatch(tune.Callback):
         return capacity_watch_for, (self.experiment_id, self.res)
 
     def on_step_end(self, iteration: int, trials: list[TuneTrial], **info: Any) -> None:
-        if self.clock() < self._next_poll:
+        now = self.clock()
+        if now < self._next_poll:
             return
-        self._next_poll = self.clock() + self.poll_s
+        self._next_poll = now + self.poll_s
         unfinished = sum(1 for t in trials if t.status in UNFINISHED)
         misfit = None
         if unfinished:

@@ -263,39 +263,38 @@ def test_a_submission_refused_because_the_job_exists_keeps_that_job(tmp_path: Pa
     assert (tmp_path / "secrets" / "e1.json").exists()  # for that job's driver to take
 
 
-def test_only_a_404_from_the_jobs_api_means_no_job() -> None:
-    class Answers:
-        def __init__(self, text: str) -> None:
-            self.text = text
+class JobsApiAnswering:
+    """Ray's Jobs API client answering every job request with ``text`` (an answer other than
+    200, which the client raises)."""
 
-        def get_job_status(self, job_id: str) -> Any:
-            raise RuntimeError(self.text)
+    def __init__(self, text: str) -> None:
+        self.text = text
 
+    def get_job_status(self, job_id: str) -> Any:
+        raise RuntimeError(self.text)
+
+    def get_job_logs(self, job_id: str) -> Any:
+        raise RuntimeError(self.text)
+
+
+def answering(text: str) -> RayExecutor:
     executor = RayExecutor("http://ray:8265")
-    executor._client = Answers("Request failed with status code 404: not found.")  # type: ignore[assignment]
-    assert executor.status("e1") is None
-    executor._client = Answers(  # type: ignore[assignment]
-        "Request failed with status code 500: job 9f404c... could not be read."
-    )
+    executor._client = JobsApiAnswering(text)  # type: ignore[assignment]
+    return executor
+
+
+def test_only_a_404_from_the_jobs_api_means_no_job() -> None:
+    assert answering("Request failed with status code 404: not found.").status("e1") is None
+    executor = answering("Request failed with status code 500: job 9f404c... could not be read.")
     with pytest.raises(RuntimeError, match="status code 500"):
         executor.status("9f404c")
 
 
 def test_only_a_404_from_the_jobs_api_means_a_job_has_no_log() -> None:
-    class Answers:
-        def __init__(self, text: str) -> None:
-            self.text = text
-
-        def get_job_logs(self, job_id: str) -> Any:
-            raise RuntimeError(self.text)
-
-    executor = RayExecutor("http://ray:8265")
-    executor._client = Answers("Request failed with status code 404: not found.")  # type: ignore[assignment]
     with pytest.raises(LookupError, match="Ray has no job e1"):
-        executor.logs("e1")
-    executor._client = Answers("Request failed with status code 500: agent unreachable.")  # type: ignore[assignment]
+        answering("Request failed with status code 404: not found.").logs("e1")
     with pytest.raises(RuntimeError, match="status code 500"):
-        executor.logs("9f404c")
+        answering("Request failed with status code 500: agent unreachable.").logs("9f404c")
 
 
 def test_workers_do_not_inherit_the_driver_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -334,11 +334,8 @@ def get_log(
     try:
         text = services.executor.logs(experiment_id)
     except LookupError:
-        why = (
-            "it has not been submitted yet"
-            if queued
-            else ("it was never submitted, or Ray no longer keeps its job")
-        )
+        never = "it was never submitted, or Ray no longer keeps its job"
+        why = "it has not been submitted yet" if queued else never
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} has no log on Ray: {why}"
         ) from None
