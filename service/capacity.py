@@ -174,9 +174,9 @@ def capacity_watch_for(experiment_id: str, res: Resources) -> CapacityWatch:
     import ray
 
     from service.core.config import Settings
-    from service.db import make_engine
+    from service.db import shared_engine
 
-    engine = make_engine(Settings().database_url)
+    engine = shared_engine(Settings().database_url)
 
     def publish(notice: str | None) -> None:
         with Session(engine) as session:

@@ -10,6 +10,7 @@ The schema is created and upgraded only by Alembic (:func:`upgrade_database`), n
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from datetime import UTC, datetime
@@ -161,6 +162,14 @@ def make_engine(url: str) -> Engine:
         pool_timeout=60,
         connect_args={"connect_timeout": CONNECT_TIMEOUT_S},  # a blackholed host fails, bounded
     )
+
+
+@functools.cache
+def shared_engine(url: str) -> Engine:
+    """This process's one engine for ``url``. A job driver's own steps, its recorder and its
+    capacity watch share it, so each driver holds one connection pool, not one per part
+    (the API process builds its engine with :func:`make_engine` and owns it)."""
+    return make_engine(url)
 
 
 def alembic_config(url: str) -> Config:

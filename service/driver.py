@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from service import crud
 from service.capacity import Nodes, capacity_watch_for, wait_for_fit
 from service.core.config import Settings
-from service.db import Trial, make_engine
+from service.db import Trial, shared_engine
 from service.execution import DRIVER_ONLY_ENV, take_secrets
 from service.recorder import recorder_for, trial_index
 from service.states import ExperimentStatus, TrialState
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     # warns on every save within 5 s: hundreds of lines in a study of short epochs
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     settings = Settings()
-    engine = make_engine(settings.database_url)
+    engine = shared_engine(settings.database_url)
     with Session(engine) as session:
         experiment = crud.get_experiment(session, experiment_id)
         if experiment is None:

@@ -35,7 +35,7 @@ from service.analysis import (
     trial_masks_dir,
 )
 from service.core.config import Settings
-from service.db import make_engine
+from service.db import shared_engine
 from service.states import TrialState
 from service.tracking import ChildRuns, without_credentials
 from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, NODE, REMOVAL_LAYERS, RESUMED
@@ -235,7 +235,7 @@ def recorder_for(experiment_id: str) -> TrialRecorder:
     holds (and waits for before it exits).
     """
     settings = Settings()
-    engine = make_engine(settings.database_url)
+    engine = shared_engine(settings.database_url)
     with Session(engine) as session:
         experiment = crud.get_experiment(session, experiment_id)
         parent_run_id = experiment.mlflow_parent_run_id if experiment else None

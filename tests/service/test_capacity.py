@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 from ray.tune.experiment import Trial as TuneTrial
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
 from service import crud
 from service.capacity import CapacityWatch, capacity_watch_for, cluster_misfit, wait_for_fit
-from service.db import make_engine, upgrade_database
+from service.db import make_engine, shared_engine, upgrade_database
+from service.recorder import recorder_for
 from service.states import ExperimentStatus
 from service.study import Resources, StudySpec, expand
 
@@ -284,3 +286,36 @@ def test_a_watch_saved_with_tunes_state_comes_back_writing_this_drivers_database
     restored.publish("too late")  # an ended experiment keeps no notice
     with Session(engine) as session:
         assert crud.get_experiment(session, "e1").notice is None  # type: ignore[union-attr]
+
+
+def test_a_drivers_recorder_and_watch_share_its_connection_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job driver holds one pool of database connections: its own steps, its recorder and
+    its capacity watch all use this process's engine for the URL."""
+    url = f"sqlite:///{tmp_path / 'driver.db'}"
+    monkeypatch.setenv("DST_DATABASE_URL", url)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    engine = shared_engine(url)
+    upgrade_database(engine)
+    study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
+    with Session(engine) as session:
+        crud.create_experiment(
+            session, experiment_id="e1", name="s", spec_json="{}", plans=expand(study)
+        )
+        crud.set_experiment_status(session, "e1", ExperimentStatus.SUBMITTED)
+        session.commit()
+    checkouts: list[object] = []
+    event.listen(engine, "checkout", lambda *args: checkouts.append(args))
+    recorder_for.cache_clear()
+    try:
+        assert recorder_for("e1").engine is engine
+        used_by_recorder = len(checkouts)
+        assert used_by_recorder >= 1  # it read the experiment's MLflow parent run
+        capacity_watch_for("e1", GPU_TRIALS).publish("2 trials wait")
+        assert len(checkouts) > used_by_recorder
+    finally:
+        recorder_for.cache_clear()
+        engine.dispose()
+    with Session(make_engine(url)) as session:
+        assert crud.get_experiment(session, "e1").notice == "2 trials wait"  # type: ignore[union-attr]
