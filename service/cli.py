@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -354,15 +354,59 @@ def cancel(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -
 def logs(
     experiment_id: str,
     tail: Annotated[int, typer.Option(min=1, help="lines from the end of the log")] = 200,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="then print what is added, until the end")
+    ] = False,
     api: ApiUrl = DEFAULT_URL,
     token: Token = None,
 ) -> None:
     """The end of an experiment's job driver log on Ray (why a study failed, which trials
-    wait for resources)."""
+    wait for resources); with --follow, on to the experiment's end."""
+    client = _client(api, token)
     try:
-        typer.echo(_client(api, token).log(experiment_id, tail), nl=False)
+        if not follow:
+            typer.echo(client.log(experiment_id, tail), nl=False)
+            return
+        final = follow_log(client, experiment_id, tail, lambda text: typer.echo(text, nl=False))
     except ApiError as error:
         raise fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    typer.echo(f"status: {final['status']}", err=True)
+
+
+# a follower waits on these: Ray has no job yet (404), or is away or erring for now (502, 503)
+LOG_NOT_YET = frozenset({404, 502, 503})
+
+
+def follow_log(
+    client: ApiClient,
+    experiment_id: str,
+    tail: int,
+    echo: Callable[[str], None],
+    poll: float = 2.0,
+) -> dict[str, Any]:
+    """Echo the last ``tail`` lines of the experiment's driver log, then what the driver adds,
+    until the experiment ends; its last state. Each line is echoed once, whole logs included:
+    each read asks only for what follows the characters already read."""
+    read: int | None = None  # characters of the log echoed so far
+    while True:
+        experiment = client.experiment(experiment_id)  # first: a log read after the end is whole
+        ended = experiment["status"] in TERMINAL
+        if experiment["status"] != ExperimentStatus.QUEUED:  # submitted: Ray has (or will have) it
+            try:
+                text, length = client.log_chunk(
+                    experiment_id, tail=tail if read is None else None, since=read
+                )
+            except ApiError as error:
+                if ended or error.status not in LOG_NOT_YET:
+                    raise
+            else:
+                echo(text)
+                read = length
+        if ended:
+            return experiment
+        time.sleep(poll)
 
 
 @app.command()

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.states import TERMINAL_EXPERIMENT
+
+if TYPE_CHECKING:
+    import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = frozenset(s.value for s in TERMINAL_EXPERIMENT)
@@ -72,7 +75,8 @@ class ApiClient:
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self._errors = httpx.HTTPError
 
-    def _call(self, method: str, path: str, raw: bool = False, **kwargs: Any) -> Any:
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """The API's 2xx answer; any other, or none, is an :class:`ApiError`."""
         try:
             response = self.http.request(method, path, **kwargs)
         except self._errors as error:
@@ -83,6 +87,10 @@ class ApiClient:
             except ValueError:
                 detail = response.text
             raise ApiError(response.status_code, detail)
+        return response
+
+    def _call(self, method: str, path: str, raw: bool = False, **kwargs: Any) -> Any:
+        response = self._request(method, path, **kwargs)
         return response.content if raw else response.json()
 
     def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
@@ -116,8 +124,18 @@ class ApiClient:
 
     def log(self, experiment_id: str, tail: int = 200) -> str:
         """The last ``tail`` lines of the experiment's job driver output."""
-        path = f"/experiments/{experiment_id}/log"
-        return bytes(self._call("GET", path, raw=True, params={"tail": tail})).decode("utf-8")
+        return self.log_chunk(experiment_id, tail=tail)[0]
+
+    def log_chunk(
+        self, experiment_id: str, tail: int | None = None, since: int | None = None
+    ) -> tuple[str, int]:
+        """The driver output after its first ``since`` characters (at most its last ``tail``
+        lines), and the whole log's length: the ``since`` that reads on from there."""
+        from service.schemas import LOG_LENGTH_HEADER
+
+        params = {k: v for k, v in {"tail": tail, "since": since}.items() if v is not None}
+        response = self._request("GET", f"/experiments/{experiment_id}/log", params=params)
+        return response.content.decode("utf-8"), int(response.headers[LOG_LENGTH_HEADER])
 
     def figure(self, experiment_id: str, filename: str, dpi: int | None = None) -> bytes:
         """A figure's image (``NAME.png``, at ``dpi`` if given, or ``NAME.svg``)."""

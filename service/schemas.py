@@ -1,4 +1,4 @@
-"""Response bodies of the REST API (requests are :class:`service.study.StudySpec`)."""
+"""Response bodies and headers of the REST API (requests are :class:`service.study.StudySpec`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 
 from service.results import ResultRow
 from service.states import ExperimentStatus, TrialState
+
+LOG_LENGTH_HEADER = "X-Log-Length"  # the whole log's length in characters: where to read on from
 
 
 class MlflowLinks(BaseModel):

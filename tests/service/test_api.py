@@ -389,6 +389,35 @@ def test_the_log_is_the_end_of_the_drivers_output(
         ]
 
 
+def test_a_reader_reads_on_from_where_an_earlier_answer_ended(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``since`` counts characters (not bytes), as X-Log-Length does; a log shorter than what
+    was read is a new one, given whole."""
+    experiment = client.post("/experiments", json=valid_study(), headers=AUTH).json()["id"]
+    log = ["é 1\né 2\né"]
+    monkeypatch.setattr(
+        client.app.state.services.executor,  # type: ignore[attr-defined]
+        "logs",
+        lambda _: "".join(log),
+    )
+    path = f"/experiments/{experiment}/log"
+
+    def read(**params: Any) -> tuple[str, int]:
+        answer = client.get(path, params=params, headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        return answer.text, int(answer.headers["x-log-length"])
+
+    assert read(tail=1) == ("é", 9)
+    log.append(" 3 done\n")
+    assert read(since=9) == (" 3 done\n", 17)
+    assert read(since=17) == ("", 17)
+    assert read(since=4, tail=1) == ("é 3 done\n", 17)  # at most its last lines
+    assert read(since=1000) == ("".join(log), 17)
+    refused = client.get(path, params={"since": -1}, headers=AUTH)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["query", "since"]
+
+
 def test_a_log_ray_does_not_have_is_a_404_that_says_why(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

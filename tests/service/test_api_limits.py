@@ -98,6 +98,8 @@ def test_integers_beyond_their_range_are_422(client: TestClient, path: str, valu
 def test_query_integers_are_bounded(client: TestClient, offset: int) -> None:
     response = client.get("/experiments", params={"offset": offset}, headers=AUTH)
     assert response.status_code == 422 and field_of(response) == ["query.offset"]
+    log = client.get("/experiments/e1/log", params={"since": 2**63}, headers=AUTH)
+    assert log.status_code == 422 and field_of(log) == ["query.since"]
 
 
 def test_a_lone_surrogate_is_422(client: TestClient) -> None:

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app, results_table, trial_line
+from service.api.routes.experiments import last_lines
+from service.cli import app, follow_log, results_table, trial_line
+from service.client import ApiError
 
 runner = CliRunner()
 
@@ -205,6 +207,87 @@ def test_logs_prints_the_lines_the_api_gives_as_they_are(fake_api: FakeApi) -> N
     result = runner.invoke(app, ["logs", "e7", "--tail", "2"])
     assert result.exit_code == 0, result.output
     assert result.output == "e7 line 0\ne7 line 1\n"  # no blank line added
+
+
+class GrowingLog:
+    """An experiment whose driver is writing, as a follower sees it: each status read moves on
+    one step of ``script``, a (status, the log so far) pair; the log is None while Ray has no
+    job for it (404), or an int: the API answers with that status."""
+
+    def __init__(self, script: list[tuple[str, str | int | None]]) -> None:
+        self.script, self.step = script, -1
+        self.reads: list[tuple[int | None, int | None]] = []
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        self.step = min(self.step + 1, len(self.script) - 1)
+        return {"id": experiment_id, "status": self.script[self.step][0]}
+
+    def log_chunk(
+        self, experiment_id: str, tail: int | None = None, since: int | None = None
+    ) -> tuple[str, int]:
+        self.reads.append((tail, since))
+        log = self.script[self.step][1]
+        if not isinstance(log, str):
+            raise ApiError(log or 404, f"experiment {experiment_id} has no log on Ray")
+        text = log[since:] if since is not None and since <= len(log) else log
+        return last_lines(text, tail) if tail else text, len(log)
+
+
+def followed(script: list[tuple[str, str | int | None]], tail: int = 2) -> tuple[str, GrowingLog]:
+    api, out = GrowingLog(script), []
+    follow_log(api, "e7", tail, out.append, poll=0)  # type: ignore[arg-type]
+    return "".join(out), api
+
+
+def test_following_echoes_the_tail_then_each_addition_once() -> None:
+    """Nothing is asked of Ray while the experiment is queued; a just-submitted job that Ray
+    does not list yet is waited for; a line written in two parts comes out whole; the log read
+    after the end is the last."""
+    out, api = followed(
+        [
+            ("queued", None),
+            ("submitted", None),
+            ("running", "l0\nl1\nl2\n"),
+            ("running", "l0\nl1\nl2\n"),
+            ("running", "l0\nl1\nl2\n50%"),
+            ("running", "l0\nl1\nl2\n50%\r100%\ndone\n"),
+            ("succeeded", "l0\nl1\nl2\n50%\r100%\ndone\nbye\n"),
+        ]
+    )
+    assert out == "l1\nl2\n50%\r100%\ndone\nbye\n"
+    assert api.reads == [(2, None), (2, None), (None, 9), (None, 9), (None, 12), (None, 23)]
+
+
+def test_a_follower_reads_a_new_log_whole() -> None:
+    out, _ = followed([("running", "old\nlines\n"), ("running", "new\n"), ("failed", "new\n")])
+    assert out == "old\nlines\nnew\n"
+
+
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        ([("running", 500)], 500),  # not a passing state of a log: said at once
+        ([("cancelled", None)], 404),  # ended without ever being submitted: no log will come
+        ([("running", 503), ("failed", 503)], 503),  # Ray away at the end: the log is not whole
+    ],
+)
+def test_following_stops_on_an_answer_that_will_not_change(
+    script: list[tuple[str, str | int | None]], status: int
+) -> None:
+    with pytest.raises(ApiError) as raised:
+        followed(script)
+    assert raised.value.status == status
+
+
+def test_logs_follow_prints_the_log_and_then_the_experiments_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    api = GrowingLog([("running", "a\n"), ("running", "a\nb\n"), ("succeeded", "a\nb\nc\n")])
+    monkeypatch.setattr("service.cli._client", lambda url, token: api)
+    monkeypatch.setattr("service.cli.time.sleep", lambda seconds: None)
+    result = runner.invoke(app, ["logs", "e7", "--follow"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "a\nb\nc\n" and result.stderr == "status: succeeded\n"
 
 
 @pytest.mark.parametrize("tail", ["0", "-3"])

@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dst.masks import load_masks
+from service.cli import follow_log
 from service.execution import RayExecutor
 from service.local import LocalServices
 from service.tracking import EXPERIMENT_KIND, MODEL_TRAINING, PARENT_TAG, TAG_GPUS, TAG_NODE
@@ -86,6 +87,8 @@ def run_study(client, mlflow_uri: str, name: str, ray: str, database_url: str) -
     assert again["id"] == created["id"] and created["n_trials"] == 4
     listed = client.experiments()
     assert sum(1 for e in listed["items"] if e["id"] == created["id"]) == 1
+    followed: list[str] = []  # the driver's log as `dst logs --follow` prints it
+    follow_log(client, created["id"], 100_000, followed.append, poll=0.5)
     final = wait_terminal(client, created["id"])
     assert final["status"] == "succeeded", final
     assert final["trial_counts"] == {"succeeded": 4} or final["trial_counts"].get("succeeded") == 4
@@ -115,6 +118,7 @@ def run_study(client, mlflow_uri: str, name: str, ray: str, database_url: str) -
     log = client.log(created["id"], tail=100_000)  # the driver's output, read through Ray
     assert "recording to the database at" in log and "4 trials done" in log
     assert client.log(created["id"], tail=2) == "".join(log.splitlines(keepends=True)[-2:])
+    assert "".join(followed) == log  # every line once, in order, read as it was written
     figures = client.analysis(created["id"])["figures"]
     assert {"learning_curves", "loss_gap", "jaccard_over_time"} <= {f["name"] for f in figures}
     for figure in figures:  # drawn from what the real trials recorded

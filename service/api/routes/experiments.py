@@ -22,6 +22,7 @@ from service.core.config import Settings
 from service.db import Experiment, Trial
 from service.figures import PNG_DPI, build_figure, figure_names, render
 from service.schemas import (
+    LOG_LENGTH_HEADER,
     AnalysisOut,
     ExperimentOut,
     ExperimentPage,
@@ -309,9 +310,19 @@ def get_results(experiment_id: str, session: SessionDep) -> ResultsOut:
     )
 
 
-MAX_LOG_LINES = 100_000
+MAX_LOG_LINES, DEFAULT_LOG_LINES = 100_000, 200
 LOG_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/plain": {}}, "description": "the last lines of the log"},
+    200: {
+        "content": {"text/plain": {}},
+        "description": "the last lines of the log, or what follows `since`",
+        "headers": {
+            LOG_LENGTH_HEADER: {
+                "description": "the whole log's length in characters: the `since` that reads "
+                "on from the end of this answer",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
     404: {"model": Problem, "description": "no such experiment, or Ray has no job for it"},
     502: {"model": Problem, "description": "Ray's Jobs API answered with an error"},
     503: {"model": Problem, "description": "the database or Ray's Jobs API is unreachable"},
@@ -323,11 +334,30 @@ def get_log(
     experiment_id: str,
     session: SessionDep,
     services: ServicesDep,
-    tail: Annotated[int, Query(ge=1, le=MAX_LOG_LINES, description="lines from the end")] = 200,
+    tail: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=MAX_LOG_LINES,
+            description="at most this many lines, from the end (default: 200; with `since`, "
+            "all that follows it)",
+        ),
+    ] = None,
+    since: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=2**63 - 1,
+            description="characters already read (the X-Log-Length of an earlier answer): "
+            "only what the log has gained since; the whole log if it is now shorter (a new job)",
+        ),
+    ] = None,
 ) -> Response:
     """The last ``tail`` lines of the experiment's job driver output on Ray: what the driver
     and Tune say, such as trials that wait for resources no node has, or why a study failed.
-    Asked of Ray at each call, within the service's call timeout (503 if Ray does not answer)."""
+    With ``since``, what was added after an earlier answer (how ``dst logs --follow`` reads
+    on). Asked of Ray at each call, within the service's call timeout (503 if Ray does not
+    answer)."""
     experiment = _get(session, experiment_id)
     queued = experiment.status == ExperimentStatus.QUEUED
     session.close()  # no database connection is held while Ray answers
@@ -349,7 +379,12 @@ def get_log(
             f"Ray's Jobs API did not answer ({type(error).__name__}); retry later",
             headers={"Retry-After": "5"},
         ) from None
-    return PlainTextResponse(last_lines(text, tail))
+    length = len(text)
+    if since is not None and since <= length:
+        text = text[since:]
+    if tail is not None or since is None:
+        text = last_lines(text, tail or DEFAULT_LOG_LINES)
+    return PlainTextResponse(text, headers={LOG_LENGTH_HEADER: str(length)})
 
 
 def last_lines(text: str, n: int) -> str:
