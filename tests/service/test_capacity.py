@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from ray.tune.experiment import Trial as TuneTrial
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
 from service import crud
@@ -251,6 +251,19 @@ def test_the_notice_is_cleared_when_the_tune_experiment_ends() -> None:
     assert len(cluster.published) == 2 and cluster.published[1] is None
 
 
+def running_experiment(engine: Engine, experiment_id: str) -> None:
+    """A fresh service database behind ``engine`` with one running experiment."""
+    upgrade_database(engine)
+    study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
+    with Session(engine) as session:
+        crud.create_experiment(
+            session, experiment_id=experiment_id, name="s", spec_json="{}", plans=expand(study)
+        )
+        crud.set_experiment_status(session, experiment_id, ExperimentStatus.SUBMITTED)
+        crud.set_experiment_status(session, experiment_id, ExperimentStatus.RUNNING)
+        session.commit()
+
+
 def test_a_watch_saved_with_tunes_state_comes_back_writing_this_drivers_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,15 +278,7 @@ def test_a_watch_saved_with_tunes_state_comes_back_writing_this_drivers_database
     assert b"s3cret-pw" not in saved and b"db:5432" not in saved
     url = f"sqlite:///{tmp_path / 'watch.db'}"
     engine = make_engine(url)
-    upgrade_database(engine)
-    study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
-    with Session(engine) as session:
-        crud.create_experiment(
-            session, experiment_id="e1", name="s", spec_json="{}", plans=expand(study)
-        )
-        crud.set_experiment_status(session, "e1", ExperimentStatus.SUBMITTED)
-        crud.set_experiment_status(session, "e1", ExperimentStatus.RUNNING)
-        session.commit()
+    running_experiment(engine, "e1")
     monkeypatch.setenv("DST_DATABASE_URL", url)
     restored = pickle.loads(saved)
     assert isinstance(restored, CapacityWatch)
@@ -297,14 +302,7 @@ def test_a_drivers_recorder_and_watch_share_its_connection_pool(
     monkeypatch.setenv("DST_DATABASE_URL", url)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     engine = shared_engine(url)
-    upgrade_database(engine)
-    study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
-    with Session(engine) as session:
-        crud.create_experiment(
-            session, experiment_id="e1", name="s", spec_json="{}", plans=expand(study)
-        )
-        crud.set_experiment_status(session, "e1", ExperimentStatus.SUBMITTED)
-        session.commit()
+    running_experiment(engine, "e1")
     checkouts: list[object] = []
     event.listen(engine, "checkout", lambda *args: checkouts.append(args))
     recorder_for.cache_clear()
