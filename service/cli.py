@@ -256,7 +256,10 @@ def submit(
         list[str] | None,
         typer.Option("--set", help="override, e.g. training.epochs=5 or grid.seed=[0,1]"),
     ] = None,
-    wait: Annotated[bool, typer.Option(help="wait and show progress, then the results")] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(help="wait and show progress, then the results; exit 1 unless it succeeded"),
+    ] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="retry-safe submission key")] = None,
     api: ApiUrl = DEFAULT_URL,
     token: Token = None,
@@ -269,12 +272,18 @@ def submit(
         typer.echo(
             f"experiment {created['id']}: {created['status']} ({created['n_trials']} trials)"
         )
-        if wait:
-            final = wait_for(client, created["id"])
-            typer.echo(f"status: {final['status']}")
-            typer.echo(results_table(client.results(created["id"])))
+        if not wait:
+            return
+        final = wait_for(client, created["id"])
+        typer.echo(f"status: {final['status']}")
+        typer.echo(results_table(client.results(created["id"])))
     except (ApiError, OSError) as error:
         raise fail(str(error)) from None
+    if final["status"] != ExperimentStatus.SUCCEEDED:  # said, and in the exit code, for scripts
+        if final.get("error"):
+            typer.echo(f"error: {final['error']}", err=True)
+        typer.echo(f"the job driver's log: dst logs {created['id']}", err=True)
+        raise typer.Exit(code=1)
 
 
 MAX_LISTED = 500  # the API's largest page of experiments

@@ -209,6 +209,46 @@ def test_logs_prints_the_lines_the_api_gives_as_they_are(fake_api: FakeApi) -> N
     assert result.output == "e7 line 0\ne7 line 1\n"  # no blank line added
 
 
+class EndingApi(FakeApi):
+    """An API whose submitted study has already ended, in ``status``."""
+
+    def __init__(self, status: str, error: str | None = None) -> None:
+        super().__init__()
+        self.status, self.error = status, error
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        return {"id": experiment_id, "name": "s", "status": self.status, "error": self.error,
+                "n_trials": 2, "trial_counts": {self.status: 2}, "mlflow": {}}  # fmt: skip
+
+    def results(self, experiment_id: str) -> dict[str, Any]:
+        return {"group_by": ["sparsity.criterion"], "rows": []}
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "code"),
+    [
+        ("succeeded", None, 0),
+        ("failed", "the driver exited: out of memory", 1),
+        ("cancelled", None, 1),
+    ],
+)
+def test_submit_wait_exits_1_unless_the_study_succeeded_and_says_where_to_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: str, error: str | None, code: int
+) -> None:
+    api = EndingApi(status, error)
+    monkeypatch.setattr("service.cli._client", lambda url, token: api)
+    spec = tmp_path / "study.yaml"
+    spec.write_text(SPEC)
+    result = runner.invoke(app, ["submit", str(spec), "--wait"])
+    assert result.exit_code == code, result.output
+    assert f"status: {status}\n" in result.stdout and "criterion" in result.stdout
+    hints = [f"error: {error}"] if error else []
+    if code:
+        hints.append("the job driver's log: dst logs e1")
+    said = "".join(f"{line}\n" for line in hints)  # after the progress bar
+    assert result.stderr.endswith(said) and ("dst logs" in result.stderr) == bool(code)
+
+
 class GrowingLog:
     """An experiment whose driver is writing, as a follower sees it: each status read moves on
     one step of ``script``, a (status, the log so far) pair; the log is None while Ray has no
