@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -48,6 +49,11 @@ INITIAL_MASKS = "masks_initial.npz"
 MASKS = "masks.npz"
 REMOVAL_LAYERS = "removal_first.json"  # per-layer removal-set Jaccard at the first update
 DDP_MAX_FAILURES = 2  # worker-group restarts of one multi-worker trial
+# How often Train's controller polls the workers (Ray's default: 2 s). A worker holds one
+# unread report; its next report waits for the poll, so every report after the first costs up
+# to one interval: at 2 s, seconds per epoch of a small trial. A poll is a cheap remote call,
+# and one that has not answered yet is waited for at the next (not a failure).
+TRAIN_POLL_S = 0.1
 
 
 @contextmanager
@@ -164,6 +170,8 @@ def _run_data_parallel(trial: dict[str, Any]) -> None:
 
     from service.study import Resources
 
+    # read by the controller TorchTrainer starts (Train passes it on); an operator's value stays
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_S))
     workers, gpus = int(trial["workers"]), float(trial["gpus"])
     res = Resources(cpus_per_trial=trial["cpus"], gpus_per_trial=gpus, workers_per_trial=workers)
     per_worker = res.per_worker()
