@@ -26,9 +26,8 @@ from typing import Any
 from ray import tune
 
 from service.study import Resources, StudySpec, expand
-from service.trial import METRICS, TRAIN_POLL_S
+from service.trial import METRICS, TRAIN_POLL_ENV, TRAIN_POLL_S
 
-POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 RAY_DEFAULT_POLL_S = 2.0
 
 
@@ -77,9 +76,9 @@ def run(poll_s: float | None, epochs: int, storage: Path) -> tuple[float, float]
     from service.driver import make_tuner
 
     if poll_s is None:
-        os.environ.pop(POLL_ENV, None)
+        os.environ.pop(TRAIN_POLL_ENV, None)
     else:  # the local Ray started below, and so every trial process, inherits it
-        os.environ[POLL_ENV] = str(poll_s)
+        os.environ[TRAIN_POLL_ENV] = str(poll_s)
     config, resources = trial(epochs, storage)
     clock = EpochClock()
     ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
@@ -90,7 +89,7 @@ def run(poll_s: float | None, epochs: int, storage: Path) -> tuple[float, float]
         wall = time.monotonic() - start
     finally:
         ray.shutdown()
-        os.environ.pop(POLL_ENV, None)
+        os.environ.pop(TRAIN_POLL_ENV, None)
     if len(clock.times) != epochs:
         raise RuntimeError(f"{len(clock.times)} epoch reports of {epochs}: the trial failed")
     return (clock.times[-1] - clock.times[0]) / (epochs - 1), wall

@@ -54,6 +54,7 @@ DDP_MAX_FAILURES = 2  # worker-group restarts of one multi-worker trial
 # to one interval: at 2 s, seconds per epoch of a small trial. A poll is a cheap remote call,
 # and one that has not answered yet is waited for at the next (not a failure).
 TRAIN_POLL_S = 0.1
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # where Train reads it
 
 
 @contextmanager
@@ -171,7 +172,7 @@ def _run_data_parallel(trial: dict[str, Any]) -> None:
     from service.study import Resources
 
     # read by the controller TorchTrainer starts (Train passes it on); an operator's value stays
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(TRAIN_POLL_S))
+    os.environ.setdefault(TRAIN_POLL_ENV, str(TRAIN_POLL_S))
     workers, gpus = int(trial["workers"]), float(trial["gpus"])
     res = Resources(cpus_per_trial=trial["cpus"], gpus_per_trial=gpus, workers_per_trial=workers)
     per_worker = res.per_worker()
