@@ -124,7 +124,8 @@ class ApiClient:
 
     def log(self, experiment_id: str, tail: int = 200) -> str:
         """The last ``tail`` lines of the experiment's job driver output."""
-        return self.log_chunk(experiment_id, tail=tail)[0]
+        path = f"/experiments/{experiment_id}/log"
+        return self._request("GET", path, params={"tail": tail}).content.decode("utf-8")
 
     def log_chunk(
         self, experiment_id: str, tail: int | None = None, since: int | None = None
@@ -135,7 +136,11 @@ class ApiClient:
 
         params = {k: v for k, v in {"tail": tail, "since": since}.items() if v is not None}
         response = self._request("GET", f"/experiments/{experiment_id}/log", params=params)
-        return response.content.decode("utf-8"), int(response.headers[LOG_LENGTH_HEADER])
+        length = response.headers.get(LOG_LENGTH_HEADER)
+        if length is None:
+            older = f"the API at {self.http.base_url} predates following a log"
+            raise ApiError(0, f"{older} (no {LOG_LENGTH_HEADER} header)")
+        return response.content.decode("utf-8"), int(length)
 
     def figure(self, experiment_id: str, filename: str, dpi: int | None = None) -> bytes:
         """A figure's image (``NAME.png``, at ``dpi`` if given, or ``NAME.svg``)."""

@@ -1,4 +1,4 @@
-"""The API client's helpers that read an experiment as the API returns it."""
+"""The API client's helpers that read an experiment as the API returns it, and its log reads."""
 
 from __future__ import annotations
 
@@ -18,3 +18,21 @@ from service.client import parent_closed
 )
 def test_parent_closed(mlflow: dict[str, str | None] | None, closed: bool) -> None:
     assert parent_closed({"id": "x", "status": "succeeded", "mlflow": mlflow}) is closed
+
+
+def test_an_older_api_gives_logs_and_the_client_says_why_it_cannot_follow_them() -> None:
+    import httpx
+
+    from service.client import ApiClient, ApiError
+
+    def older_api(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/experiments/e1/log"
+        return httpx.Response(200, text="last line\n")  # no X-Log-Length
+
+    client = ApiClient("http://old-api:8000", "token")
+    client.http = httpx.Client(
+        base_url="http://old-api:8000", transport=httpx.MockTransport(older_api)
+    )
+    assert client.log("e1", tail=1) == "last line\n"
+    with pytest.raises(ApiError, match=r"predates following a log \(no X-Log-Length header\)"):
+        client.log_chunk("e1", since=0)
