@@ -46,6 +46,9 @@ class EpochClock(tune.Callback):
 
 def trial(epochs: int, storage: Path) -> tuple[dict[str, Any], Resources]:
     """The Tune config of a 2-worker DDP trial, as the driver builds it from a stored trial."""
+    from service.db import Trial
+    from service.driver import trial_config
+
     resources = Resources(cpus_per_trial=1, workers_per_trial=2)
     study = StudySpec.model_validate(
         {
@@ -57,15 +60,8 @@ def trial(epochs: int, storage: Path) -> tuple[dict[str, Any], Resources]:
         }
     )
     (plan,) = expand(study)
-    config = {
-        "index": 0,
-        "spec": plan.spec.model_dump(mode="json"),
-        "cpus": resources.cpus_per_trial,
-        "gpus": resources.gpus_per_trial,
-        "workers": resources.workers_per_trial,
-        "storage_path": str(storage),
-    }
-    return config, resources
+    stored = Trial(index=plan.index, label=plan.label, spec_json=plan.spec.model_dump_json())
+    return trial_config(stored, resources, str(storage)), resources
 
 
 def run(poll_s: float | None, epochs: int, storage: Path) -> tuple[float, float]:

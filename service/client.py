@@ -124,8 +124,10 @@ class ApiClient:
 
     def log(self, experiment_id: str, tail: int = 200) -> str:
         """The last ``tail`` lines of the experiment's job driver output."""
-        path = f"/experiments/{experiment_id}/log"
-        return self._request("GET", path, params={"tail": tail}).content.decode("utf-8")
+        return self._log(experiment_id, {"tail": tail}).content.decode("utf-8")
+
+    def _log(self, experiment_id: str, params: dict[str, int]) -> httpx.Response:
+        return self._request("GET", f"/experiments/{experiment_id}/log", params=params)
 
     def log_chunk(
         self, experiment_id: str, tail: int | None = None, since: int | None = None
@@ -135,7 +137,7 @@ class ApiClient:
         from service.schemas import LOG_LENGTH_HEADER
 
         params = {k: v for k, v in {"tail": tail, "since": since}.items() if v is not None}
-        response = self._request("GET", f"/experiments/{experiment_id}/log", params=params)
+        response = self._log(experiment_id, params)
         length = response.headers.get(LOG_LENGTH_HEADER)
         if length is None:
             older = f"the API at {self.http.base_url} predates following a log"

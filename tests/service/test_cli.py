@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from service.api.routes.experiments import last_lines
+from service.api.routes.experiments import log_part
 from service.cli import app, follow_log, results_table, trial_line
 from service.client import ApiError
 
@@ -269,8 +269,7 @@ class GrowingLog:
         log = self.script[self.step][1]
         if not isinstance(log, str):
             raise ApiError(log or 404, f"experiment {experiment_id} has no log on Ray")
-        text = log[since:] if since is not None and since <= len(log) else log
-        return last_lines(text, tail) if tail else text, len(log)
+        return log_part(log, tail, since), len(log)
 
 
 def followed(script: list[tuple[str, str | int | None]], tail: int = 2) -> tuple[str, GrowingLog]:

@@ -379,12 +379,18 @@ def get_log(
             f"Ray's Jobs API did not answer ({type(error).__name__}); retry later",
             headers={"Retry-After": "5"},
         ) from None
-    length = len(text)
-    if since is not None and since <= length:
+    part = log_part(text, tail, since)
+    return PlainTextResponse(part, headers={LOG_LENGTH_HEADER: str(len(text))})
+
+
+def log_part(text: str, tail: int | None, since: int | None) -> str:
+    """What a log read answers: the text after its first ``since`` characters (all of it if
+    the text is shorter: a new log), cut to its last ``tail`` lines (200 without either)."""
+    if since is not None and since <= len(text):
         text = text[since:]
     if tail is not None or since is None:
         text = last_lines(text, tail or DEFAULT_LOG_LINES)
-    return PlainTextResponse(text, headers={LOG_LENGTH_HEADER: str(length)})
+    return text
 
 
 def last_lines(text: str, n: int) -> str:
