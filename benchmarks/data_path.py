@@ -4,7 +4,7 @@ Writes a CIFAR-10 of random images in the real on-disk format (python pickle bat
 train and 10,000 test images) to a temporary directory, then measures in one process, one
 thread, alternating the two paths each round:
   * one epoch of input: every training batch of 45,000 images loaded and augmented (random
-    crop of the 4-padded image, horizontal flip, normalization), no model;
+    crop of the image padded by 4 by reflection, horizontal flip, normalization), no model;
   * one training epoch of large-MLP (DST, density 0.1, Δt = 800, batch 128): input and steps.
 Prints the seconds of each (median over rounds) and the loader/tensor ratios.
 

@@ -28,7 +28,7 @@ from dst.datasets import (
     DatasetUnavailableError,
     DataSplits,
 )
-from dst.tensor_data import ImageNorm, TensorSplit
+from dst.tensor_data import ImageNorm, PadMode, TensorSplit
 
 log = logging.getLogger(__name__)
 
@@ -193,19 +193,26 @@ class Transformed(Dataset):
 
 
 def _image_transforms(
-    mean: tuple[float, ...], std: tuple[float, ...], size: int, augment: bool
+    norm: ImageNorm, size: int, augment: bool, pad_mode: PadMode
 ) -> tuple[Callable, Callable]:
-    """(train, eval) transforms: random crop with padding 4 + flip when augmenting."""
+    """(train, eval) transforms of an HWC uint8 array: random crop with padding 4 (filled as
+    ``pad_mode``) + flip when augmenting. They work on the tensor, not a PIL image: the same
+    draws and pixels (padding commutes with scaling to [0, 1]), and reflection padding costs
+    a PIL image a round trip through numpy."""
     from torchvision import transforms as T
 
-    normalize = [T.ToTensor(), T.Normalize(mean, std)]
-    train = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if augment else []
-    return T.Compose([T.ToPILImage(), *train, *normalize]), T.Compose([T.ToPILImage(), *normalize])
+    crop = T.RandomCrop(size, padding=4, padding_mode=pad_mode)
+    train = [crop, T.RandomHorizontalFlip()] if augment else []
+    normalize = T.Normalize(norm.mean, norm.std)
+    return T.Compose([T.ToTensor(), *train, normalize]), T.Compose([T.ToTensor(), normalize])
 
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/{}.tar.gz"
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# The paper names no preprocessing; these are its code's: CIFAR-10 padded by reflection and
+# normalized with its std constants, CIFAR-100 zero-padded, FashionMNIST scaled to [-1, 1].
+CIFAR10_NORM = ImageNorm((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+CIFAR100_NORM = ImageNorm((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+FASHION_NORM = ImageNorm((0.5,), (0.5,))
 
 
 def _read_cifar_batches(files: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -227,23 +234,23 @@ def _load_cifar(config: DataConfig, info: DataInfo, archive: str, folder: str) -
         if not config.download:
             raise _unavailable(info.name, directory, f"Get it from {CIFAR_URL.format(archive)}.")
         download_and_extract_archive(CIFAR_URL.format(archive), str(config.root))
+    pad_mode: PadMode
     if info.num_classes == 10:
         train_files = [directory / f"data_batch_{i}" for i in range(1, 6)]
         test_files, key = [directory / "test_batch"], b"labels"
-        mean, std = CIFAR_MEAN, CIFAR_STD
+        norm, pad_mode = CIFAR10_NORM, "reflect"
     else:
         train_files, test_files, key = [directory / "train"], [directory / "test"], b"fine_labels"
-        mean, std = CIFAR100_MEAN, CIFAR100_STD
+        norm, pad_mode = CIFAR100_NORM, "constant"
     x, y = _read_cifar_batches(train_files, key)
     xt, yt = _read_cifar_batches(test_files, key)
     keep, val = holdout(len(y), 0.1, config.split_seed)  # 45k / 5k (Table 4, footnote 13)
-    train_tf, eval_tf = _image_transforms(mean, std, 32, config.augment)
-    norm = ImageNorm(mean, std)
+    train_tf, eval_tf = _image_transforms(norm, 32, config.augment, pad_mode)
 
     def tensors(images: np.ndarray, labels: np.ndarray, augment: bool) -> TensorSplit:
         nchw = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         pad = 4 if augment else 0  # the same augmentation as the per-sample transforms
-        return TensorSplit(nchw, torch.from_numpy(labels).long(), norm, pad, augment)
+        return TensorSplit(nchw, torch.from_numpy(labels).long(), norm, pad, augment, pad_mode)
 
     return DataSplits(
         ArrayImages(x[keep], y[keep], train_tf),
@@ -280,9 +287,9 @@ def load_fashion_mnist(config: DataConfig) -> DataSplits:
         )
     train = tvd.FashionMNIST(str(config.root), train=True, download=config.download)
     test = tvd.FashionMNIST(str(config.root), train=False, download=config.download)
-    normalize = T.Compose([T.ToTensor(), T.Normalize((0.2860,), (0.3530,))])
+    normalize = T.Compose([T.ToTensor(), T.Normalize(FASHION_NORM.mean, FASHION_NORM.std)])
     keep, val = holdout(len(train), 0.1, config.split_seed)
-    norm = ImageNorm((0.2860,), (0.3530,))
+    norm = FASHION_NORM
     images, labels = train.data[:, None], train.targets.long()  # [N, 1, 28, 28] uint8, [N]
     keep_t, val_t = torch.from_numpy(keep), torch.from_numpy(val)
     return DataSplits(

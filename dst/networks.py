@@ -166,7 +166,7 @@ class CifarResNet(nn.Module):
         self.layer3 = _stage(32, 64, blocks_per_stage, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_outputs)
-        _kaiming_init_convs(self)
+        _kaiming_init_fan_in(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, three residual stages, global average pool, linear head."""
@@ -176,10 +176,18 @@ class CifarResNet(nn.Module):
 
 
 def _kaiming_init_convs(model: nn.Module) -> None:
-    """He (kaiming normal) init for every conv, as in He et al. (2015, 2016)."""
+    """He (kaiming normal, fan-out) init for every conv, as in He et al. (2015, 2016)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+def _kaiming_init_fan_in(model: nn.Module) -> None:
+    """He normal init, N(0, 2 / fan_in), for every conv and linear weight; biases keep
+    PyTorch's default. The paper names no initialization for ResNet-56; this is its code's."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
 
 
 def build_resnet56(info: DataInfo, options: ModelOptions) -> nn.Module:

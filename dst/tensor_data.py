@@ -4,8 +4,9 @@ by indexing and augmented with tensor ops on that device.
 For datasets that fit in memory (digits, Higgs, CIFAR, FashionMNIST) this replaces the
 per-sample pipeline (PIL image -> transform -> collate), which costs more than a small model's
 whole training step. Augmentation draws from the same distribution as the per-sample pipeline
-(a random 32x32 crop of the image zero-padded by 4, then a horizontal flip with probability
-1/2) but from a different random stream, so it is an option (``training.data_path: tensor``).
+(a random 32x32 crop of the image padded by 4, with zeros or by reflection, then a horizontal
+flip with probability 1/2) but from a different random stream, so it is an option
+(``training.data_path: tensor``).
 Batches come from the same :class:`~dst.batches.GlobalBatchSampler` (training) or shards
 (evaluation) as the loader path, so data-parallel training works unchanged.
 
@@ -17,13 +18,17 @@ one worker sees, and a run resumed anywhere draws what the uninterrupted run dre
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from dst.hashing import combine, keyed_uniforms
+
+PadMode = Literal["constant", "reflect"]  # zeros (RandomCrop's default) | the image mirrored
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,14 @@ class TensorSplit:
     norm: ImageNorm | None = None  # None: the inputs are already model-ready floats
     pad_crop: int = 0  # > 0: random crop of the image padded by this many pixels
     flip: bool = False  # random horizontal flip
+    pad_mode: PadMode = "constant"  # how the crop's padding is filled
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def to(self, device: torch.device) -> TensorSplit:
-        return TensorSplit(
-            self.inputs.to(device), self.labels.to(device), self.norm, self.pad_crop, self.flip
+        return dataclasses.replace(
+            self, inputs=self.inputs.to(device), labels=self.labels.to(device)
         )
 
     def without_augmentation(self) -> TensorSplit:
@@ -69,7 +75,7 @@ class TensorSplit:
         if self.augments:
             if draws is None:
                 draws = torch.rand((3, len(idx)), device=x.device)
-            x = crop_and_flip(x, self.pad_crop, self.flip, draws)
+            x = crop_and_flip(x, self.pad_crop, self.flip, draws, self.pad_mode)
         if self.norm is not None:
             x = normalize(x, self.norm)
         return x, self.labels.index_select(0, idx)
@@ -89,30 +95,48 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def crop_and_flip(x: torch.Tensor, pad: int, flip: bool, draws: torch.Tensor) -> torch.Tensor:
-    """Each image of ``x`` [B, C, H, W] zero-padded by ``pad``, cropped back to H x W at a
-    uniformly random offset in [0, 2·pad] per axis (torchvision's RandomCrop(padding=pad)),
-    then, if ``flip``, mirrored left-right with probability 1/2 (RandomHorizontalFlip).
-    ``draws`` [3, B], uniform in [0, 1) on ``x``'s device: row offset, column offset, flip.
+def crop_and_flip(
+    x: torch.Tensor, pad: int, flip: bool, draws: torch.Tensor, mode: PadMode = "constant"
+) -> torch.Tensor:
+    """Each image of ``x`` [B, C, H, W] padded by ``pad`` (zeros, or with ``mode="reflect"``
+    the image mirrored at its edges, edge pixels not repeated; ``pad`` < H, W), cropped back to
+    H x W at a uniformly random offset in [0, 2·pad] per axis (torchvision's
+    RandomCrop(padding=pad, padding_mode=mode)), then, if ``flip``, mirrored left-right with
+    probability 1/2 (RandomHorizontalFlip). ``draws`` [3, B], uniform in [0, 1) on ``x``'s
+    device: row offset, column offset, flip.
 
-    One gather does both: the crop's column indices run backwards for a mirrored image.
+    One gather does both: the crop's column indices run backwards for a mirrored image. A
+    reflected crop gathers from the image itself, its indices mirrored back inside.
     """
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)).flatten(2)  # [B, C, P]
     offsets = (draws[:2] * (2 * pad + 1)).long()  # [2, B] in [0, 2p]
     cols = torch.arange(w, device=x.device).expand(b, w)  # [B, W]
     if flip:
         cols = torch.where((draws[2] < 0.5)[:, None], cols.flip(1), cols)
-    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [B, H]
-    cols = offsets[1, :, None] + cols  # [B, W]
-    flat = rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]  # [B, H, W] into the padded map
-    out = padded.gather(2, flat.view(b, 1, h * w).expand(b, c, h * w))  # [B, C, H*W]
+    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # [B, H] in the padded map
+    cols = offsets[1, :, None] + cols  # [B, W] in the padded map
+    if mode == "reflect":
+        source, width = x.flatten(2), w  # [B, C, H*W]
+        rows, cols = _mirror(rows - pad, h), _mirror(cols - pad, w)
+    else:
+        source = torch.nn.functional.pad(x, (pad, pad, pad, pad)).flatten(2)  # [B, C, P]
+        width = w + 2 * pad
+    flat = rows[:, :, None] * width + cols[:, None, :]  # [B, H, W] into ``source``
+    out = source.gather(2, flat.view(b, 1, h * w).expand(b, c, h * w))  # [B, C, H*W]
     return out.view(b, c, h, w)
 
 
-def random_crop(x: torch.Tensor, pad: int, draws: torch.Tensor) -> torch.Tensor:
+def _mirror(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices in [-(n-1), 2(n-1)] reflected into [0, n): -1 -> 1, n -> n - 2 (as np.pad's and
+    torch's ``reflect``)."""
+    return (n - 1) - ((n - 1) - i.abs()).abs()
+
+
+def random_crop(
+    x: torch.Tensor, pad: int, draws: torch.Tensor, mode: PadMode = "constant"
+) -> torch.Tensor:
     """:func:`crop_and_flip` without the flip."""
-    return crop_and_flip(x, pad, False, draws)
+    return crop_and_flip(x, pad, False, draws, mode)
 
 
 def random_flip(x: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,48 @@ def test_cifar_tensors_match_the_loader_and_augment_only_training(tmp_path: Path
     assert (plain.tensors[0].pad_crop, plain.tensors[0].flip) == (0, False)  # type: ignore[index]
 
 
+def windows(image: torch.Tensor, pad: int, mode: str) -> list[torch.Tensor]:
+    """Every crop of ``image`` [C, H, W] padded by ``pad`` as ``mode``, and its mirror."""
+    _, h, w = image.shape
+    padded = torch.nn.functional.pad(image[None], (pad,) * 4, mode=mode)[0]
+    crops = [
+        padded[:, y : y + h, x : x + w] for y in range(2 * pad + 1) for x in range(2 * pad + 1)
+    ]
+    return crops + [crop.flip(2) for crop in crops]
+
+
+@pytest.mark.parametrize(("name", "mode"), [("cifar10", "reflect"), ("cifar100", "constant")])
+def test_cifar_crops_pad_as_the_papers_code(tmp_path: Path, name: str, mode: str) -> None:
+    """CIFAR-10 pads its random crops by reflection, CIFAR-100 with zeros (black, before
+    normalization), on both data paths."""
+    if name == "cifar10":
+        write_cifar(tmp_path)
+    else:
+        test_cifar100_uses_fine_labels(tmp_path)
+    s = load_dataset(name, DataConfig(root=tmp_path, download=False))
+    train = s.tensors[0]  # type: ignore[index]
+    assert (train.pad_crop, train.pad_mode) == (4, mode)
+    torch.manual_seed(0)
+    for i in range(5):
+        x, _ = s.train[i]  # normalized [3, 32, 32], augmented
+        raw, _ = train.without_augmentation().batch(torch.tensor([i]))
+        std = torch.tensor(train.norm.std).view(3, 1, 1)  # type: ignore[union-attr]
+        mean = torch.tensor(train.norm.mean).view(3, 1, 1)  # type: ignore[union-attr]
+        pixels = raw[0] * std + mean  # back to [0, 1]
+        expected = [(c - mean) / std for c in windows(pixels, 4, mode)]
+        assert any(torch.allclose(x, e, atol=1e-5) for e in expected)
+        drawn = train.batch(torch.tensor([i]))[0][0]  # the tensor path's crop
+        assert any(torch.allclose(drawn, e, atol=1e-5) for e in expected)
+
+
+def test_image_normalization_is_the_papers_code() -> None:
+    from dst.loaders import CIFAR10_NORM, CIFAR100_NORM, FASHION_NORM
+
+    assert CIFAR10_NORM.std == (0.2023, 0.1994, 0.2010)
+    assert CIFAR100_NORM.std == (0.2673, 0.2564, 0.2762)
+    assert (FASHION_NORM.mean, FASHION_NORM.std) == ((0.5,), (0.5,))
+
+
 def test_tabular_tensors_are_the_loader_tensors() -> None:
     s = load_dataset("breast_cancer", DataConfig())
     same_as_tensors(s)

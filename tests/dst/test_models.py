@@ -224,6 +224,26 @@ def test_vgg16_is_the_cifar_vgg_of_the_paper_lineage() -> None:
     assert tuple(features.shape) == (1, 512, 2, 2)  # the average pool sees a 2x2 map
 
 
+def test_resnet56_weights_are_he_normal_over_fan_in() -> None:
+    """Every conv and linear weight ~ N(0, 2 / fan_in), the head included (the paper's code):
+    fan-out would give the stem a std of 0.118 instead of 0.272, PyTorch's default head 0.072
+    instead of 0.177."""
+    torch.manual_seed(0)
+    layers = [
+        m
+        for m in build_model("resnet56", CIFAR10).modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
+    assert len(layers) == 58  # 55 3x3 convs, 2 projections, the head
+    pooled = []
+    for layer in layers:
+        fan_in = layer.weight[0].numel()
+        z = layer.weight.detach().flatten() / (2.0 / fan_in) ** 0.5  # ~ N(0, 1)
+        assert 0.8 < float(z.std()) < 1.2, layer
+        pooled.append(z)
+    assert abs(float(torch.cat(pooled).std()) - 1.0) < 0.01
+
+
 @pytest.mark.parametrize("name", ["small-mlp", "large-mlp"])
 def test_mlp_dropout_is_active_in_training_and_off_in_evaluation(name: str) -> None:
     torch.manual_seed(0)

@@ -40,6 +40,23 @@ def test_crop_is_a_window_of_the_zero_padded_image() -> None:
         assert torch.equal(out[i], padded[i, :, oy : oy + 6, ox : ox + 6])
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_reflected_crop_is_a_window_of_the_mirrored_image(flip: bool) -> None:
+    """Padding by reflection (edge pixels not repeated), as torch's and np.pad's ``reflect``."""
+    x = images(64, size=8).to(torch.uint8)
+    draws = torch.rand((3, 64), generator=torch.Generator().manual_seed(2))
+    out = crop_and_flip(x, 4, flip, draws, "reflect")
+    offsets = (draws[:2] * 9).long()
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="reflect").to(torch.uint8)
+    for i in range(64):
+        oy, ox = int(offsets[0, i]), int(offsets[1, i])
+        window = padded[i, :, oy : oy + 8, ox : ox + 8]
+        assert torch.equal(out[i], window.flip(2) if flip and draws[2, i] < 0.5 else window)
+    corner = torch.zeros((3, 1))  # offset (0, 0): the top-left 4x4 is the image mirrored
+    assert torch.equal(random_crop(x[:1], 4, corner, "reflect")[0, :, 4, 4], x[0, :, 0, 0])
+    assert torch.equal(random_crop(x[:1], 4, corner, "reflect")[0, :, 3, 3], x[0, :, 1, 1])
+
+
 def test_crop_offsets_are_uniform_over_every_position() -> None:
     """With training's keyed draws. A 9x9 image padded by 4: its centre pixel lands at
     (8 - oy, 8 - ox) of the crop for every offset oy, ox in [0, 8], so where it lands reveals
