@@ -139,17 +139,17 @@ def set_experiment_status(
     """Move an experiment to ``status`` if its lifecycle allows it; True if it moved.
 
     The update is one conditional statement, so concurrent writers (the API, the job driver)
-    cannot both move it.
+    cannot both move it. A move writes ``error`` whatever it is (None clears it): an error is
+    the state's, and the only one a moving experiment can have is its launch's "retrying",
+    which a job that now runs (or an end) has answered.
     """
     allowed_from = [s for s, targets in TRANSITIONS.items() if status in targets]
     if only_from is not None:
         allowed_from = [s for s in allowed_from if s in only_from]
-    values: dict[str, Any] = {"status": status, "updated_at": utcnow()}
+    values: dict[str, Any] = {"status": status, "updated_at": utcnow(), "error": error}
     if status in TERMINAL_EXPERIMENT:
         values["finished_at"] = utcnow()
         values["notice"] = None  # an ended experiment waits for nothing
-    if error is not None:
-        values["error"] = error
     result = session.execute(
         update(Experiment)
         .where(Experiment.id == experiment_id, Experiment.status.in_(allowed_from))
@@ -159,8 +159,21 @@ def set_experiment_status(
     return bool(getattr(result, "rowcount", 0))
 
 
-def set_error(session: Session, experiment_id: str, error: str | None) -> None:
-    session.execute(update(Experiment).where(Experiment.id == experiment_id).values(error=error))
+def set_error(
+    session: Session,
+    experiment_id: str,
+    error: str | None,
+    *,
+    only_in: Sequence[ExperimentStatus] | None = None,
+) -> bool:
+    """Record (or clear) the experiment's ``error``; with ``only_in``, only while it is in one
+    of those states (a writer racing with a status move then leaves it alone). True if
+    written."""
+    query = update(Experiment).where(Experiment.id == experiment_id)
+    if only_in is not None:
+        query = query.where(Experiment.status.in_(only_in))
+    result = session.execute(query.values(error=error))
+    return bool(getattr(result, "rowcount", 0))
 
 
 def set_experiment_notice(session: Session, experiment_id: str, notice: str | None) -> None:

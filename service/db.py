@@ -26,6 +26,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    exc,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -216,3 +217,13 @@ def upgrade_when_reachable(
             log.info("the database at %s is reachable; schema up to date", where)
         ready.set()
         return
+
+
+def database_outage(error: BaseException) -> bool:
+    """A database error that retrying may cure: the server restarts or dropped the connection,
+    SQLite stayed locked, the pool had no free connection, or the disk failed (an OSError).
+    The job driver's recorder retries its writes on these, and MLflow's outbox the run ids
+    it stores (SQLAlchemy's errors are no OSErrors)."""
+    if isinstance(error, exc.DBAPIError):  # OperationalError: lost, refused, locked
+        return isinstance(error, exc.OperationalError) or error.connection_invalidated
+    return isinstance(error, OSError | exc.TimeoutError)

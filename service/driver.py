@@ -26,6 +26,7 @@ import ray
 from ray import tune
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.tune.logger import JsonLoggerCallback
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from service import crud
@@ -33,7 +34,7 @@ from service.capacity import Nodes, capacity_watch_for, wait_for_fit
 from service.core.config import Settings
 from service.db import Trial, shared_engine
 from service.execution import DRIVER_ONLY_ENV, take_secrets
-from service.recorder import recorder_for, trial_index
+from service.recorder import TrialRecorder, recorder_for, trial_index
 from service.states import ExperimentStatus, TrialState
 from service.study import Resources, StudySpec
 from service.trial import run_trial
@@ -243,30 +244,49 @@ def main(argv: list[str] | None = None) -> None:
     tuner = make_tuner(
         str(results_dir / experiment_id), configs, resources, experiment_id, callbacks
     )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:  # also when Tune fails: the MLflow writes queued so far still go out
+        _wind_down(engine, experiment_id, recorder)
+    log.info("experiment %s: %d trials done", experiment_id, len(results))
+
+
+def _wind_down(engine: Engine, experiment_id: str, recorder: TrialRecorder) -> None:
+    """After Tune: record a cancel that stopped the trials, then send the MLflow writes still
+    queued (bounded: a job does not outlive an unreachable MLflow by more than a minute),
+    whichever of the two fails."""
+    try:
+        _record_cancel(engine, experiment_id, recorder)
+    finally:
+        if recorder.runs is not None and not recorder.runs.close(timeout=60):
+            log.error("some MLflow writes of %s could not be done", experiment_id)
+
+
+def _record_cancel(engine: Engine, experiment_id: str, recorder: TrialRecorder) -> None:
+    """If the experiment is being cancelled, its unfinished trials are cancelled, and the
+    child runs of those that had started end so."""
     with Session(engine) as session:
         experiment = crud.get_experiment(session, experiment_id)
-        if experiment is not None and experiment.status == ExperimentStatus.CANCELLING:
-            started = [  # only trials that started have an MLflow run to end
-                t.index
-                for t in crud.list_trials(session, experiment_id)
-                if t.state == TrialState.RUNNING
-            ]
-            moved = crud.finish_unfinished_trials(session, experiment_id, TrialState.CANCELLED)
-            session.commit()
-            if recorder.runs is not None:
-                for index in started:
-                    recorder.runs.finish(index, TrialState.CANCELLED)
-            log.info("experiment %s cancelled; %d trials stopped", experiment_id, moved)
-    if recorder.runs is not None and not recorder.runs.close(timeout=60):
-        log.error("some MLflow writes of %s could not be done", experiment_id)
-    log.info("experiment %s: %d trials done", experiment_id, len(results))
+        if experiment is None or experiment.status != ExperimentStatus.CANCELLING:
+            return
+        started = [  # only trials that started have an MLflow run to end
+            t.index
+            for t in crud.list_trials(session, experiment_id)
+            if t.state == TrialState.RUNNING
+        ]
+        moved = crud.finish_unfinished_trials(session, experiment_id, TrialState.CANCELLED)
+        session.commit()
+    if recorder.runs is not None:
+        for index in started:
+            recorder.runs.finish(index, TrialState.CANCELLED)
+    log.info("experiment %s cancelled; %d trials stopped", experiment_id, moved)
 
 
 def start(session: Session, experiment_id: str) -> bool:
     """Mark the experiment running; False if it was cancelled (or has ended) before this job
     could start, a submission the API could not confirm or a stop that did not arrive: then
     nothing trains."""
+    # (the move clears a launch's "retrying": that launch's job is this one)
     crud.set_experiment_status(session, experiment_id, ExperimentStatus.RUNNING)
     crud.set_experiment_notice(session, experiment_id, None)  # an earlier driver's is stale
     session.commit()

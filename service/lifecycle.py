@@ -11,7 +11,6 @@ while the API was down is recorded when the API comes back.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from service import crud
 from service.analysis import AnalysisCache, StudyAnalysis, experiment_masks_dir
 from service.analysis import preload as preload_analysis
 from service.db import Experiment
+from service.refusal import refused, refused_for_good
 from service.states import TRANSITIONS, ExperimentStatus, JobStatus, TrialState
 from service.study import StudySpec, TrialPlan, expand
 
@@ -97,13 +97,15 @@ def launch(services: Services, experiment_id: str) -> None:
             _fail_launch(services, experiment_id, f"launch refused: {error}")
             return
         log.warning("launching %s failed (will retry): %s", experiment_id, error)
-        with Session(services.engine) as session:
-            crud.set_error(session, experiment_id, f"launch failed, retrying: {error}")
+        with Session(services.engine) as session:  # (not over a driver that started since)
+            queued = [ExperimentStatus.QUEUED]
+            crud.set_error(
+                session, experiment_id, f"launch failed, retrying: {error}", only_in=queued
+            )
             session.commit()
         return
-    with Session(services.engine) as session:
+    with Session(services.engine) as session:  # (the move clears the last try's error)
         moved = crud.set_experiment_status(session, experiment_id, ExperimentStatus.SUBMITTED)
-        crud.set_error(session, experiment_id, None)
         session.commit()
         now = None if moved else crud.get_experiment(session, experiment_id)
         cancelled = not moved and (now is None or ExperimentStatus(now.status).wants_no_job)
@@ -112,19 +114,6 @@ def launch(services: Services, experiment_id: str) -> None:
         services.executor.release(experiment_id)
         return
     preload_analysis()  # while the job starts: the first analysis then needs no imports
-
-
-REFUSED = frozenset({400, 413, 422})  # the request itself is wrong: sending it again fails
-
-
-def refused(error: Exception) -> bool:
-    """True if MLflow (an ``MlflowException``'s HTTP status) or Ray's Jobs API (its "status
-    code N" text) refused the request itself; a server error or an outage is not."""
-    status = getattr(error, "get_http_status_code", None)
-    if callable(status):
-        return status() in REFUSED
-    found = re.search(r"status code (\d{3})", str(error))
-    return found is not None and int(found.group(1)) in REFUSED
 
 
 def _fail_launch(services: Services, experiment_id: str, error: str) -> None:
@@ -193,7 +182,9 @@ def _finish_parent(
 ) -> None:
     """Close the experiment's MLflow parent run with its results and analysis, and record
     that it is closed. If MLflow fails, it stays unclosed: the dispatcher's next passes
-    retry (:func:`advance`) once MLflow answers again."""
+    retry (:func:`advance`) once MLflow answers again. If MLflow refuses for good (the user
+    deleted the run), that is logged once and the run is recorded as closed: nothing is
+    left to do for it."""
     parent, experiment_id = experiment.mlflow_parent_run_id, experiment.id
     if parent is None or experiment.mlflow_closed_at is not None:
         return
@@ -216,10 +207,19 @@ def _finish_parent(
     try:
         services.tracker.finish_parent(parent, status, analysis, trial_runs=trial_runs)
     except Exception as error:
-        log.warning(
-            "could not close the MLflow parent run of %s (retried later): %s", experiment_id, error
+        if not refused_for_good(error):
+            log.warning(
+                "could not close the MLflow parent run of %s (retried later): %s",
+                experiment_id,
+                error,
+            )
+            return
+        log.error(  # no retry can change the answer: said once, then left alone
+            "MLflow refuses to close the parent run %s of %s (deleted?); not trying again: %s",
+            parent,
+            experiment_id,
+            error,
         )
-        return
     crud.mark_parent_closed(session, experiment_id)
     session.commit()
 
@@ -263,6 +263,8 @@ def advance(services: Services, experiment_id: str) -> None:
         experiment = crud.get_experiment(session, experiment_id)
         status = None if experiment is None else ExperimentStatus(experiment.status)
         if experiment is not None and status is not None and status.terminal:
+            # its driver's secrets, if none took them: a cancel while queued ends it here
+            services.executor.release(experiment_id)
             _close_parent_when_reachable(services, session, experiment, status)
     if status is None or status.terminal:
         return

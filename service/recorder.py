@@ -6,7 +6,9 @@ latest metrics, error, resume; the per-epoch history) and its MLflow child run (
 per-epoch metrics, the initial and final masks read from the reported checkpoint on the
 shared storage, and at the end the trial's own figures). So the
 database URL and the MLflow server are needed by the driver alone, never by a Ray worker,
-and only one process writes each trial's state.
+and only one process writes each trial's state. Recording never ends a study: what cannot be
+written (the database stays down, the disk is full) is retried a bounded time, logged and
+skipped, while the trials train on.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import functools
 import logging
 import os
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from ray import tune
 from ray.tune.experiment import Trial as TuneTrial
@@ -35,7 +38,7 @@ from service.analysis import (
     trial_masks_dir,
 )
 from service.core.config import Settings
-from service.db import shared_engine
+from service.db import database_outage, shared_engine
 from service.states import TrialState
 from service.tracking import ChildRuns, without_credentials
 from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, NODE, REMOVAL_LAYERS, RESUMED
@@ -44,6 +47,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def trial_index(trial: TuneTrial) -> int:
@@ -67,14 +73,46 @@ def checkpoint_dir(trial: TuneTrial, result: dict[str, Any]) -> Path | None:
 def error_text(trial: TuneTrial, limit: int = 4000) -> str:
     """The end of the trial's error trace (Tune writes it next to the trial)."""
     path = trial.error_file
-    if path and os.path.exists(path):
+    if not path or not os.path.exists(path):
+        return "the trial failed (Tune recorded no error text)"
+    try:
         return Path(path).read_text(errors="replace")[-limit:]
-    return "the trial failed (Tune recorded no error text)"
+    except OSError as error:  # the trial's end is recorded all the same
+        return f"the trial failed (its error text could not be read: {error})"
+
+
+# How long a database write is retried while the database is unreachable (restarting, locked,
+# the disk full): a pause before each retry. Tune waits for its callbacks, so the trials'
+# reports wait too; the writes that last are given the longest.
+FINAL_PAUSES_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # a trial's start, last epoch and end
+PROGRESS_PAUSES_S = (1.0, 4.0)  # an epoch, a placement, a retry's error: a later one follows
+
+
+def never_raises(callback: Callable[P, None]) -> Callable[P, None]:
+    """A Tune callback that logs what fails instead of raising it: Tune would end the whole
+    study on an error in a callback, and recording must never stop the training."""
+
+    @functools.wraps(callback)
+    def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            callback(*args, **kwargs)
+        except Exception:
+            log.exception("recording failed in %s; the study goes on", callback.__name__)
+
+    return guarded
 
 
 class TrialRecorder(tune.Callback):
     """Writes what the trials of experiment ``experiment_id`` report to the database and
-    (through ``runs``, which never blocks) to MLflow."""
+    (through ``runs``, which never blocks) to MLflow.
+
+    No callback raises: a database write that fails with an outage (see
+    :func:`~service.db.database_outage`) is retried after each of ``final_pauses_s``
+    when it lasts (a trial's start, its last epoch's metrics, its end) and after each of
+    ``progress_pauses_s`` when a later report supersedes it (an epoch, a placement, a retry's
+    error), then logged and skipped; any other failure is logged and skipped at once. The
+    MLflow writes and the kept masks do not depend on the database write before them.
+    """
 
     def __init__(
         self,
@@ -85,6 +123,8 @@ class TrialRecorder(tune.Callback):
     ) -> None:
         self.engine, self.experiment_id, self.runs = engine, experiment_id, runs
         self.mask_root = mask_root  # where finished trials' masks are kept for the analysis
+        self.final_pauses_s: Sequence[float] = FINAL_PAUSES_S
+        self.progress_pauses_s: Sequence[float] = PROGRESS_PAUSES_S
         self._epochs: dict[int, int] = {}  # last epoch each trial reported to this driver
         self._initial_logged: set[int] = set()  # trials whose initial masks this driver logged
 
@@ -94,25 +134,54 @@ class TrialRecorder(tune.Callback):
         return recorder_for, (self.experiment_id,)
 
     def store_run_id(self, index: int, run_id: str) -> None:
-        """Remember trial ``index``'s MLflow run, so a resumed trial continues it."""
-        self._record(index, mlflow_run_id=run_id)
+        """Remember trial ``index``'s MLflow run, so a resumed trial continues it. Called on
+        MLflow's outbox thread, which retries it through a database outage: errors raise."""
+        self._write(index, mlflow_run_id=run_id)
 
-    def _record(self, index: int, **fields: Any) -> None:
+    def _write(self, index: int, **fields: Any) -> None:
+        """Update trial ``index``'s row (an epoch's ``metrics`` go to its history too)."""
         with Session(self.engine) as session:
             crud.update_trial(session, self.experiment_id, index, **fields)
-            if fields.get("metrics") is not None:  # an epoch: also into the trial's history
+            if fields.get("metrics") is not None:
                 crud.record_epoch(session, self.experiment_id, index, fields["metrics"])
             session.commit()
 
-    def on_trial_start(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
-        """Running; a trial that already has epochs behind it resumes (its first epoch
-        report says from which epoch; a Tune retry already shows it here)."""
-        index = trial_index(trial)
+    def _record(self, index: int, pauses: Sequence[float], **fields: Any) -> None:
+        """:meth:`_write`, retried through a database outage after each of ``pauses``."""
+        what = f"{', '.join(fields)} of trial {index}"
+        self._retry(what, pauses, functools.partial(self._write, index, **fields))
+
+    def _retry(self, what: str, pauses: Sequence[float], call: Callable[[], T]) -> T | None:
+        """``call``'s answer; after a database outage, ``call`` again after each of
+        ``pauses``. None (and logged) when it failed for good."""
+        for tries, pause in enumerate([*pauses, None], start=1):
+            try:
+                return call()
+            except Exception as error:
+                if not database_outage(error):
+                    log.exception("recording %s failed; skipping it", what)
+                    return None
+                if pause is None:
+                    log.error(
+                        "recording %s: the database is unreachable (%s); skipping it after "
+                        "%d tries",
+                        what,
+                        error,
+                        tries,
+                    )
+                    return None
+                log.warning("recording %s failed, retrying in %.0f s: %s", what, pause, error)
+                time.sleep(pause)
+        return None  # not reached: the last pause is None
+
+    def _open(self, index: int) -> tuple[str, RunSpec, str | None, int | None] | None:
+        """Mark trial ``index`` running; its label, spec, MLflow run and the epoch it resumes
+        after (None if it has none behind it, or if the trial is not stored)."""
         with Session(self.engine) as session:
             row = crud.get_trial(session, self.experiment_id, index)
             if row is None:
                 log.error("trial %d of %s is not stored", index, self.experiment_id)
-                return
+                return None
             resumed = row.epoch if row.epoch > 0 else None
             label, spec = row.label, RunSpec.model_validate_json(row.spec_json)
             run_id = row.mlflow_run_id
@@ -127,12 +196,25 @@ class TrialRecorder(tune.Callback):
                 fields["started_at"] = datetime.now(UTC)
             if resumed is not None:
                 fields["resumed_from_epoch"] = resumed
-                log.info("trial %d resumes after epoch %d", index, resumed)
             crud.update_trial(session, self.experiment_id, index, **fields)
             session.commit()
-        if self.runs is not None:
-            self.runs.start(index, label, spec, run_id, resumed)
+        if resumed is not None:
+            log.info("trial %d resumes after epoch %d", index, resumed)
+        return label, spec, run_id, resumed
 
+    @never_raises
+    def on_trial_start(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
+        """Running; a trial that already has epochs behind it resumes (its first epoch
+        report says from which epoch; a Tune retry already shows it here). Its MLflow run
+        needs its row: without the database it gets none."""
+        index = trial_index(trial)
+        opened = self._retry(
+            f"the start of trial {index}", self.final_pauses_s, lambda: self._open(index)
+        )
+        if opened is not None and self.runs is not None:
+            self.runs.start(index, *opened)
+
+    @never_raises
     def on_trial_result(
         self, iteration: int, trials: list, trial: TuneTrial, result: dict, **info: Any
     ) -> None:
@@ -146,19 +228,20 @@ class TrialRecorder(tune.Callback):
         index, epoch = trial_index(trial), int(metrics["epoch"])
         last = self._epochs.get(index, 0)
         self._epochs[index] = max(last, epoch)  # a restore may replay several epochs
+        epochs = resolve_training(RunSpec.model_validate(trial.config["trial"]["spec"])).epochs
         fields: dict[str, Any] = {"epoch": epoch, "metrics": metrics}
         resumed = result.get(RESUMED)  # the trial restored a checkpoint (e.g. DDP workers lost)
         if resumed is not None:
             log.info("trial %d resumed after epoch %d", index, resumed)
             fields["resumed_from_epoch"] = resumed
-        self._record(index, **fields)
+        final = epoch == epochs  # the trial's results: worth waiting for
+        self._record(index, self.final_pauses_s if final else self.progress_pauses_s, **fields)
         if self.runs is not None:
             if resumed is not None:
                 self.runs.mark_resumed(index, resumed)
             if epoch > last:  # an epoch repeated after a restore has the same values: log once
                 self.runs.log_epoch(index, metrics)
         directory = checkpoint_dir(trial, result)
-        epochs = resolve_training(RunSpec.model_validate(trial.config["trial"]["spec"])).epochs
         if directory is None or not (directory / MASKS).exists():
             return  # a dense run has no masks
         if index not in self._initial_logged and self.runs is not None:
@@ -166,38 +249,45 @@ class TrialRecorder(tune.Callback):
             # (a multi-worker trial's first may be gone by the time its report arrives)
             self.runs.log_masks(index, directory / INITIAL_MASKS, "initial")
             self._initial_logged.add(index)
-        if epoch == epochs:
+        if final:
             if self.runs is not None:
                 self.runs.log_masks(index, directory / MASKS, "final")
             self._keep_masks(index, directory)
 
     def _placed(self, index: int, node: str, gpus: str) -> None:
         """The hosts and GPUs the trial (re)started on, in its row and as its run's tags."""
-        self._record(index, node=node or None, gpus=gpus or None)
+        self._record(index, self.progress_pauses_s, node=node or None, gpus=gpus or None)
         if self.runs is not None:
             self.runs.mark_placement(index, node, gpus)
 
     def _keep_masks(self, index: int, directory: Path) -> None:
         """Copy a finished trial's initial and final masks (and its first update's per-layer
         removal-set Jaccard index) to the shared storage, where the API's structure analysis
-        reads them (no MLflow round trip)."""
+        reads them (no MLflow round trip). Best effort: a failed copy is a warning."""
         if self.mask_root is None:
             return
         target = trial_masks_dir(self.mask_root, index)
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(directory / INITIAL_MASKS, target / INITIAL)
-        shutil.copyfile(directory / MASKS, target / FINAL)
-        if (directory / REMOVAL_LAYERS).exists():
-            shutil.copyfile(directory / REMOVAL_LAYERS, target / FIRST_REMOVAL)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(directory / INITIAL_MASKS, target / INITIAL)
+            shutil.copyfile(directory / MASKS, target / FINAL)
+            if (directory / REMOVAL_LAYERS).exists():
+                shutil.copyfile(directory / REMOVAL_LAYERS, target / FIRST_REMOVAL)
+        except OSError as error:
+            log.warning("could not keep the masks of trial %d for the analysis: %s", index, error)
 
+    @never_raises
     def on_trial_recover(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
         """Failed, and Tune will retry it from its last checkpoint: keep the error visible."""
-        self._record(trial_index(trial), error=f"retrying after: {error_text(trial, 1000)}")
+        error = f"retrying after: {error_text(trial, 1000)}"
+        self._record(trial_index(trial), self.progress_pauses_s, error=error)
 
+    @never_raises
     def on_trial_error(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
         index = trial_index(trial)
         self._record(
             index,
+            self.final_pauses_s,
             state=TrialState.FAILED,
             error=error_text(trial),
             finished_at=datetime.now(UTC),
@@ -205,13 +295,20 @@ class TrialRecorder(tune.Callback):
         if self.runs is not None:
             self.runs.finish(index, TrialState.FAILED)
 
+    @never_raises
     def on_trial_complete(
         self, iteration: int, trials: list, trial: TuneTrial, **info: Any
     ) -> None:
         index = trial_index(trial)
-        self._record(index, state=TrialState.SUCCEEDED, finished_at=datetime.now(UTC))
+        fields = {"state": TrialState.SUCCEEDED, "finished_at": datetime.now(UTC)}
+        self._record(index, self.final_pauses_s, **fields)
         if self.runs is not None:
-            self.runs.log_figures(index, self._figures(index))
+            figures = self._retry(
+                f"the figures of trial {index}",
+                self.progress_pauses_s,
+                lambda: self._figures(index),
+            )
+            self.runs.log_figures(index, figures or {})
             self.runs.finish(index, TrialState.SUCCEEDED)
 
     def _figures(self, index: int) -> dict[str, Callable[[], Figure]]:

@@ -22,7 +22,8 @@ class MlflowLinks(BaseModel):
     parent_closed_at: datetime | None = Field(
         None,
         description="when the parent run was closed with the study's results, analysis and "
-        "figures (a few seconds after the experiment ends; later if MLflow was down)",
+        "figures (a few seconds after the experiment ends; later if MLflow was down), or when "
+        "MLflow refused to close it for good (a parent run deleted in the MLflow UI)",
     )
 
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from dst.spec import RunSpec, flatten
 from service.analysis import StudyAnalysis
+from service.db import database_outage
+from service.refusal import refused_for_good
 from service.results import format_table
 from service.study import StudySpec, TrialPlan
 
@@ -311,32 +313,50 @@ def _log_figure(name: str, build: Callable[[], Figure], run: TrialRun) -> None:
     run.log_figure(build(), name)
 
 
-def _outage(error: Exception) -> bool:
-    """An error that retrying may cure (an outage): MLflow's own, or a connection's (requests'
-    errors are OSErrors too)."""
+def _refused(error: Exception) -> bool:
+    """MLflow refused the write itself (the request is wrong, or its run or experiment is
+    gone, e.g. deleted in the UI): sending it again would fail the same way."""
     from mlflow.exceptions import MlflowException
 
-    return isinstance(error, MlflowException | OSError)
+    return isinstance(error, MlflowException) and refused_for_good(error)
+
+
+def _outage(error: Exception) -> bool:
+    """An error that retrying may cure (an outage): MLflow's own unless it refused the write
+    (a server error, a rate limit), a connection's (requests' errors are OSErrors too), or the
+    database's while a run id is stored."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return not _refused(error)
+    return database_outage(error)
+
+
+_Item = tuple[str, Callable[[], None], Callable[[], None] | None]  # what, write, when done
 
 
 class Outbox:
     """MLflow writes done in order on a background thread, each retried until MLflow answers.
 
     Whoever records (the job driver) never waits on MLflow: while the tracking server is down
-    the writes queue up, and they arrive in order once it is back. :meth:`close` waits a
-    bounded time for the queue to drain.
+    the writes queue up, and they arrive in order once it is back. A write MLflow refuses
+    (its run was deleted, say) or that fails with a bug is logged and skipped, so it never
+    holds up the writes behind it. :meth:`close` waits a bounded time for the queue to drain.
     """
 
     def __init__(self, retry_s: float = 2.0) -> None:
         self.retry_s = retry_s
-        self._queue: queue.Queue[tuple[str, Callable[[], None]] | None] = queue.Queue()
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._deadline: float | None = None
         self._thread = threading.Thread(target=self._drain, name="mlflow-outbox", daemon=True)
         self._thread.start()
 
-    def put(self, what: str, write: Callable[[], None]) -> None:
-        """Queue ``write`` (described as ``what`` in logs)."""
-        self._queue.put((what, write))
+    def put(
+        self, what: str, write: Callable[[], None], done: Callable[[], None] | None = None
+    ) -> None:
+        """Queue ``write`` (described as ``what`` in logs); ``done`` is called once the write
+        is over, made or skipped (to remove what it needed)."""
+        self._queue.put((what, write, done))
 
     def close(self, timeout: float) -> bool:
         """Stop after the queued writes, waiting at most ``timeout`` s; True if all were done."""
@@ -347,25 +367,38 @@ class Outbox:
 
     def _drain(self) -> None:
         while (item := self._queue.get()) is not None:
-            what, write = item
-            failures = 0
-            while True:
-                try:
-                    write()
-                    break
-                except Exception as error:
-                    if not _outage(error):  # a bug, not an outage: retrying cannot help
-                        log.exception("MLflow: %s failed; skipping it", what)
-                        break
-                    failures += 1
-                    if failures == 1:
-                        log.warning("MLflow: %s failed, retrying until it works: %s", what, error)
-                    if self._deadline is not None and time.monotonic() > self._deadline:
-                        log.error("MLflow: giving up on %s and what follows it", what)
-                        return
-                    time.sleep(self.retry_s)
-            if failures:
-                log.info("MLflow: %s went through after %d failures", what, failures)
+            what, write, done = item
+            try:
+                if not self._attempt(what, write):
+                    log.error("MLflow: giving up on %s and what follows it", what)
+                    return
+            finally:
+                if done is not None:
+                    done()
+
+    def _attempt(self, what: str, write: Callable[[], None]) -> bool:
+        """Make ``write``, retrying it through outages; False when closing's time ran out."""
+        failures = 0
+        while True:
+            try:
+                write()
+                break
+            except Exception as error:
+                if _refused(error):
+                    log.error("MLflow refused %s; skipping it: %s", what, error)
+                    return True
+                if not _outage(error):  # a bug, not an outage: retrying cannot help
+                    log.exception("MLflow: %s failed; skipping it", what)
+                    return True
+                failures += 1
+                if failures == 1:
+                    log.warning("MLflow: %s failed, retrying until it works: %s", what, error)
+                if self._deadline is not None and time.monotonic() > self._deadline:
+                    return False
+                time.sleep(self.retry_s)
+        if failures:
+            log.info("MLflow: %s went through after %d failures", what, failures)
+        return True
 
 
 class ChildRuns:
@@ -390,7 +423,8 @@ class ChildRuns:
         self.outbox = outbox or Outbox()
         self._runs: dict[int, TrialRun] = {}
         self._unfinished: set[int] = set()  # runs made here, not yet described and stored
-        self._epochs: dict[int, list[dict[str, float]]] = {}  # by trial: epochs not yet sent
+        self._epochs: dict[int, list[dict[str, float]]] = {}  # by trial: a send's epochs
+        self._copies: set[Path] = set()  # mask copies waiting for their upload
         self._lock = threading.Lock()
 
     def start(
@@ -419,6 +453,7 @@ class ChildRuns:
             if resumed is not None:
                 run.tag(TAG_RESUMED, str(resumed))
 
+        self._seal(index)  # the trial's next epochs go out after its run is (re)opened
         self.outbox.put(f"opening the run of trial {index}", write)
 
     def client(self) -> MlflowClient:
@@ -443,33 +478,58 @@ class ChildRuns:
 
     def log_epoch(self, index: int, metrics: dict[str, float]) -> None:
         """An epoch's metrics. Epochs that arrive while the outbox is behind go out together,
-        in one request, with the first of them (still before anything queued after them)."""
+        in one request, with the first of them (still before anything queued after them).
+        A send stops taking epochs once it runs or the trial starts again, so a send that is
+        skipped (the trial had no run yet, MLflow refused it) loses only its own epochs."""
         with self._lock:
-            waiting = self._epochs.setdefault(index, [])
-            waiting.append(dict(metrics))
-            if len(waiting) > 1:
+            waiting = self._epochs.get(index)
+            if waiting is not None:
+                waiting.append(dict(metrics))
                 return  # the send queued for the first one takes this one too
-        taken: list[dict[str, float]] = []  # kept across retries: a retry resends the same
+            batch = self._epochs[index] = [dict(metrics)]
 
-        def write(run: TrialRun) -> None:
-            if not taken:
-                with self._lock:
-                    taken.extend(self._epochs.pop(index, []))
-            run.log_epochs(taken)
+        def write() -> None:  # a retry resends the same batch
+            self._seal(index, batch)
+            self._run(index).log_epochs(batch)
 
-        self._put(index, f"epoch {int(metrics['epoch'])}", write)
+        self.outbox.put(f"epoch {int(metrics['epoch'])} of trial {index}", write)
+
+    def _seal(self, index: int, batch: list[dict[str, float]] | None = None) -> None:
+        """Let no later epoch of trial ``index`` join the waiting send (``batch``, if given:
+        only while it is the one waiting)."""
+        with self._lock:
+            if batch is None or self._epochs.get(index) is batch:
+                self._epochs.pop(index, None)
 
     def log_masks(self, index: int, source: Path, name: str) -> None:
-        """Upload a mask file; it is copied now, since checkpoints on storage get rotated."""
-        keep = Path(tempfile.mkdtemp(prefix="dst-masks-"))
-        copy = keep / source.name
-        shutil.copyfile(source, copy)
+        """Upload a mask file; it is copied now, since checkpoints on storage get rotated.
+        Best effort: a copy that fails (the checkpoint is gone, the disk is full) is a
+        warning. The copy is removed once its upload is made or skipped, or at :meth:`close`
+        when the outbox gave up on it."""
+        keep: Path | None = None
+        try:
+            keep = Path(tempfile.mkdtemp(prefix="dst-masks-"))
+            with self._lock:
+                self._copies.add(keep)
+            copy = keep / source.name
+            shutil.copyfile(source, copy)
+        except OSError as error:
+            log.warning("could not copy the %s masks of trial %d: %s", name, index, error)
+            if keep is not None:
+                self._remove(keep)
+            return
+        self._put(
+            index,
+            f"{name} masks",
+            lambda run: run.log_masks_file(copy, name),
+            done=functools.partial(self._remove, keep),
+        )
 
-        def write(run: TrialRun) -> None:
-            run.log_masks_file(copy, name)
-            shutil.rmtree(keep, ignore_errors=True)
-
-        self._put(index, f"{name} masks", write)
+    def _remove(self, copy: Path) -> None:
+        """Remove a mask copy (its upload is over, or given up)."""
+        shutil.rmtree(copy, ignore_errors=True)
+        with self._lock:
+            self._copies.discard(copy)
 
     def log_figures(self, index: int, builders: Mapping[str, Callable[[], Figure]]) -> None:
         """Draw (on the outbox thread, not the caller's) and upload the trial's figures."""
@@ -479,15 +539,28 @@ class ChildRuns:
     def finish(self, index: int, status: str) -> None:
         self._put(index, f"ending ({status})", lambda run: run.finish(status))
 
-    def _put(self, index: int, what: str, write: Callable[[TrialRun], None]) -> None:
-        def call() -> None:
-            run = self._runs.get(index)
-            if run is None:
-                raise RuntimeError(f"trial {index} has no MLflow run")
-            write(run)
+    def _run(self, index: int) -> TrialRun:
+        """Trial ``index``'s run (a write for a trial whose run could not be made is skipped)."""
+        run = self._runs.get(index)
+        if run is None:
+            raise RuntimeError(f"trial {index} has no MLflow run")
+        return run
 
-        self.outbox.put(f"{what} of trial {index}", call)
+    def _put(
+        self,
+        index: int,
+        what: str,
+        write: Callable[[TrialRun], None],
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        self.outbox.put(f"{what} of trial {index}", lambda: write(self._run(index)), done)
 
     def close(self, timeout: float = 60.0) -> bool:
-        """Wait (bounded) until every queued write is done."""
-        return self.outbox.close(timeout)
+        """Wait (bounded) until every queued write is done; remove the mask copies of the
+        uploads that were given up."""
+        finished = self.outbox.close(timeout)
+        with self._lock:
+            left = list(self._copies)
+        for copy in left:
+            self._remove(copy)
+        return finished

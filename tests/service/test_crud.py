@@ -275,3 +275,21 @@ def test_a_live_experiments_notice_is_kept_until_it_ends(engine: Engine) -> None
         session.commit()
     with Session(engine) as session:
         assert crud.get_experiment(session, experiment_id).notice is None  # type: ignore[union-attr]
+
+
+def test_a_status_move_replaces_the_launchs_retry_error(engine: Engine) -> None:
+    """The launch's "retrying" is written only while the experiment is queued, and the move
+    that follows (its job's driver started, or a cancel) leaves no stale error behind."""
+    retrying = "launch failed, retrying: no answer"
+    queued = [ExperimentStatus.QUEUED]
+    with Session(engine) as session:
+        eid = add_experiment(session)
+        assert crud.set_error(session, eid, retrying, only_in=queued)
+        assert crud.set_experiment_status(session, eid, ExperimentStatus.RUNNING)
+        assert not crud.set_error(session, eid, retrying, only_in=queued)  # too late
+        session.commit()
+        assert crud.get_experiment(session, eid).error is None  # type: ignore[union-attr]
+        assert crud.set_experiment_status(session, eid, ExperimentStatus.FAILED, error="x")
+        assert not crud.set_experiment_status(session, eid, ExperimentStatus.CANCELLED)
+        session.commit()
+        assert crud.get_experiment(session, eid).error == "x"  # type: ignore[union-attr]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from service import crud
@@ -67,6 +68,19 @@ def test_trial_configs_are_the_stored_trials_and_carry_no_secret(tmp_path: Path)
     assert "sqlite" not in json.dumps(configs)
 
 
+def stored_experiment(tmp_path: Path) -> Engine:
+    """A database holding one queued experiment, ``e1``, of one trial."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
+    upgrade_database(engine)
+    study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
+    with Session(engine) as session:
+        crud.create_experiment(
+            session, experiment_id="e1", name="s", spec_json="{}", plans=expand(study)
+        )
+        session.commit()
+    return engine
+
+
 @pytest.mark.parametrize(
     ("before", "trains", "after"),
     [
@@ -81,13 +95,8 @@ def test_trial_configs_are_the_stored_trials_and_carry_no_secret(tmp_path: Path)
 def test_a_driver_trains_only_an_experiment_that_is_still_wanted(
     tmp_path: Path, before: ExperimentStatus, trains: bool, after: ExperimentStatus
 ) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
-    upgrade_database(engine)
-    study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
+    engine = stored_experiment(tmp_path)
     with Session(engine) as session:
-        crud.create_experiment(
-            session, experiment_id="e1", name="s", spec_json="{}", plans=expand(study)
-        )
         experiment = crud.get_experiment(session, "e1")
         assert experiment is not None
         experiment.status = before
@@ -407,3 +416,91 @@ def test_the_driver_starts_without_what_its_trials_and_its_outbox_import() -> No
     code = f"import sys, service.driver; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("before", "error_after"),
+    [
+        (ExperimentStatus.QUEUED, None),  # a launch whose answer was lost: now it runs
+        (ExperimentStatus.CANCELLED, "launch failed, retrying: no answer"),  # ended: kept
+    ],
+)
+def test_a_driver_that_starts_clears_the_launchs_retry_error(
+    tmp_path: Path, before: ExperimentStatus, error_after: str | None
+) -> None:
+    engine = stored_experiment(tmp_path)
+    with Session(engine) as session:
+        experiment = crud.get_experiment(session, "e1")
+        assert experiment is not None
+        experiment.status = before
+        experiment.error = "launch failed, retrying: no answer"
+        session.commit()
+        start(session, "e1")
+        experiment = crud.get_experiment(session, "e1")
+        assert experiment is not None and experiment.error == error_after
+
+
+class ClosingRuns:
+    """The recorder's MLflow outbox: what the driver asks of it at its end."""
+
+    def __init__(self) -> None:
+        self.closed: list[float] = []
+
+    def finish(self, index: int, state: str) -> None:
+        raise AssertionError("no trial was running")
+
+    def close(self, timeout: float) -> bool:
+        self.closed.append(timeout)
+        return True
+
+
+def test_the_driver_drains_its_mlflow_writes_when_tune_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Tuner.fit`` raising (Tune's own error) still lets the queued MLflow writes out,
+    within their bound, before the job fails with that error."""
+    import service.driver as driver
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
+    upgrade_database(engine)
+    study = StudySpec.model_validate({"name": "s", "model": "small-mlp", "dataset": "digits"})
+    with Session(engine) as session:
+        crud.create_experiment(
+            session,
+            experiment_id="e1",
+            name="s",
+            spec_json=study.model_dump_json(),
+            plans=expand(study),
+        )
+        session.commit()
+    for name in (SECRETS_FILE_ENV, HEAD_SECRETS_ENV, RAY_JOB_CONFIG_JSON_ENV_VAR):
+        monkeypatch.delenv(name, raising=False)
+    for name in (  # what main sets for itself: left as they were after this test
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+        "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS",
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S",
+    ):
+        monkeypatch.setenv(name, os.environ.get(name, "0"))
+    monkeypatch.setenv("DST_DATABASE_URL", f"sqlite:///{tmp_path / 'svc.db'}")
+    monkeypatch.setenv("DST_STORAGE_PATH", str(tmp_path))
+    runs = ClosingRuns()
+
+    class FailingTuner:
+        def fit(self) -> Any:
+            raise RuntimeError("Tune failed")
+
+    class Context:
+        def get_node_id(self) -> str:
+            return "head"
+
+    monkeypatch.setattr(driver, "recorder_for", lambda experiment_id: type("R", (), {"runs": runs}))
+    monkeypatch.setattr(driver.ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(driver.ray, "get_runtime_context", Context)
+    monkeypatch.setattr(driver, "preflight", lambda *args, **kwargs: None)
+    monkeypatch.setattr(driver, "capacity_watch_for", lambda *args: None)
+    monkeypatch.setattr(driver, "make_tuner", lambda *args: FailingTuner())
+    monkeypatch.setattr(driver.signal, "signal", lambda *args: None)
+    with pytest.raises(RuntimeError, match="Tune failed"):
+        driver.main(["--experiment-id", "e1"])
+    assert runs.closed == [60]

@@ -161,11 +161,6 @@ def test_a_launch_mlflow_or_ray_refuses_fails_the_experiment_with_their_answer(
     assert "tag 'x'" in (error or "")
     assert set(trial_states(services)) == {TrialState.FAILED}
     assert services.executor.released == ["e1"]  # type: ignore[attr-defined]
-    outage = RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "restarting"})
-    bad_env = RuntimeError("Request failed with status code 400: runtime_env is invalid.")
-    ray_down = RuntimeError("Request failed with status code 503: unavailable.")
-    assert lifecycle.refused(bad_env) and not lifecycle.refused(ray_down)
-    assert not lifecycle.refused(outage) and not lifecycle.refused(ConnectionError("down"))
 
 
 def test_a_cancel_during_submit_stops_the_job(services: Services) -> None:
@@ -408,3 +403,174 @@ def test_a_job_ray_does_not_know_fails_the_experiment(services: Services) -> Non
     state, error = status(services)
     assert state == ExperimentStatus.FAILED and "Ray has no job" in (error or "")
     assert set(trial_states(services)) == {TrialState.FAILED}
+
+
+class UnsureJobs:
+    """Ray's Jobs client when a submission's answer is lost and the check right after it
+    times out too: whether Ray took the job (``takes``) nobody can tell at the launch."""
+
+    def __init__(self, takes: bool) -> None:
+        self.takes = takes
+        self.jobs: set[str] = set()
+        self.submitted = False
+
+    def get_job_status(self, job_id: str) -> Any:
+        if self.submitted:  # the head stopped answering with the submission
+            raise ConnectionError("the head does not answer")
+        raise RuntimeError(f"Request failed with status code 404: Job {job_id} not found.")
+
+    def submit_job(self, **job: Any) -> str:
+        self.submitted = True
+        if self.takes:
+            self.jobs.add(job["submission_id"])
+        raise TimeoutError("no answer within 10 s")
+
+
+@pytest.mark.parametrize("ray_took_it", [False, True])
+def test_a_queued_experiment_cancelled_after_an_unsure_launch_leaves_no_secrets_file(
+    tmp_path: Path, ray_took_it: bool
+) -> None:
+    """The launch keeps the driver's secrets file when Ray could not say whether it took the
+    job; a cancel while queued ends the experiment at once, and no driver (if there is a
+    job, it never started) takes the file: the end removes it."""
+    from service.core.config import Settings
+    from service.execution import RayExecutor, driver_env
+
+    settings = Settings(
+        database_url="postgresql+psycopg://dst:s3cret@db/dst",
+        mlflow_tracking_uri="http://ml",
+        storage_path=tmp_path,
+    )
+    executor = RayExecutor("http://ray:8265", env=driver_env(settings))
+    executor._client = UnsureJobs(takes=ray_took_it)  # type: ignore[assignment]
+    engine = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
+    upgrade_database(engine)
+    services = Services(engine=engine, executor=executor, tracker=FakeMlflow())
+    add(services)
+    secrets = tmp_path / "secrets" / "e1.json"
+    lifecycle.advance(services, "e1")
+    assert status(services)[0] == ExperimentStatus.QUEUED and secrets.exists()
+    assert lifecycle.cancel(services, "e1")
+    lifecycle.advance(services, "e1")  # what the cancel asks the dispatcher for
+    assert status(services)[0] == ExperimentStatus.CANCELLED
+    assert not secrets.exists()
+
+
+def test_an_experiment_cancelled_while_queued_releases_its_driver_secrets(
+    services: Services,
+) -> None:
+    add(services)
+    lifecycle.cancel(services, "e1")
+    lifecycle.advance(services, "e1")
+    assert status(services)[0] == ExperimentStatus.CANCELLED
+    assert services.executor.released == ["e1"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("job_end", [JobStatus.FAILED, JobStatus.STOPPED])
+def test_a_job_whose_driver_never_started_releases_its_secrets_at_the_end(
+    services: Services, job_end: JobStatus
+) -> None:
+    add(services)
+    lifecycle.reconcile(services)  # submitted; the driver never marks it running
+    services.executor.jobs["e1"] = job_end  # type: ignore[attr-defined]
+    lifecycle.reconcile(services)
+    assert ExperimentStatus(status(services)[0]).terminal
+    assert services.executor.released == ["e1"]  # type: ignore[attr-defined]
+
+
+def test_a_launch_error_does_not_outlive_the_drivers_start(services: Services) -> None:
+    """Ray took the job but its answer was lost: the launch says it retries; then the job's
+    driver starts and the study succeeds, with no error left from the launch."""
+
+    def took_it_but_no_answer(experiment_id: str) -> None:
+        services.executor.jobs[experiment_id] = JobStatus.RUNNING  # type: ignore[attr-defined]
+        raise TimeoutError("no answer within 10 s")
+
+    services.executor.on_submit = took_it_but_no_answer  # type: ignore[attr-defined]
+    add(services)
+    lifecycle.advance(services, "e1")
+    assert status(services) == (
+        ExperimentStatus.QUEUED,
+        "launch failed, retrying: no answer within 10 s",
+    )
+    with Session(services.engine) as session:  # the driver starts (service.driver.start)
+        crud.set_experiment_status(session, "e1", ExperimentStatus.RUNNING)
+        session.commit()
+    assert status(services) == (ExperimentStatus.RUNNING, None)
+    set_trials(services, TrialState.SUCCEEDED, TrialState.SUCCEEDED)
+    services.executor.jobs["e1"] = JobStatus.SUCCEEDED  # type: ignore[attr-defined]
+    lifecycle.advance(services, "e1")
+    assert status(services) == (ExperimentStatus.SUCCEEDED, None)
+
+
+def test_a_launch_error_is_not_written_over_a_driver_that_started_meanwhile(
+    services: Services,
+) -> None:
+    """The driver marks the experiment running while the submission's answer is lost: the
+    launch's "retrying" does not stick to a running experiment."""
+
+    def driver_starts_then_no_answer(experiment_id: str) -> None:
+        services.executor.jobs[experiment_id] = JobStatus.RUNNING  # type: ignore[attr-defined]
+        with Session(services.engine) as session:
+            crud.set_experiment_status(session, experiment_id, ExperimentStatus.RUNNING)
+            session.commit()
+        raise TimeoutError("no answer within 10 s")
+
+    services.executor.on_submit = driver_starts_then_no_answer  # type: ignore[attr-defined]
+    add(services)
+    lifecycle.advance(services, "e1")
+    assert status(services) == (ExperimentStatus.RUNNING, None)
+
+
+def rest_error(code: str) -> Exception:
+    from mlflow.exceptions import RestException
+
+    return RestException({"error_code": code, "message": f"{code} (as MLflow answers)"})
+
+
+@pytest.mark.parametrize("code", ["RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"])
+def test_a_parent_run_mlflow_refuses_to_close_is_not_tried_again(
+    services: Services, code: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The user deleted the parent run: MLflow answers 404 (or 400 for a run in the trash)
+    every time; the service says so once and stops trying."""
+    tries: list[str] = []
+
+    def refuse(parent: str, *args: Any, **kwargs: Any) -> None:
+        tries.append(parent)
+        raise rest_error(code)
+
+    services.tracker.finish_parent = refuse  # type: ignore[method-assign]
+    add(services)
+    lifecycle.reconcile(services)
+    set_trials(services, TrialState.SUCCEEDED, TrialState.SUCCEEDED)
+    services.executor.jobs["e1"] = JobStatus.SUCCEEDED  # type: ignore[attr-defined]
+    with caplog.at_level("WARNING", logger="service.lifecycle"):
+        for _ in range(3):
+            lifecycle.reconcile(services)
+    assert status(services) == (ExperimentStatus.SUCCEEDED, None)
+    assert tries == ["parent-e1"]
+    with Session(services.engine) as session:
+        assert crud.unclosed_parents(session) == [] and lifecycle.to_advance(session) == []
+    said = [r for r in caplog.records if "parent run" in r.getMessage()]
+    assert [r.levelname for r in said] == ["ERROR"] and code in said[0].getMessage()
+
+
+def test_a_parent_run_mlflow_cannot_close_for_now_is_tried_again(services: Services) -> None:
+    """MLflow answers but is unavailable for the moment (503): the next passes retry."""
+    tries: list[str] = []
+
+    def unavailable(parent: str, *args: Any, **kwargs: Any) -> None:
+        tries.append(parent)
+        raise rest_error("TEMPORARILY_UNAVAILABLE")
+
+    services.tracker.finish_parent = unavailable  # type: ignore[method-assign]
+    add(services)
+    lifecycle.reconcile(services)
+    set_trials(services, TrialState.SUCCEEDED, TrialState.SUCCEEDED)
+    services.executor.jobs["e1"] = JobStatus.SUCCEEDED  # type: ignore[attr-defined]
+    for _ in range(3):
+        lifecycle.reconcile(services)
+    assert tries == ["parent-e1"] * 3
+    with Session(services.engine) as session:
+        assert crud.unclosed_parents(session) == ["e1"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import pickle
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from sqlalchemy import exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -311,3 +313,144 @@ def test_a_finished_trial_keeps_its_masks_for_the_analysis(engine: Engine, tmp_p
     kept = {p.name for p in (store / "0").iterdir()}
     assert kept == {INITIAL, FINAL, FIRST_REMOVAL}
     assert load_masks(store / "0" / FINAL)["fc1.weight"].all()
+
+
+def database_error(statement: str = "UPDATE trials") -> exc.OperationalError:
+    """What SQLAlchemy raises while the database restarts or stays locked."""
+    return exc.OperationalError(statement, {}, sqlite3.OperationalError("database is locked"))
+
+
+def fail_updates(monkeypatch: pytest.MonkeyPatch, error: Exception, times: int) -> list[dict]:
+    """Make the recorder's row updates fail ``times`` times with ``error``, then work; returns
+    the fields of every attempt."""
+    real, attempts = crud.update_trial, []
+
+    def update(session: Session, experiment_id: str, index: int, **fields: Any) -> bool:
+        attempts.append(fields)
+        if len(attempts) <= times:
+            raise error
+        return real(session, experiment_id, index, **fields)
+
+    monkeypatch.setattr(crud, "update_trial", update)
+    return attempts
+
+
+def impatient(recorder: TrialRecorder, final: int, progress: int) -> TrialRecorder:
+    """Retry a trial's lasting writes ``final`` times and its progress ``progress`` times,
+    without pausing."""
+    recorder.final_pauses_s = (0.0,) * final
+    recorder.progress_pauses_s = (0.0,) * progress
+    return recorder
+
+
+def test_a_database_blip_is_retried_and_the_final_state_lands(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = impatient(TrialRecorder(engine, EXPERIMENT, None), final=3, progress=1)
+    attempts = fail_updates(monkeypatch, database_error(), times=2)
+    recorder.on_trial_complete(0, [], tune_trial(tmp_path))  # type: ignore[arg-type]
+    assert len(attempts) == 3 and row(engine).state == TrialState.SUCCEEDED
+
+
+def test_an_epoch_gives_up_sooner_than_a_final_state(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later report supersedes an epoch's row: it is retried less than a trial's end."""
+    recorder = impatient(TrialRecorder(engine, EXPERIMENT, None), final=3, progress=1)
+    attempts = fail_updates(monkeypatch, database_error(), times=100)
+    trial = tune_trial(tmp_path)
+    recorder.on_trial_result(0, [], trial, result(1, "none"))  # type: ignore[arg-type]
+    assert len(attempts) == 2  # the first try and one retry
+    recorder.on_trial_error(0, [], trial)  # type: ignore[arg-type]
+    assert len(attempts) == 2 + 4
+    assert row(engine).state == TrialState.PENDING  # skipped, and said so in the log
+
+
+def test_a_write_that_cannot_work_is_skipped_at_once(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = impatient(TrialRecorder(engine, EXPERIMENT, None), final=3, progress=1)
+    attempts = fail_updates(monkeypatch, ValueError("not a database outage"), times=100)
+    recorder.on_trial_complete(0, [], tune_trial(tmp_path))  # type: ignore[arg-type]
+    assert len(attempts) == 1
+
+
+def test_no_tune_callback_raises_while_the_database_is_gone(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tune fails the whole study when a callback raises: the recorder logs and goes on, and
+    MLflow still gets the trial's epochs, masks and end."""
+    trial = tune_trial(tmp_path)
+    checkpoint(tmp_path, "checkpoint_000001")
+    runs = FakeRuns()
+    store = tmp_path / "masks-store"
+    gone = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")  # no tables: every query fails
+    recorder = impatient(TrialRecorder(gone, EXPERIMENT, runs, store), final=1, progress=1)  # type: ignore[arg-type]
+    recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
+    recorder.on_trial_result(0, [], trial, {NODE: "a", GPUS: ""})  # type: ignore[arg-type]
+    recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
+    recorder.on_trial_recover(0, [], trial)  # type: ignore[arg-type]
+    recorder.on_trial_error(0, [], trial)  # type: ignore[arg-type]
+    recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    assert runs.calls == [  # no start: the trial's row (its spec, its run) could not be read
+        ("placement", 0, "a", ""),
+        ("epoch", 0, 2),
+        ("masks", 0, "initial", INITIAL_MASKS),
+        ("masks", 0, "final", MASKS),
+        ("finish", 0, "failed"),
+        ("finish", 0, "succeeded"),  # no figures: the history could not be read
+    ]
+    assert {p.name for p in (store / "0").iterdir()} == {INITIAL, FINAL, FIRST_REMOVAL}
+    assert "the database is unreachable" in caplog.text
+
+
+def test_no_tune_callback_raises_whatever_fails(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk for the kept masks, an MLflow writer that raises: logged, never raised."""
+
+    class BrokenRuns(FakeRuns):
+        def __getattribute__(self, name: str) -> Any:
+            if name in {"start", "log_epoch", "log_masks", "finish", "mark_placement"}:
+                raise RuntimeError(f"{name} broke")
+            return super().__getattribute__(name)
+
+    trial = tune_trial(tmp_path)
+    checkpoint(tmp_path, "checkpoint_000001")
+    not_a_dir = tmp_path / "full-disk"
+    not_a_dir.write_text("")  # the masks cannot be kept under it
+    recorder = TrialRecorder(engine, EXPERIMENT, BrokenRuns(), not_a_dir)  # type: ignore[arg-type]
+    recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
+    recorder.on_trial_result(0, [], trial, {NODE: "a", GPUS: ""})  # type: ignore[arg-type]
+    recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
+    recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    assert row(engine).state == TrialState.SUCCEEDED and row(engine).epoch == 2
+    assert "start broke" in caplog.text
+
+
+def test_keeping_masks_is_best_effort(
+    engine: Engine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The copy for the analysis fails (a full disk): the epoch and the MLflow masks still
+    count, with a warning."""
+    runs = FakeRuns()
+    not_a_dir = tmp_path / "full-disk"
+    not_a_dir.write_text("")
+    recorder = TrialRecorder(engine, EXPERIMENT, runs, not_a_dir)  # type: ignore[arg-type]
+    checkpoint(tmp_path, "checkpoint_000001")
+    recorder.on_trial_result(0, [], tune_trial(tmp_path), result(2, "checkpoint_000001"))  # type: ignore[arg-type]
+    assert row(engine).epoch == 2 and ("masks", 0, "final", MASKS) in runs.calls
+    assert "could not keep the masks of trial 0" in caplog.text
+
+
+def test_storing_a_run_id_raises_for_the_outbox_to_retry(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run id is stored from MLflow's outbox, which retries it as long as it retries
+    MLflow: the recorder does not swallow the error."""
+    recorder = TrialRecorder(engine, EXPERIMENT, None)
+    fail_updates(monkeypatch, database_error(), times=1)
+    with pytest.raises(exc.OperationalError):
+        recorder.store_run_id(0, "run-0")
+    recorder.store_run_id(0, "run-0")
+    assert row(engine).mlflow_run_id == "run-0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -9,7 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
 from mlflow.tracking import MlflowClient
+from sqlalchemy import exc
 
 from dst.masks import load_masks, save_masks
 from dst.spec import RunSpec
@@ -196,6 +201,7 @@ class FlakyMlflow:
         self.files: dict[str, set[str]] = {}
         self.status: dict[str, str] = {}
         self.tags: dict[str, dict[str, str]] = {}
+        self.steps: dict[str, list[int]] = {}  # by run: the epochs of its metrics, as sent
 
     def _maybe_fail(self, call: str) -> None:
         if call in self.failing:
@@ -214,6 +220,7 @@ class FlakyMlflow:
     def log_batch(self, run_id: str, params: Any = (), metrics: Any = ()) -> None:
         self._maybe_fail("log_batch")
         self.params.setdefault(run_id, {}).update({p.key: p.value for p in params})
+        self.steps.setdefault(run_id, []).extend(sorted({m.step for m in metrics}))
 
     def log_dict(self, run_id: str, data: Any, path: str) -> None:
         self._maybe_fail("log_dict")
@@ -226,8 +233,18 @@ class FlakyMlflow:
         self._maybe_fail("set_tag")
         self.tags[run_id][key] = value
 
+    def log_artifact(self, run_id: str, path: str, artifact_path: str) -> None:
+        self._maybe_fail("log_artifact")
+        assert Path(path).exists()
+        self.files.setdefault(run_id, set()).add(f"{artifact_path}/{Path(path).name}")
 
-@pytest.mark.parametrize("failing", ["log_batch", "log_dict", "on_run", "set_tag"])
+    def set_terminated(self, run_id: str, status: str) -> None:
+        self.status[run_id] = status
+
+
+@pytest.mark.parametrize(
+    "failing", ["log_batch", "log_dict", "on_run", "on_run_database", "set_tag"]
+)
 def test_a_trial_run_half_made_is_completed_by_the_retry_not_made_twice(failing: str) -> None:
     """MLflow (or the database) fails after the trial's child run was created: the retry
     goes on with that run, gives it its params and spec, and stores its id once."""
@@ -235,8 +252,10 @@ def test_a_trial_run_half_made_is_completed_by_the_retry_not_made_twice(failing:
     stored: list[tuple[int, str]] = []
 
     def on_run(index: int, run_id: str) -> None:
-        if failing == "on_run" and not stored:
+        if failing.startswith("on_run") and not stored:
             stored.append((-1, ""))  # the first try fails after being called
+            if failing == "on_run_database":  # SQLAlchemy's errors are no OSErrors
+                raise exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
             raise ConnectionError("the database went away")
         stored.append((index, run_id))
 
@@ -273,3 +292,144 @@ def test_child_runs_a_killed_driver_left_running_end_with_their_trials_state(
     assert {tracker.client.get_run(r).info.status for r in more} == {"KILLED"}
     statuses = {r: tracker.client.get_run(r).info.status for r in (done, failed, unknown, other)}
     assert statuses == {done: "FINISHED", failed: "FAILED", unknown: "KILLED", other: "RUNNING"}
+
+
+def mlflow_error(code: str) -> MlflowException:
+    """What the MLflow client raises when the server answers with error ``code``."""
+    return MlflowException(f"answered {code}", getattr(databricks_pb2, code))
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "INVALID_PARAMETER_VALUE",  # 400: e.g. the run was deleted (it "must be 'active'")
+        "RESOURCE_DOES_NOT_EXIST",  # 404: the run or experiment is gone
+    ],
+)
+def test_a_refused_write_is_skipped_and_later_writes_go_on(
+    code: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    attempts: list[str] = []
+
+    def refused() -> None:
+        attempts.append(code)
+        raise mlflow_error(code)
+
+    done: list[str] = []
+    outbox = Outbox(retry_s=0.01)
+    outbox.put("epoch 3 of trial 0", refused)
+    outbox.put("epoch 1 of trial 1", lambda: done.append("after"))
+    assert outbox.close(timeout=5)
+    assert attempts == [code] and done == ["after"]
+    assert "MLflow refused epoch 3 of trial 0" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "code", ["TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR", "REQUEST_LIMIT_EXCEEDED"]
+)
+def test_a_server_error_or_a_rate_limit_is_retried(code: str) -> None:
+    attempts: list[str] = []
+
+    def flaky() -> None:
+        attempts.append(code)
+        if len(attempts) < 3:
+            raise mlflow_error(code)
+
+    outbox = Outbox(retry_s=0.01)
+    outbox.put("flaky", flaky)
+    assert outbox.close(timeout=5) and len(attempts) == 3
+
+
+def test_epochs_go_on_after_a_write_of_their_trial_was_skipped() -> None:
+    """The trial's run could not be made at first (an answer the client did not expect): its
+    epoch is skipped, and once Tune's retry of the trial makes the run, every later epoch is
+    logged."""
+
+    class Unexpected(FlakyMlflow):
+        def create_run(self, *args: Any, **kwargs: Any) -> Any:
+            if not hasattr(self, "answered"):
+                self.answered = True
+                raise TypeError("an unexpected answer")
+            return super().create_run(*args, **kwargs)
+
+    fake = Unexpected()
+    runs = ChildRuns("http://127.0.0.1:9", "parent", "exp-1", lambda i, r: None, Outbox(0.01))
+    runs._client = fake  # type: ignore[assignment]
+    spec = RunSpec.model_validate({"model": "small-mlp", "dataset": "digits"})
+    runs.start(0, "trial 0", spec, None, None)  # skipped
+    runs.log_epoch(0, {"epoch": 1, "test_acc": 0.1})  # skipped: the trial has no run
+    runs.start(0, "trial 0", spec, None, 1)  # the trial's retry
+    for epoch in (2, 3, 4):
+        runs.log_epoch(0, {"epoch": epoch, "test_acc": 0.1 * epoch})
+    runs.finish(0, "succeeded")
+    assert runs.close(timeout=10)
+    assert fake.created == ["run0"] and fake.status["run0"] == "FINISHED"
+    assert [s for s in fake.steps["run0"] if s] == [2, 3, 4]  # (step 0: the params' batch)
+
+
+def copies(folder: Path) -> list[Path]:
+    return sorted(folder.glob("dst-masks-*"))
+
+
+@pytest.fixture
+def temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own temporary folder (where mask copies wait for MLflow)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def with_run(fake: FlakyMlflow) -> ChildRuns:
+    runs = ChildRuns("http://127.0.0.1:9", "parent", "exp-1", lambda i, r: None, Outbox(0.01))
+    runs._client = fake  # type: ignore[assignment]
+    runs._runs[0] = TrialRun(fake, "run0")  # type: ignore[arg-type]
+    return runs
+
+
+def test_mask_copies_are_removed_once_sent_or_skipped(tmp_path: Path, temp_dir: Path) -> None:
+    class Refusing(FlakyMlflow):
+        def log_artifact(self, run_id: str, path: str, artifact_path: str) -> None:
+            if Path(path).name == "refused.npz":
+                raise mlflow_error("INVALID_PARAMETER_VALUE")
+            super().log_artifact(run_id, path, artifact_path)
+
+    fake = Refusing("log_artifact")  # the first upload meets an outage and is retried
+    runs = with_run(fake)
+    source = tmp_path / "masks.npz"
+    source.write_bytes(b"packed bits")
+    gate = threading.Event()
+    runs.outbox.put("a slow write", lambda: gate.wait(10) and None)
+    runs.log_masks(0, source, "final")
+    runs.log_masks(0, source, "refused")
+    assert len(copies(temp_dir)) == 2  # copied at once: the checkpoint may be rotated
+    gate.set()
+    assert runs.close(timeout=10)
+    assert fake.files["run0"] == {"masks/final.npz"}
+    assert copies(temp_dir) == []
+
+
+def test_mask_copies_are_removed_when_closing_gives_up(tmp_path: Path, temp_dir: Path) -> None:
+    class Down(FlakyMlflow):
+        def log_artifact(self, run_id: str, path: str, artifact_path: str) -> None:
+            raise ConnectionError("MLflow is down")
+
+    runs = with_run(Down())
+    source = tmp_path / "masks.npz"
+    source.write_bytes(b"packed bits")
+    for name in ("initial", "final", "other"):
+        runs.log_masks(0, source, name)
+    assert not runs.close(timeout=0.2)
+    assert copies(temp_dir) == []
+
+
+def test_a_mask_copy_that_fails_is_a_warning(
+    tmp_path: Path, temp_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FlakyMlflow()
+    runs = with_run(fake)
+    with caplog.at_level(logging.WARNING):
+        runs.log_masks(0, tmp_path / "rotated-away.npz", "final")  # the checkpoint is gone
+    assert runs.close(timeout=5)
+    assert "run0" not in fake.files and copies(temp_dir) == []
+    assert "could not copy the final masks of trial 0" in caplog.text
