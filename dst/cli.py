@@ -90,8 +90,12 @@ def run(
 
     spec = load_run_spec(spec_path, set_ or [])
     out = out or Path("runs") / (spec.name or f"{spec.model}-{spec.dataset}-{spec.sparsity.mode}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        (out / "spec.yaml").write_text(resolved)
+    except OSError as error:
+        raise fail(f"cannot write to --out {out}: {error.strerror or error}") from None
     try:
         trainer = Trainer(spec)
     except (RuntimeError, ValueError) as error:

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
 import os
 import secrets
 import signal
@@ -14,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
@@ -43,9 +45,9 @@ Token = Annotated[str | None, typer.Option("--token", envvar="DST_API_TOKEN", he
 
 
 def _client(api: str, token: str | None) -> ApiClient:
-    from service.core.config import Settings
+    from service.core.config import storage_path_from_env
 
-    return ApiClient(api, token or default_token(Settings().storage_path))
+    return ApiClient(api, token or default_token(storage_path_from_env()))
 
 
 DUPLICATE_SIGNAL_S = 1.0  # a second signal this soon is the first one delivered again
@@ -77,6 +79,10 @@ class _Stopper:
             raise SystemExit(128 + signum)
         self.local.kill()
         os._exit(128 + signum)
+
+
+class StartError(RuntimeError):
+    """The local services a command needs did not start (the message says why)."""
 
 
 @contextmanager
@@ -134,7 +140,12 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
         timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="dst-api", daemon=True)
+
+    def serve() -> None:  # a failure to start is said below, once, not as a traceback
+        with suppress(OSError, SystemExit):
+            server.run()
+
+    thread = threading.Thread(target=serve, name="dst-api", daemon=True)
     try:
         thread.start()
         for name, start in starters:
@@ -143,9 +154,15 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
         client = ApiClient(url, None)
         deadline = time.monotonic() + 60
         loaded = (lambda: deferred.app is not None) if wait_for_app else (lambda: True)
-        while not (client.healthy() and loaded()):
+        # started: this server listens (another one on the port would answer /healthz too)
+        while not (server.started and client.healthy() and loaded()):
+            if not server.started and not thread.is_alive():  # uvicorn has logged why
+                raise StartError(
+                    f"the API cannot listen on {settings.host}:{settings.port}: is the port "
+                    f"in use? Choose another with --port (or DST_PORT)"
+                )
             if time.monotonic() > deadline or not thread.is_alive() or deferred.error:
-                raise RuntimeError(f"the API did not start on {url}: {deferred.error}")
+                raise StartError(f"the API did not start on {url}: {deferred.error}")
             time.sleep(0.05)
         yield url
     finally:
@@ -177,7 +194,7 @@ def wait_ready(url: str, timeout: float = 300) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    raise RuntimeError(f"Ray and MLflow were not ready within {timeout:.0f} s")
+    raise StartError(f"Ray and MLflow were not ready within {timeout:.0f} s")
 
 
 @app.command()
@@ -186,24 +203,49 @@ def serve(
     port: Annotated[int | None, typer.Option(help="port (default: settings)")] = None,
 ) -> None:
     """Run the REST API; start a local Ray and MLflow server if none is configured."""
-    from service.core.config import Settings
-
-    settings = Settings()
+    settings = _settings()
     updates: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v}
     settings = settings.model_copy(update=updates)
     settings.storage_path.mkdir(parents=True, exist_ok=True)
+    try:
+        with running_api(settings, wait_for_app=False) as url:
+            _serving(settings, url)
+    except StartError as error:
+        raise fail(str(error)) from None
+
+
+def _serving(settings: Settings, url: str) -> None:
+    """Say where the API listens and how to reach it, then wait for Ctrl-C."""
     if os.environ.get("DST_API_TOKEN"):  # configured: it stays where the operator keeps it
         where = "$DST_API_TOKEN"
-    else:  # generated: kept in the storage path for the local CLI
+    else:  # generated, once this API listens: kept in the storage path for the local CLI
         where = str(write_token(settings.storage_path, settings.api_token.get_secret_value()))
-    with running_api(settings, wait_for_app=False) as url:
-        typer.echo(f"DST Lab API on {url} (docs: {url}/docs); token in {where}")
-        typer.echo(f"Ctrl-C to stop; {url}/readyz says when Ray and MLflow are up")
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            typer.echo("stopping")
+    typer.echo(f"DST Lab API on {url} (docs: {url}/docs); token in {where}")
+    typer.echo(f"Ctrl-C to stop; {url}/readyz says when Ray and MLflow are up")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+
+
+def _settings(**values: Any) -> Settings:
+    """The service settings (``DST_*`` and ``values``); a bad one exits with a line naming
+    the variable."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from service.core.config import Settings
+
+    try:
+        return Settings(**values)
+    except ValidationError as error:
+        problems = [
+            f"DST_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in error.errors()
+        ]
+        raise fail("invalid settings: " + "; ".join(problems)) from None
+    except SettingsError as error:
+        raise fail(f"invalid settings: {error}") from None
 
 
 def wait_for(client: ApiClient, experiment_id: str, poll: float = 1.0) -> dict[str, Any]:
@@ -369,8 +411,10 @@ def logs(
     api: ApiUrl = DEFAULT_URL,
     token: Token = None,
 ) -> None:
-    """The end of an experiment's job driver log on Ray (why a study failed, which trials
-    wait for resources); with --follow, on to the experiment's end."""
+    """The end of an experiment's job driver log on Ray; with --follow, on to its end.
+
+    The log says why a study failed and which trials wait for resources.
+    """
     client = _client(api, token)
     try:
         if not follow:
@@ -439,9 +483,9 @@ def _study(spec_path: Path | None, preset: str | None, overrides: list[str]) -> 
     try:
         parsed = _parse_overrides(overrides)
         if preset is not None:
-            return override_study(preset_study(preset), parsed)
+            return json_ready(override_study(preset_study(preset), parsed))
         assert spec_path is not None  # one of the two, as checked above
-        return override_study(read_study(spec_path), parsed)
+        return json_ready(override_study(read_study(spec_path), parsed))
     except ValueError as error:
         raise fail(str(error)) from None
 
@@ -466,6 +510,23 @@ def read_study(path: Path) -> dict[str, Any]:
             f"(name, model, dataset, grid, ...), got {found}"
         )
     return data
+
+
+def json_ready(value: Any, path: str = "") -> Any:
+    """``value`` (YAML data) as JSON can carry it to the API: a date or time (YAML reads an
+    unquoted ``2024-05-01`` as a date) becomes its ISO text; a number that is not finite, or a
+    value JSON has no form for (a YAML set, binary), is a ``ValueError`` naming the field."""
+    if isinstance(value, dict):
+        return {k: json_ready(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path or 'spec'}: {value} is not a finite number")
+    if value is not None and not isinstance(value, str | int | float):
+        raise ValueError(f"{path or 'spec'}: a {type(value).__name__} is not a spec value")
+    return value
 
 
 def yaml_problem(error: Exception) -> str:
@@ -518,6 +579,8 @@ def report(
         path = write_report(_client(api, token), experiment_id, out, progress=True)
     except ApiError as error:
         raise fail(str(error)) from None
+    except OSError as error:
+        raise fail(f"cannot write the report into --out {out}: {error.strerror or error}") from None
     typer.echo(f"report: {path}")
 
 
@@ -530,18 +593,13 @@ def demo(
     ] = False,
 ) -> None:
     """Start everything locally, run a real small study on digits over REST, show results."""
-    from service.core.config import Settings
     from service.local import free_port
 
-    try:  # a spec that is no study fails before anything starts
-        study = read_study(spec_path)
-    except ValueError as error:
-        raise fail(str(error)) from None
-    base = Settings()
-    storage = base.storage_path / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    study = _checked_study(spec_path)  # a spec that is no study fails before anything starts
+    storage = _settings().storage_path / "demo" / time.strftime("%Y%m%d-%H%M%S")
     storage.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)
-    settings = Settings(
+    settings = _settings(
         storage_path=storage,
         database_url=f"sqlite:///{storage / 'dstlab.db'}",
         api_token=token,
@@ -549,33 +607,60 @@ def demo(
         reconcile_interval_s=1,
     )
     typer.echo(f"starting local Ray, MLflow and the API (state in {storage}) ...")
-    with running_api(settings) as url:
-        wait_ready(url)
-        client = ApiClient(url, token)
-        created = client.submit(study, idempotency_key="demo")
-        typer.echo(f"submitted experiment {created['id']} ({created['n_trials']} trials) to {url}")
-        final = wait_for(client, created["id"])
-        typer.echo(f"status: {final['status']}")
-        typer.echo(results_table(client.results(created["id"])))
-        from service.report import write_report
-
-        # the report is written while the API closes the MLflow parent run in the background
-        path = write_report(client, created["id"], storage / "report")
-        typer.echo(f"report: {path}")
-        mlflow = final.get("mlflow") or {}
-        if not wait_parent_closed(client, created["id"]):
-            typer.echo("the MLflow parent run is not closed yet (MLflow did not answer)")
-        typer.echo(f"MLflow UI: {mlflow.get('experiment_url') or mlflow.get('tracking_uri')}")
-        if keep_open:
-            typer.echo("services stay up; Ctrl-C to stop")
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+    try:
+        with running_api(settings) as url:
+            typer.echo(f"API on {url} (docs: {url}/docs)")
+            wait_ready(url)
+            final = _demo_study(ApiClient(url, token), study, storage / "report")
+            if keep_open:
+                typer.echo("services stay up; Ctrl-C to stop")
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+    except (StartError, ApiError) as error:
+        raise fail(str(error)) from None
     typer.echo(
         "stopped. Browse the runs again with: "
         f"uv run mlflow ui --backend-store-uri sqlite:///{storage / 'mlflow' / 'mlflow.db'}"
     )
     if final["status"] != ExperimentStatus.SUCCEEDED:
         raise typer.Exit(code=1)
+
+
+def _checked_study(spec_path: Path) -> dict[str, Any]:
+    """The study of ``spec_path``, validated here as the API would validate it (the API may
+    also refuse it for its limits); a bad one exits with the fields named."""
+    from pydantic import ValidationError
+
+    from dst.cli import format_validation_error
+    from service.study import StudySpec
+
+    try:
+        study = json_ready(read_study(spec_path))
+        StudySpec.model_validate(study)
+    except ValidationError as error:
+        raise fail(f"{spec_path}: {format_validation_error(error)}") from None
+    except ValueError as error:
+        raise fail(str(error)) from None
+    return study
+
+
+def _demo_study(client: ApiClient, study: dict[str, Any], report_dir: Path) -> dict[str, Any]:
+    """Submit ``study``, show its progress, results, report and MLflow address; return its
+    final state."""
+    from service.report import write_report
+
+    created = client.submit(study, idempotency_key="demo")
+    typer.echo(f"submitted experiment {created['id']} ({created['n_trials']} trials)")
+    final = wait_for(client, created["id"])
+    typer.echo(f"status: {final['status']}")
+    typer.echo(results_table(client.results(created["id"])))
+    # the report is written while the API closes the MLflow parent run in the background
+    typer.echo(f"report: {write_report(client, created['id'], report_dir)}")
+    mlflow = final.get("mlflow") or {}
+    if not wait_parent_closed(client, created["id"]):
+        typer.echo("the MLflow parent run is not closed yet (MLflow did not answer)")
+    typer.echo(f"MLflow UI: {mlflow.get('experiment_url') or mlflow.get('tracking_uri')}")
+    return final

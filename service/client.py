@@ -65,6 +65,12 @@ def format_detail(detail: Any) -> str:
     return str(detail)
 
 
+NO_TOKEN = (
+    "no token was sent: pass --token or set DST_API_TOKEN; a local `dst serve` keeps its token "
+    "in the api-token file of its storage path (DST_STORAGE_PATH, ~/.dst-lab)"
+)
+
+
 class ApiClient:
     """Typed-enough wrapper over httpx for the experiment endpoints."""
 
@@ -74,6 +80,7 @@ class ApiClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self._errors = httpx.HTTPError
+        self._has_token = bool(token)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """The API's 2xx answer; any other, or none, is an :class:`ApiError`."""
@@ -86,6 +93,8 @@ class ApiClient:
                 detail = response.json().get("detail", response.text)
             except ValueError:
                 detail = response.text
+            if response.status_code == 401 and not self._has_token:
+                detail = f"{detail} ({NO_TOKEN})"
             raise ApiError(response.status_code, detail)
         return response
 

@@ -45,7 +45,9 @@ def write_report(
     source: ReportSource, experiment_id: str, out: Path, progress: bool = False
 ) -> Path:
     """Fetch everything about ``experiment_id`` and write ``out/report.html`` (with
-    ``progress``, a progress bar over the figures, fetched a few at a time)."""
+    ``progress``, a progress bar over the figures, fetched a few at a time). ``out`` is made
+    first, so one that cannot be written fails (``OSError``) before anything is fetched."""
+    out.mkdir(parents=True, exist_ok=True)
     experiment = source.experiment(experiment_id)
     trials = source.trials(experiment_id)
     results = source.results(experiment_id)
@@ -57,7 +59,6 @@ def write_report(
         analysis = None
     names = [f["name"] for f in (analysis or {}).get("figures", [])]
     images = dict(zip(names, _fetch_figures(source, experiment_id, names, progress), strict=True))
-    out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
     path.write_text(render(experiment, trials, results, analysis, images), encoding="utf-8")
     return path

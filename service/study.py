@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     StrictFloat,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -189,6 +190,9 @@ class StudySpec(RunSpec):
     @field_validator("grid")
     @classmethod
     def _check_grid(cls, grid: dict[str, list[Any]], info: ValidationInfo) -> dict[str, list[Any]]:
+        listed = math.prod(len(_distinct_json(values)) for values in grid.values())
+        if listed > MAX_GRID:  # before any value is checked: that costs per value
+            raise ValueError(f"the grid expands to {listed} trials; at most {MAX_GRID} are allowed")
         allowed = grid_fields()
         base = {k: v for k, v in info.data.items() if k in RunSpec.model_fields}
         base_json = _dump(base)
@@ -209,14 +213,16 @@ class StudySpec(RunSpec):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> StudySpec:
-        size = self.grid_size()
-        if size > MAX_GRID:
-            raise ValueError(f"the grid expands to {size} trials; at most {MAX_GRID} are allowed")
         devices = [str(d) for d in self.grid.get("device", [self.device])]
         wants_gpu = any(d.startswith("cuda") for d in devices)
         if wants_gpu and self.resources.gpus_per_trial == 0:
             raise ValueError(
                 "device 'cuda' needs resources.gpus_per_trial > 0 (else Ray gives the trial no GPU)"
+            )
+        if self.resources.gpus_per_trial == 0 and (option := self._cuda_only_option()):
+            raise ValueError(
+                f"{option} runs on CUDA only, and with resources.gpus_per_trial = 0 Ray gives "
+                f"each trial no GPU (device 'auto' is then the CPU): set gpus_per_trial > 0"
             )
         numbered = [d for d in devices if d.startswith("cuda:") and d != "cuda:0"]
         if numbered and self.resources.gpus_per_trial > 0:
@@ -250,6 +256,16 @@ class StudySpec(RunSpec):
             models = self.grid.get("model", [self.model])
             found += [get_model(str(model)).defaults.batch_size for model in models]
         return min(found)
+
+    def _cuda_only_option(self) -> str | None:
+        """The first CUDA-only training option some trial of the study asks for, if any."""
+        kernels = self.grid.get("training.optimizer_kernel", [self.training.optimizer_kernel])
+        if "fused" in kernels:
+            return "training.optimizer_kernel 'fused'"
+        syncs = self.grid.get("training.sync_batchnorm", [self.training.sync_batchnorm])
+        if any(TypeAdapter(bool).validate_python(v) for v in syncs):
+            return "training.sync_batchnorm"
+        return None
 
     def grid_size(self) -> int:
         """The number of grid combinations (DST runs before baselines), without expanding;
@@ -296,6 +312,12 @@ def _dump(fields: dict[str, Any]) -> dict[str, Any]:
     return {
         k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in fields.items()
     }
+
+
+def _distinct_json(values: list[Any]) -> set[str]:
+    """``values`` without repeats as written (``0`` and ``0.0`` stay two): a cheap upper bound
+    on the distinct runs they make, taken before any value is checked."""
+    return {json.dumps(v, sort_keys=True, default=str) for v in values}
 
 
 def _distinct_values(base: dict[str, Any], path: str, values: list[Any]) -> list[Any]:

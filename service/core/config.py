@@ -8,12 +8,21 @@ address), ``DST_MLFLOW_TRACKING_URI`` and ``DST_API_TOKEN``.
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_STORAGE = "~/.dst-lab"
+
+
+def storage_path_from_env() -> Path:
+    """``DST_STORAGE_PATH`` (or its default) alone, as :class:`Settings` reads it: for a
+    client that only needs the local token file, whatever else the environment holds."""
+    return Path(os.environ.get("DST_STORAGE_PATH") or DEFAULT_STORAGE).expanduser()
 
 
 def _random_token() -> SecretStr:
@@ -26,7 +35,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DST_", extra="ignore", validate_default=True)
 
     storage_path: Path = Field(
-        Path("~/.dst-lab"), description="local state: SQLite database, Tune results, MLflow"
+        Path(DEFAULT_STORAGE), description="local state: SQLite database, Tune results, MLflow"
     )
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite in storage_path")
     ray_address: str | None = Field(
@@ -101,7 +110,7 @@ class Settings(BaseSettings):
     @classmethod
     def _default_database(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            storage = Path(data.get("storage_path") or "~/.dst-lab").expanduser()
+            storage = Path(data.get("storage_path") or DEFAULT_STORAGE).expanduser()
             data["storage_path"] = storage
             if not data.get("database_url"):
                 data["database_url"] = f"sqlite:///{storage / 'dstlab.db'}"

@@ -157,6 +157,117 @@ def test_demo_with_a_spec_file_that_is_no_study_fails_before_starting_anything(
     assert not (tmp_path / "storage").exists()
 
 
+def test_demo_with_an_invalid_study_fails_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def running_api(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the demo started its services")
+
+    monkeypatch.setattr("service.cli.running_api", running_api)
+    spec = tmp_path / "dense.yaml"
+    spec.write_text("name: s\nmodel: small-mlp\ndataset: digits\nsparsity: {density: 5}\n")
+    result = runner.invoke(app, ["demo", "--spec", str(spec)])
+    assert result.exit_code == 2
+    assert "sparsity.density: Input should be less than or equal to 1" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_yaml_dates_go_as_text_and_numbers_that_are_not_finite_are_refused(
+    tmp_path: Path, fake_api: FakeApi
+) -> None:
+    """YAML reads an unquoted 2024-05-01 as a date, which JSON cannot carry: it goes as the
+    text it was; an infinite or NaN value names its field (JSON has no form for it)."""
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC.replace("name: overrides", "name: 2024-05-01"))
+    assert runner.invoke(app, ["submit", str(spec), "--set", "tags.day=2024-05-02"]).exit_code == 0
+    assert fake_api.submitted[0]["name"] == "2024-05-01"
+    assert fake_api.submitted[0]["tags"]["day"] == "2024-05-02"
+    for override, field in [("training.lr=.inf", "training.lr"), ("grid.seed=[.nan]", "seed[0]")]:
+        result = runner.invoke(app, ["submit", str(spec), "--set", override])
+        assert result.exit_code == 2, result.output
+        assert "is not a finite number" in result.output and field in result.output
+        assert "Traceback" not in result.output
+    assert len(fake_api.submitted) == 1
+
+
+def test_client_commands_need_no_valid_server_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A client reads only where the local token lies; a setting only the server reads
+    cannot break it, and the server names the variable it cannot read."""
+    from service.cli import _client
+
+    monkeypatch.setenv("DST_PORT", "abc")
+    monkeypatch.setenv("DST_DATA_ROOTS", "/data")
+    monkeypatch.setenv("DST_STORAGE_PATH", str(tmp_path))
+    monkeypatch.delenv("DST_API_TOKEN", raising=False)
+    (tmp_path / "api-token").write_text("local-token\n")
+    client = _client("http://127.0.0.1:9", None)
+    assert client.http.headers["Authorization"] == "Bearer local-token"
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert result.output.startswith("invalid settings:") and "data_roots" in result.output
+    monkeypatch.delenv("DST_DATA_ROOTS")
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert result.output.startswith("invalid settings: DST_PORT: Input should be a valid integer")
+
+
+def test_serve_on_a_port_another_server_answers_fails_and_keeps_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another API (anything answering /healthz) on the port: serve says the port is taken
+    instead of claiming to run, and leaves the token file that server's clients use."""
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    monkeypatch.setenv("DST_STORAGE_PATH", str(tmp_path))
+    monkeypatch.setenv("DST_RAY_ADDRESS", "http://127.0.0.1:9")  # nothing local is started
+    monkeypatch.setenv("DST_MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.delenv("DST_API_TOKEN", raising=False)
+    (tmp_path / "api-token").write_text("the-running-servers")
+    try:
+        result = runner.invoke(app, ["serve", "--port", str(port)])
+    finally:
+        other.shutdown()
+    assert result.exit_code == 2, result.output
+    assert f"the API cannot listen on 127.0.0.1:{port}: is the port in use?" in result.output
+    assert "DST Lab API on" not in result.output
+    assert (tmp_path / "api-token").read_text() == "the-running-servers"
+
+
+def test_an_out_that_cannot_be_written_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before anything is fetched or trained."""
+    taken = tmp_path / "file"
+    taken.write_text("x")
+
+    class NoFetching:
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"the report fetched {name} before checking --out")
+
+    monkeypatch.setattr("service.cli._client", lambda url, token: NoFetching())
+    result = runner.invoke(app, ["report", "e1", "--out", str(taken)])
+    assert result.exit_code == 2 and f"cannot write the report into --out {taken}" in result.output
+    spec = tmp_path / "run.yaml"
+    spec.write_text("model: small-mlp\ndataset: digits\n")
+    result = runner.invoke(app, ["run", str(spec), "--out", str(taken / "run")])
+    assert result.exit_code == 2 and f"cannot write to --out {taken / 'run'}" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_an_override_that_is_not_yaml_is_a_one_line_error(fake_api: FakeApi) -> None:
     args = ["submit", "--preset", "fig1-small-mlp-higgs", "--set", "training.epochs=[1"]
     result = runner.invoke(app, args)

@@ -36,3 +36,24 @@ def test_an_older_api_gives_logs_and_the_client_says_why_it_cannot_follow_them()
     assert client.log("e1", tail=1) == "last line\n"
     with pytest.raises(ApiError, match=r"predates following a log \(no X-Log-Length header\)"):
         client.log_chunk("e1", since=0)
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_a_401_says_where_a_token_comes_from_when_none_was_sent(token: str | None) -> None:
+    import httpx
+
+    from service.client import ApiClient, ApiError
+
+    def api(request: httpx.Request) -> httpx.Response:
+        sent = request.headers.get("Authorization")
+        detail = "invalid bearer token" if sent else "missing bearer token"
+        return httpx.Response(401, json={"detail": detail})
+
+    client = ApiClient("http://api:8000", token)
+    client.http = httpx.Client(
+        base_url="http://api:8000", headers=client.http.headers, transport=httpx.MockTransport(api)
+    )
+    with pytest.raises(ApiError) as raised:
+        client.experiment("e1")
+    hint = "no token was sent: pass --token or set DST_API_TOKEN"
+    assert raised.value.status == 401 and (hint in str(raised.value)) is (token is None)

@@ -80,8 +80,23 @@ def test_bad_preset_requests_name_the_field_and_store_nothing(client: TestClient
     )
     assert bad.status_code == 422
     assert bad.json()["detail"][0]["loc"] == ["body", "overrides", "sparsity", "density"]
-    assert client.post("/presets/fig6-structure/experiments", headers=AUTH).status_code == 422
+    outside = client.post(
+        "/presets/fig6-structure/experiments",
+        json={"overrides": {"data.root": "/elsewhere"}},
+        headers=AUTH,
+    )
+    assert outside.status_code == 422
+    assert outside.json()["detail"][0]["loc"] == ["body", "overrides", "data", "root"]
     assert client.get("/experiments", headers=AUTH).json()["total"] == 0
+
+
+def test_a_preset_needs_no_body(client: TestClient) -> None:
+    """Every field of the body is optional, so the body is too: none submits the preset as
+    it is, like ``{}``."""
+    bare = client.post("/presets/fig1-small-mlp-higgs/experiments", headers=AUTH)
+    assert bare.status_code == 201, bare.text
+    empty = client.post("/presets/fig1-small-mlp-higgs/experiments", json={}, headers=AUTH)
+    assert empty.status_code == 201 and empty.json()["n_trials"] == bare.json()["n_trials"]
 
 
 @pytest.mark.parametrize(

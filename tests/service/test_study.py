@@ -94,11 +94,16 @@ def test_an_oversized_grid_is_counted_not_expanded(monkeypatch: pytest.MonkeyPat
     def no_expanding(*args: Any) -> None:
         raise AssertionError("validation expanded the grid")
 
+    def no_checking(*args: Any) -> None:
+        raise AssertionError("validation checked the values of a grid it could count")
+
     monkeypatch.setattr(service.study, "expand", no_expanding)
+    monkeypatch.setattr(service.study, "_check_value", no_checking)
     densities = [round(0.05 * i, 2) for i in range(1, 21)]  # 0.05, 0.1, ..., 1.0
     huge = {"seed": list(range(10_000)), "sparsity.density": densities}
-    with pytest.raises(ValidationError, match="expands to 200000 trials"):
+    with pytest.raises(ValidationError, match="expands to 200000 trials") as raised:
         StudySpec.model_validate(study(grid=huge))
+    assert [e["loc"] for e in raised.value.errors()] == [("grid",)]
 
 
 def test_repeated_grid_values_are_dropped_and_not_counted() -> None:
@@ -282,6 +287,28 @@ def test_a_global_batch_smaller_than_the_workers_is_refused(
         data["resources"] = {"workers_per_trial": smallest + 1}
     with pytest.raises(ValidationError, match=f"training.batch_size = {smallest} with resources"):
         StudySpec.model_validate(data)
+
+
+@pytest.mark.parametrize(
+    ("training", "grid", "option"),
+    [
+        ({"optimizer_kernel": "fused"}, {}, "training.optimizer_kernel 'fused'"),
+        ({}, {"training.optimizer_kernel": ["auto", "fused"]}, "optimizer_kernel 'fused'"),
+        ({"sync_batchnorm": True}, {}, "training.sync_batchnorm"),
+        ({}, {"training.sync_batchnorm": [False, "true"]}, "training.sync_batchnorm"),
+    ],
+)
+def test_cuda_only_options_need_a_gpu_per_trial(
+    training: dict[str, Any], grid: dict[str, Any], option: str
+) -> None:
+    """With no GPU for the trial, device 'auto' is the CPU inside Ray, where these fail: so
+    they are refused at submission, not inside the worker."""
+    data = study(device="auto", training=training, grid=grid)
+    data["resources"] = {"workers_per_trial": 2}
+    with pytest.raises(ValidationError, match=f"{option} runs on CUDA only.*gpus_per_trial"):
+        StudySpec.model_validate(data)
+    data["resources"] |= {"gpus_per_trial": 2}
+    assert StudySpec.model_validate(data).resources.gpus_per_trial == 2
 
 
 @pytest.mark.parametrize("key", ["mlflow.runName", "dst.experiment_id"])

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from dst.spec import flatten
 from service import crud, lifecycle
@@ -20,6 +21,7 @@ from service.analysis import AnalysisCache, StudyAnalysis, experiment_masks_dir
 from service.api.deps import AnalysesDep, DispatcherDep, ServicesDep, SessionDep, SettingsDep
 from service.core.config import Settings
 from service.db import Experiment, Trial
+from service.dispatcher import Dispatcher
 from service.figures import PNG_DPI, build_figure, figure_names, render
 from service.schemas import (
     LOG_LENGTH_HEADER,
@@ -116,24 +118,25 @@ def _unprocessable(loc: list[str], msg: str, kind: str) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
 
 
-def _plans(study: StudySpec, settings: Settings) -> list[TrialPlan]:
-    """The study's trials, refused before expanding when the grid alone is over the limit."""
+def _plans(study: StudySpec, settings: Settings, where: list[str]) -> list[TrialPlan]:
+    """The study's trials, refused before expanding when the grid alone is over the limit;
+    ``where`` is the study's place in the request (errors name fields below it)."""
     limit, size = settings.max_trials, study.grid_size()
     too_many = "the study expands to {} trials; the limit is {} (DST_MAX_TRIALS)"
     if size > limit:
-        raise _unprocessable(["body", "grid"], too_many.format(size, limit), "too_many_trials")
+        raise _unprocessable([*where, "grid"], too_many.format(size, limit), "too_many_trials")
     try:
         plans = expand(study)  # every combination must be a valid run (e.g. model x dataset)
     except ValueError as error:
-        raise _unprocessable(["body"], str(error), "value_error") from None
+        raise _unprocessable(where, str(error), "value_error") from None
     if len(plans) > limit:
         raise _unprocessable(
-            ["body", "grid"], too_many.format(len(plans), limit), "too_many_trials"
+            [*where, "grid"], too_many.format(len(plans), limit), "too_many_trials"
         )
     return plans
 
 
-def _check_data_roots(plans: list[TrialPlan], settings: Settings) -> None:
+def _check_data_roots(plans: list[TrialPlan], settings: Settings, where: list[str]) -> None:
     """Over REST a ``data.root`` must lie inside the operator's data directories."""
     allowed = [Path(os.path.normpath(p)) for p in settings.allowed_data_roots()]
     for plan in plans:
@@ -143,10 +146,10 @@ def _check_data_roots(plans: list[TrialPlan], settings: Settings) -> None:
         path = Path(os.path.normpath(root))
         if path.is_absolute() and any(path.is_relative_to(a) for a in allowed):
             continue
-        where = ", ".join(str(a) for a in allowed) or "none: set DST_DATA_DIR to allow data.root"
+        dirs = ", ".join(str(a) for a in allowed) or "none: set DST_DATA_DIR to allow data.root"
         raise _unprocessable(
-            ["body", "data", "root"],
-            f"data.root {root!r} is not inside an allowed data directory ({where})",
+            [*where, "data", "root"],
+            f"data.root {root!r} is not inside an allowed data directory ({dirs})",
             "data_root_not_allowed",
         )
 
@@ -197,12 +200,29 @@ def submit_experiment(
     """Validate a study and store it, with its trials, as ``queued``; launching on Ray (and
     creating its MLflow parent run) happens in the background. Answers 201 for a new
     experiment, 200 for a replay of an idempotency key with the same body."""
+    return store_study(
+        study, session, services, settings, dispatcher, response, idempotency_key, ["body"]
+    )
+
+
+def store_study(
+    study: StudySpec,
+    session: Session,
+    services: lifecycle.Services,
+    settings: Settings,
+    dispatcher: Dispatcher,
+    response: Response,
+    idempotency_key: str | None,
+    where: list[str],
+) -> ExperimentOut:
+    """What a submission does once its study is valid; ``where`` is the study's place in the
+    request, so a 422 names the field the client sent (``body.overrides`` for a preset)."""
     if idempotency_key is not None:
         replay = _replay(session, services, idempotency_key, study, response)
         if replay is not None:
             return replay
-    plans = _plans(study, settings)
-    _check_data_roots(plans, settings)
+    plans = _plans(study, settings, where)
+    _check_data_roots(plans, settings, where)
     experiment_id = uuid.uuid4().hex  # 32 of HEX_DIGITS
     try:
         experiment = crud.create_experiment(

@@ -5,13 +5,13 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Body, Header, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from service.api.deps import DispatcherDep, ServicesDep, SessionDep, SettingsDep
 from service.api.routes import experiments
-from service.api.routes.experiments import SUBMIT_RESPONSES, submit_experiment
+from service.api.routes.experiments import SUBMIT_RESPONSES, store_study
 from service.presets import preset_study, presets
 from service.schemas import ExperimentOut
 from service.study import StudySpec
@@ -53,7 +53,8 @@ def list_presets() -> list[PresetOut]:
 @router.post("/{name}/experiments", status_code=status.HTTP_201_CREATED, responses=SUBMIT_RESPONSES)
 def submit_preset(
     name: PresetName,
-    request: PresetRequest,
+    request: Annotated[PresetRequest | None, Body()] = None,
+    *,
     session: SessionDep,
     services: ServicesDep,
     settings: SettingsDep,
@@ -61,10 +62,11 @@ def submit_preset(
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> ExperimentOut:
-    """Submit preset ``name`` as a study, with ``overrides`` applied; validated like any
-    study (422 names the field, under ``body.overrides``)."""
+    """Submit preset ``name`` as a study, with ``overrides`` applied (no body: as it is);
+    validated like any study (422 names the field, under ``body.overrides``)."""
+    overrides = request.overrides if request is not None else {}
     try:
-        data = preset_study(name.value, request.overrides)
+        data = preset_study(name.value, overrides)
         study = StudySpec.model_validate(data)
     except ValidationError as error:
         raise RequestValidationError(
@@ -74,6 +76,7 @@ def submit_preset(
         raise RequestValidationError(
             [{"loc": ("body", "overrides"), "msg": str(error), "type": "value_error"}]
         ) from None
-    return submit_experiment(
-        study, session, services, settings, dispatcher, response, idempotency_key
+    where = ["body", "overrides"]
+    return store_study(
+        study, session, services, settings, dispatcher, response, idempotency_key, where
     )
