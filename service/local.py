@@ -12,10 +12,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -53,19 +56,61 @@ def uncached_bytecode(package: str = "torch") -> str | None:
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports on 127.0.0.1, free right now: all held open while they
+    are chosen, so no two are the same (ports picked one at a time may repeat)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+class StartupExitError(RuntimeError):
+    """A service's process ended before the service answered."""
+
+
+class OutputTail:
+    """The last lines a child process printed, read on a thread (so the child never blocks on
+    a full pipe, and nothing grows however long it runs): what a process that dies while
+    starting said about why."""
+
+    def __init__(self, stream: IO[bytes], lines: int = 40) -> None:
+        self.lines: deque[str] = deque(maxlen=lines)
+        self._reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: IO[bytes]) -> None:
+        with stream:
+            for raw in iter(stream.readline, b""):
+                self.lines.append(raw.decode(errors="replace").rstrip())
+
+    def text(self, wait: float = 2.0) -> str:
+        """The lines so far; first up to ``wait`` s for a process that ended to finish."""
+        self._reader.join(wait)
+        return "\n".join(self.lines)
 
 
 def wait_until(
-    check: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen
+    check: Callable[[], bool],
+    what: str,
+    timeout: float,
+    proc: subprocess.Popen,
+    output: OutputTail | None = None,
 ) -> None:
-    """Poll ``check`` until it is true; fail early if ``proc`` died."""
+    """Poll ``check`` until it is true; fail early if ``proc`` died, with the end of its
+    ``output`` when there is one."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting")
+            said = output.text() if output is not None else ""
+            raise StartupExitError(
+                f"{what} exited with code {proc.returncode} while starting"
+                + (f"; it said:\n{said}" if said else "")
+            )
         try:
             if check():
                 return
@@ -77,6 +122,9 @@ def wait_until(
 
 def _http_ok(url: str) -> bool:
     return httpx.get(url, timeout=2.0).status_code == 200
+
+
+RAY_START_TRIES = 2
 
 
 @dataclass
@@ -92,11 +140,25 @@ class LocalServices:
         self, num_cpus: int | None = None, object_store_mb: int = 256, dashboard: int | None = None
     ) -> str:
         """Start a local Ray head with the dashboard (on port ``dashboard``, else a free one);
-        return the Jobs API address once it answers."""
-        port, dashboard = free_port(), dashboard or free_port()
+        return the Jobs API address once it answers. ``ray start`` gives up when its raylet
+        has not registered within 30 s, which a loaded machine can take: then once more."""
+        for attempt in range(1, RAY_START_TRIES + 1):
+            try:
+                return self._start_ray_once(num_cpus, object_store_mb, dashboard)
+            except StartupExitError as error:
+                self._discard_last()  # what the failed try left behind (its GCS, ...)
+                if attempt == RAY_START_TRIES:
+                    raise
+                log.warning("local Ray did not start; starting it once more: %s", error)
+        raise AssertionError("not reached")
+
+    def _start_ray_once(
+        self, num_cpus: int | None, object_store_mb: int, dashboard: int | None
+    ) -> str:
         # every listening port explicit: Ray's defaults (agent 52365, client 10001, ...) clash
         # with any other Ray on the machine, and the Jobs API then finds no agent
-        agent, agent_grpc, runtime_env, metrics, client = (free_port() for _ in range(5))
+        port, free_dashboard, agent, agent_grpc, runtime_env, metrics, client = free_ports(7)
+        dashboard = dashboard or free_dashboard
         temp = Path(tempfile.mkdtemp(prefix="dstray-", dir="/tmp"))  # short: Ray's socket paths
         self.temp_dirs.append(temp)
         cmd = [
@@ -114,10 +176,10 @@ class LocalServices:
         # a loopback-only head: no token authentication unless asked for (Ray would turn it
         # on for any token file it finds in ~/.ray, and the readiness probe would get 401s)
         env.setdefault("RAY_AUTH_MODE", "disabled")
-        proc = self._spawn("ray", cmd, env)
+        proc, output = self._spawn("ray", cmd, env)
         address = f"http://127.0.0.1:{dashboard}"
-        wait_until(lambda: _http_ok(f"{address}/api/version"), "Ray", 120, proc)
-        wait_until(lambda: _http_ok(f"{address}/api/jobs/"), "Ray Jobs API", 60, proc)
+        wait_until(lambda: _http_ok(f"{address}/api/version"), "Ray", 120, proc, output)
+        wait_until(lambda: _http_ok(f"{address}/api/jobs/"), "Ray Jobs API", 60, proc, output)
         self.ray_address = address
         log.info("local Ray head at %s", address)
         return address
@@ -137,20 +199,32 @@ class LocalServices:
         ]  # fmt: skip
         # no MLflow job runner (a pool of huey workers): we never use MLflow jobs
         env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        proc = self._spawn("mlflow", cmd, env)
+        proc, output = self._spawn("mlflow", cmd, env)
         uri = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _http_ok(f"{uri}/health"), "MLflow server", 120, proc)
+        wait_until(lambda: _http_ok(f"{uri}/health"), "MLflow server", 120, proc, output)
         self.mlflow_uri = uri
         log.info("local MLflow server at %s", uri)
         return uri
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def _discard_last(self) -> None:
+        """Kill the process group started last, and forget it."""
+        _, proc = self.processes.pop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def _spawn(
+        self, name: str, cmd: list[str], env: dict[str, str]
+    ) -> tuple[subprocess.Popen, OutputTail]:
+        """Start ``cmd`` as its own process group; its output (stdout and stderr) is kept to
+        its last lines."""
         proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
         self.processes.append((name, proc))
-        return proc
+        assert proc.stdout is not None  # a pipe, as asked
+        return proc, OutputTail(proc.stdout)
 
     def stop(self, grace: float = 8.0) -> None:
         """Terminate every started process group at once, kill what is left after ``grace``

@@ -37,7 +37,7 @@ from ray.util.state import list_actors, list_nodes
 
 from service.client import TERMINAL
 from service.execution import RayExecutor
-from service.local import free_port, wait_until
+from service.local import free_ports, wait_until
 from service.tracking import PARENT_TAG, TAG_GPUS, TAG_NODE, TAG_RESUMED, TAG_TRIAL
 from tests.service.e2e import (
     api,
@@ -90,11 +90,11 @@ class LocalCluster:
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         temp = Path(tempfile.mkdtemp(prefix="dstc-", dir="/tmp"))  # short: Ray's socket paths
         self.temp_dirs.append(temp)
+        node, objects, agent, agent_grpc, runtime_env, metrics = free_ports(6)
         ports = [
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={node}", f"--object-manager-port={objects}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
             "--min-worker-port=0", "--max-worker-port=0",  # workers bind ports the OS picks
         ]  # fmt: skip
         cmd = [
@@ -129,12 +129,12 @@ class LocalCluster:
 
     def _start_head(self) -> str:
         """Start the head; its dashboard address once the Jobs API answers."""
-        self.gcs_port, dashboard = free_port(), free_port()
+        self.gcs_port, dashboard, client = free_ports(3)
         head = self._start("head", [
             "--head", f"--port={self.gcs_port}", "--num-cpus=0", "--num-gpus=0",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={client}",
         ])  # fmt: skip
         address = f"http://127.0.0.1:{dashboard}"
         wait_until(lambda: _ok(f"{address}/api/jobs/"), "the Ray Jobs API", 120, head)
