@@ -82,7 +82,8 @@ def test_ray_that_gives_up_while_starting_is_started_once_more(
 
     def start_once(*args: object) -> str:
         if not left:  # the first try: a process group stays behind, and the start fails
-            proc, _ = services._spawn("ray", [sys.executable, "-c", "import time; time.sleep(60)"], {})
+            sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+            proc, _ = services._spawn("ray", sleeper, {})
             left.append(proc)
             raise StartupExitError("Ray exited with code 1 while starting")
         return "http://127.0.0.1:8265"
