@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from dst.criteria import CRITERIA
 from dst.datasets import DATASETS, get_dataset
@@ -189,6 +197,15 @@ class DataSpec(_Strict):
     augment: bool = True
 
 
+def field_error(loc: tuple[str, ...], message: str, value: Any) -> ValidationError:
+    """A validation error of the field at ``loc`` (a check across fields, in a model
+    validator, names the field to change, so a 422 points at it and not at the whole body)."""
+    detail = InitErrorDetails(
+        type=PydanticCustomError("value_error", message), loc=loc, input=value
+    )  # fmt: skip
+    return ValidationError.from_exception_data("spec", [detail])
+
+
 class RunSpec(_Strict):
     """One training run."""
 
@@ -217,19 +234,25 @@ class RunSpec(_Strict):
     def _check_kernel_device(self) -> RunSpec:
         kernel = self.training.optimizer_kernel
         if kernel == "native" and self.device != "cpu":
-            raise ValueError(
+            raise field_error(
+                ("training", "optimizer_kernel"),
                 f"training.optimizer_kernel 'native' runs on the CPU only, but device is "
-                f"{self.device!r}: use 'auto' or 'compiled'"
+                f"{self.device!r}: use 'auto' or 'compiled'",
+                kernel,
             )
         if self.training.sync_batchnorm and not self.device.startswith(("cuda", "auto")):
-            raise ValueError(
+            raise field_error(
+                ("training", "sync_batchnorm"),
                 f"training.sync_batchnorm runs on CUDA only (PyTorch's SyncBatchNorm), but "
-                f"device is {self.device!r}: set it to false, or use 'cuda' or 'auto'"
+                f"device is {self.device!r}: set it to false, or use 'cuda' or 'auto'",
+                True,
             )
         if kernel == "fused" and not self.device.startswith(("cuda", "auto")):
-            raise ValueError(
+            raise field_error(
+                ("training", "optimizer_kernel"),
                 f"training.optimizer_kernel 'fused' runs on CUDA only, but device is "
-                f"{self.device!r}: use 'auto' or 'compiled'"
+                f"{self.device!r}: use 'auto' or 'compiled'",
+                kernel,
             )
         return self
 
@@ -237,20 +260,26 @@ class RunSpec(_Strict):
     def _check_compatible(self) -> RunSpec:
         get_model(self.model).check(get_dataset(self.dataset).info)
         if self.training.channels_last and get_dataset(self.dataset).info.kind != "image":
-            raise ValueError(
+            raise field_error(
+                ("training", "channels_last"),
                 f"training.channels_last applies to image datasets, and {self.dataset!r} is "
-                f"{get_dataset(self.dataset).info.kind}: set it to false"
+                f"{get_dataset(self.dataset).info.kind}: set it to false",
+                True,
             )
         if self.training.data_path == "tensor" and not get_dataset(self.dataset).in_memory:
             in_memory = [n for n in DATASETS if DATASETS.get(n).in_memory]
-            raise ValueError(
+            raise field_error(
+                ("training", "data_path"),
                 f"training.data_path 'tensor' needs a dataset held in memory, not "
-                f"{self.dataset!r}: use 'loader', or one of {', '.join(in_memory)}"
+                f"{self.dataset!r}: use 'loader', or one of {', '.join(in_memory)}",
+                "tensor",
             )
         try:
             check_options(self.model, resolve_model_options(self))
         except ValueError as error:
-            raise ValueError(f"training.dropout: {error}") from None
+            raise field_error(
+                ("training", "dropout"), f"training.dropout: {error}", self.training.dropout
+            ) from None
         return self
 
 

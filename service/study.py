@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from dst.spec import MAX_NAME, RunSpec, SparsitySpec, set_path
+from dst.spec import MAX_NAME, RunSpec, SparsitySpec, field_error, set_path
 
 # Sparsity fields that only matter for DST; baselines reset them so duplicates collapse.
 DST_ONLY_FIELDS = (
@@ -213,37 +213,51 @@ class StudySpec(RunSpec):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> StudySpec:
+        """Checks across fields; each error names the field to change."""
+        gpus = self.resources.gpus_per_trial
         devices = [str(d) for d in self.grid.get("device", [self.device])]
-        wants_gpu = any(d.startswith("cuda") for d in devices)
-        if wants_gpu and self.resources.gpus_per_trial == 0:
-            raise ValueError(
-                "device 'cuda' needs resources.gpus_per_trial > 0 (else Ray gives the trial no GPU)"
+        if any(d.startswith("cuda") for d in devices) and gpus == 0:
+            raise field_error(
+                ("resources", "gpus_per_trial"),
+                "device 'cuda' needs resources.gpus_per_trial > 0 (else Ray gives the trial "
+                "no GPU)",
+                gpus,
             )
-        if self.resources.gpus_per_trial == 0 and (option := self._cuda_only_option()):
-            raise ValueError(
+        if gpus == 0 and (option := self._cuda_only_option()):
+            raise field_error(
+                ("resources", "gpus_per_trial"),
                 f"{option} runs on CUDA only, and with resources.gpus_per_trial = 0 Ray gives "
-                f"each trial no GPU (device 'auto' is then the CPU): set gpus_per_trial > 0"
+                f"each trial no GPU (device 'auto' is then the CPU): set gpus_per_trial > 0",
+                gpus,
             )
         numbered = [d for d in devices if d.startswith("cuda:") and d != "cuda:0"]
-        if numbered and self.resources.gpus_per_trial > 0:
-            raise ValueError(
+        if numbered and gpus > 0:
+            raise field_error(
+                self._device_loc(),
                 f"device {numbered[0]!r}: Ray shows a trial only the GPUs it was given, "
-                f"starting at cuda:0, so use 'cuda' (or 'auto')"
+                f"starting at cuda:0, so use 'cuda' (or 'auto')",
+                numbered[0],
             )
-        smallest = self._smallest_batch()
-        workers = self.resources.workers_per_trial
+        smallest, workers = self._smallest_batch(), self.resources.workers_per_trial
         if smallest < workers:
-            raise ValueError(
+            raise field_error(
+                ("resources", "workers_per_trial"),
                 f"training.batch_size = {smallest} with resources.workers_per_trial = {workers}: "
-                f"the global batch is split between the workers, so it needs at least {workers}"
+                f"the global batch is split between the workers, so it needs at least {workers}",
+                workers,
             )
-        on_cpu = "cpu" in devices
-        if on_cpu and self.resources.gpus_per_trial > 0:
-            raise ValueError(
-                f"resources.gpus_per_trial = {self.resources.gpus_per_trial:g} but device is "
-                f"'cpu', which would leave the trial's GPU idle: set device to 'cuda' or 'auto'"
+        if "cpu" in devices and gpus > 0:
+            raise field_error(
+                self._device_loc(),
+                f"resources.gpus_per_trial = {gpus:g} but device is 'cpu', which would leave "
+                f"the trial's GPU idle: set device to 'cuda' or 'auto'",
+                "cpu",
             )
         return self
+
+    def _device_loc(self) -> tuple[str, ...]:
+        """Where the study sets its trials' device: the grid's list, or the spec's field."""
+        return ("grid", "device") if "device" in self.grid else ("device",)
 
     def _smallest_batch(self) -> int:
         """The smallest global batch any trial of the study trains with (a model's Appendix

@@ -161,7 +161,11 @@ INVALID: list[tuple[str, dict[str, Any], list[Any], str]] = [
     ("incompatible model and dataset", with_(model="small-cnn", dataset="breast_cancer"), ["body"], "tabular"),
     ("incompatible grid combination", with_(grid={"model": ["small-cnn"], "dataset": ["digits", "breast_cancer"]}), ["body"], "grid combination"),
     ("too many trials", with_(grid=MANY_SEEDS), ["body", "grid"], "limit is 20"),
-    ("cuda without gpus", with_(device="cuda"), ["body"], "gpus_per_trial"),
+    ("cuda without gpus", with_(device="cuda"), ["body", "resources", "gpus_per_trial"], "device 'cuda' needs"),
+    ("gpu idle on cpu", with_(resources__gpus_per_trial=1), ["body", "device"], "GPU idle"),
+    ("gpu idle on a cpu in the grid", with_(resources__gpus_per_trial=1, grid={"device": ["cpu"]}), ["body", "grid", "device"], "GPU idle"),
+    ("batch below workers", with_(training__batch_size=2, resources__workers_per_trial=4), ["body", "resources", "workers_per_trial"], "batch_size = 2"),
+    ("fused kernel on cpu", with_(training__optimizer_kernel="fused"), ["body", "training", "optimizer_kernel"], "CUDA only"),
     ("baselines typo", with_(baselines={"dens": True}), ["body", "baselines", "dens"], "not permitted"),
 ]  # fmt: skip
 
