@@ -141,29 +141,32 @@ def test_a_spec_file_that_is_no_study_is_a_one_line_error(
     assert not fake_api.submitted
 
 
-def test_demo_with_a_spec_file_that_is_no_study_fails_before_starting_anything(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def no_services(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A demo that must not start its services; the storage path it must not make."""
+
     def running_api(*args: object, **kwargs: object) -> None:
         raise AssertionError("the demo started its services")
 
     monkeypatch.setattr("service.cli.running_api", running_api)
     monkeypatch.setenv("DST_STORAGE_PATH", str(tmp_path / "storage"))
+    return tmp_path / "storage"
+
+
+def test_demo_with_a_spec_file_that_is_no_study_fails_before_starting_anything(
+    tmp_path: Path, no_services: Path
+) -> None:
     spec = tmp_path / "empty.yaml"
     spec.write_text("")
     result = runner.invoke(app, ["demo", "--spec", str(spec)])
     assert result.exit_code == 2
     assert result.output.splitlines() == [f"{spec}: {MAPPING}, got an empty file"]
-    assert not (tmp_path / "storage").exists()
+    assert not no_services.exists()
 
 
 def test_demo_with_an_invalid_study_fails_before_starting_anything(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, no_services: Path
 ) -> None:
-    def running_api(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the demo started its services")
-
-    monkeypatch.setattr("service.cli.running_api", running_api)
     spec = tmp_path / "dense.yaml"
     spec.write_text("name: s\nmodel: small-mlp\ndataset: digits\nsparsity: {density: 5}\n")
     result = runner.invoke(app, ["demo", "--spec", str(spec)])
