@@ -252,10 +252,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _wind_down(engine: Engine, experiment_id: str, recorder: TrialRecorder) -> None:
-    """After Tune: record a cancel that stopped the trials, then send the MLflow writes still
-    queued (bounded: a job does not outlive an unreachable MLflow by more than a minute),
-    whichever of the two fails."""
+    """After Tune: make the database writes still queued, record a cancel that stopped the
+    trials, then send the MLflow writes still queued (each bounded: a job does not outlive
+    an unreachable database or MLflow by more than a minute), whichever of these fails."""
     try:
+        if not recorder.close(timeout=60):
+            log.error("some database writes of %s could not be done", experiment_id)
         _record_cancel(engine, experiment_id, recorder)
     finally:
         if recorder.runs is not None and not recorder.runs.close(timeout=60):

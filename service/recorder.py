@@ -6,9 +6,11 @@ latest metrics, error, resume; the per-epoch history) and its MLflow child run (
 per-epoch metrics, the initial and final masks read from the reported checkpoint on the
 shared storage, and at the end the trial's own figures). So the
 database URL and the MLflow server are needed by the driver alone, never by a Ray worker,
-and only one process writes each trial's state. Recording never ends a study: what cannot be
-written (the database stays down, the disk is full) is retried a bounded time, logged and
-skipped, while the trials train on.
+and only one process writes each trial's state. Recording never ends a study and never
+holds it up: Tune waits for its callbacks (and every trial's next report waits with it), so
+the callbacks only queue their writes, the database's on one background thread and
+MLflow's on another, each in order. What cannot be written (the database stays down, the
+disk is full) is retried a bounded time, logged and skipped, while the trials train on.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import functools
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -37,10 +39,11 @@ from service.analysis import (
     experiment_masks_dir,
     trial_masks_dir,
 )
+from service.backlog import Backlog
 from service.core.config import Settings
 from service.db import database_outage, shared_engine
 from service.states import TrialState
-from service.tracking import ChildRuns, without_credentials
+from service.tracking import ChildRuns, Opening, without_credentials
 from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, NODE, REMOVAL_LAYERS, RESUMED
 
 if TYPE_CHECKING:
@@ -82,8 +85,8 @@ def error_text(trial: TuneTrial, limit: int = 4000) -> str:
 
 
 # How long a database write is retried while the database is unreachable (restarting, locked,
-# the disk full): a pause before each retry. Tune waits for its callbacks, so the trials'
-# reports wait too; the writes that last are given the longest.
+# the disk full): a pause before each retry, on the recorder's own thread, where the writes
+# queued behind it wait; the writes that last are given the longest.
 FINAL_PAUSES_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # a trial's start, last epoch and end
 PROGRESS_PAUSES_S = (1.0, 4.0)  # an epoch, a placement, a retry's error: a later one follows
 
@@ -106,12 +109,14 @@ class TrialRecorder(tune.Callback):
     """Writes what the trials of experiment ``experiment_id`` report to the database and
     (through ``runs``, which never blocks) to MLflow.
 
-    No callback raises: a database write that fails with an outage (see
-    :func:`~service.db.database_outage`) is retried after each of ``final_pauses_s``
-    when it lasts (a trial's start, its last epoch's metrics, its end) and after each of
-    ``progress_pauses_s`` when a later report supersedes it (an epoch, a placement, a retry's
-    error), then logged and skipped; any other failure is logged and skipped at once. The
-    MLflow writes and the kept masks do not depend on the database write before them.
+    No callback raises or waits on the database: its writes are queued, in order, on the
+    recorder's thread (:meth:`wait` and :meth:`close` wait for them). A database write that
+    fails with an outage (see :func:`~service.db.database_outage`) is retried after each of
+    ``final_pauses_s`` when it lasts (a trial's start, its last epoch's metrics, its end)
+    and after each of ``progress_pauses_s`` when a later report supersedes it (an epoch, a
+    placement, a retry's error), then logged and skipped; any other failure is logged and
+    skipped at once. The MLflow writes and the kept masks do not depend on the database
+    write before them, except a trial's run, which its stored row names.
     """
 
     def __init__(
@@ -127,6 +132,17 @@ class TrialRecorder(tune.Callback):
         self.progress_pauses_s: Sequence[float] = PROGRESS_PAUSES_S
         self._epochs: dict[int, int] = {}  # last epoch each trial reported to this driver
         self._initial_logged: set[int] = set()  # trials whose initial masks this driver logged
+        self._writes = Backlog("trial-recorder")  # the database writes, in order
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        """Wait at most ``timeout`` s until the database writes queued so far are made or
+        skipped; True if they were."""
+        return self._writes.wait(timeout)
+
+    def close(self, timeout: float = 60.0, grace: float = 5.0) -> bool:
+        """Wait at most ``timeout`` s for the queued database writes to be made or skipped;
+        after that time each is tried once more, for ``grace`` s. True if all ended."""
+        return self._writes.close(timeout, grace)
 
     def __reduce__(self) -> tuple[Any, tuple[str]]:
         """Tune saves its callbacks with the experiment's state on storage: save only the
@@ -147,9 +163,28 @@ class TrialRecorder(tune.Callback):
             session.commit()
 
     def _record(self, index: int, pauses: Sequence[float], **fields: Any) -> None:
-        """:meth:`_write`, retried through a database outage after each of ``pauses``."""
+        """Queue :meth:`_write`, retried through a database outage after each of ``pauses``."""
         what = f"{', '.join(fields)} of trial {index}"
-        self._retry(what, pauses, functools.partial(self._write, index, **fields))
+        self._later(what, pauses, functools.partial(self._write, index, **fields))
+
+    def _later(
+        self,
+        what: str,
+        pauses: Sequence[float],
+        call: Callable[[], T],
+        answer: Future[Any] | None = None,
+    ) -> None:
+        """Queue ``call`` (retried as :meth:`_retry` does); its result goes to ``answer``."""
+
+        def run() -> None:
+            result = None
+            try:
+                result = self._retry(what, pauses, call)
+            finally:
+                if answer is not None:
+                    answer.set_result(result)
+
+        self._writes.put(run)
 
     def _retry(self, what: str, pauses: Sequence[float], call: Callable[[], T]) -> T | None:
         """``call``'s answer; after a database outage, ``call`` again after each of
@@ -161,7 +196,7 @@ class TrialRecorder(tune.Callback):
                 if not database_outage(error):
                     log.exception("recording %s failed; skipping it", what)
                     return None
-                if pause is None:
+                if pause is None or self._writes.overdue():
                     log.error(
                         "recording %s: the database is unreachable (%s); skipping it after "
                         "%d tries",
@@ -171,12 +206,12 @@ class TrialRecorder(tune.Callback):
                     )
                     return None
                 log.warning("recording %s failed, retrying in %.0f s: %s", what, pause, error)
-                time.sleep(pause)
+                self._writes.pause(pause)
         return None  # not reached: the last pause is None
 
-    def _open(self, index: int) -> tuple[str, RunSpec, str | None, int | None] | None:
+    def _open(self, index: int) -> Opening | None:
         """Mark trial ``index`` running; its label, spec, MLflow run and the epoch it resumes
-        after (None if it has none behind it, or if the trial is not stored)."""
+        after (None if it has none behind it); None if the trial is not stored."""
         with Session(self.engine) as session:
             row = crud.get_trial(session, self.experiment_id, index)
             if row is None:
@@ -200,19 +235,24 @@ class TrialRecorder(tune.Callback):
             session.commit()
         if resumed is not None:
             log.info("trial %d resumes after epoch %d", index, resumed)
-        return label, spec, run_id, resumed
+        return Opening(label, spec, run_id, resumed)
 
     @never_raises
     def on_trial_start(self, iteration: int, trials: list, trial: TuneTrial, **info: Any) -> None:
         """Running; a trial that already has epochs behind it resumes (its first epoch
         report says from which epoch; a Tune retry already shows it here). Its MLflow run
-        needs its row: without the database it gets none."""
+        needs its row: the run is opened once the row is read, and without the database the
+        trial gets none."""
         index = trial_index(trial)
-        opened = self._retry(
-            f"the start of trial {index}", self.final_pauses_s, lambda: self._open(index)
+        opening: Future[Opening | None] = Future()
+        self._later(
+            f"the start of trial {index}",
+            self.final_pauses_s,
+            functools.partial(self._open, index),
+            opening,
         )
-        if opened is not None and self.runs is not None:
-            self.runs.start(index, *opened)
+        if self.runs is not None:
+            self.runs.start(index, opening.result)
 
     @never_raises
     def on_trial_result(
@@ -299,17 +339,24 @@ class TrialRecorder(tune.Callback):
     def on_trial_complete(
         self, iteration: int, trials: list, trial: TuneTrial, **info: Any
     ) -> None:
+        """Succeeded; its run gets its figures, drawn from the history once the writes
+        before have landed, and ends."""
         index = trial_index(trial)
         fields = {"state": TrialState.SUCCEEDED, "finished_at": datetime.now(UTC)}
         self._record(index, self.final_pauses_s, **fields)
         if self.runs is not None:
-            figures = self._retry(
-                f"the figures of trial {index}",
-                self.progress_pauses_s,
-                lambda: self._figures(index),
-            )
-            self.runs.log_figures(index, figures or {})
-            self.runs.finish(index, TrialState.SUCCEEDED)
+            self._writes.put(functools.partial(self._end_run, index, self.runs))
+
+    def _end_run(self, index: int, runs: ChildRuns) -> None:
+        """Log a succeeded trial's figures to its run, then end the run (on the recorder's
+        thread: the figures read the history written before)."""
+        figures = self._retry(
+            f"the figures of trial {index}",
+            self.progress_pauses_s,
+            functools.partial(self._figures, index),
+        )
+        runs.log_figures(index, figures or {})
+        runs.finish(index, TrialState.SUCCEEDED)
 
     def _figures(self, index: int) -> dict[str, Callable[[], Figure]]:
         """A finished trial's own figures, from its history in the database."""

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import queue
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dst.spec import RunSpec, flatten
 from service.analysis import StudyAnalysis
+from service.backlog import Backlog
 from service.db import database_outage
 from service.refusal import refused_for_good
 from service.results import format_table
@@ -332,49 +332,40 @@ def _outage(error: Exception) -> bool:
     return database_outage(error)
 
 
-_Item = tuple[str, Callable[[], None], Callable[[], None] | None]  # what, write, when done
-
-
 class Outbox:
     """MLflow writes done in order on a background thread, each retried until MLflow answers.
 
     Whoever records (the job driver) never waits on MLflow: while the tracking server is down
     the writes queue up, and they arrive in order once it is back. A write MLflow refuses
     (its run was deleted, say) or that fails with a bug is logged and skipped, so it never
-    holds up the writes behind it. :meth:`close` waits a bounded time for the queue to drain.
+    holds up the writes behind it. :meth:`close` waits a bounded time for the queue to drain;
+    once that time is up, the writes still queued are skipped.
     """
 
     def __init__(self, retry_s: float = 2.0) -> None:
         self.retry_s = retry_s
-        self._queue: queue.Queue[_Item | None] = queue.Queue()
-        self._deadline: float | None = None
-        self._thread = threading.Thread(target=self._drain, name="mlflow-outbox", daemon=True)
-        self._thread.start()
+        self._backlog = Backlog("mlflow-outbox")
+        self._gave_up = False  # closing's time ran out: what is still queued is skipped
 
     def put(
         self, what: str, write: Callable[[], None], done: Callable[[], None] | None = None
     ) -> None:
         """Queue ``write`` (described as ``what`` in logs); ``done`` is called once the write
         is over, made or skipped (to remove what it needed)."""
-        self._queue.put((what, write, done))
+        self._backlog.put(functools.partial(self._send, what, write, done))
 
     def close(self, timeout: float) -> bool:
         """Stop after the queued writes, waiting at most ``timeout`` s; True if all were done."""
-        self._deadline = time.monotonic() + timeout
-        self._queue.put(None)
-        self._thread.join(timeout + self.retry_s)
-        return not self._thread.is_alive() and self._queue.empty()
+        return self._backlog.close(timeout, grace=self.retry_s) and not self._gave_up
 
-    def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
-            what, write, done = item
-            try:
-                if not self._attempt(what, write):
-                    log.error("MLflow: giving up on %s and what follows it", what)
-                    return
-            finally:
-                if done is not None:
-                    done()
+    def _send(self, what: str, write: Callable[[], None], done: Callable[[], None] | None) -> None:
+        try:
+            if not self._gave_up and not self._attempt(what, write):
+                log.error("MLflow: giving up on %s and what follows it", what)
+                self._gave_up = True
+        finally:
+            if done is not None:
+                done()
 
     def _attempt(self, what: str, write: Callable[[], None]) -> bool:
         """Make ``write``, retrying it through outages; False when closing's time ran out."""
@@ -393,12 +384,22 @@ class Outbox:
                 failures += 1
                 if failures == 1:
                     log.warning("MLflow: %s failed, retrying until it works: %s", what, error)
-                if self._deadline is not None and time.monotonic() > self._deadline:
+                if self._backlog.overdue():
                     return False
-                time.sleep(self.retry_s)
+                self._backlog.pause(self.retry_s)
         if failures:
             log.info("MLflow: %s went through after %d failures", what, failures)
         return True
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What opening a trial's child run needs, from the trial's stored row."""
+
+    label: str
+    spec: RunSpec
+    run_id: str | None  # the run an earlier start of the trial made
+    resumed: int | None  # the epoch the trial resumes after, when it has some behind it
 
 
 class ChildRuns:
@@ -427,31 +428,40 @@ class ChildRuns:
         self._copies: set[Path] = set()  # mask copies waiting for their upload
         self._lock = threading.Lock()
 
-    def start(
-        self, index: int, label: str, spec: RunSpec, run_id: str | None, resumed: int | None
-    ) -> None:
-        """Create (or reopen) trial ``index``'s run; tag it when it resumed at an epoch."""
+    def start(self, index: int, opening: Callable[[], Opening | None]) -> None:
+        """Create (or reopen) trial ``index``'s run; tag it when it resumed at an epoch.
+
+        ``opening`` is called on the outbox thread: it waits for what the trial's stored row
+        says (its label, spec, run and resume), which the recorder reads on its own thread.
+        Without it (the row could not be read) the trial gets no run.
+        """
 
         def write() -> None:
             # Each step is kept as soon as it is done, so a retry after a failure (the outbox
             # retries the whole write) goes on from there instead of creating a second run.
             # A retry that starts before the first start's run id reached the database gets
             # run_id None: the run this driver already made for the trial is the one to go on.
+            found = opening()
+            if found is None:
+                log.error("trial %d gets no MLflow run: its stored row could not be read", index)
+                return
             known = self._runs.get(index)
-            reuse = run_id or (known.run_id if known is not None else None)
+            reuse = found.run_id or (known.run_id if known is not None else None)
             client = self.client()
             if reuse is None:
-                run = TrialRun.create(client, self.parent_run_id, self.experiment_id, index, label)
+                run = TrialRun.create(
+                    client, self.parent_run_id, self.experiment_id, index, found.label
+                )
                 self._unfinished.add(index)
             else:
                 run = TrialRun.reopen(client, reuse)
             self._runs[index] = run
             if index in self._unfinished:  # made by this driver: params, spec, id to store
-                run.describe(spec)
+                run.describe(found.spec)
                 self.on_run(index, run.run_id)
                 self._unfinished.discard(index)
-            if resumed is not None:
-                run.tag(TAG_RESUMED, str(resumed))
+            if found.resumed is not None:
+                run.tag(TAG_RESUMED, str(found.resumed))
 
         self._seal(index)  # the trial's next epochs go out after its run is (re)opened
         self.outbox.put(f"opening the run of trial {index}", write)

@@ -440,25 +440,28 @@ def test_a_driver_that_starts_clears_the_launchs_retry_error(
         assert experiment is not None and experiment.error == error_after
 
 
-class ClosingRuns:
-    """The recorder's MLflow outbox: what the driver asks of it at its end."""
+class ClosingRecorder:
+    """The recorder's database backlog and MLflow outbox: what the driver asks of them at its
+    end, in order."""
 
     def __init__(self) -> None:
-        self.closed: list[float] = []
+        self.closed: list[tuple[str, float]] = []
+        self.runs = self
 
     def finish(self, index: int, state: str) -> None:
         raise AssertionError("no trial was running")
 
     def close(self, timeout: float) -> bool:
-        self.closed.append(timeout)
+        self.closed.append(("database" if not self.closed else "mlflow", timeout))
         return True
 
 
 def test_the_driver_drains_its_mlflow_writes_when_tune_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``Tuner.fit`` raising (Tune's own error) still lets the queued MLflow writes out,
-    within their bound, before the job fails with that error."""
+    """``Tuner.fit`` raising (Tune's own error) still lets the queued database writes, then
+    the queued MLflow writes out, each within its bound, before the job fails with that
+    error."""
     import service.driver as driver
 
     engine = make_engine(f"sqlite:///{tmp_path / 'svc.db'}")
@@ -484,7 +487,7 @@ def test_the_driver_drains_its_mlflow_writes_when_tune_fails(
         monkeypatch.setenv(name, os.environ.get(name, "0"))
     monkeypatch.setenv("DST_DATABASE_URL", f"sqlite:///{tmp_path / 'svc.db'}")
     monkeypatch.setenv("DST_STORAGE_PATH", str(tmp_path))
-    runs = ClosingRuns()
+    recorder = ClosingRecorder()
 
     class FailingTuner:
         def fit(self) -> Any:
@@ -494,7 +497,7 @@ def test_the_driver_drains_its_mlflow_writes_when_tune_fails(
         def get_node_id(self) -> str:
             return "head"
 
-    monkeypatch.setattr(driver, "recorder_for", lambda experiment_id: type("R", (), {"runs": runs}))
+    monkeypatch.setattr(driver, "recorder_for", lambda experiment_id: recorder)
     monkeypatch.setattr(driver.ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(driver.ray, "get_runtime_context", Context)
     monkeypatch.setattr(driver, "preflight", lambda *args, **kwargs: None)
@@ -503,4 +506,4 @@ def test_the_driver_drains_its_mlflow_writes_when_tune_fails(
     monkeypatch.setattr(driver.signal, "signal", lambda *args: None)
     with pytest.raises(RuntimeError, match="Tune failed"):
         driver.main(["--experiment-id", "e1"])
-    assert runs.closed == [60]
+    assert recorder.closed == [("database", 60), ("mlflow", 60)]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import pickle
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +20,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from dst.masks import load_masks, save_masks
+from dst.spec import RunSpec
 from service import crud
 from service.analysis import FINAL, FIRST_REMOVAL, INITIAL
 from service.db import make_engine, upgrade_database
 from service.recorder import TrialRecorder, checkpoint_dir, recorder_for
 from service.states import TrialState
 from service.study import StudySpec, expand
+from service.tracking import Opening
 from service.trial import GPUS, INITIAL_MASKS, MASKS, METRICS, NODE, REMOVAL_LAYERS, RESUMED
 
 EXPERIMENT = "e" * 32
@@ -41,8 +46,12 @@ class FakeTrial:
 class FakeRuns:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
 
-    def start(self, index: int, label: str, spec: Any, run_id: str | None, resumed: Any) -> None:
-        self.calls.append(("start", index, run_id, resumed))
+    def start(self, index: int, opening: Callable[[], Opening | None]) -> None:
+        found = opening()  # (the real one waits for it on its outbox thread)
+        if found is None:
+            self.calls.append(("no run", index))  # its row could not be read
+        else:
+            self.calls.append(("start", index, found.run_id, found.resumed))
 
     def mark_resumed(self, index: int, epoch: int) -> None:
         self.calls.append(("resumed", index, epoch))
@@ -116,6 +125,11 @@ def row(engine: Engine, index: int = 0) -> Any:
         return found
 
 
+def settle(recorder: TrialRecorder) -> None:
+    """Wait for the database writes the recorder queued."""
+    assert recorder.wait(timeout=10), "the recorder's database writes did not end"
+
+
 def result(epoch: int, directory: str) -> dict[str, Any]:
     metrics = {"epoch": epoch, "test_acc": 0.5, "val_acc": 0.4, "train_loss": 1.0 / epoch}
     return {METRICS: metrics, "checkpoint_dir_name": directory}
@@ -126,13 +140,16 @@ def test_a_trial_from_start_to_success(engine: Engine, tmp_path: Path) -> None:
     recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
     trial = tune_trial(tmp_path)
     recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
+    settle(recorder)
     assert row(engine).state == TrialState.RUNNING and row(engine).started_at is not None
     checkpoint(tmp_path, "checkpoint_000000")
     recorder.on_trial_result(0, [], trial, result(1, "checkpoint_000000"))  # type: ignore[arg-type]
+    settle(recorder)
     assert row(engine).epoch == 1 and crud.trial_metrics(row(engine))["test_acc"] == 0.5  # type: ignore[index]
     checkpoint(tmp_path, "checkpoint_000001")
     recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
     recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    settle(recorder)
     done = row(engine)
     assert done.state == TrialState.SUCCEEDED and done.finished_at is not None
     assert done.resumed_from_epoch is None
@@ -154,6 +171,7 @@ def test_a_resumed_trial_continues_its_run_and_says_so(engine: Engine, tmp_path:
     runs = FakeRuns()
     recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
     recorder.on_trial_start(0, [], tune_trial(tmp_path, 1))  # type: ignore[arg-type]
+    settle(recorder)
     resumed = row(engine, 1)
     assert resumed.resumed_from_epoch == 1 and resumed.error is None
     assert runs.calls == [("start", 1, "run-1", 1)]
@@ -169,9 +187,11 @@ def test_retry_keeps_the_error_visible_and_a_final_error_fails(
     trial.error_file = str(tmp_path / "error.txt")
     recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
     recorder.on_trial_recover(0, [], trial)  # type: ignore[arg-type]
+    settle(recorder)
     assert row(engine).state == TrialState.RUNNING
     assert "retrying after" in row(engine).error and "worker died" in row(engine).error
     recorder.on_trial_error(0, [], trial)  # type: ignore[arg-type]
+    settle(recorder)
     assert row(engine).state == TrialState.FAILED and "worker died" in row(engine).error
     assert runs.calls[-1] == ("finish", 0, "failed")
 
@@ -184,6 +204,7 @@ def test_a_late_report_never_undoes_a_terminal_state(engine: Engine, tmp_path: P
         session.commit()
     recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
     recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    settle(recorder)
     assert row(engine).state == TrialState.CANCELLED
 
 
@@ -192,8 +213,10 @@ def test_reports_without_metrics_or_masks_are_fine(engine: Engine, tmp_path: Pat
     recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
     trial = tune_trial(tmp_path)
     recorder.on_trial_result(0, [], trial, {"done": True})  # type: ignore[arg-type]
+    settle(recorder)
     (tmp_path / "dense").mkdir()  # a dense run's checkpoint has no masks
     recorder.on_trial_result(0, [], trial, result(1, "dense"))  # type: ignore[arg-type]
+    settle(recorder)
     assert runs.calls == [("epoch", 0, 1)]
 
 
@@ -231,6 +254,7 @@ def test_a_restored_trial_reports_its_resume_and_epochs_are_logged_once(
         recorder.on_trial_result(0, [], trial, result(epoch, "none"))  # type: ignore[arg-type]
     again = result(2, "none") | {RESUMED: 1}
     recorder.on_trial_result(0, [], trial, again)  # type: ignore[arg-type]
+    settle(recorder)
     assert row(engine).resumed_from_epoch == 1 and row(engine).epoch == 2
     assert runs.calls == [("epoch", 0, 1), ("epoch", 0, 2), ("resumed", 0, 1)]
     with Session(engine) as session:  # the history holds each epoch once
@@ -264,6 +288,7 @@ def test_initial_masks_come_from_the_first_checkpoint_still_on_storage(
     recorder.on_trial_result(0, [], trial, result(1, "deleted"))  # type: ignore[arg-type]
     checkpoint(tmp_path, "checkpoint_000001")
     recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
+    settle(recorder)
     assert [c for c in runs.calls if c[0] == "masks"] == [
         ("masks", 0, "initial", INITIAL_MASKS),
         ("masks", 0, "final", MASKS),  # epoch 2 is the last
@@ -281,17 +306,23 @@ def test_the_trial_row_says_where_it_runs_from_its_first_report_after_each_start
     trial = tune_trial(tmp_path)
     assert (row(engine).node, row(engine).gpus) == (None, None)
     recorder.on_trial_result(0, [], trial, {NODE: "a", GPUS: "0", "hostname": "tune"})  # type: ignore[arg-type]
+    settle(recorder)
     assert (row(engine).node, row(engine).gpus, row(engine).epoch) == ("a", "0", 0)
     recorder.on_trial_result(0, [], trial, result(1, "none") | {"hostname": "tune"})  # type: ignore[arg-type]
+    settle(recorder)
     assert (row(engine).node, row(engine).gpus, row(engine).epoch) == ("a", "0", 1)
     recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]  # a retry: unknown again
+    settle(recorder)
     assert (row(engine).node, row(engine).gpus) == (None, None)
     recorder.on_trial_result(0, [], trial, {NODE: "a,b", GPUS: "a:1,b:0"})  # type: ignore[arg-type]
+    settle(recorder)
     assert (row(engine).node, row(engine).gpus) == ("a,b", "a:1,b:0")
     recorder.on_trial_result(0, [], trial, result(2, "none") | {RESUMED: 1})  # type: ignore[arg-type]
+    settle(recorder)
     assert (row(engine).node, row(engine).resumed_from_epoch) == ("a,b", 1)
     recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
     recorder.on_trial_result(0, [], trial, {NODE: "c", GPUS: ""})  # type: ignore[arg-type]
+    settle(recorder)
     assert (row(engine).node, row(engine).gpus) == ("c", None)
     assert [c for c in runs.calls if c[0] == "placement"] == [
         ("placement", 0, "a", "0"),
@@ -307,9 +338,11 @@ def test_a_finished_trial_keeps_its_masks_for_the_analysis(engine: Engine, tmp_p
     trial = tune_trial(tmp_path)
     checkpoint(tmp_path, "checkpoint_000000")
     recorder.on_trial_result(0, [], trial, result(1, "checkpoint_000000"))  # type: ignore[arg-type]
+    settle(recorder)
     assert not (store / "0").exists()  # epoch 1 of 2
     checkpoint(tmp_path, "checkpoint_000001")
     recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
+    settle(recorder)
     kept = {p.name for p in (store / "0").iterdir()}
     assert kept == {INITIAL, FINAL, FIRST_REMOVAL}
     assert load_masks(store / "0" / FINAL)["fc1.weight"].all()
@@ -349,6 +382,7 @@ def test_a_database_blip_is_retried_and_the_final_state_lands(
     recorder = impatient(TrialRecorder(engine, EXPERIMENT, None), final=3, progress=1)
     attempts = fail_updates(monkeypatch, database_error(), times=2)
     recorder.on_trial_complete(0, [], tune_trial(tmp_path))  # type: ignore[arg-type]
+    settle(recorder)
     assert len(attempts) == 3 and row(engine).state == TrialState.SUCCEEDED
 
 
@@ -360,8 +394,10 @@ def test_an_epoch_gives_up_sooner_than_a_final_state(
     attempts = fail_updates(monkeypatch, database_error(), times=100)
     trial = tune_trial(tmp_path)
     recorder.on_trial_result(0, [], trial, result(1, "none"))  # type: ignore[arg-type]
+    settle(recorder)
     assert len(attempts) == 2  # the first try and one retry
     recorder.on_trial_error(0, [], trial)  # type: ignore[arg-type]
+    settle(recorder)
     assert len(attempts) == 2 + 4
     assert row(engine).state == TrialState.PENDING  # skipped, and said so in the log
 
@@ -372,6 +408,7 @@ def test_a_write_that_cannot_work_is_skipped_at_once(
     recorder = impatient(TrialRecorder(engine, EXPERIMENT, None), final=3, progress=1)
     attempts = fail_updates(monkeypatch, ValueError("not a database outage"), times=100)
     recorder.on_trial_complete(0, [], tune_trial(tmp_path))  # type: ignore[arg-type]
+    settle(recorder)
     assert len(attempts) == 1
 
 
@@ -392,7 +429,9 @@ def test_no_tune_callback_raises_while_the_database_is_gone(
     recorder.on_trial_recover(0, [], trial)  # type: ignore[arg-type]
     recorder.on_trial_error(0, [], trial)  # type: ignore[arg-type]
     recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
-    assert runs.calls == [  # no start: the trial's row (its spec, its run) could not be read
+    settle(recorder)
+    assert runs.calls == [
+        ("no run", 0),  # the trial's row (its spec, its run) could not be read
         ("placement", 0, "a", ""),
         ("epoch", 0, 2),
         ("masks", 0, "initial", INITIAL_MASKS),
@@ -424,6 +463,7 @@ def test_no_tune_callback_raises_whatever_fails(
     recorder.on_trial_result(0, [], trial, {NODE: "a", GPUS: ""})  # type: ignore[arg-type]
     recorder.on_trial_result(0, [], trial, result(2, "checkpoint_000001"))  # type: ignore[arg-type]
     recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    settle(recorder)
     assert row(engine).state == TrialState.SUCCEEDED and row(engine).epoch == 2
     assert "start broke" in caplog.text
 
@@ -439,6 +479,7 @@ def test_keeping_masks_is_best_effort(
     recorder = TrialRecorder(engine, EXPERIMENT, runs, not_a_dir)  # type: ignore[arg-type]
     checkpoint(tmp_path, "checkpoint_000001")
     recorder.on_trial_result(0, [], tune_trial(tmp_path), result(2, "checkpoint_000001"))  # type: ignore[arg-type]
+    settle(recorder)
     assert row(engine).epoch == 2 and ("masks", 0, "final", MASKS) in runs.calls
     assert "could not keep the masks of trial 0" in caplog.text
 
@@ -454,3 +495,73 @@ def test_storing_a_run_id_raises_for_the_outbox_to_retry(
         recorder.store_run_id(0, "run-0")
     recorder.store_run_id(0, "run-0")
     assert row(engine).mlflow_run_id == "run-0"
+
+
+class PatientRuns(FakeRuns):
+    """Child runs that, like the real ones, read a trial's opening later, on their own
+    thread (here: when the test asks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.openings: list[Callable[[], Opening | None]] = []
+
+    def start(self, index: int, opening: Callable[[], Opening | None]) -> None:
+        self.openings.append(opening)
+        self.calls.append(("start", index))
+
+
+def test_tune_never_waits_for_the_database(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tune waits for its callbacks, and every trial's next report with them: a database
+    that hangs (a lock held, a restart) holds the recorder's thread, never Tune's. The
+    writes land in order once it answers; the run is opened with what the row says."""
+    release, real = threading.Event(), crud.update_trial
+
+    def hanging(session: Session, experiment_id: str, index: int, **fields: Any) -> bool:
+        assert release.wait(timeout=20), "the test never released the database"
+        return real(session, experiment_id, index, **fields)
+
+    monkeypatch.setattr(crud, "update_trial", hanging)
+    runs = PatientRuns()
+    recorder = TrialRecorder(engine, EXPERIMENT, runs)  # type: ignore[arg-type]
+    trial = tune_trial(tmp_path)
+    started = time.monotonic()
+    recorder.on_trial_start(0, [], trial)  # type: ignore[arg-type]
+    recorder.on_trial_result(0, [], trial, {NODE: "a", GPUS: ""})  # type: ignore[arg-type]
+    for epoch in (1, 2):
+        recorder.on_trial_result(0, [], trial, result(epoch, "none"))  # type: ignore[arg-type]
+    recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 5  # (each write would hang 20 s)
+    assert row(engine).state == TrialState.PENDING  # nothing written yet
+    assert runs.calls == [("start", 0), ("placement", 0, "a", ""), ("epoch", 0, 1), ("epoch", 0, 2)]
+    release.set()
+    settle(recorder)
+    done = row(engine)
+    assert (done.state, done.epoch, done.node) == (TrialState.SUCCEEDED, 2, "a")
+    assert runs.openings[0]() == Opening(done.label, expand_spec(done), None, None)
+    assert runs.calls[4:] == [("figure", 0, "learning_curves"), ("finish", 0, "succeeded")]
+
+
+def expand_spec(trial: Any) -> RunSpec:
+    return RunSpec.model_validate_json(trial.spec_json)
+
+
+def test_closing_waits_a_bounded_time_for_a_database_that_stays_down(
+    engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The driver's end: writes queued behind an outage are tried until closing's time is up,
+    then once more each, and the driver goes on."""
+    attempts = fail_updates(monkeypatch, database_error(), times=10_000)
+    recorder = TrialRecorder(engine, EXPERIMENT, None)
+    recorder.final_pauses_s = (0.05,) * 10_000  # retried for minutes, were it not closed
+    trial = tune_trial(tmp_path)
+    recorder.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    recorder.on_trial_error(0, [], trial)  # type: ignore[arg-type]
+    started = time.monotonic()
+    assert recorder.close(timeout=0.5)  # (the waits end with the last pause)
+    assert time.monotonic() - started < 5
+    assert len(attempts) < 100 and caplog.text.count("the database is unreachable") == 2

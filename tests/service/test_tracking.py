@@ -6,6 +6,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,18 @@ from service.tracking import (
     TAG_RESUMED,
     ChildRuns,
     MlflowTracker,
+    Opening,
     Outbox,
     TrialRun,
     without_credentials,
 )
+
+
+def opened(
+    label: str, spec: RunSpec, run_id: str | None, resumed: int | None
+) -> Callable[[], Opening]:
+    """What the recorder answers once it has read a trial's row."""
+    return lambda: Opening(label, spec, run_id, resumed)
 
 
 def test_writes_run_in_order_and_outages_are_retried() -> None:
@@ -86,8 +95,8 @@ def test_metrics_arrive_once_mlflow_is_back(tmp_path: Path) -> None:
     masks_file = tmp_path / "m.npz"
     save_masks({"fc1.weight": torch.eye(3, dtype=torch.bool)}, masks_file)
     started = time.monotonic()
-    runs.start(0, "trial 0", spec, None, None)
-    runs.start(0, "trial 0", spec, None, 1)  # retried before the first run's id was stored
+    runs.start(0, opened("trial 0", spec, None, None))
+    runs.start(0, opened("trial 0", spec, None, 1))  # retried before the first run's id was stored
     for epoch in (1, 2):
         runs.log_epoch(0, {"epoch": epoch, "test_acc": 0.25 * epoch})
     runs.log_masks(0, masks_file, "final")
@@ -262,7 +271,7 @@ def test_a_trial_run_half_made_is_completed_by_the_retry_not_made_twice(failing:
     runs = ChildRuns("http://127.0.0.1:9", "parent", "exp-1", on_run, Outbox(retry_s=0.01))
     runs._client = fake  # type: ignore[assignment]
     spec = RunSpec.model_validate({"model": "small-mlp", "dataset": "digits"})
-    runs.start(3, "trial 3", spec, None, 2)
+    runs.start(3, opened("trial 3", spec, None, 2))
     assert runs.close(timeout=10)
     assert fake.created == ["run0"]  # one child run, whatever failed
     assert fake.params["run0"]["model"] == "small-mlp"
@@ -356,9 +365,9 @@ def test_epochs_go_on_after_a_write_of_their_trial_was_skipped() -> None:
     runs = ChildRuns("http://127.0.0.1:9", "parent", "exp-1", lambda i, r: None, Outbox(0.01))
     runs._client = fake  # type: ignore[assignment]
     spec = RunSpec.model_validate({"model": "small-mlp", "dataset": "digits"})
-    runs.start(0, "trial 0", spec, None, None)  # skipped
+    runs.start(0, opened("trial 0", spec, None, None))  # skipped
     runs.log_epoch(0, {"epoch": 1, "test_acc": 0.1})  # skipped: the trial has no run
-    runs.start(0, "trial 0", spec, None, 1)  # the trial's retry
+    runs.start(0, opened("trial 0", spec, None, 1))  # the trial's retry
     for epoch in (2, 3, 4):
         runs.log_epoch(0, {"epoch": epoch, "test_acc": 0.1 * epoch})
     runs.finish(0, "succeeded")
@@ -433,3 +442,15 @@ def test_a_mask_copy_that_fails_is_a_warning(
     assert runs.close(timeout=5)
     assert "run0" not in fake.files and copies(temp_dir) == []
     assert "could not copy the final masks of trial 0" in caplog.text
+
+
+def test_a_trial_whose_row_could_not_be_read_gets_no_run(caplog: pytest.LogCaptureFixture) -> None:
+    """Without its stored row (the database stayed down) a trial's run is not made: its
+    label, spec and earlier run are unknown. Its later writes are skipped."""
+    fake = FlakyMlflow()
+    runs = ChildRuns("http://127.0.0.1:9", "parent", "exp-1", lambda i, r: None, Outbox(0.01))
+    runs._client = fake  # type: ignore[assignment]
+    runs.start(0, lambda: None)
+    runs.log_epoch(0, {"epoch": 1, "test_acc": 0.1})
+    assert runs.close(timeout=10)
+    assert fake.created == [] and "trial 0 gets no MLflow run" in caplog.text
