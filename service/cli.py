@@ -110,6 +110,7 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
             signal.signal(sig, stopper)
     starters: list[tuple[str, Any]] = []
     ray_address, mlflow_uri = settings.ray_address, settings.mlflow_tracking_uri
+    driver_python = job_python(settings)  # (before the local Ray's address is filled in)
     if not ray_address:
         dashboard = free_port()
         ray_address = f"http://127.0.0.1:{dashboard}"
@@ -127,7 +128,7 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
         from service.main import create_app
         from service.tracking import MlflowTracker
 
-        executor = RayExecutor.for_settings(settings, ray_address, sys.executable)
+        executor = RayExecutor.for_settings(settings, ray_address, driver_python)
         tracker = MlflowTracker(mlflow_uri, settings.mlflow_ui_url)
         return create_app(settings, executor=executor, tracker=tracker)
 
@@ -172,6 +173,15 @@ def running_api(settings: Settings, wait_for_app: bool = True) -> Iterator[str]:
         local.stop(grace=2)  # nothing left in local Ray or MLflow is worth a longer wait
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def job_python(settings: Settings) -> str:
+    """The Python a job's driver runs with: this one on the local Ray that ``serve`` starts,
+    else (a cluster's head, where this interpreter's path may not exist) ``DST_JOB_PYTHON``,
+    which also wins wherever it is set."""
+    if settings.ray_address or "job_python" in settings.model_fields_set:
+        return settings.job_python
+    return sys.executable
 
 
 def _start(name: str, start: Any) -> None:

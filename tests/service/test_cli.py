@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from service.api.routes.experiments import log_part
-from service.cli import app, follow_log, results_table, trial_line
+from service.cli import app, follow_log, job_python, results_table, trial_line
 from service.client import ApiError
+from service.core.config import Settings
 
 runner = CliRunner()
 
@@ -582,3 +584,18 @@ def test_ctrl_c_stops_serve_and_everything_it_started(
             os.killpg(proc.pid, signal.SIGKILL)
         for pid in alive(leftover):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_jobs_driver_runs_with_this_python_only_on_the_ray_serve_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a cluster's head this interpreter's path may not exist: the driver runs with
+    ``DST_JOB_PYTHON`` there, and wherever that is set."""
+    for name in ("DST_RAY_ADDRESS", "DST_JOB_PYTHON"):
+        monkeypatch.delenv(name, raising=False)
+    cluster = "http://ray-head:8265"
+    assert job_python(Settings()) == sys.executable  # serve starts a local Ray
+    assert job_python(Settings(ray_address=cluster)) == "python"
+    monkeypatch.setenv("DST_JOB_PYTHON", "/app/.venv/bin/python")
+    assert job_python(Settings()) == "/app/.venv/bin/python"
+    assert job_python(Settings(ray_address=cluster)) == "/app/.venv/bin/python"
