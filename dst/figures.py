@@ -12,6 +12,7 @@ validation loss minus training loss (``loss_gap`` in :mod:`dst.training`, Figure
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -412,16 +413,33 @@ def critical_distance(
 # -- Figure 4: loss gap --------------------------------------------------------------------
 
 
-def _accuracy_bars(ax: Axes, test_acc: Mapping[str, float]) -> None:
-    """Final test accuracy per criterion, the y axis zoomed on the spread between them."""
+def _accuracy_points(
+    ax: Axes, test_acc: Mapping[str, float], std: Mapping[str, float | None] | None
+) -> None:
+    """Final test accuracy per criterion as a point with a ±std error bar (over seeds, where
+    given), the y axis zoomed on the spread between them. Points, not bars: a bar's height
+    reads as the value, which a y axis that does not start at 0 would exaggerate."""
     names = list(test_acc)
-    colors = [_color(name, i) for i, name in enumerate(names)]
-    values = [test_acc[name] for name in names]
-    ax.bar(names, values, color=colors)
-    margin = max(max(values) - min(values), 0.01)
-    ax.set_ylim(max(min(values) - margin, 0.0), min(max(values) + margin, 1.0))
+    spreads = {name: (std or {}).get(name) for name in names}
+    for index, name in enumerate(names):
+        spread = spreads[name]
+        ax.errorbar(
+            [index],
+            [test_acc[name]],
+            yerr=None if spread is None else [spread],
+            fmt="o",
+            capsize=4,
+            color=_color(name, index),
+        )
+    ax.set_xticks(range(len(names)), labels=names)
+    low = min(test_acc[name] - (spreads[name] or 0.0) for name in names)
+    high = max(test_acc[name] + (spreads[name] or 0.0) for name in names)
+    margin = max(high - low, 0.01)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_ylim(max(low - margin, 0.0), min(high + margin, 1.0))
     ax.set_ylabel(f"test accuracy{ACCURACY_NOTE}")
-    ax.set_title("Test accuracy")
+    ax.set_title("Test accuracy (mean ± std over seeds)")
+    ax.grid(True, axis="y", alpha=0.3)
     ax.tick_params(axis="x", labelrotation=45)
 
 
@@ -430,12 +448,14 @@ def loss_gap_over_time(
     baselines: Sequence[Series] = (),
     test_acc: Mapping[str, float] | None = None,
     *,
+    test_acc_std: Mapping[str, float | None] | None = None,
     title: str = "Loss gap (validation loss − training loss) over training",
 ) -> Figure:
     """Figure 4: the loss gap (validation loss − training loss, ``loss_gap`` per epoch) for
     each criterion and for the baselines (labelled ``dense``, ``dense + dropout``, ``static``;
     drawn dashed), showing DST's regularizing effect. With ``test_acc`` a second panel shows
-    each criterion's test accuracy, as on the right of Figure 4."""
+    each criterion's test accuracy, as on the right of Figure 4: a point per criterion with
+    its ``test_acc_std`` (over seeds; none where missing) as an error bar."""
     fig, axes = _panels(2 if test_acc else 1, sharey=False)
     _plot_all(axes[0], criteria)
     for baseline in baselines:
@@ -444,7 +464,7 @@ def loss_gap_over_time(
     axes[0].set_title("Loss gap")
     _legend(axes[0])
     if test_acc:
-        _accuracy_bars(axes[1], test_acc)
+        _accuracy_points(axes[1], test_acc, test_acc_std)
     fig.suptitle(title)
     return fig
 
@@ -503,12 +523,23 @@ def _check_matrix(matrix: Matrix, rows: int, columns: int, what: str) -> None:
 
 
 def _annotate_cells(ax: Axes, matrix: Matrix, std: Matrix | None) -> None:
-    """Each cell's value (and ± std, Figures 20-21), dark text on light cells."""
+    """Each cell's value (and ± std, Figures 20-21), dark text on light cells; a cell without
+    a value (NaN: e.g. both criteria removed nothing) reads "n/a", a missing std is left out."""
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
-            text = f"{value:.2f}" if std is None else f"{value:.2f}\n±{std[i][j]:.2f}"
+            if math.isnan(value):
+                ax.text(j, i, "n/a", ha="center", va="center", color="gray", fontsize="small")
+                continue
+            spread = math.nan if std is None else std[i][j]
+            text = f"{value:.2f}" if math.isnan(spread) else f"{value:.2f}\n±{spread:.2f}"
             color = "black" if value >= 0.5 else "white"
             ax.text(j, i, text, ha="center", va="center", color=color, fontsize="small")
+
+
+REFERENCES = {  # what a heatmap's reference value is, as the paper estimates it (Figure 6)
+    "J_r": "random removal sets from different initializations",
+    "J_init": "initial masks of different seeds",
+}
 
 
 def jaccard_heatmap(
@@ -522,10 +553,14 @@ def jaccard_heatmap(
     title: str = "Jaccard index between pruning criteria",
 ) -> Figure:
     """Figure 6 (and 17, 20-21): the mean Jaccard index between criteria as a heatmap on
-    [0, 1], each cell annotated with its value and, given ``std``, its std over seeds. Columns
-    default to the rows; a different column list allows Figure 6b's extra ``init`` row. The
-    reference overlap of random sets (``J_r``, or ``J_init`` for masks) is in the title: cells
-    above it overlap more than chance."""
+    [0, 1], each cell annotated with its value and, given ``std``, its std over seeds (a cell
+    without a value reads "n/a"). Columns default to the rows; a different column list allows
+    Figure 6b's extra ``init`` row. ``reference`` is the paper's reference point, in the
+    title with what it is (:data:`REFERENCES`): ``J_r``, the mean pairwise Jaccard index of
+    the random criterion's removal sets from different initializations (Figure 6a), or
+    ``J_init``, that of the initial masks of different seeds (Figure 6b). J_r compares sets
+    from different masks, not two random picks from one state, so it is no chance level for
+    the cells."""
     columns = list(rows) if columns is None else list(columns)
     _check_matrix(matrix, len(rows), len(columns), "the matrix")
     if std is not None:
@@ -538,7 +573,10 @@ def jaccard_heatmap(
     ax.set_xticks(range(len(columns)), labels=columns, rotation=45, ha="right")
     ax.set_yticks(range(len(rows)), labels=rows)
     _annotate_cells(ax, matrix, std)
-    note = "" if reference is None else f"\n{reference_name} = {reference:.3f}"
+    note = ""
+    if reference is not None and not math.isnan(reference):
+        meaning = REFERENCES.get(reference_name)
+        note = f"\n{reference_name} = {reference:.3f}" + (f" ({meaning})" if meaning else "")
     fig.suptitle(_wrapped(title, fig) + note, fontsize="medium")
     return fig
 
@@ -574,21 +612,18 @@ def accuracy_vs_mest_lambda(
 
 def jaccard_over_time(
     panels: Mapping[str, Sequence[Series]],
-    reference: float | None = None,
     *,
-    reference_name: str = "J_r",
     title: str = "Removal-set Jaccard index over training",
 ) -> Figure:
     """Figure 18: one panel per criterion a run was trained with (``panels`` maps it to its
     lines). At every topology update each other criterion picks the weights it would remove
     from the run's state; each line is the Jaccard index of that pick with what the run's
-    own criterion removed, against the training step. Not symmetric between criteria.
-    ``reference`` (the overlap of random sets, J_r) is a dotted line."""
+    own criterion removed, against the training step. Not symmetric between criteria. A NaN
+    point (an update that removed nothing) is a gap. No reference line: J_r depends on the
+    number of weights removed, which the prune schedule lowers from update to update."""
     fig, axes = _grid(len(panels))
     for ax, (trained_with, series) in zip(axes, panels.items(), strict=True):
         _plot_all(ax, series)
-        if reference is not None:
-            ax.axhline(reference, label=reference_name, color="gray", linestyle=":")
         _label(ax, "training step", "Jaccard index of removal sets (1 = same)")
         _unit_y(ax)
         ax.set_title(f"trained with {trained_with}")

@@ -1,8 +1,9 @@
 """Average ranks of pruning criteria and their critical distance diagram (Section 5.2, Fig. 3).
 
 Within each group (a model, dataset, growth criterion and density: a block in Demšar's 2006
-terms) the criteria are ranked by their final test accuracy averaged over seeds (rank 1 = best,
-ties share the average rank), and the ranks are averaged over the groups. Friedman's test
+terms) the criteria are ranked by their final test accuracy averaged over seeds (rank 1 = best;
+the means are rounded to 12 decimals, so equal accuracies tie, and tied criteria share the
+average rank), and the ranks are averaged over the groups. Friedman's test
 asks whether the criteria differ at all; the Nemenyi post-hoc test gives the critical distance
 CD = q_α · sqrt(k(k+1) / 6N): two criteria whose average ranks differ by at most CD are not
 significantly different, and the diagram joins such runs of criteria by thick bars.
@@ -21,6 +22,10 @@ import scikit_posthocs
 from scipy import stats
 
 RANK_TOLERANCE = 1e-9  # average ranks are sums of halves over N: float noise, not a difference
+# a block's mean accuracies are rounded to this many decimals before ranking: accuracies in
+# [0, 1] from finite test sets differ by far more, while equal accuracies summed in another
+# order, or equal totals of correct predictions over the seeds, differ by float noise only
+MEAN_DECIMALS = 12
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,8 @@ def density_filter(
 # -- the block table ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AccuracyTable:
-    """Mean test accuracy over seeds per group (row) and criterion (column): ``values`` [N, k].
+    """Mean test accuracy over seeds per group (row) and criterion (column): ``values`` [N, k],
+    rounded to :data:`MEAN_DECIMALS` decimals so that equal accuracies tie.
 
     Only groups where every criterion has a result are kept (Friedman's test needs complete
     blocks); the others are listed in ``dropped_groups``.
@@ -99,6 +105,10 @@ def accuracy_table(scores: Iterable[Score], criteria: Sequence[str] | None = Non
 
     ``criteria`` fixes the columns (default: in order of first appearance). A repeated
     (criterion, group, seed) or a non-finite accuracy is an error, not something to average.
+    Each mean is the exactly rounded sum (:func:`math.fsum`, so the seeds' order does not
+    matter) over the seeds, rounded to :data:`MEAN_DECIMALS` decimals: criteria with equal
+    accuracies (e.g. the same total of correct predictions over the seeds) tie, and so share
+    their rank (Demšar 2006).
     """
     runs: dict[tuple[Any, ...], dict[str, dict[int, float]]] = {}
     for s in scores:
@@ -110,11 +120,16 @@ def accuracy_table(scores: Iterable[Score], criteria: Sequence[str] | None = Non
         seeds[s.seed] = s.test_acc
     names = list(criteria) if criteria is not None else _first_seen(runs.values())
     complete = [g for g, by in runs.items() if all(c in by for c in names)]
-    values = np.array(
-        [[float(np.mean(list(runs[g][c].values()))) for c in names] for g in complete]
-    ).reshape(len(complete), len(names))  # [N, k]
+    means = [[_seed_mean(runs[g][c].values()) for c in names] for g in complete]
+    values = np.array(means).reshape(len(complete), len(names))  # [N, k]
     dropped = [g for g in runs if g not in complete]
     return AccuracyTable(complete, names, values, dropped)
+
+
+def _seed_mean(accuracies: Iterable[float]) -> float:
+    """The mean over seeds, independent of their order and rounded to :data:`MEAN_DECIMALS`."""
+    values = list(accuracies)
+    return round(math.fsum(values) / len(values), MEAN_DECIMALS)
 
 
 def _first_seen(groups: Iterable[dict[str, dict[int, float]]]) -> list[str]:
@@ -254,13 +269,25 @@ def rank_criteria(
     (Section 5.2, Figure 3; the Nemenyi test at α = 0.05 as in the paper).
 
     ``where`` keeps only some scores (e.g. :func:`density_filter` for Figure 3b/c).
-    Groups missing a criterion are dropped (listed in the result). Raises ``ValueError`` when
-    no complete group is left.
+    ``criteria`` are the criteria to rank (default: every criterion of ``scores``, before
+    ``where``), so a split where a criterion has no result at all drops its groups rather
+    than ranking the others without it. Groups missing a criterion are dropped (listed in the
+    result). Raises ``ValueError`` when no complete group is left.
     """
-    kept = [s for s in map(to_score, scores) if where is None or where(s)]
-    table = accuracy_table(kept, criteria)
+    every = list(map(to_score, scores))
+    names = (
+        list(criteria) if criteria is not None else list(dict.fromkeys(s.criterion for s in every))
+    )
+    kept = [s for s in every if where is None or where(s)]
+    table = accuracy_table(kept, names)
     if not table.groups:
-        raise ValueError("no group has a result for every criterion: nothing to rank")
+        present = {s.criterion for s in kept}
+        absent = [c for c in names if c not in present]
+        note = f"; {', '.join(absent)}: no result here" if absent else ""
+        raise ValueError(
+            f"no group has a result for every criterion ({', '.join(names)}): nothing to rank"
+            + note
+        )
     mean_ranks = dict(zip(table.criteria, average_ranks(table.values).tolist(), strict=True))
     n, k = table.values.shape
     cd = critical_distance(k, n, alpha) if k >= 2 else None

@@ -12,13 +12,21 @@ Sets are compared by the layer-wise Jaccard index averaged over the layers (Eq. 
 * :func:`consensus` is the share of weights every criterion keeps / removes (Figure 19);
 * :func:`random_removal_reference` (J_r) and :func:`initial_mask_reference` (J_init) are the
   reference overlaps of Figure 6.
+
+Two empty sets have no Jaccard index (0 / 0): late topology updates, whose cosine-decayed prune
+fraction rounds to zero in small layers, remove nothing there, and counting such a layer as
+J = 1 ("identical") would lift every pair of criteria, random included, towards 1 at the end of
+training. The paper does not say how it treats them; here J(∅, ∅) is NaN, Eq. (1)'s average is
+over the layers where at least one of the two sets is non-empty, and a pair with no such layer
+has no value (NaN; ``None`` in JSON). Seeds are averaged the same way, over the seeds that
+have a value (:func:`mean_where_defined`, :func:`std_where_defined`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,29 +44,41 @@ RemovalSets = dict[str, Masks]  # criterion -> layer -> bool tensor of the weigh
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     """J(A, B) = |A ∩ B| / |A ∪ B| of two boolean set indicators (Eq. 1, one layer).
 
-    Two empty sets are identical, so J(∅, ∅) = 1 (e.g. both criteria prune nothing from a
-    layer whose prune count rounds to zero). On the CPU the sets are combined in NumPy, which
-    is many times faster than torch's element-wise ops on small layers (and does not slow
-    down when other processes hold the cores).
+    J(∅, ∅) is undefined (NaN): two criteria that both prune nothing from a layer (its prune
+    count rounds to zero late in training) have not chosen the same weights, so the layer
+    says nothing about their overlap (see the module's note). On the CPU the sets are
+    combined in NumPy, which is many times faster than torch's element-wise ops on small
+    layers (and does not slow down when other processes hold the cores).
     """
     if a.device.type == "cpu" and b.device.type == "cpu":
         x, y = a.detach().numpy(), b.detach().numpy()
         union = int(np.count_nonzero(x | y))
-        return int(np.count_nonzero(x & y)) / union if union else 1.0
+        return int(np.count_nonzero(x & y)) / union if union else math.nan
     union = num_active(a | b)
-    return num_active(a & b) / union if union else 1.0
+    return num_active(a & b) / union if union else math.nan
 
 
 def layer_jaccards(a: Masks, b: Masks) -> dict[str, float]:
-    """J(I_a^l, I_b^l) for every layer l (Eq. 1 before the average), in ``a``'s layer order."""
+    """J(I_a^l, I_b^l) for every layer l (Eq. 1 before the average), in ``a``'s layer order;
+    NaN for a layer where both sets are empty."""
     _same_layers(a, b)
     return {name: jaccard(a[name].bool(), b[name].bool()) for name in a}
 
 
+def defined_mean(values: Iterable[float]) -> float:
+    """The mean of the values that are not NaN; NaN when none is.
+
+    Eq. (1)'s average over layers (the layers where either set is non-empty), and a mean of
+    such averages over pairs of sets (J_r, J_init).
+    """
+    defined = [v for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
 def mean_jaccard(a: Masks, b: Masks) -> float:
-    """Eq. (1): J̄(I_a, I_b) = (1/L) Σ_l J(I_a^l, I_b^l), the layer-wise index averaged."""
-    per_layer = layer_jaccards(a, b)
-    return sum(per_layer.values()) / len(per_layer)
+    """Eq. (1): J̄(I_a, I_b) = (1/L') Σ_l J(I_a^l, I_b^l), the layer-wise index averaged over
+    the L' layers where at least one set is non-empty; NaN when there is no such layer."""
+    return defined_mean(layer_jaccards(a, b).values())
 
 
 def _same_layers(a: Masks, b: Masks) -> None:
@@ -111,8 +131,10 @@ def removal_sets(
 def layer_jaccard_matrix(sets: Mapping[str, Masks], names: Sequence[str]) -> np.ndarray:
     """J(I_a^l, I_b^l) for every pair of ``names`` and layer l: an array [c, c, L].
 
-    Symmetric in its first two axes with ones on the diagonal; the layers are in the order of
-    the first set's layers. Kept per layer so seeds can be averaged before layers (Appendix K).
+    Symmetric in its first two axes with ones on the diagonal (a criterion is compared with
+    itself, even in a layer where it removes nothing); NaN where both sets of a layer are
+    empty. The layers are in the order of the first set's layers. Kept per layer so seeds can
+    be averaged before layers (Appendix K).
     """
     layers = list(sets[names[0]])
     out = np.ones((len(names), len(names), len(layers)))  # [c, c, L]
@@ -127,8 +149,9 @@ def jaccard_matrix(sets: Mapping[str, Masks], names: Sequence[str]) -> np.ndarra
 
     One state's removal sets (Figures 6a, 17) or one seed's end masks (Figure 6b; an extra
     name such as ``"init"`` mapped to the initial masks gives the bottom row of Figure 6b).
+    A pair is averaged over the layers where either set is non-empty; NaN where none is.
     """
-    return layer_jaccard_matrix(sets, names).mean(axis=2)  # [c, c]
+    return mean_where_defined(layer_jaccard_matrix(sets, names), axis=2)  # [c, c]
 
 
 def over_time_jaccard(
@@ -139,7 +162,8 @@ def over_time_jaccard(
     ``runs[row][u]`` holds the removal sets that every criterion in ``columns`` (and ``row``
     itself) would select at update u of the run trained with criterion ``row``
     (:func:`removal_sets` on that run's state). Entry (row, col) is measured in the row's run,
-    so the matrix need not be symmetric (Appendix K). Rows are in the order of ``runs``.
+    so the matrix need not be symmetric (Appendix K); it is NaN where both sets are empty in
+    every layer (a late update that prunes nothing). Rows are in the order of ``runs``.
     """
     counts = {len(updates) for updates in runs.values()}
     if len(counts) != 1:
@@ -201,7 +225,8 @@ def _share(part: int, whole: int) -> float:
 @dataclass(frozen=True)
 class JaccardStats:
     """A criterion x criterion Jaccard matrix over seeds: ``mean`` and ``std`` are [c, c] in the
-    order of ``names``; the std is NaN with fewer than ddof + 1 seeds."""
+    order of ``names``; a mean is NaN where no seed has a value, a std where fewer than
+    ddof + 1 seeds have one."""
 
     names: list[str]
     mean: np.ndarray  # [c, c]
@@ -222,11 +247,39 @@ def _json_matrix(values: np.ndarray) -> list[list[float | None]]:
     return [[None if math.isnan(v) else float(v) for v in row] for row in values.tolist()]
 
 
-def _std(values: np.ndarray, ddof: int) -> np.ndarray:
-    """Std over axis 0, NaN (without a warning) when there are too few samples for ``ddof``."""
-    if values.shape[0] <= ddof:
-        return np.full(values.shape[1:], math.nan)
-    return values.std(axis=0, ddof=ddof)
+def mean_where_defined(values: np.ndarray, axis: int) -> np.ndarray:
+    """The mean over ``axis`` of the entries that are not NaN; NaN where none is.
+
+    What :func:`numpy.nanmean` gives, without its warning on an all-NaN slice (a pair of
+    criteria whose sets are empty in every layer, or a layer empty in every seed).
+    """
+    present = ~np.isnan(values)
+    count = present.sum(axis=axis)
+    total = np.where(present, values, 0.0).sum(axis=axis)
+    return np.divide(total, count, out=np.full(np.shape(count), math.nan), where=count > 0)
+
+
+def std_where_defined(values: np.ndarray, ddof: int, axis: int = 0) -> np.ndarray:
+    """The std over ``axis`` (the seeds) of the entries that are not NaN: it counts only the
+    seeds with a value, and is NaN (without a warning) where fewer than ddof + 1 have one."""
+    present = ~np.isnan(values)
+    count = present.sum(axis=axis)
+    mean = np.expand_dims(mean_where_defined(values, axis), axis)
+    squares = np.where(present, (values - mean) ** 2, 0.0).sum(axis=axis)
+    variance = np.divide(
+        squares, count - ddof, out=np.full(np.shape(count), math.nan), where=count > ddof
+    )
+    return np.sqrt(variance)
+
+
+def seeds_then_layers(per_layer: np.ndarray, ddof: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Appendix K's aggregation of removal-set indices ``per_layer`` [S, ..., L] (seeds first,
+    layers last): the mean over seeds for each layer, then over layers; the std over seeds
+    for each layer, then averaged over layers. Both skip what is NaN (a layer where both sets
+    are empty in that seed; a layer's std with fewer than ddof + 1 seeds): [...]."""
+    mean = mean_where_defined(mean_where_defined(per_layer, axis=0), axis=-1)
+    std = mean_where_defined(std_where_defined(per_layer, ddof, axis=0), axis=-1)
+    return mean, std
 
 
 def removal_jaccard_over_seeds(
@@ -235,14 +288,14 @@ def removal_jaccard_over_seeds(
     """Removal-set Jaccard over seeds as Appendix K computes it (Figures 6a, 17, 20).
 
     The mean is taken over seeds for each layer, then over layers; the std is taken over
-    seeds for each layer, then averaged over layers. ``per_seed[s]`` is one seed's
+    seeds for each layer, then averaged over layers (:func:`seeds_then_layers`: a layer whose
+    sets are empty in some seeds averages over the others). ``per_seed[s]`` is one seed's
     :func:`removal_sets`. ``ddof`` = 1 is the sample std, as the service's results tables.
     """
     if not per_seed:
         raise ValueError("no seeds to aggregate")
     per_layer = np.stack([layer_jaccard_matrix(sets, names) for sets in per_seed])  # [S, c, c, L]
-    mean = per_layer.mean(axis=0).mean(axis=2)  # [c, c]
-    std = _std(per_layer, ddof).mean(axis=2)  # [c, c]
+    mean, std = seeds_then_layers(per_layer, ddof)  # [c, c], [c, c]
     return JaccardStats(list(names), mean, std, len(per_seed))
 
 
@@ -252,22 +305,28 @@ def end_mask_jaccard_over_seeds(
     """End-mask Jaccard over seeds as Appendix K computes it (Figures 6b, 21).
 
     Per seed the index is averaged over layers (Eq. 1); then mean and std are taken over
-    seeds. ``per_seed[s]`` maps each name to that seed's end masks (all runs of a seed start
-    from the same initial masks; add ``"init"`` for the comparison with the initialization).
+    the seeds where it has a value. ``per_seed[s]`` maps each name to that seed's end masks
+    (all runs of a seed start from the same initial masks; add ``"init"`` for the comparison
+    with the initialization).
     """
     if not per_seed:
         raise ValueError("no seeds to aggregate")
     per_run = np.stack([jaccard_matrix(masks, names) for masks in per_seed])  # [S, c, c]
-    return JaccardStats(list(names), per_run.mean(axis=0), _std(per_run, ddof), len(per_seed))
+    return JaccardStats(
+        list(names),
+        mean_where_defined(per_run, axis=0),
+        std_where_defined(per_run, ddof, axis=0),
+        len(per_seed),
+    )
 
 
 # -- reference overlaps of Figure 6 -------------------------------------------------------------
 def mean_pairwise_jaccard(sets: Sequence[Masks]) -> float:
-    """The mean of J̄ (Eq. 1) over all unordered pairs of ``sets``."""
+    """The mean of J̄ (Eq. 1) over the unordered pairs of ``sets`` that have one (NaN when no
+    pair has: every set empty in every layer)."""
     if len(sets) < 2:
         raise ValueError("a pairwise mean needs at least two sets")
-    pairs = list(itertools.combinations(sets, 2))
-    return sum(mean_jaccard(a, b) for a, b in pairs) / len(pairs)
+    return defined_mean(mean_jaccard(a, b) for a, b in itertools.combinations(sets, 2))
 
 
 def initial_mask_reference(initial_masks: Sequence[Masks]) -> float:
@@ -283,11 +342,16 @@ def random_removal_reference(
     scope: Scope = "local",
     generator: torch.Generator | None = None,
 ) -> float:
-    """J_r (Figure 6a): the mean pairwise Jaccard of the random criterion's removal sets from
-    different initial masks, the overlap expected of unrelated removal sets of the same sizes.
+    """J_r (Figure 6a) as the paper estimates it: "the mean pair-wise Jaccard index of the
+    random pruning criterion with different sparse initialization", i.e. random removal sets
+    drawn from the initial masks of different seeds.
 
-    The sets come from :func:`removal_sets` with the random criterion (which ignores weights
-    and gradients), so their sizes are those of a real update at ``prune_fraction``.
+    Sets drawn from different masks can only share weights active in both masks, so J_r is
+    below the overlap of two random removal sets from one network state; it is the paper's
+    reference point, not a chance level for the criteria compared within one state. The sets
+    come from :func:`removal_sets` with the random criterion (which ignores weights and
+    gradients), so their sizes are those of a real update at ``prune_fraction``; NaN when
+    that update removes nothing at all.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     sets = [

@@ -403,7 +403,7 @@ class Trainer:
         network state: a row of Figure 18, and of Figure 6a at the first update (when every
         criterion of a seed still shares this state). Before the update changes anything."""
         from dst.criteria import CRITERIA
-        from dst.structure import layer_jaccards, removal_sets
+        from dst.structure import defined_mean, layer_jaccards, removal_sets
 
         s = self.spec.sparsity
         grads = {name: w.grad for name, w in sp.weights.items()}
@@ -414,7 +414,9 @@ class Trainer:
         )  # fmt: skip
         own = sets[s.criterion]
         layers = {name: layer_jaccards(own, other) for name, other in sets.items()}
-        row = {name: sum(js.values()) / len(js) for name, js in layers.items()}  # Eq. (1)
+        means = {name: defined_mean(js.values()) for name, js in layers.items()}  # Eq. (1)
+        # an update that removes nothing (the prune fraction has decayed) has no index
+        row = {name: j for name, j in means.items() if not math.isnan(j)}
         self.removal_jaccard = row
         if not self.first_removal_jaccard:
             self.first_removal_jaccard = dict(row)

@@ -5,10 +5,12 @@ From the trials' final metrics, their per-epoch histories and the masks the job 
 everything else the study varies, Friedman's test, the Nemenyi critical distance and its
 cliques; for all densities, ≤ 0.2 and > 0.2); the learning curves and loss gaps of Figures 2
 and 4 per setting, with the baselines; the structure of Section 5.4: the removal-set Jaccard
-index at the first update (Figure 6a) and over training (Figure 18) with J_r, the end-mask
+index at the first update (Figure 6a, with J_r) and over training (Figure 18), the end-mask
 Jaccard index (Figure 6b) with J_init and the weights every criterion keeps or removes
-(Figure 19). A study still running gets the same analysis over what has finished, marked
-``partial``. Which figures are drawn from it is :mod:`service.figures`'s business.
+(Figure 19). A Jaccard index with no value (both sets empty in every layer: an update that
+removes nothing, see :mod:`dst.structure`) is ``None``, a gap, never a number. A study
+still running gets the same analysis over what has finished, marked ``partial``. Which
+figures are drawn from it is :mod:`service.figures`'s business.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import re
 import statistics
 import threading
@@ -77,15 +80,31 @@ class StudyAnalysis:
     over_time: list[dict[str, Any]] = field(default_factory=list)  # Figure 18 per setting
     curves: list[dict[str, Any]] = field(default_factory=list)  # Figures 2, 4 per setting
     itop: list[dict[str, Any]] = field(default_factory=list)  # final ITOP rows (Figure 11)
+    # final validation accuracy per configuration, as results rows (Figure 5)
+    validation: list[dict[str, Any]] = field(default_factory=list)
     # the one value of each field the study does not vary, as its DST trials have it (e.g.
     # the criterion and growth every run used): what a figure labels its lines and panels by
     fixed: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (strict JSON: a NaN or infinite number is ``None``), without what the
+        figures alone read (the results table, the fixed values, the validation rows)."""
         out = asdict(self)
         out.pop("results")
         out.pop("fixed")
-        return out
+        out.pop("validation")
+        return _finite(out)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 @functools.cache
@@ -115,15 +134,17 @@ def analyze(
         analysis.structure = end_mask_structure(finished, within, mask_dir)
     references = random_references(finished, within, mask_dir) if mask_dir else {}
     analysis.removal = first_update_structure(finished, within, references, mask_dir)
-    analysis.over_time = removal_over_time(finished, within, references)
+    analysis.over_time = removal_over_time(finished, within)
     analysis.curves = learning_curves(finished, within)
     analysis.itop = metric_rows(finished, results.group_by, "itop")
+    analysis.validation = metric_rows(finished, results.group_by, "val_acc")
     if CRITERION not in results.group_by:
         analysis.skipped = {s: "the study does not vary the pruning criterion" for s in SPLITS}
         return analysis
     scores = _scores(finished, within)
+    criteria = list(dict.fromkeys(s["criterion"] for s in scores))  # the whole study's
     for split in SPLITS:
-        ranking, reason = _ranking(scores, within, split)
+        ranking, reason = _ranking(scores, within, split, criteria)
         if ranking is not None:
             analysis.rankings[split] = ranking
         else:
@@ -158,6 +179,16 @@ def _std(values: Sequence[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+def _defined(values: Iterable[float | None]) -> list[float]:
+    """The values that are numbers (a Jaccard index without a value is NaN or ``None``)."""
+    return [float(v) for v in values if v is not None and not math.isnan(v)]
+
+
+def _number(value: float | None) -> float | None:
+    """A value for strict JSON: ``None`` for NaN or nothing."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
 def _scores(finished: Sequence[FinishedTrial], within: Sequence[str]) -> list[dict[str, Any]]:
     """Ranking inputs: DST trials with a final test accuracy, grouped by ``within``."""
     scores = []
@@ -178,8 +209,12 @@ def _scores(finished: Sequence[FinishedTrial], within: Sequence[str]) -> list[di
 
 
 def _ranking(
-    scores: list[dict[str, Any]], within: Sequence[str], split: str
+    scores: list[dict[str, Any]], within: Sequence[str], split: str, criteria: Sequence[str]
 ) -> tuple[dict[str, Any] | None, str | None]:
+    """One density split's ranking of ``criteria`` (every criterion of the study, so a group
+    of the split without a result of one is dropped and listed, as in the "all" split; a
+    split where no group has them all has no ranking, and the reason says which is missing).
+    """
     from dst.ranking import rank_criteria
 
     keep: Callable[[dict[str, Any]], bool] = {
@@ -191,7 +226,7 @@ def _ranking(
     if not kept:
         return None, "no finished DST trial in this density range"
     try:
-        ranking = rank_criteria(kept)
+        ranking = rank_criteria(kept, criteria=criteria)
     except ValueError as error:
         return None, str(error)
     out = ranking.to_dict()
@@ -260,7 +295,8 @@ def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
     criterion and the density): tags ``best_criterion.density_<d>`` for a study of one
     setting, else ``best_criterion.density_<d>_<setting>`` (named as the figures are, e.g.
     ``best_criterion.density_0.1_growth-gradient``; ``_<hash>`` alone for a long setting).
-    A criterion or density the study does not vary counts with its one value."""
+    A criterion or density the study does not vary counts with its one value. A row whose
+    mean is not a finite number counts nowhere: MLflow gets no NaN metric."""
     rows = [r for r in result_rows(analysis) if r["config"].get(MODE, "dst") == "dst"]
     fields = [f for f in analysis.group_by if f not in (MODE, CRITERION, DENSITY)]
     settings: list[dict[str, Any]] = []
@@ -270,7 +306,7 @@ def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
     for row in rows:
         criterion = row["config"].get(CRITERION, fixed.get(CRITERION))
         mean = row["test_acc_mean"]
-        if criterion is None or mean is None:
+        if criterion is None or mean is None or not math.isfinite(mean):
             continue
         by_criterion.setdefault(criterion, []).append(mean)
         density = row["config"].get(DENSITY, fixed.get(DENSITY))
@@ -303,9 +339,11 @@ def first_update_structure(
     of the sets both would prune at the run's first topology update, from its own state;
     mean over seeds, with the setting's J_r (``references``) where known.
 
-    The std is Appendix K's (Figure 20): over seeds for each layer, then averaged over layers,
-    from the per-layer indices the driver keeps in ``mask_dir``; where a row's runs have none
-    (older runs), it is the std over seeds of the layer mean (``std_per_layer`` false)."""
+    Where every run of the setting kept its per-layer indices in ``mask_dir``, mean and std
+    are Appendix K's (Figures 6a, 20): over seeds for each layer, then over layers
+    (:func:`dst.structure.seeds_then_layers`: a layer where both sets are empty in a seed
+    counts in the others); otherwise (older runs) they are taken over the seeds' layer means
+    (``std_per_layer`` false). A cell no seed has a value for is ``None``."""
     cells: dict[str, dict[str, dict[str, list[float]]]] = {}
     runs: dict[str, dict[str, int]] = {}  # setting -> row criterion -> runs (seeds)
     layers: dict[str, dict[str, list[dict[str, dict[str, float]]]]] = {}
@@ -329,27 +367,43 @@ def first_update_structure(
     for key, rows in cells.items():
         names = list(rows)
         columns = names + sorted({c for r in rows.values() for c in r} - set(names))
-        mean = [[_mean(rows[r].get(c, [])) for c in columns] for r in names]
         seeds = max(len(v) for r in rows.values() for v in r.values())
         by_layer = layers.get(key, {})
         per_layer = all(len(by_layer.get(r, [])) == runs[key][r] for r in names)
-        if per_layer:  # every run of the setting kept its per-layer indices
-            std = [[_layer_std(by_layer[r], c) for c in columns] for r in names]
-        else:
-            std = [[_std(rows[r].get(c, [])) for c in columns] for r in names]
+        kept_layers = {r: by_layer[r] if per_layer else None for r in names}
+        stats = [
+            [_first_update_cell(rows[r].get(c, []), kept_layers[r], c) for c in columns]
+            for r in names
+        ]
         out.append(
             {
                 "setting": json.loads(key),
                 "rows": names,
                 "columns": columns,
-                "mean": mean,
-                "std": std,
+                "mean": [[mean for mean, _ in row] for row in stats],
+                "std": [[std for _, std in row] for row in stats],
                 "std_per_layer": per_layer,
                 "n_seeds": seeds,
                 "j_r": (references or {}).get(key),
             }
         )
     return out
+
+
+def _first_update_cell(
+    values: Sequence[float | None],
+    seeds: list[dict[str, dict[str, float]]] | None,
+    column: str,
+) -> tuple[float | None, float | None]:
+    """One cell of Figure 6a: (mean, std) over seeds, from the per-layer indices of the row's
+    runs (``seeds``) where they hold ``column``, else from the runs' layer means
+    (``values``); only the seeds with a value count."""
+    if seeds is not None:
+        found = _layer_stats(seeds, column)
+        if found is not None:
+            return found
+    defined = _defined(values)
+    return _mean(defined), _std(defined)
 
 
 def _first_removal_layers(mask_dir: Path | None, index: int) -> dict[str, dict[str, float]] | None:
@@ -360,16 +414,26 @@ def _first_removal_layers(mask_dir: Path | None, index: int) -> dict[str, dict[s
     return dict(json.loads(path.read_text())) if path.exists() else None
 
 
-def _layer_std(seeds: list[dict[str, dict[str, float]]], column: str) -> float | None:
-    """Appendix K: the std over seeds of each layer's index, averaged over the layers."""
+def _layer_stats(
+    seeds: list[dict[str, dict[str, float]]], column: str
+) -> tuple[float | None, float | None] | None:
+    """Appendix K for removal sets: the mean over seeds of each layer's index, then over the
+    layers; the std over seeds of each layer's index, averaged over the layers (``None`` with
+    fewer than two seeds). ``None`` when no seed holds ``column``."""
     import numpy as np
 
+    from dst.structure import seeds_then_layers
+
     runs = [seed[column] for seed in seeds if column in seed]
-    if len(runs) < 2:
+    if not runs:
         return None
     names = list(runs[0])
-    values = np.array([[run[name] for name in names] for run in runs])  # [seeds, layers]
-    return float(values.std(axis=0, ddof=1).mean())
+    values = np.array(
+        [[math.nan if run.get(name) is None else run[name] for name in names] for run in runs],
+        dtype=float,
+    )  # [seeds, layers]
+    mean, std = seeds_then_layers(values, ddof=1)
+    return _number(float(mean)), _number(float(std)) if len(runs) > 1 else None
 
 
 def end_mask_structure(
@@ -446,9 +510,11 @@ def first_update_fraction(spec: RunSpec, total_steps: int) -> float:
 def random_references(
     finished: Sequence[FinishedTrial], within: Sequence[str], mask_dir: Path
 ) -> dict[str, float]:
-    """J_r per setting (Figure 6a): the mean pairwise Jaccard index of random removal sets of
-    the first update's size drawn from the initial masks of the setting's different seeds,
-    the overlap two unrelated removal sets have by chance. Settings with one seed have none."""
+    """J_r per setting (Figure 6a) as the paper defines it: the mean pairwise Jaccard index of
+    random removal sets of the first update's size drawn from the initial masks of the
+    setting's different seeds (:func:`dst.structure.random_removal_reference`). It is the
+    first update's reference only (later updates remove fewer weights). Settings with one
+    seed, or whose first update removes nothing, have none."""
     from dst.masks import load_masks
     from dst.structure import random_removal_reference
 
@@ -466,7 +532,9 @@ def random_references(
             load_masks(trial_masks_dir(mask_dir, t.index) / INITIAL) for t in trials.values()
         ]
         fraction = first_update_fraction(first.spec, total)
-        out[key] = random_removal_reference(initials, fraction, scope=first.spec.sparsity.scope)
+        j_r = random_removal_reference(initials, fraction, scope=first.spec.sparsity.scope)
+        if not math.isnan(j_r):
+            out[key] = j_r
     return out
 
 
@@ -476,10 +544,19 @@ OVER_TIME = "removal_jaccard."  # a run's per-epoch metrics with analysis.remova
 def removal_points(
     history: Sequence[Mapping[str, float]], column: str
 ) -> list[tuple[float, float]]:
-    """(step, Jaccard with ``column``'s removal set) of every epoch that has one (an epoch
-    before the first topology update has none)."""
+    """(step, Jaccard with ``column``'s removal set) of every epoch from the first that has
+    one (an epoch before the first topology update has none). An index without a value
+    (NaN or ``None``: the update removed nothing, see :mod:`dst.structure`) is NaN, a gap in
+    the line rather than a point."""
     metric = OVER_TIME + column
-    return [(h["step"], h[metric]) for h in history if metric in h]
+    first = next((i for i, h in enumerate(history) if metric in h), None)
+    if first is None:
+        return []
+    points = []
+    for h in history[first:]:
+        value = h.get(metric)
+        points.append((h["step"], math.nan if value is None else float(value)))
+    return points
 
 
 def removal_columns(histories: Iterable[Sequence[Mapping[str, float]]]) -> list[str]:
@@ -490,15 +567,15 @@ def removal_columns(histories: Iterable[Sequence[Mapping[str, float]]]) -> list[
 
 
 def removal_over_time(
-    finished: Sequence[FinishedTrial],
-    within: Sequence[str],
-    references: dict[str, float] | None = None,
+    finished: Sequence[FinishedTrial], within: Sequence[str]
 ) -> list[dict[str, Any]]:
     """Figure 18 per setting, from runs with ``analysis.removal_sets``: for each criterion a
     run was trained with (row) and each other criterion (column), the Jaccard index of what
     the run removed at its latest topology update of each epoch with what the other criterion
-    would have removed from the same state, against the training step; mean and std over
-    seeds (cut to the shortest history). Not symmetric (Appendix K)."""
+    would have removed from the same state, against the training step; mean and std over the
+    seeds with a value at each point (cut to the shortest history), ``None`` where no seed
+    has one (a gap). Not symmetric (Appendix K). No J_r: the first update's reference does
+    not hold for later updates, which remove fewer weights."""
     runs: dict[str, dict[str, list[Sequence[dict[str, float]]]]] = {}
     for trial in finished:
         if _is_dst(trial) and any(OVER_TIME in k for k in trial.metrics):
@@ -517,11 +594,27 @@ def removal_over_time(
                 length = min(len(p) for p in seeds)
                 lines[row][column] = {
                     "step": [seeds[0][i][0] for i in range(length)],
-                    **_mean_std_over_seeds([[v for _, v in p[:length]] for p in seeds]),
+                    **_defined_mean_std_over_seeds([[v for _, v in p[:length]] for p in seeds]),
                     "n_seeds": len(seeds),
                 }
-        out.append({"setting": json.loads(key), "lines": lines, "j_r": (references or {}).get(key)})
+        out.append({"setting": json.loads(key), "lines": lines})
     return out
+
+
+def _defined_mean_std_over_seeds(
+    values: list[list[float]],
+) -> dict[str, list[float | None] | None]:
+    """``values[seed][point]``, NaN where a seed has no value: per point the mean and sample
+    std over the seeds that have one (``None`` where none has, or, for the std, fewer than
+    two); no std at all for one seed."""
+    import numpy as np
+
+    from dst.structure import mean_where_defined, std_where_defined
+
+    array = np.asarray(values, dtype=float)  # [seeds, points]
+    mean = [_number(v) for v in mean_where_defined(array, axis=0).tolist()]
+    std = [_number(v) for v in std_where_defined(array, ddof=1).tolist()]
+    return {"mean": mean, "std": std if len(values) > 1 else None}
 
 
 BASELINE_LABELS = ("dense", "dense + dropout", "static")  # the lines of Figures 1 and 4
@@ -575,7 +668,8 @@ def learning_curves(
     """Figures 2 and 4 per setting (everything varied but the criterion and the seed): for
     each criterion and each baseline beside it (dense, dense + dropout, static at the same
     density), the per-epoch validation accuracy, training loss and loss gap, mean and std over
-    seeds, and each line's mean final test accuracy."""
+    seeds, and each line's final test accuracy, mean and sample std over seeds (``None`` for
+    one seed; Figure 4 right)."""
     groups: dict[str, dict[str, list[FinishedTrial]]] = {}
     for trial in finished:
         if _is_dst(trial) and trial.history:
@@ -592,9 +686,9 @@ def learning_curves(
         curves = {}
         for label, trials in lines.items():
             curves[label] = _curve([t.history for t in trials])
-            curves[label]["test_acc"] = _mean(
-                [t.metrics["test_acc"] for t in trials if "test_acc" in t.metrics]
-            )
+            accuracies = [t.metrics["test_acc"] for t in trials if "test_acc" in t.metrics]
+            curves[label]["test_acc"] = _mean(accuracies)
+            curves[label]["test_acc_std"] = _std(accuracies)
         out.append({"setting": setting, "lines": curves})
     return out
 
@@ -602,8 +696,8 @@ def learning_curves(
 def metric_rows(
     finished: Sequence[FinishedTrial], group_by: Sequence[str], metric: str
 ) -> list[dict[str, Any]]:
-    """A final metric (e.g. ``itop``) averaged over the seeds that recorded it, per
-    configuration, as rows of the results table's JSON form."""
+    """A final metric (e.g. ``itop``, or ``val_acc`` for Figure 5) averaged over the seeds
+    that recorded it, per configuration, as rows of the results table's JSON form."""
     recorded = [(t.spec, t.metrics) for t in finished if metric in t.metrics]
     return grouped_stats(recorded, group_by, [metric])
 

@@ -1,7 +1,8 @@
 """Which figures a study has, and how each is drawn from its analysis (API and job driver).
 
 A study's figures are named: ``accuracy_vs_density`` (Figure 1), ``learning_curves`` (2),
-``critical_distance_<split>`` (3), ``loss_gap`` (4), ``accuracy_vs_update_period`` (5),
+``critical_distance_<split>`` (3), ``loss_gap`` (4), ``accuracy_vs_update_period`` (5: the
+validation accuracy, as the paper's; the test accuracy, so labelled, for runs without one),
 ``jaccard_first_update`` and ``jaccard_end_masks`` (6), ``accuracy_vs_mest_lambda`` (7),
 ``itop_vs_update_period`` (11) and ``jaccard_over_time`` (18). A figure drawn per setting
 (everything the study varies but the criterion and the seed) carries the setting in its name
@@ -22,6 +23,7 @@ child run. The drawing itself is :mod:`dst.figures`'.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -147,7 +149,8 @@ def _per_setting(
 
 def _builders(analysis: StudyAnalysis) -> dict[str, Builder]:
     varied = set(analysis.group_by)
-    rows = [_with_fixed(row, analysis.fixed) for row in result_rows(analysis)]
+    validated = _with_validation(result_rows(analysis), analysis.validation)
+    rows = [_with_fixed(row, analysis.fixed) for row in validated]
     builders: dict[str, Builder] = {}
     dst_rows = [r for r in rows if _is_dst(r)]
 
@@ -197,6 +200,20 @@ def _with_fixed(row: dict[str, Any], fixed: Mapping[str, Any]) -> dict[str, Any]
     ``None``) and a panel by their growth; a baseline row as it is."""
     missing = {k: fixed[k] for k in LABELLED if k in fixed and k not in row["config"]}
     return row | {"config": row["config"] | missing} if missing and _is_dst(row) else row
+
+
+def _with_validation(
+    rows: Sequence[dict[str, Any]], validation: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Results rows with ``val_acc_mean`` and ``val_acc_std`` (``None`` where the row's runs
+    recorded no validation accuracy) from the analysis's rows of the final ``val_acc`` of the
+    same configurations (Figure 5 plots the validation accuracy)."""
+    found = {json.dumps(row["config"], sort_keys=True): row for row in validation}
+    out = []
+    for row in rows:
+        own = found.get(json.dumps(row["config"], sort_keys=True), {})
+        out.append(row | {f"val_acc_{s}": own.get(f"val_acc_{s}") for s in ("mean", "std")})
+    return out
 
 
 def _values(rows: Sequence[dict[str, Any]], key: str) -> list[Any]:
@@ -315,27 +332,42 @@ def _period_builder(entry: dict[str, Any]) -> Builder:
     return lambda: _accuracy_vs_update_period(entry["rows"], entry["setting"])
 
 
+VALIDATION_LABEL = "validation accuracy"
+NO_VALIDATION_LABEL = "test accuracy (no validation accuracy recorded)"
+
+
 def _accuracy_vs_update_period(rows: list[dict[str, Any]], setting: Mapping[str, Any]) -> Figure:
     """Figure 5 for one setting (everything varied but the criterion, Δt, density and seed):
+    the final validation accuracy (mean ± std over seeds) against Δt, as the paper plots it,
     one panel per density, one line per criterion, the static run of that same setting and
-    density as the reference (none when it has none)."""
+    density as the reference (none when it has none). Where a DST run of the setting recorded
+    no validation accuracy, the figure falls back to the test accuracy and its y axis says so.
+    """
     from dst import figures
 
     dst = [r for r in rows if _is_dst(r) and _in_setting(r, setting)]
+    validated = bool(dst) and all(r.get("val_acc_mean") is not None for r in dst)
+    metric, ylabel = (
+        ("val_acc", VALIDATION_LABEL) if validated else ("test_acc", NO_VALIDATION_LABEL)
+    )
     densities = _values(dst, DENSITY) or [None]
     panels, static = {}, {}
     for d in densities:
         name = f"density {d}" if d is not None else "all"
         where = {DENSITY: d} if d is not None else None
-        panels[name] = figures.result_series(dst, PERIOD, CRITERION, where=where)
+        panels[name] = figures.result_series(dst, PERIOD, CRITERION, metric=metric, where=where)
         at = {**setting, DENSITY: d} if d is not None else setting
-        own = [r for r in _baseline(rows, "static") if _baseline_matches(r, at)]
+        own = [
+            r
+            for r in _baseline(rows, "static")
+            if _baseline_matches(r, at) and r.get(f"{metric}_mean") is not None
+        ]
         if own:
-            static[name] = own[0]["test_acc_mean"]
+            static[name] = own[0][f"{metric}_mean"]
     return figures.accuracy_vs_update_period(
         panels,
         static,
-        ylabel="test accuracy",
+        ylabel=ylabel,
         title=_titled(figures.ACCURACY_VS_UPDATE_PERIOD_TITLE, setting),
     )
 
@@ -390,6 +422,11 @@ def _series(label: str, line: dict[str, Any], metric: str) -> Series:
     return Series(label, line["epoch"], line[metric]["mean"], line[metric]["std"])
 
 
+def _gaps(values: Sequence[float | None]) -> list[float]:
+    """A line's values with ``None`` (no value) as NaN: a gap where matplotlib draws it."""
+    return [math.nan if v is None else v for v in values]
+
+
 def _split_lines(entry: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A setting's curves: the criteria's and the baselines'."""
     lines: dict[str, Any] = entry["lines"]
@@ -424,10 +461,12 @@ def _loss_gap_builder(entry: dict[str, Any]) -> Builder:
 
         criteria, baselines = _split_lines(entry)
         accuracy = {c: line["test_acc"] for c, line in criteria.items() if line["test_acc"]}
+        spread = {c: criteria[c].get("test_acc_std") for c in accuracy}
         return figures.loss_gap_over_time(
             [_series(c, line, "loss_gap") for c, line in criteria.items()],
             [_series(b, line, "loss_gap") for b, line in baselines.items()],
             test_acc=accuracy or None,
+            test_acc_std=spread or None,
             title="Loss gap (validation − training loss) over training "
             f"({setting_title(entry['setting'])})",
         )
@@ -437,20 +476,26 @@ def _loss_gap_builder(entry: dict[str, Any]) -> Builder:
 
 def _over_time_builder(entry: dict[str, Any]) -> Builder:
     def build() -> Figure:
-        """Figure 18: one panel per criterion a run was trained with."""
+        """Figure 18: one panel per criterion a run was trained with; a point without a value
+        (the update removed nothing) is a gap. No J_r line: the first update's reference does
+        not hold for later updates, which remove fewer weights."""
         from dst import figures
         from dst.figures import Series
 
         panels = {
             row: [
-                Series(column, line["step"], line["mean"], line["std"])
+                Series(
+                    column,
+                    line["step"],
+                    _gaps(line["mean"]),
+                    None if line["std"] is None else _gaps(line["std"]),
+                )
                 for column, line in columns.items()
             ]
             for row, columns in entry["lines"].items()
         }
         return figures.jaccard_over_time(
             panels,
-            entry["j_r"],
             title="Removal-set Jaccard index over training: what the run removed vs what each "
             f"criterion would have removed ({setting_title(entry['setting'])})",
         )

@@ -218,8 +218,10 @@ def _rankings(analysis: dict[str, Any] | None) -> str:
 
 def _structure(analysis: dict[str, Any] | None) -> str:
     """Per setting, the reference overlaps and the consensus of the end masks (Section 5.4):
-    J_r (random removal sets), J_init (random initial masks), and the shares of the weights
-    every criterion keeps and every one removes (Figure 19)."""
+    J_r (the first update's random removal sets from different seeds' initial masks, Figure
+    6a), J_init (the initial masks of different seeds, Figure 6b), and the shares of the
+    weights every criterion keeps and every one removes (Figure 19). A value the analysis has
+    not (``None``) reads "-"."""
     settings: dict[str, dict[str, Any]] = {}
     for entry in (analysis or {}).get("removal", []):
         settings.setdefault(setting_title(entry["setting"]), {})["j_r"] = entry.get("j_r")
@@ -235,7 +237,8 @@ def _structure(analysis: dict[str, Any] | None) -> str:
             "<p class='note'>no structure data (the runs need analysis.removal_sets, or "
             "kept masks of several criteria)</p>"
         )
-    header = ["setting", "J_r", "J_init", "kept by all criteria", "removed by all criteria"]
+    header = ["setting", "J_r (first update)", "J_init", "kept by all criteria"]
+    header += ["removed by all criteria"]
     rows = [
         [name, row.get("j_r"), row.get("j_init"), row.get("kept_by_all"), row.get("removed_by_all")]
         for name, row in settings.items()

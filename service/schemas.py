@@ -124,7 +124,8 @@ class AnalysisOut(BaseModel):
     over_time: list[dict[str, Any]] = Field(
         description="Figure 18 per setting, from runs with analysis.removal_sets: for each "
         "criterion trained with and each other criterion, the removal-set Jaccard index "
-        "against the training step (mean/std over seeds), and J_r"
+        "against the training step (mean/std over seeds; null where an update removed "
+        "nothing)"
     )
     curves: list[dict[str, Any]] = Field(
         description="Figures 2 and 4 per setting: per criterion and baseline, validation "

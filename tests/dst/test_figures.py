@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from matplotlib.axes import Axes
+from matplotlib.container import ErrorbarContainer
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
@@ -209,15 +210,34 @@ def test_loss_gap_over_time(tmp_path: Path) -> None:
     ]
     accuracy = {"magnitude": 0.81, "set": 0.8, "snip": 0.7}
     fig = loss_gap_over_time(lines(EPOCHS), baselines, accuracy)
-    gap, bars = fig.axes
+    gap, points = fig.axes
     assert len(gap.get_lines()) == len(CRITERIA) + len(baselines)
     dense = gap.get_lines()[len(CRITERIA)]
     assert (dense.get_label(), dense.get_linestyle(), dense.get_color()) == ("dense", "--", "black")
     assert "validation − training" in gap.get_ylabel()
-    heights = [p.get_height() for p in bars.patches if isinstance(p, Rectangle)]
-    assert heights == pytest.approx(list(accuracy.values()))
+    assert [ys(p.lines[0]) for p in error_bars(points)] == [[0.81], [0.8], [0.7]]
     assert title_of(fig)
     assert_saved(fig, tmp_path, "loss-gap")
+
+
+def error_bars(ax: Axes) -> list[ErrorbarContainer]:
+    return [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+
+
+def test_figure_4s_accuracies_are_points_with_their_spread_not_bars_on_a_cut_axis() -> None:
+    """0.90 ± 0.01 and 0.91 (one seed) on an axis cut to about 0.87-0.93: a bar of 0.91 would
+    look twice as tall as one of 0.90; points with error bars carry no such height."""
+    fig = loss_gap_over_time(
+        lines(EPOCHS), [], {"magnitude": 0.90, "set": 0.91}, test_acc_std={"magnitude": 0.01}
+    )
+    _, points = fig.axes
+    assert not [p for p in points.patches if isinstance(p, Rectangle)]
+    magnitude, set_ = error_bars(points)
+    assert ys(magnitude.lines[0]) == [0.90] and ys(set_.lines[0]) == [0.91]
+    (segment,) = magnitude.lines[2][0].get_segments()
+    assert [y for _, y in segment] == pytest.approx([0.89, 0.91])
+    assert not set_.has_yerr  # one seed: no spread to draw
+    assert [t.get_text() for t in points.get_xticklabels()] == ["magnitude", "set"]
 
 
 def test_accuracy_vs_update_period(tmp_path: Path) -> None:
@@ -247,8 +267,22 @@ def test_jaccard_heatmap(tmp_path: Path) -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == rows
     assert [t.get_text() for t in ax.get_xticklabels()] == CRITERIA
     assert "0.80\n±0.05" in texts(ax)
-    assert "J_init = 0.118" in title_of(fig)
+    assert "J_init = 0.118 (initial masks of different seeds)" in title_of(fig)
     assert_saved(fig, tmp_path, "jaccard")
+
+
+def test_jaccard_heatmap_says_what_j_r_is_and_marks_cells_without_a_value() -> None:
+    """J_r is named as the paper defines it (random removal sets from different
+    initializations), not as a chance level; a pair whose sets were empty in every layer has
+    no index: "n/a", not "nan"; a cell with one seed shows no "±nan"."""
+    nan = float("nan")
+    fig = jaccard_heatmap(
+        [[1.0, nan], [nan, 1.0]], ["a", "b"], std=[[0.0, nan], [0.1, nan]], reference=0.05
+    )
+    title = title_of(fig)
+    assert "J_r = 0.050 (random removal sets from different initializations)" in title
+    assert "chance" not in title
+    assert sorted(texts(fig.axes[0])) == ["1.00", "1.00\n±0.00", "n/a", "n/a"]
 
 
 def test_jaccard_heatmap_checks_shapes() -> None:
@@ -290,11 +324,13 @@ def test_itop_vs_update_period(tmp_path: Path) -> None:
 def test_jaccard_over_time(tmp_path: Path) -> None:
     steps = [3200.0, 6400.0, 9600.0]
     panels = {c: [line(o, steps, std=False) for o in CRITERIA if o != c] for c in CRITERIA[:2]}
-    fig = jaccard_over_time(panels, reference=0.2, title="Jaccard over time")
+    panels["magnitude"][0] = Series("set", steps, [0.4, float("nan"), 0.5])  # a gap
+    fig = jaccard_over_time(panels, title="Jaccard over time")
     axes = fig.axes
     assert len(axes) == 2
-    assert [ln.get_label() for ln in axes[0].get_lines()] == ["set", "snip", "J_r"]
-    assert [ln.get_label() for ln in axes[1].get_lines()] == ["magnitude", "snip", "J_r"]
+    assert [ln.get_label() for ln in axes[0].get_lines()] == ["set", "snip"]  # no J_r line
+    assert [ln.get_label() for ln in axes[1].get_lines()] == ["magnitude", "snip"]
+    assert np.isnan(ys(axes[0].get_lines()[0])[1])
     assert [ax.get_title() for ax in axes] == ["trained with magnitude", "trained with set"]
     assert "Jaccard" in axes[0].get_ylabel() and title_of(fig) == "Jaccard over time"
     assert_saved(fig, tmp_path, "jaccard-over-time")

@@ -58,6 +58,29 @@ def test_seeds_are_averaged_before_ranking() -> None:
     assert ranking.average_ranks == {"a": 2.0, "b": 1.0}
 
 
+def test_equal_accuracies_in_another_seed_order_tie() -> None:
+    """a's seeds give 0.1, 0.2, 0.3 and b's 0.3, 0.2, 0.1: the same mean 0.2 (a float sum in
+    seed order gives 0.20000000000000004 and 0.19999999999999998), so both rank 1.5."""
+    scores = [
+        *(Score("a", ("g",), seed, acc) for seed, acc in enumerate((0.1, 0.2, 0.3))),
+        *(Score("b", ("g",), seed, acc) for seed, acc in enumerate((0.3, 0.2, 0.1))),
+    ]
+    table = accuracy_table(scores)
+    assert table.values[0, 0] == table.values[0, 1]
+    assert rank_criteria(scores).average_ranks == {"a": 1.5, "b": 1.5}
+
+
+def test_equal_totals_of_correct_predictions_tie() -> None:
+    """247 + 258 + 254 = 247 + 260 + 252 = 759 of 3 x 270 test examples: both criteria have
+    the mean accuracy 759 / 810, though the per-seed fractions sum to different floats."""
+    scores = [
+        *(Score("a", ("g",), seed, n / 270) for seed, n in enumerate((247, 258, 254))),
+        *(Score("b", ("g",), seed, n / 270) for seed, n in enumerate((247, 260, 252))),
+        *(Score("c", ("g",), seed, n / 270) for seed, n in enumerate((250, 250, 250))),
+    ]
+    assert rank_criteria(scores).average_ranks == {"a": 1.5, "b": 1.5, "c": 3.0}
+
+
 def test_ranks_average_over_groups_of_several_fields() -> None:
     rows = [
         {"criterion": c, "group": g, "seed": 0, "test_acc": acc}
@@ -135,6 +158,27 @@ def test_rank_criteria_on_a_density_split() -> None:
     assert rank_criteria(scores, where=density_filter("low", 1)).criteria == ["a", "b"]
     high = rank_criteria(scores, where=density_filter("high", 1))
     assert high.criteria == ["b", "a"] and high.groups == [("m", 0.5)]
+
+
+def test_a_split_ranks_every_criterion_of_the_scores() -> None:
+    """c has results only at density 0.5 (its runs at 0.1 and 0.2 failed): the low split's
+    groups lack c, so they are dropped, not ranked as if the study had a and b only; given
+    criteria fix what a split ranks in the same way."""
+    scores = [
+        Score(c, ("m", d), 0, acc)
+        for d, accs in {0.1: (0.9, 0.8, None), 0.2: (0.9, 0.8, None), 0.5: (0.7, 0.8, 0.9)}.items()
+        for c, acc in zip(("a", "b", "c"), accs, strict=True)
+        if acc is not None
+    ]
+    with pytest.raises(ValueError, match=r"nothing to rank; c: no result here"):
+        rank_criteria(scores, where=density_filter("low", 1))
+    mixed = [*scores, Score("c", ("m", 0.2), 0, 0.85)]
+    low = rank_criteria(mixed, where=density_filter("low", 1))
+    assert low.groups == [("m", 0.2)] and low.dropped_groups == [("m", 0.1)]
+    assert low.average_ranks == {"a": 1.0, "b": 3.0, "c": 2.0}
+    low_only = [s for s in scores if s.group[1] < 0.5]
+    with pytest.raises(ValueError, match="nothing to rank"):
+        rank_criteria(low_only, criteria=["a", "b", "c"])
 
 
 # -- Friedman -----------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from dst.masks import Masks, apply_masks, init_masks, prunable_weights, random_m
 from dst.schedules import PruneSchedule
 from dst.structure import (
     consensus,
+    defined_mean,
     end_mask_jaccard_over_seeds,
     initial_mask_reference,
     jaccard,
@@ -27,6 +30,8 @@ from dst.structure import (
     random_removal_reference,
     removal_jaccard_over_seeds,
     removal_sets,
+    seeds_then_layers,
+    std_where_defined,
 )
 from dst.topology import TopologyUpdater
 
@@ -50,9 +55,40 @@ def test_jaccard_hand_worked() -> None:
     assert jaccard(t(1, 0), t(0, 1)) == 0.0
 
 
-def test_jaccard_of_two_empty_sets_is_one_and_of_one_empty_set_zero() -> None:
-    assert jaccard(t(0, 0), t(0, 0)) == 1.0
+def test_jaccard_of_two_empty_sets_is_undefined_and_of_one_empty_set_zero() -> None:
+    assert math.isnan(jaccard(t(0, 0), t(0, 0)))
     assert jaccard(t(0, 0), t(0, 1)) == 0.0
+
+
+def test_the_layer_average_leaves_out_layers_where_both_sets_are_empty() -> None:
+    """l1: {0, 1} vs {1, 2} = 1/3; l2 removes nothing in either set: J̄ = 1/3, not (1/3 + 1)/2.
+    With nothing removed anywhere the pair has no index at all."""
+    a = {"l1": t(1, 1, 0), "l2": t(0, 0)}
+    b = {"l1": t(0, 1, 1), "l2": t(0, 0)}
+    per_layer = layer_jaccards(a, b)
+    assert per_layer["l1"] == pytest.approx(1 / 3) and math.isnan(per_layer["l2"])
+    assert mean_jaccard(a, b) == pytest.approx(1 / 3)
+    nothing = {"l1": t(0, 0, 0), "l2": t(0, 0)}
+    assert math.isnan(mean_jaccard(nothing, nothing))
+    assert defined_mean([math.nan, 0.2, 0.4]) == pytest.approx(0.3)
+    assert math.isnan(defined_mean([math.nan]))
+
+
+def test_a_late_update_that_removes_nothing_is_not_identical_sets() -> None:
+    """At ρ = 1e-4 no layer of a small net removes a weight (k rounds to 0): every pair of
+    criteria, random included, has no index; the diagonal stays 1. Nothing warns."""
+    weights, masks = small_trained_mlp(0)
+    grads = {name: w.grad for name, w in weights.items()}
+    names = ["magnitude", "snip", "random"]
+    sets = removal_sets(weights, grads, masks, names, 1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        matrix = jaccard_matrix(sets, names)
+        stats = removal_jaccard_over_seeds([sets, sets], names)
+    np.testing.assert_array_equal(np.diag(matrix), [1.0, 1.0, 1.0])
+    assert np.isnan(matrix[~np.eye(3, dtype=bool)]).all()
+    assert np.isnan(stats.mean[0, 1]) and np.isnan(stats.std[0, 1])
+    assert stats.to_dict()["mean"][0] == [1.0, None, None]
 
 
 def test_layer_jaccards_and_their_mean_on_two_layer_masks() -> None:
@@ -319,6 +355,40 @@ def test_end_mask_std_over_seeds_of_uneven_seeds() -> None:
     assert stats.std[0, 1] == pytest.approx(np.std([1, 1 / 3], ddof=1))
 
 
+def test_a_layer_empty_in_one_seed_averages_over_the_others() -> None:
+    """Three seeds of a and b over layers l1, l2. l1: J = 1, 0, 1/2 (no empty set). l2: both
+    empty in seeds 1 and 2 (NaN), J = 1 in seed 3. Appendix K for removal sets: l1 mean 1/2,
+    sample std 1/2; l2 mean 1 (its one seed), std undefined (one seed): mean (1/2 + 1) / 2,
+    std 1/2 (l1's alone). End masks: per seed 1, 0, (1/2 + 1) / 2 = 3/4, so mean 7/12 and the
+    sample std of (1, 0, 3/4)."""
+    one, other, both, none = positions(2, 0), positions(2, 1), positions(2, 0, 1), positions(2)
+    seeds = [
+        {"a": {"l1": one, "l2": none}, "b": {"l1": one, "l2": none}},
+        {"a": {"l1": one, "l2": none}, "b": {"l1": other, "l2": none}},
+        {"a": {"l1": one, "l2": one}, "b": {"l1": both, "l2": one}},
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        removal = removal_jaccard_over_seeds(seeds, ["a", "b"])
+        end = end_mask_jaccard_over_seeds(seeds, ["a", "b"])
+    assert removal.mean[0, 1] == pytest.approx((0.5 + 1.0) / 2)
+    assert removal.std[0, 1] == pytest.approx(0.5)
+    assert end.mean[0, 1] == pytest.approx(7 / 12)
+    assert end.std[0, 1] == pytest.approx(np.std([1.0, 0.0, 0.75], ddof=1))
+    np.testing.assert_allclose(np.diag(removal.mean), [1.0, 1.0])
+
+
+def test_seeds_then_layers_and_the_std_count_only_the_seeds_with_a_value() -> None:
+    nan = math.nan
+    per_layer = np.array([[0.2, nan, nan], [0.4, 0.6, nan]])  # [seeds, layers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mean, std = seeds_then_layers(per_layer)
+        np.testing.assert_allclose(std_where_defined(per_layer, 0), [0.1, 0.0, nan], equal_nan=True)
+    assert float(mean) == pytest.approx((0.3 + 0.6) / 2)  # l3 has no value in any seed
+    assert float(std) == pytest.approx(np.std([0.2, 0.4], ddof=1))  # l2's one seed: no std
+
+
 def test_one_seed_has_no_std_and_serializes_it_as_null() -> None:
     stats = end_mask_jaccard_over_seeds(crossing_seeds()[:1], ["a", "b"])
     assert np.isnan(stats.std).all()
@@ -336,6 +406,18 @@ def test_initial_mask_reference_is_the_mean_pairwise_jaccard() -> None:
     assert mean_pairwise_jaccard(masks) == pytest.approx(5 / 9)
     with pytest.raises(ValueError, match="at least two"):
         mean_pairwise_jaccard(masks[:1])
+
+
+def test_j_r_leaves_out_layers_a_small_update_removes_nothing_from() -> None:
+    """Layer "big" (1000 weights at density 1) loses round(0.002 · 1000) = 2 weights, layer
+    "small" (10 weights) round(0.02) = 0: J_r is big's alone (two random 2-subsets of the
+    same 1000 weights: near 0), not lifted towards (J_big + 1) / 2 by the empty layer."""
+    masks = [
+        {"big": torch.ones(1000, dtype=torch.bool), "small": torch.ones(10, dtype=torch.bool)}
+        for _ in range(3)
+    ]
+    assert random_removal_reference(masks, 0.002) < 0.1
+    assert math.isnan(random_removal_reference(masks, 1e-5))  # nothing removed anywhere
 
 
 def random_masks(seeds: int, n: int, density: float) -> list[Masks]:

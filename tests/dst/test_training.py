@@ -455,3 +455,19 @@ def test_a_mid_epoch_resume_with_loader_processes_and_augmentation_is_bit_identi
     assert strip_time(resumed.fit()) == expected
     for name, value in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+def test_an_update_that_removes_nothing_has_no_removal_jaccard() -> None:
+    """Late in training the prune fraction has decayed to nothing: no criterion removes any
+    weight, and the index of two empty sets is undefined, so no pair gets a value (counting
+    it as 1 would make every criterion, random included, look identical)."""
+    measured = RunSpec.model_validate(
+        {**spec(criterion="magnitude").model_dump(), "analysis": {"removal_sets": True}}
+    )
+    trainer = Trainer(measured)
+    trainer.fit()
+    assert trainer.removal_jaccard  # the run's updates removed weights
+    assert trainer.sparsity is not None
+    trainer._compare_removal_sets(trainer.sparsity, 0.0)
+    assert trainer.removal_jaccard == {}
+    assert set(trainer.first_removal_jaccard) == set(CRITERIA.names())  # the first stays

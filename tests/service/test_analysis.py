@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -361,6 +362,8 @@ def test_learning_curves_average_seeds_and_set_each_baseline_beside_its_setting(
     assert magnitude["val_acc"]["mean"] == pytest.approx([0.7, 0.8])
     assert magnitude["val_acc"]["std"] == pytest.approx([math.sqrt(0.02)] * 2)
     assert magnitude["test_acc"] == pytest.approx(0.85)
+    assert magnitude["test_acc_std"] == pytest.approx(math.sqrt(0.005))  # Figure 4's error bar
+    assert low["static"]["test_acc_std"] is None  # one seed
     assert (
         low["static"]["loss_gap"]["mean"] == [0.3, 0.1] and low["static"]["loss_gap"]["std"] is None
     )
@@ -391,9 +394,102 @@ def test_removal_jaccard_over_time_skips_epochs_before_the_first_update() -> Non
     assert line["step"] == [20.0, 30.0] and line["mean"] == pytest.approx([0.5, 0.7])
     assert line["std"] == pytest.approx([math.sqrt(0.02)] * 2) and line["n_seeds"] == 2
     assert entry["lines"]["set"]["magnitude"]["std"] is None
-    assert entry["j_r"] is None  # no masks given
+    assert "j_r" not in entry  # the first update's J_r does not hold for later updates
     assert "jaccard_over_time" in figure_names(analysis)
     assert render(build_figure(analysis, "jaccard_over_time"), "svg").lstrip().startswith(b"<?xml")
+
+
+def test_an_update_that_removes_nothing_is_a_gap_in_figure_18_not_a_point() -> None:
+    """Epoch 3's update removes nothing in seed 0 (its index is NaN): the mean there is seed
+    1's 0.8 with no std; epoch 4's removes nothing in either seed: no value (None), a gap, and
+    the analysis stays strict JSON. Figure 18 draws it as a gap, without a numpy warning."""
+    nan = math.nan
+
+    def trial(seed: int, values: list[float]) -> FinishedTrial:
+        rows = [{"removal_jaccard.set": v} for v in values]
+        metrics = {"test_acc": 0.5, "removal_jaccard.set": values[-1]}
+        return FinishedTrial(run("magnitude", seed), metrics, seed, history(*rows))
+
+    finished = [trial(0, [0.4, 0.6, nan, nan]), trial(1, [0.6, 0.8, 0.8, nan])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        analysis = analyze([t.spec for t in finished], finished, partial=False)
+        (ax,) = build_figure(analysis, "jaccard_over_time").axes
+    (entry,) = analysis.over_time
+    line = entry["lines"]["magnitude"]["set"]
+    assert line["mean"] == [pytest.approx(0.5), pytest.approx(0.7), pytest.approx(0.8), None]
+    assert line["std"] == [pytest.approx(math.sqrt(0.02))] * 2 + [None, None]
+    json.dumps(analysis.to_dict(), allow_nan=False)
+    drawn = list(ax.get_lines()[0].get_ydata())
+    assert drawn[:3] == pytest.approx([0.5, 0.7, 0.8]) and math.isnan(drawn[3])
+
+
+def test_figure_18_draws_no_j_r_line(tmp_path: Path) -> None:
+    """The setting has J_r (its first update's, from two seeds' initial masks), but Figure 18
+    spans every update, whose prune fractions decay: no flat J_r line across them."""
+    finished = []
+    for seed in (0, 1):
+        metrics = {"test_acc": 0.5, "step": 40.0, "removal_jaccard.set": 0.3}
+        rows = history({"removal_jaccard.set": 0.2}, {"removal_jaccard.set": 0.3})
+        finished.append(FinishedTrial(run("magnitude", seed), metrics, seed, rows))
+        mask = torch.zeros(8, dtype=torch.bool)
+        mask[[0, 1, 2, 3]] = True
+        save_masks({"fc.weight": mask}, trial_masks_dir(tmp_path, seed) / INITIAL)
+    analysis = analyze([t.spec for t in finished], finished, partial=False, mask_dir=tmp_path)
+    (ax,) = build_figure(analysis, "jaccard_over_time").axes
+    assert [line.get_label() for line in ax.get_lines()] == ["set"]
+
+
+def test_first_update_layers_empty_in_one_seed_average_over_the_others(tmp_path: Path) -> None:
+    """Appendix K with a layer whose sets are both empty in seed 0 (NaN there, and so the
+    run's own layer mean): layer A 0.8 and 0.6, layer B seed 1's 0.8 alone. Mean (0.7 + 0.8)
+    / 2 = 0.75; std: A's √0.02 (B has one seed)."""
+    finished = []
+    for seed, (a, b) in enumerate([(0.8, math.nan), (0.6, 0.8)]):
+        metrics = {"test_acc": 0.5, "removal_jaccard_first.set": (a + b) / 2}
+        finished.append(FinishedTrial(run("magnitude", seed), metrics, seed))
+        kept = trial_masks_dir(tmp_path, seed) / FIRST_REMOVAL
+        kept.parent.mkdir(parents=True)
+        kept.write_text(json.dumps({"set": {"A": a, "B": b}}))  # NaN as the driver writes it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        analysis = analyze([t.spec for t in finished], finished, partial=False, mask_dir=tmp_path)
+    (entry,) = analysis.removal
+    assert entry["mean"] == [[None, pytest.approx(0.75)]]
+    assert entry["std"] == [[None, pytest.approx(math.sqrt(0.02))]]
+
+
+def test_a_density_split_ranks_every_criterion_of_the_study() -> None:
+    """snip's runs at density 0.1 all failed: the ≤ 0.2 split has no group with every
+    criterion, so it has no ranking (and says snip has no result there) rather than ranking
+    magnitude and set as if the study had no snip; "all" drops and lists density 0.1."""
+    accuracy = {"magnitude": 0.9, "set": 0.89, "snip": 0.8}
+    finished = [
+        FinishedTrial(run(c, seed, density), {"test_acc": accuracy[c]}, -1)
+        for c in accuracy
+        for density in (0.1, 0.5)
+        for seed in (0, 1)
+        if not (c == "snip" and density == 0.1)
+    ]
+    analysis = analyze([t.spec for t in finished], finished, partial=False)
+    assert "low" not in analysis.rankings and "snip: no result here" in analysis.skipped["low"]
+    every = analysis.rankings["all"]
+    assert every["dropped_groups"] == [{"sparsity.density": 0.1}]
+    assert every["average_ranks"] == {"magnitude": 1.0, "set": 2.0, "snip": 3.0}
+
+
+def test_the_summary_logs_no_nan_metric() -> None:
+    """A criterion whose runs have no finite test accuracy gets no ``mean_test_acc`` metric
+    (MLflow would store NaN) and no best-criterion tag."""
+    from service.analysis import summary
+
+    trials = [
+        FinishedTrial(run("magnitude", 0), {"test_acc": 0.8}),
+        FinishedTrial(run("snip", 0), {"test_acc": math.nan}),
+    ]
+    metrics, tags = summary(analyze([t.spec for t in trials], trials, partial=False))
+    assert metrics == {"mean_test_acc.magnitude": pytest.approx(0.8)}
+    assert tags == {"best_criterion.density_0.1": "magnitude"}
 
 
 def test_first_update_fraction_follows_the_cosine_schedule() -> None:
