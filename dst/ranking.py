@@ -244,17 +244,17 @@ class Ranking:
         out["groups"] = [list(g) for g in self.groups]
         out["dropped_groups"] = [list(g) for g in self.dropped_groups]
         out["n_groups"] = self.n_groups
-        return _finite(out)
+        return strict_json(out)
 
 
-def _finite(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
     """``value`` with every NaN or infinite float replaced by ``None`` (strict JSON)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [strict_json(v) for v in value]
     return value
 
 

@@ -89,22 +89,13 @@ class StudyAnalysis:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (strict JSON: a NaN or infinite number is ``None``), without what the
         figures alone read (the results table, the fixed values, the validation rows)."""
+        from dst.ranking import strict_json  # (imported once the analysis has run)
+
         out = asdict(self)
         out.pop("results")
         out.pop("fixed")
         out.pop("validation")
-        return _finite(out)
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by ``None``."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
+        return strict_json(out)
 
 
 @functools.cache
