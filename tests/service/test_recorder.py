@@ -539,12 +539,9 @@ def test_tune_never_waits_for_the_database(
     settle(recorder)
     done = row(engine)
     assert (done.state, done.epoch, done.node) == (TrialState.SUCCEEDED, 2, "a")
-    assert runs.openings[0]() == Opening(done.label, expand_spec(done), None, None)
+    spec = RunSpec.model_validate_json(done.spec_json)
+    assert runs.openings[0]() == Opening(done.label, spec, None, None)
     assert runs.calls[4:] == [("figure", 0, "learning_curves"), ("finish", 0, "succeeded")]
-
-
-def expand_spec(trial: Any) -> RunSpec:
-    return RunSpec.model_validate_json(trial.spec_json)
 
 
 def test_closing_waits_a_bounded_time_for_a_database_that_stays_down(
