@@ -23,7 +23,7 @@ import re
 import statistics
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,8 @@ class StudyAnalysis:
     # the one value of each field the study does not vary, as its DST trials have it (e.g.
     # the criterion and growth every run used): what a figure labels its lines and panels by
     fixed: dict[str, Any] = field(default_factory=dict)
+    # what the criteria are ranked by (the study's ranking.metric), and the summary's "best"
+    ranking_metric: str = "test_acc"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (strict JSON: a NaN or infinite number is ``None``), without what the
@@ -114,12 +116,15 @@ def analyze(
     finished: Sequence[FinishedTrial],
     partial: bool,
     mask_dir: Path | None = None,
+    metric: str = "test_acc",
 ) -> StudyAnalysis:
     """The analysis of a study whose trials are ``specs``, from its ``finished`` trials (and
-    their masks in ``mask_dir``, for the structure of Figures 6 and 19 and J_r)."""
+    their masks in ``mask_dir``, for the structure of Figures 6 and 19 and J_r), ranking the
+    criteria by ``metric`` (the study's ``ranking.metric``)."""
     results = summarize(specs, [(t.spec, t.metrics) for t in finished])
     within = [f for f in results.group_by if f not in (CRITERION, MODE)]
     analysis = StudyAnalysis(partial, len(finished), results.group_by, within, results=results)
+    analysis.ranking_metric = metric
     analysis.fixed = fixed_values(specs, results.group_by)
     if mask_dir is not None and CRITERION in results.group_by:
         analysis.structure = end_mask_structure(finished, within, mask_dir)
@@ -132,10 +137,10 @@ def analyze(
     if CRITERION not in results.group_by:
         analysis.skipped = {s: "the study does not vary the pruning criterion" for s in SPLITS}
         return analysis
-    scores = _scores(finished, within)
+    scores = _scores(finished, within, metric)
     criteria = list(dict.fromkeys(s["criterion"] for s in scores))  # the whole study's
     for split in SPLITS:
-        ranking, reason = _ranking(scores, within, split, criteria)
+        ranking, reason = _ranking(scores, within, split, criteria, metric)
         if ranking is not None:
             analysis.rankings[split] = ranking
         else:
@@ -180,12 +185,14 @@ def _number(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
-def _scores(finished: Sequence[FinishedTrial], within: Sequence[str]) -> list[dict[str, Any]]:
-    """Ranking inputs: DST trials with a final test accuracy, grouped by ``within``."""
+def _scores(
+    finished: Sequence[FinishedTrial], within: Sequence[str], metric: str
+) -> list[dict[str, Any]]:
+    """Ranking inputs: DST trials with a value of ``metric``, grouped by ``within``."""
     scores = []
     for trial in finished:
         config = run_config(trial.spec)
-        if trial.spec.sparsity.mode != "dst" or "test_acc" not in trial.metrics:
+        if trial.spec.sparsity.mode != "dst" or metric not in trial.metrics:
             continue
         scores.append(
             {
@@ -193,16 +200,21 @@ def _scores(finished: Sequence[FinishedTrial], within: Sequence[str]) -> list[di
                 "group": tuple(json.dumps(config.get(f)) for f in within),
                 "density": trial.spec.sparsity.density,
                 "seed": trial.spec.seed,
-                "test_acc": trial.metrics["test_acc"],
+                "test_acc": trial.metrics[metric],  # what dst.ranking ranks by
             }
         )
     return scores
 
 
 def _ranking(
-    scores: list[dict[str, Any]], within: Sequence[str], split: str, criteria: Sequence[str]
+    scores: list[dict[str, Any]],
+    within: Sequence[str],
+    split: str,
+    criteria: Sequence[str],
+    metric: str,
 ) -> tuple[dict[str, Any] | None, str | None]:
-    """One density split's ranking of ``criteria`` (every criterion of the study, so a group
+    """One density split's ranking of ``criteria`` by ``metric`` (named in the result as
+    ``metric``; ``criteria`` are every criterion of the study, so a group
     of the split without a result of one is dropped and listed, as in the "all" split; a
     split where no group has them all has no ranking, and the reason says which is missing).
     """
@@ -220,7 +232,7 @@ def _ranking(
         ranking = rank_criteria(kept, criteria=criteria)
     except ValueError as error:
         return None, str(error)
-    out = ranking.to_dict()
+    out = {"metric": metric} | ranking.to_dict()
     out["groups"] = [dict(zip(within, map(json.loads, g), strict=True)) for g in ranking.groups]
     out["dropped_groups"] = [
         dict(zip(within, map(json.loads, g), strict=True)) for g in ranking.dropped_groups
@@ -235,14 +247,15 @@ def result_rows(analysis: StudyAnalysis) -> list[dict[str, Any]]:
 
 
 def rankings_csv(analysis: StudyAnalysis) -> str:
-    """One line per density split and criterion: its average rank, best first."""
-    lines = ["split,criterion,average_rank,n_groups,critical_distance"]
+    """One line per density split and criterion: its average rank, best first (and the
+    metric ranked by)."""
+    lines = ["split,criterion,average_rank,n_groups,critical_distance,metric"]
     for split, ranking in analysis.rankings.items():
         for criterion in ranking["criteria"]:
             rank = ranking["average_ranks"][criterion]
             lines.append(
                 f"{split},{criterion},{rank:.4f},{ranking['n_groups']},"
-                f"{ranking['critical_distance'] or ''}"
+                f"{ranking['critical_distance'] or ''},{ranking['metric']}"
             )
     return "\n".join(lines) + "\n"
 
@@ -281,39 +294,61 @@ def setting_names(stem: str, settings: Sequence[Mapping[str, Any]]) -> list[str]
 
 def summary(analysis: StudyAnalysis) -> tuple[dict[str, float], dict[str, str]]:
     """What the MLflow runs table shows of a study: the mean final test accuracy of each
-    criterion (metrics ``mean_test_acc.<criterion>``, over every DST configuration and seed)
-    and the best criterion at each density of each setting (everything varied but the
-    criterion and the density): tags ``best_criterion.density_<d>`` for a study of one
+    criterion (metrics ``mean_test_acc.<criterion>``, over every DST configuration and seed;
+    also ``mean_test_acc_at_best_val.<criterion>`` when the study ranks by it) and the best
+    criterion by the ranking's metric at each density of each setting (everything varied but
+    the criterion and the density): tags ``best_criterion.density_<d>`` for a study of one
     setting, else ``best_criterion.density_<d>_<setting>`` (named as the figures are, e.g.
     ``best_criterion.density_0.1_growth-gradient``; ``_<hash>`` alone for a long setting).
     A criterion or density the study does not vary counts with its one value. A row whose
     mean is not a finite number counts nowhere: MLflow gets no NaN metric."""
-    rows = [r for r in result_rows(analysis) if r["config"].get(MODE, "dst") == "dst"]
+    ranked_by = analysis.ranking_metric
+    metrics: dict[str, float] = {}
+    for metric in dict.fromkeys(("test_acc", ranked_by)):
+        for criterion, means in _criterion_means(analysis, metric).items():
+            metrics[f"mean_{metric}.{criterion}"] = sum(means) / len(means)
+    return metrics, _best_criteria(analysis, ranked_by)
+
+
+def _dst_rows(analysis: StudyAnalysis, metric: str) -> Iterator[tuple[str, dict[str, Any], float]]:
+    """The results table's DST rows with a finite mean of ``metric``: (criterion, config,
+    mean), a field the study does not vary read as its one value."""
+    fixed = analysis.fixed
+    for row in result_rows(analysis):
+        if row["config"].get(MODE, "dst") != "dst":
+            continue
+        criterion, mean = row["config"].get(CRITERION, fixed.get(CRITERION)), row[f"{metric}_mean"]
+        if criterion is not None and mean is not None and math.isfinite(mean):
+            yield criterion, row["config"], mean
+
+
+def _criterion_means(analysis: StudyAnalysis, metric: str) -> dict[str, list[float]]:
+    """Each criterion's row means of ``metric``, over every DST configuration."""
+    by_criterion: dict[str, list[float]] = {}
+    for criterion, _, mean in _dst_rows(analysis, metric):
+        by_criterion.setdefault(criterion, []).append(mean)
+    return by_criterion
+
+
+def _best_criteria(analysis: StudyAnalysis, metric: str) -> dict[str, str]:
+    """The ``best_criterion.density_<d>[_<setting>]`` tags: the criterion with the highest
+    mean ``metric`` at each density of each setting."""
     fields = [f for f in analysis.group_by if f not in (MODE, CRITERION, DENSITY)]
     settings: list[dict[str, Any]] = []
-    by_criterion: dict[str, list[float]] = {}
     best: dict[tuple[int, str], tuple[float, str]] = {}  # (setting, density) -> (mean, best)
-    fixed = analysis.fixed  # a field the study does not vary has one value for every row
-    for row in rows:
-        criterion = row["config"].get(CRITERION, fixed.get(CRITERION))
-        mean = row["test_acc_mean"]
-        if criterion is None or mean is None or not math.isfinite(mean):
-            continue
-        by_criterion.setdefault(criterion, []).append(mean)
-        density = row["config"].get(DENSITY, fixed.get(DENSITY))
-        setting = {f: row["config"].get(f) for f in fields}
+    for criterion, config, mean in _dst_rows(analysis, metric):
+        density = config.get(DENSITY, analysis.fixed.get(DENSITY))
+        setting = {f: config.get(f) for f in fields}
         if setting not in settings:
             settings.append(setting)
         key = (settings.index(setting), str(density))
         if density is not None and (key not in best or mean > best[key][0]):
             best[key] = (mean, criterion)
-    metrics = {f"mean_test_acc.{c}": sum(v) / len(v) for c, v in by_criterion.items()}
     suffixes = setting_names("", settings)  # "" for one setting, else "_<setting>"
-    tags = {
+    return {
         f"best_criterion.density_{density}{suffixes[index]}": criterion
         for (index, density), (_, criterion) in best.items()
     }
-    return metrics, tags
 
 
 FIRST_UPDATE = "removal_jaccard_first."  # a run's metrics with analysis.removal_sets

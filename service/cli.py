@@ -473,6 +473,19 @@ def follow_log(
 
 
 @app.command()
+def spec(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
+    """The experiment's study spec as stored, as YAML (defaults filled in): save it and submit
+    it again to rerun the study."""
+    import yaml
+
+    try:
+        stored = _client(api, token).spec(experiment_id)
+    except ApiError as error:
+        raise fail(str(error)) from None
+    typer.echo(yaml.safe_dump(stored, sort_keys=False, allow_unicode=True), nl=False)
+
+
+@app.command()
 def results(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
     """Final test accuracy and loss, mean ± std over seeds, per configuration."""
     try:

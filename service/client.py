@@ -115,6 +115,10 @@ class ApiClient:
             params["status"] = status
         return dict(self._call("GET", "/experiments", params=params))
 
+    def spec(self, experiment_id: str) -> dict[str, Any]:
+        """The experiment's study spec as stored (defaults filled in)."""
+        return dict(self._call("GET", f"/experiments/{experiment_id}/spec"))
+
     def trials(self, experiment_id: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/experiments/{experiment_id}/trials"))
 

@@ -30,7 +30,7 @@ from service.states import (
     ExperimentStatus,
     TrialState,
 )
-from service.study import TrialPlan
+from service.study import TrialPlan, stored_ranking
 
 TRIAL_FIELDS = frozenset(
     {
@@ -321,8 +321,10 @@ def trials_version(session: Session, experiment_id: str) -> str:
 def study_analysis(
     session: Session, experiment_id: str, mask_dir: Path | None = None
 ) -> StudyAnalysis:
-    """Rankings, learning curves, structure (masks in ``mask_dir``) and figure data over
-    every succeeded trial (``partial`` while some run)."""
+    """Rankings (by the study's ``ranking.metric``), learning curves, structure (masks in
+    ``mask_dir``) and figure data over every succeeded trial (``partial`` while some run)."""
+    experiment = get_experiment(session, experiment_id)
+    metric = "test_acc" if experiment is None else stored_ranking(experiment.spec_json).metric
     specs, finished, unfinished = [], [], 0
     histories = trial_histories(session, experiment_id)
     for trial in list_trials(session, experiment_id):
@@ -333,7 +335,7 @@ def study_analysis(
             history = histories.get(trial.index, [])
             finished.append(FinishedTrial(spec, metrics, trial.index, history))
         unfinished += trial.state in UNFINISHED_TRIAL
-    return analyze(specs, finished, partial=unfinished > 0, mask_dir=mask_dir)
+    return analyze(specs, finished, partial=unfinished > 0, mask_dir=mask_dir, metric=metric)
 
 
 def as_aware(moment: datetime | None) -> datetime | None:

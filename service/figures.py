@@ -310,8 +310,9 @@ def _cd_builder(ranking: dict[str, Any], split: str) -> Builder:
             ranking["average_ranks"],
             ranking["critical_distance"],
             ranking["cliques"],
-            title=f"Critical distance of the pruning criteria ({SPLIT_TITLES[split]}, "
-            f"N = {ranking['n_groups']} groups, Nemenyi α = {ranking['alpha']})",
+            title=f"Critical distance of the pruning criteria by {ranking['metric']}\n"
+            f"({SPLIT_TITLES[split]}, N = {ranking['n_groups']} groups, "
+            f"Nemenyi α = {ranking['alpha']})",
         )
 
     return build

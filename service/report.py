@@ -203,9 +203,11 @@ def _rankings(analysis: dict[str, Any] | None) -> str:
             else f"Friedman test not run: {ranking.get('friedman_skipped')}"
         )
         cd = ranking.get("critical_distance")
+        metric = html.escape(ranking.get("metric", "test_acc"))  # (a server before the option)
         parts.append(
             f"<h3>{html.escape(SPLIT_TITLES.get(split, split))}</h3>"
-            f"<p>N = {ranking['n_groups']} groups; {html.escape(test)}; Nemenyi critical "
+            f"<p>ranked by the mean over seeds of {metric}; "
+            f"N = {ranking['n_groups']} groups; {html.escape(test)}; Nemenyi critical "
             f"distance at α = {ranking['alpha']}: {format_cell(cd)}</p>"
         )
         rows = [[c, ranking["average_ranks"][c]] for c in ranking["criteria"]]

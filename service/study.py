@@ -13,7 +13,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -143,6 +143,32 @@ class Baselines(BaseModel):
     )
 
 
+RankingMetric = Literal["test_acc", "test_acc_at_best_val"]
+
+
+class Ranking(BaseModel):
+    """What the analysis ranks the criteria by (Section 5.2, Figure 3).
+
+    The paper ranks by test accuracy without saying of which epoch; its code reports the test
+    accuracy of the epoch with the best validation accuracy. The default is the last epoch's,
+    the results table's headline; ``test_acc_at_best_val`` ranks as the paper's code does.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: RankingMetric = Field(
+        "test_acc",
+        description="test_acc: the last epoch's test accuracy; test_acc_at_best_val: the test "
+        "accuracy of the epoch with the best validation accuracy (the paper's code)",
+    )
+
+
+def stored_ranking(spec_json: str) -> Ranking:
+    """The ranking options of a stored study spec, read without validating its grid again
+    (a spec stored before the study had the option ranks by the default)."""
+    return Ranking.model_validate(json.loads(spec_json).get("ranking") or {})
+
+
 RESERVED_TAG_PREFIXES = ("mlflow.", "dst.")  # the tracking server's and the service's tags
 TagKey = Annotated[str, StringConstraints(min_length=1, max_length=250)]
 TagValue = Annotated[str, StringConstraints(max_length=1000)]
@@ -160,6 +186,7 @@ class StudySpec(RunSpec):
     tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=MAX_TAGS)
     resources: Resources = Resources()
     baselines: Baselines = Baselines()
+    ranking: Ranking = Ranking()
     grid: dict[str, GridValues] = Field(default_factory=dict)
 
     @field_validator("tags")

@@ -797,3 +797,82 @@ def test_a_best_criterion_tag_too_long_for_mlflow_is_named_by_its_settings_hash(
         "best_criterion.density_0.1_root--d-y": "snip",
         "best_criterion.density_0.5_root--d-y": "snip",
     }
+
+
+# -- what the criteria are ranked by ------------------------------------------------------------
+
+
+def test_a_study_ranks_by_the_metric_its_spec_names(client: TestClient, tmp_path: Path) -> None:
+    """``ranking.metric: test_acc_at_best_val``: the best-validation epoch's test accuracy
+    reverses the last epoch's order here (snip 0.9, set 0.8, magnitude 0.7 at every density and
+    growth), so every split ranks snip first; the analysis, the CSV and the report say by what."""
+    from service.analysis import rankings_csv
+
+    spec = study() | {"ranking": {"metric": "test_acc_at_best_val"}}
+    answer = client.post("/experiments", json=spec, headers=AUTH)
+    assert answer.status_code == 201, answer.text
+    experiment_id = answer.json()["id"]
+    stored = client.get(f"/experiments/{experiment_id}/spec", headers=AUTH).json()
+    assert stored["ranking"] == {"metric": "test_acc_at_best_val"}
+    finish(client, experiment_id)
+    at_best_val = {"snip": 0.9, "set": 0.8, "magnitude": 0.7}
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        for trial in crud.list_trials(session, experiment_id):
+            criterion = RunSpec.model_validate_json(trial.spec_json).sparsity.criterion
+            metrics = json.loads(trial.metrics_json or "{}")
+            metrics["test_acc_at_best_val"] = at_best_val.get(criterion, 0.5)
+            trial.metrics_json = json.dumps(metrics)
+        session.commit()
+    analysis = client.get(f"/experiments/{experiment_id}/analysis", headers=AUTH).json()
+    for split in ("all", "low", "high"):
+        ranking = analysis["rankings"][split]
+        assert ranking["metric"] == "test_acc_at_best_val"
+        assert ranking["average_ranks"] == {"snip": 1.0, "set": 2.0, "magnitude": 3.0}
+    with Session(engine) as session:
+        csv = rankings_csv(crud.study_analysis(session, experiment_id)).splitlines()
+    assert csv[0].endswith(",metric") and csv[1].startswith("all,snip,1.0000,4,")
+    assert csv[1].endswith(",test_acc_at_best_val")
+    page = write_report(api_client(client), experiment_id, tmp_path / "out").read_text()
+    assert "ranked by the mean over seeds of test_acc_at_best_val" in page
+
+
+def test_a_study_ranks_by_the_last_epochs_test_accuracy_unless_told(client: TestClient) -> None:
+    experiment_id = submit(client)
+    finish(client, experiment_id)
+    analysis = client.get(f"/experiments/{experiment_id}/analysis", headers=AUTH).json()
+    assert {r["metric"] for r in analysis["rankings"].values()} == {"test_acc"}
+
+
+def test_an_unknown_ranking_metric_is_refused_naming_the_choices(client: TestClient) -> None:
+    answer = client.post(
+        "/experiments", json=study() | {"ranking": {"metric": "test_loss"}}, headers=AUTH
+    )
+    assert answer.status_code == 422
+    (error,) = answer.json()["detail"]
+    assert error["loc"][-2:] == ["ranking", "metric"]
+    assert "'test_acc'" in error["msg"] and "'test_acc_at_best_val'" in error["msg"]
+    assert client.get("/experiments", headers=AUTH).json()["total"] == 0
+
+
+def test_the_summary_names_the_best_criterion_by_the_ranking_metric() -> None:
+    """Ranked by the best-validation epoch's accuracy, snip (0.9 there, 0.6 at the last epoch)
+    is the best criterion; both means are logged, the headline's and the ranking's."""
+    from service.analysis import summary
+
+    metrics_of = {
+        "magnitude": {"test_acc": 0.8, "test_acc_at_best_val": 0.85},
+        "snip": {"test_acc": 0.6, "test_acc_at_best_val": 0.9},
+    }
+    trials = [FinishedTrial(run(c, 0), m) for c, m in metrics_of.items()]
+    specs = [t.spec for t in trials]
+    metrics, tags = summary(analyze(specs, trials, False, metric="test_acc_at_best_val"))
+    assert metrics == {
+        "mean_test_acc.magnitude": pytest.approx(0.8),
+        "mean_test_acc.snip": pytest.approx(0.6),
+        "mean_test_acc_at_best_val.magnitude": pytest.approx(0.85),
+        "mean_test_acc_at_best_val.snip": pytest.approx(0.9),
+    }
+    assert tags == {"best_criterion.density_0.1": "snip"}
+    _, tags = summary(analyze(specs, trials, partial=False))
+    assert tags == {"best_criterion.density_0.1": "magnitude"}

@@ -78,6 +78,7 @@ def stored(client: TestClient) -> int:
         ("POST", "/experiments"),
         ("GET", "/experiments/abc"),
         ("GET", "/experiments/abc/trials"),
+        ("GET", "/experiments/abc/spec"),
         ("POST", "/experiments/abc/cancel"),
         ("GET", "/experiments/abc/results"),
         ("GET", "/experiments/abc/log"),
@@ -330,6 +331,7 @@ def test_unknown_experiment_is_404(client: TestClient) -> None:
     for path in (
         "/experiments/nope",
         "/experiments/nope/trials",
+        "/experiments/nope/spec",
         "/experiments/nope/results",
         "/experiments/nope/log",
     ):

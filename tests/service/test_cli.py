@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from service.api.routes.experiments import log_part
@@ -599,3 +600,41 @@ def test_a_jobs_driver_runs_with_this_python_only_on_the_ray_serve_starts(
     monkeypatch.setenv("DST_JOB_PYTHON", "/app/.venv/bin/python")
     assert job_python(Settings()) == "/app/.venv/bin/python"
     assert job_python(Settings(ray_address=cluster)) == "/app/.venv/bin/python"
+
+
+def test_a_stored_spec_saved_by_the_cli_reruns_the_same_trials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``dst spec ID`` prints the study as the API stored it (a grid field named without its
+    section comes back under its full path, defaults filled in); submitted again, it makes the
+    same trials, and the API refuses nothing of it."""
+    from fastapi.testclient import TestClient
+
+    from tests.service.test_analysis import api_client
+    from tests.service.test_api import unreachable_app
+
+    with TestClient(unreachable_app(tmp_path)) as http:
+        api = api_client(http)
+        monkeypatch.setattr("service.cli._client", lambda url, token: api)
+        spec = tmp_path / "study.yaml"
+        spec.write_text(SPEC + "ranking: {metric: test_acc_at_best_val}\n")
+        first = runner.invoke(app, ["submit", str(spec)])
+        assert first.exit_code == 0, first.output
+        (old,) = api.experiments()["items"]
+        shown = runner.invoke(app, ["spec", old["id"]])
+        assert shown.exit_code == 0, shown.output
+        stored = yaml.safe_load(shown.output)
+        assert stored["grid"] == {"sparsity.criterion": ["snip", "set"], "sparsity.density": [0.1]}
+        assert stored["training"]["epochs"] == 15 and stored["training"]["batch_size"] is None
+        assert stored["ranking"] == {"metric": "test_acc_at_best_val"}
+        saved = tmp_path / "saved.yaml"
+        saved.write_text(shown.output)
+        again = runner.invoke(app, ["submit", str(saved)])
+        assert again.exit_code == 0, again.output
+        new = next(e for e in api.experiments()["items"] if e["id"] != old["id"])
+        assert api.spec(new["id"]) == api.spec(old["id"])
+        assert [(t["label"], t["params"]) for t in api.trials(new["id"])] == [
+            (t["label"], t["params"]) for t in api.trials(old["id"])
+        ]
+        missing = runner.invoke(app, ["spec", "nope"])
+        assert missing.exit_code == 2 and "nope" in missing.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from dst.spec import RunSpec
-from service.study import MAX_GRID, StudySpec, expand, grid_fields
+from service.study import MAX_GRID, StudySpec, expand, grid_fields, stored_ranking
 
 
 def study(**extra: Any) -> dict[str, Any]:
@@ -327,3 +328,13 @@ def test_every_shipped_study_is_valid() -> None:
     examples = Path(__file__).resolve().parents[2] / "examples"
     for path in [*sorted((examples / "studies").glob("*.yaml")), examples / "demo.yaml"]:
         assert expand(StudySpec.model_validate(read_spec_file(path))), path
+
+
+def test_the_ranking_metric_is_read_from_the_stored_spec() -> None:
+    """A spec stored before studies had ``ranking`` ranks by the last epoch's test accuracy;
+    the option is not a run field, so no trial's spec carries it."""
+    ranked = StudySpec.model_validate(study(ranking={"metric": "test_acc_at_best_val"}))
+    assert stored_ranking(ranked.model_dump_json()).metric == "test_acc_at_best_val"
+    assert stored_ranking(json.dumps(study())).metric == "test_acc"
+    assert "ranking" not in expand(ranked)[0].spec.model_dump()
+    assert "ranking" not in grid_fields() and "ranking.metric" not in grid_fields()

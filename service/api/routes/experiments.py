@@ -1,5 +1,5 @@
-"""Experiment endpoints: submit, list, inspect, trials, cancel, results, the driver's log,
-analysis and figures."""
+"""Experiment endpoints: submit, list, inspect, the stored spec, trials, cancel, results, the
+driver's log, analysis and figures."""
 
 from __future__ import annotations
 
@@ -266,6 +266,13 @@ def list_experiments(
 def get_experiment(experiment_id: str, session: SessionDep, services: ServicesDep) -> ExperimentOut:
     """Status, trial counts by state and MLflow links of one experiment."""
     return experiment_out(session, services, _get(session, experiment_id))
+
+
+@router.get("/{experiment_id}/spec", responses=NOT_FOUND)
+def get_spec(experiment_id: str, session: SessionDep) -> dict[str, Any]:
+    """The study spec as stored: what was submitted, with every default filled in and grid
+    fields named by their full path. Submitting it again runs the same trials."""
+    return dict(json.loads(_get(session, experiment_id).spec_json))
 
 
 @router.get("/{experiment_id}/trials", responses=NOT_FOUND)
