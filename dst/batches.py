@@ -34,6 +34,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
             raise ValueError(f"need n >= 1 and batch_size >= 1, got n={n}, batch={batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if batch_size < world_size:  # some rank would get empty batches
+            raise ValueError(
+                f"a global batch of {batch_size} cannot be split between {world_size} workers: "
+                f"each needs at least one sample"
+            )
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0

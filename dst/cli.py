@@ -97,9 +97,11 @@ def run(
     except OSError as error:
         raise fail(f"cannot write to --out {out}: {error.strerror or error}") from None
     try:
-        trainer = Trainer(spec)
-    except (RuntimeError, ValueError) as error:
+        trainer = Trainer(spec)  # reads (or downloads) the data: a missing dataset says how
+    except (RuntimeError, ValueError) as error:  # to get it, on one line
         raise fail(str(error)) from None
+    except OSError as error:  # the data root cannot be made or read, say
+        raise fail(f"cannot prepare the run: {error}") from None
     save_masks(trainer.initial_masks, out / "masks" / "initial.npz")
     with (out / "metrics.jsonl").open("w") as metrics_file:
 

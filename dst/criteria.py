@@ -70,19 +70,20 @@ def set_balanced(
     The score of an active weight is the rank of |θ| within its sign group (θ >= 0 or θ < 0),
     so the k lowest scores take the k/2 smallest non-negative and the k/2 negative weights
     closest to zero; a group with too few active weights is exhausted and the rest come from
-    the other. Inactive entries get +inf (they are never selected anyway).
+    the other. Inactive entries get +inf (they are never selected anyway). Ranks are float64,
+    exact for any layer (a bf16 or float32 rank is not past 2^8 or 2^24 weights).
     """
     import torch
 
     from dst.masks import true_indices
 
     flat, active = weight.detach().flatten(), mask.flatten()  # [n], [n]
-    scores = torch.full_like(flat, math.inf)
+    scores = torch.full_like(flat, math.inf, dtype=torch.float64)  # [n]
     for group in ((flat >= 0) & active, (flat < 0) & active):
         idx = true_indices(group)  # [g]
         order = torch.sort(flat[idx].abs(), stable=True).indices  # [g]
-        ranks = torch.empty_like(order, dtype=flat.dtype)
-        ranks[order] = torch.arange(len(idx), device=flat.device, dtype=flat.dtype)
+        ranks = torch.empty_like(order, dtype=torch.float64)
+        ranks[order] = torch.arange(len(idx), device=flat.device, dtype=torch.float64)
         scores[idx] = ranks
     return scores.view_as(weight)
 

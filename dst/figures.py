@@ -89,8 +89,14 @@ def history_series(
     columns = [[h[i][metric] for h in histories] for i in range(length)]
     xs = [histories[0][i][x] for i in range(length)]
     means = [statistics.fmean(c) for c in columns]
-    stds = [statistics.stdev(c) for c in columns] if len(histories) > 1 else None
+    stds = [_std(c) for c in columns] if len(histories) > 1 else None
     return Series(label, xs, means, stds)
+
+
+def _std(values: Sequence[float]) -> float:
+    """The sample std of two or more values; NaN (no band drawn) when one is not a finite
+    number, a diverged seed's loss, where ``statistics.stdev`` fails."""
+    return statistics.stdev(values) if all(math.isfinite(v) for v in values) else math.nan
 
 
 def _matches(config: Mapping[str, Any], where: Mapping[str, Any]) -> bool:

@@ -4,10 +4,16 @@ train, validation and test splits (Table 4), in the real on-disk formats.
 
 from __future__ import annotations
 
+import http.client
 import importlib.util
 import logging
 import pickle
-from collections.abc import Callable
+import shutil
+import tarfile
+import urllib.error
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +44,44 @@ def _unavailable(name: str, missing: Path, how: str) -> DatasetUnavailableError:
         f"dataset {name!r} is not available: {missing} is missing and downloading is "
         f"{'not possible' if 'image-net' in how else 'disabled (data.download: false)'}. {how}"
     )
+
+
+def download_problem(error: BaseException) -> str:
+    """Why a download failed, on one line: an HTTP status, or the network's reason (refused,
+    no such host, timed out), or the last line of a library's message (torchvision lists the
+    mirrors it tried, each with urllib's ``<urlopen error REASON>``)."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code} {error.reason}"
+    reason = getattr(error, "reason", None) if isinstance(error, urllib.error.URLError) else None
+    text = str(reason if reason is not None else error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    last = lines[-1]  # urllib's own form of a network error, as a library quotes it
+    return last.removeprefix("<urlopen error ").removesuffix(">") if last.startswith("<") else last
+
+
+@contextmanager
+def downloading(
+    name: str, url: str, root: Path, expected: str, partial: Path | None = None
+) -> Iterator[None]:
+    """Download dataset ``name`` from ``url`` in the block; a failure (the network, the
+    server, the disk) is a :class:`DatasetUnavailableError` on one line, naming the URL and
+    what to put where (``expected`` under the data ``root``) to run without downloading. A
+    ``partial`` file the failed download leaves is removed: a later run would take it for
+    the whole archive."""
+    existed = partial is not None and partial.exists()
+    try:
+        yield
+    except (OSError, RuntimeError, http.client.HTTPException) as error:  # a cut answer too
+        log.debug("downloading %s failed", url, exc_info=True)
+        if partial is not None and not existed:
+            partial.unlink(missing_ok=True)
+        raise DatasetUnavailableError(
+            f"dataset {name!r}: downloading {url} failed ({download_problem(error)}). "
+            f"To run without downloading, put {expected} under the data root {root} "
+            f"(data.root, or $DST_DATA_DIR) and set data.download: false"
+        ) from None
 
 
 # -- splitting helpers ------------------------------------------------------------------
@@ -134,6 +178,7 @@ def load_breast_cancer_splits(config: DataConfig) -> DataSplits:
 
 # -- Higgs (OpenML 44129) -----------------------------------------------------------------
 HIGGS_FILE = Path("higgs") / "higgs.npz"
+HIGGS_URL = "https://www.openml.org/d/44129"
 
 
 def fetch_higgs(root: Path) -> None:
@@ -155,8 +200,9 @@ def load_higgs_splits(config: DataConfig) -> DataSplits:
     path = config.root / HIGGS_FILE
     if not path.exists():
         if not config.download:
-            raise _unavailable("higgs", path, "Get it from https://www.openml.org/d/44129.")
-        fetch_higgs(config.root)
+            raise _unavailable("higgs", path, f"Get it from {HIGGS_URL}.")
+        with downloading("higgs", HIGGS_URL, config.root, f"{HIGGS_FILE} (arrays X and y)"):
+            fetch_higgs(config.root)
     with np.load(path) as data:
         x, y = data["X"].astype(np.float64), data["y"].astype(np.int64)
     parts = stratified_split(y, (0.7, 0.15, 0.15), config.split_seed)
@@ -226,14 +272,43 @@ def _read_cifar_batches(files: list[Path], label_key: bytes) -> tuple[np.ndarray
     return np.concatenate(images).transpose(0, 2, 3, 1), np.concatenate(labels)
 
 
+def download_archive(
+    name: str, url: str, root: Path, expected: str, md5: str | None = None
+) -> None:
+    """Download the archive at ``url`` into ``root`` (checked against ``md5`` if known) and
+    unpack it there; a failed download, or an archive cut short or corrupt, is a one-line
+    :class:`DatasetUnavailableError` (see :func:`downloading`). It is unpacked beside its
+    place first and moved in whole, so an unpacking cut short leaves no folder a later run
+    would take for the data; a corrupt archive is removed, so a later run downloads it again."""
+    from torchvision.datasets.utils import download_url, extract_archive
+
+    archive = root / url.rsplit("/", 1)[-1]
+    staging = root / f".{archive.name}.unpacking"
+    with downloading(name, url, root, expected, partial=archive):
+        download_url(url, str(root), md5=md5)
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            extract_archive(str(archive), str(staging))
+            for item in staging.iterdir():
+                item.rename(root / item.name)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
+            archive.unlink(missing_ok=True)
+            raise RuntimeError(f"the archive is cut short or corrupt: {error}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def _load_cifar(config: DataConfig, info: DataInfo, archive: str, folder: str) -> DataSplits:
-    from torchvision.datasets.utils import download_and_extract_archive
+    from torchvision import datasets as tvd
 
     directory = config.root / folder
     if not directory.exists():
+        url = CIFAR_URL.format(archive)
         if not config.download:
-            raise _unavailable(info.name, directory, f"Get it from {CIFAR_URL.format(archive)}.")
-        download_and_extract_archive(CIFAR_URL.format(archive), str(config.root))
+            raise _unavailable(info.name, directory, f"Get it from {url}.")
+        md5 = (tvd.CIFAR10 if info.num_classes == 10 else tvd.CIFAR100).tgz_md5
+        expected = f"{folder}/ (that archive unpacked)"
+        download_archive(info.name, url, config.root, expected, md5=md5)
     pad_mode: PadMode
     if info.num_classes == 10:
         train_files = [directory / f"data_batch_{i}" for i in range(1, 6)]
@@ -281,10 +356,17 @@ def load_fashion_mnist(config: DataConfig) -> DataSplits:
     from torchvision import transforms as T
 
     raw = config.root / "FashionMNIST" / "raw"
-    if not (raw / "train-images-idx3-ubyte").exists() and not config.download:
-        raise _unavailable(
-            "fashion-mnist", raw, "Get it from https://github.com/zalandoresearch/fashion-mnist."
-        )
+    if not (raw / "train-images-idx3-ubyte").exists():
+        if not config.download:
+            raise _unavailable(
+                "fashion-mnist",
+                raw,
+                "Get it from https://github.com/zalandoresearch/fashion-mnist.",
+            )
+        url = " or ".join(tvd.FashionMNIST.mirrors)
+        expected = "FashionMNIST/raw/ with its four unpacked *-ubyte files"
+        with downloading("fashion-mnist", url, config.root, expected):
+            tvd.FashionMNIST(str(config.root), train=True, download=True)  # all four files
     train = tvd.FashionMNIST(str(config.root), train=True, download=config.download)
     test = tvd.FashionMNIST(str(config.root), train=False, download=config.download)
     normalize = T.Compose([T.ToTensor(), T.Normalize(FASHION_NORM.mean, FASHION_NORM.std)])
@@ -334,13 +416,13 @@ def load_tiny_imagenet(config: DataConfig) -> DataSplits:
     augmentation is a horizontal flip."""
     from torchvision import datasets as tvd
     from torchvision import transforms as T
-    from torchvision.datasets.utils import download_and_extract_archive
 
     root = config.root / "tiny-imagenet-200"
     if not root.exists():
         if not config.download:
             raise _unavailable("tiny-imagenet", root, f"Get it from {TINY_URL}.")
-        download_and_extract_archive(TINY_URL, str(config.root))
+        expected = "tiny-imagenet-200/ (that archive unpacked)"
+        download_archive("tiny-imagenet", TINY_URL, config.root, expected)
     train = tvd.ImageFolder(str(root / "train"))
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     augment = [T.RandomHorizontalFlip()] if config.augment else []

@@ -143,7 +143,9 @@ class TrainingSpec(_Strict):
     @model_validator(mode="after")
     def _check_nesterov(self) -> TrainingSpec:
         if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov needs momentum > 0: set training.nesterov to false")
+            raise field_error(
+                ("nesterov",), "nesterov needs momentum > 0: set training.nesterov to false", True
+            )
         return self
 
 
@@ -258,7 +260,10 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_compatible(self) -> RunSpec:
-        get_model(self.model).check(get_dataset(self.dataset).info)
+        try:
+            get_model(self.model).check(get_dataset(self.dataset).info)
+        except ValueError as error:  # named at the dataset: what a grid usually varies
+            raise field_error(("dataset",), str(error), self.dataset) from None
         if self.training.channels_last and get_dataset(self.dataset).info.kind != "image":
             raise field_error(
                 ("training", "channels_last"),

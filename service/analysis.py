@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dst.spec import RunSpec
-from service.results import Results, grouped_stats, run_config, summarize
+from service.results import Results, grouped_stats, run_config, sample_std, summarize
 
 CRITERION, GROWTH, DENSITY, MODE = (
     "sparsity.criterion",
@@ -169,10 +169,6 @@ def _is_dst(trial: FinishedTrial) -> bool:
 
 def _mean(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
-
-
-def _std(values: Sequence[float]) -> float | None:
-    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _defined(values: Iterable[float | None]) -> list[float]:
@@ -429,7 +425,7 @@ def _first_update_cell(
         if found is not None:
             return found
     defined = _defined(values)
-    return _mean(defined), _std(defined)
+    return _mean(defined), sample_std(defined)
 
 
 def _first_removal_layers(mask_dir: Path | None, index: int) -> dict[str, dict[str, float]] | None:
@@ -506,8 +502,8 @@ def end_mask_structure(
         stats = end_mask_jaccard_over_seeds(per_seed, [*names, "init"])
         j_init = initial_mask_reference(initials) if len(initials) > 1 else None
         shares = {
-            "kept_by_all": {"mean": _mean(kept), "std": _std(kept)},
-            "removed_by_all": {"mean": _mean(removed), "std": _std(removed)},
+            "kept_by_all": {"mean": _mean(kept), "std": sample_std(kept)},
+            "removed_by_all": {"mean": _mean(removed), "std": sample_std(removed)},
         }
         out.append(
             {
@@ -714,7 +710,7 @@ def learning_curves(
             curves[label] = _curve([t.history for t in trials])
             accuracies = [t.metrics["test_acc"] for t in trials if "test_acc" in t.metrics]
             curves[label]["test_acc"] = _mean(accuracies)
-            curves[label]["test_acc_std"] = _std(accuracies)
+            curves[label]["test_acc_std"] = sample_std(accuracies)
         out.append({"setting": setting, "lines": curves})
     return out
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import os
@@ -19,17 +20,19 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from dst.cli import app, fail
 from service.client import (
     DEFAULT_URL,
+    NOT_HEADER_TEXT,
     TERMINAL,
     ApiClient,
     ApiError,
     default_token,
+    header_text,
     parent_closed,
     write_token,
 )
@@ -40,14 +43,43 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dst.service")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+T = TypeVar("T")
+
+
+def header_option(value: str | None) -> str | None:
+    """An option sent as an HTTP header (``--token``, ``--idempotency-key``), checked as it is
+    parsed: text a header cannot carry is a usage error naming the option, not a traceback
+    from deep in the HTTP client."""
+    if value is not None and not header_text(value):
+        raise typer.BadParameter(NOT_HEADER_TEXT)
+    return value
+
+
+def experiment_id_argument(value: str | None) -> str | None:
+    """An experiment id, checked as it is parsed: an empty (or blank) one would address the
+    list of experiments instead, so it is a usage error."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("an experiment id cannot be empty or blank")
+    return value
+
+
 ApiUrl = Annotated[str, typer.Option("--api", envvar="DST_API_URL", help="REST API address")]
-Token = Annotated[str | None, typer.Option("--token", envvar="DST_API_TOKEN", help="API token")]
+Token = Annotated[
+    str | None,
+    typer.Option("--token", envvar="DST_API_TOKEN", help="API token", callback=header_option),
+]
+ExperimentId = Annotated[str, typer.Argument(callback=experiment_id_argument)]
 
 
 def _client(api: str, token: str | None) -> ApiClient:
+    """The REST client of ``api``, with ``token`` or else the local one; a stored token that
+    no HTTP header can carry exits with a line saying so."""
     from service.core.config import storage_path_from_env
 
-    return ApiClient(api, token or default_token(storage_path_from_env()))
+    try:
+        return ApiClient(api, token or default_token(storage_path_from_env()))
+    except ValueError as error:
+        raise fail(str(error)) from None
 
 
 DUPLICATE_SIGNAL_S = 1.0  # a second signal this soon is the first one delivered again
@@ -210,11 +242,15 @@ def wait_ready(url: str, timeout: float = 300) -> None:
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address (default: settings)")] = None,
-    port: Annotated[int | None, typer.Option(help="port (default: settings)")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="port, 1-65535 (default: settings)")
+    ] = None,
 ) -> None:
     """Run the REST API; start a local Ray and MLflow server if none is configured."""
     settings = _settings()
-    updates: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v}
+    updates: dict[str, Any] = {"host": host} if host else {}  # an empty --host: the settings'
+    if port is not None:
+        updates["port"] = port
     settings = settings.model_copy(update=updates)
     settings.storage_path.mkdir(parents=True, exist_ok=True)
     try:
@@ -258,9 +294,35 @@ def _settings(**values: Any) -> Settings:
         raise fail(f"invalid settings: {error}") from None
 
 
+# how long a waiting command asks again while the API answers 503 (its database or Ray away
+# for now, the answer says to retry later) before it gives up with that answer
+UNAVAILABLE_PATIENCE_S = 300.0
+
+
+def through_unavailable(
+    read: Callable[[], T], pause: float, patience: float = UNAVAILABLE_PATIENCE_S
+) -> T:
+    """``read()``, asked again every ``pause`` seconds while the API answers 503 (a passing
+    outage of what it depends on), for at most ``patience`` seconds; then the last 503 is
+    raised. Any other error is raised at once. The first 503 is noted in the log, once."""
+    deadline = time.monotonic() + patience
+    noted = False
+    while True:
+        try:
+            return read()
+        except ApiError as error:
+            if error.status != 503 or time.monotonic() + pause > deadline:
+                raise
+            if not noted:
+                log.warning("%s; asking again for up to %.0f s", error, patience)
+                noted = True
+        time.sleep(pause)
+
+
 def wait_for(client: ApiClient, experiment_id: str, poll: float = 1.0) -> dict[str, Any]:
-    """Show a finished/total progress bar until the experiment ends; return its last state."""
-    experiment = client.experiment(experiment_id)
+    """Show a finished/total progress bar until the experiment ends; return its last state.
+    A 503 answer (the API's database away for now) is asked again, for a while."""
+    experiment = through_unavailable(lambda: client.experiment(experiment_id), poll)
     from tqdm import tqdm
 
     with tqdm(total=experiment["n_trials"], desc=experiment["name"], unit="trial") as bar:
@@ -275,16 +337,21 @@ def wait_for(client: ApiClient, experiment_id: str, poll: float = 1.0) -> dict[s
             if experiment["status"] in TERMINAL:
                 return experiment
             time.sleep(poll)
-            experiment = client.experiment(experiment_id)
+            experiment = through_unavailable(lambda: client.experiment(experiment_id), poll)
 
 
 def wait_parent_closed(client: ApiClient, experiment_id: str, timeout: float = 120) -> bool:
     """Wait (bounded) until the ended experiment's MLflow parent run is closed with its
-    results, analysis and figures; False if it is not closed in time (MLflow is down)."""
+    results, analysis and figures; False if it is not closed in time (MLflow is down). A 503
+    answer (the API's database away for now) is asked again within the same bound."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if parent_closed(client.experiment(experiment_id)):
-            return True
+        try:
+            if parent_closed(client.experiment(experiment_id)):
+                return True
+        except ApiError as error:
+            if error.status != 503:
+                raise
         time.sleep(0.25)
     return False
 
@@ -312,7 +379,9 @@ def submit(
         bool,
         typer.Option(help="wait and show progress, then the results; exit 1 unless it succeeded"),
     ] = False,
-    idempotency_key: Annotated[str | None, typer.Option(help="retry-safe submission key")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="retry-safe submission key", callback=header_option)
+    ] = None,
     api: ApiUrl = DEFAULT_URL,
     token: Token = None,
 ) -> None:
@@ -328,7 +397,8 @@ def submit(
             return
         final = wait_for(client, created["id"])
         typer.echo(f"status: {final['status']}")
-        typer.echo(results_table(client.results(created["id"])))
+        ended = through_unavailable(lambda: client.results(created["id"]), pause=1.0)
+        typer.echo(results_table(ended))
     except (ApiError, OSError) as error:
         raise fail(str(error)) from None
     if final["status"] != ExperimentStatus.SUCCEEDED:  # said, and in the exit code, for scripts
@@ -343,7 +413,10 @@ MAX_LISTED = 500  # the API's largest page of experiments
 
 @app.command()
 def status(
-    experiment_id: Annotated[str | None, typer.Argument(help="omit to list experiments")] = None,
+    experiment_id: Annotated[
+        str | None,
+        typer.Argument(help="omit to list experiments", callback=experiment_id_argument),
+    ] = None,
     limit: Annotated[
         int, typer.Option(help=f"list this many of the newest experiments (at most {MAX_LISTED})")
     ] = 20,
@@ -361,12 +434,16 @@ def status(
             return
         e = client.experiment(experiment_id)
         typer.echo(f"{e['id']}  {e['name']}  {e['status']}  {e['trial_counts']}")
+        if e.get("error"):
+            typer.echo(f"error: {e['error']}")
         if e.get("notice"):
             typer.echo(f"notice: {e['notice']}")
         if e.get("mlflow", {}).get("parent_run_url"):
             typer.echo(f"MLflow: {e['mlflow']['parent_run_url']}")
         for t in client.trials(experiment_id):
             typer.echo(trial_line(t))
+            if t.get("error"):
+                typer.echo(trial_error_line(t))
     except ApiError as error:
         raise fail(str(error)) from None
 
@@ -401,8 +478,23 @@ def trial_line(trial: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+ERROR_WIDTH = 160  # a trial's error in `dst status`, at most (the API has it whole)
+
+
+def trial_error_line(trial: dict[str, Any], width: int = ERROR_WIDTH) -> str:
+    """A trial's error under its line of ``dst status``: the error text's last line (a trace
+    ends with the exception and its message), cut to ``width`` characters. A trial that is
+    not failed shows the error it last resumed from."""
+    lines = [line.strip() for line in trial["error"].splitlines() if line.strip()]
+    text = lines[-1] if lines else "(no error text)"
+    if len(text) > width:
+        text = text[: width - 1] + "…"
+    label = "error" if trial["state"] == TrialState.FAILED else "last error"
+    return f"{'':8}{label}: {text}"
+
+
 @app.command()
-def cancel(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
+def cancel(experiment_id: ExperimentId, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
     """Cancel a running experiment."""
     try:
         e = _client(api, token).cancel(experiment_id)
@@ -413,7 +505,7 @@ def cancel(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -
 
 @app.command()
 def logs(
-    experiment_id: str,
+    experiment_id: ExperimentId,
     tail: Annotated[int, typer.Option(min=1, help="lines from the end of the log")] = 200,
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="then print what is added, until the end")
@@ -451,10 +543,12 @@ def follow_log(
 ) -> dict[str, Any]:
     """Echo the last ``tail`` lines of the experiment's driver log, then what the driver adds,
     until the experiment ends; its last state. Each line is echoed once, whole logs included:
-    each read asks only for what follows the characters already read."""
+    each read asks only for what follows the characters already read. A 503 answer to the
+    experiment's state (the API's database away for now) is asked again, for a while."""
     read: int | None = None  # characters of the log echoed so far
     while True:
-        experiment = client.experiment(experiment_id)  # first: a log read after the end is whole
+        # first: a log read after the end is whole
+        experiment = through_unavailable(lambda: client.experiment(experiment_id), poll)
         ended = experiment["status"] in TERMINAL
         if experiment["status"] != ExperimentStatus.QUEUED:  # submitted: Ray has (or will have) it
             try:
@@ -473,7 +567,7 @@ def follow_log(
 
 
 @app.command()
-def spec(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
+def spec(experiment_id: ExperimentId, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
     """The experiment's study spec as stored, as YAML (defaults filled in): save it and submit
     it again to rerun the study."""
     import yaml
@@ -486,7 +580,7 @@ def spec(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -> 
 
 
 @app.command()
-def results(experiment_id: str, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
+def results(experiment_id: ExperimentId, api: ApiUrl = DEFAULT_URL, token: Token = None) -> None:
     """Final test accuracy and loss, mean ± std over seeds, per configuration."""
     try:
         typer.echo(results_table(_client(api, token).results(experiment_id)))
@@ -537,10 +631,17 @@ def read_study(path: Path) -> dict[str, Any]:
 
 def json_ready(value: Any, path: str = "") -> Any:
     """``value`` (YAML data) as JSON can carry it to the API: a date or time (YAML reads an
-    unquoted ``2024-05-01`` as a date) becomes its ISO text; a number that is not finite, or a
-    value JSON has no form for (a YAML set, binary), is a ``ValueError`` naming the field."""
+    unquoted ``2024-05-01`` as a date) becomes its ISO text, and a mapping's keys become text
+    (JSON's keys are strings); a number that is not finite, or a value JSON has no form for
+    (a YAML set, binary), is a ``ValueError`` naming the field."""
     if isinstance(value, dict):
-        return {k: json_ready(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        ready: dict[str, Any] = {}
+        for key, item in value.items():
+            text = json_key(key, path)
+            if text in ready:
+                raise ValueError(f"{path or 'spec'}: two keys are both {text!r} as text")
+            ready[text] = json_ready(item, f"{path}.{text}" if path else text)
+        return ready
     if isinstance(value, list):
         return [json_ready(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, datetime.date | datetime.time):
@@ -550,6 +651,22 @@ def json_ready(value: Any, path: str = "") -> Any:
     if value is not None and not isinstance(value, str | int | float):
         raise ValueError(f"{path or 'spec'}: a {type(value).__name__} is not a spec value")
     return value
+
+
+def json_key(key: Any, path: str = "") -> str:
+    """A mapping's key as JSON text, written as JSON would write it (``true``, ``1.5``; a date
+    as its ISO text); a key JSON has no text for (YAML binary data as a key, a number
+    that is not finite) is a ``ValueError`` naming the mapping."""
+    where = path or "spec"
+    if isinstance(key, str):
+        return key
+    if isinstance(key, datetime.date | datetime.time):
+        return key.isoformat()
+    if isinstance(key, float) and not math.isfinite(key):
+        raise ValueError(f"{where}: the key {key} is not a finite number")
+    if key is None or isinstance(key, bool | int | float):
+        return json.dumps(key)
+    raise ValueError(f"{where}: a {type(key).__name__} is not a key of a spec mapping")
 
 
 def yaml_problem(error: Exception) -> str:
@@ -590,7 +707,7 @@ def presets() -> None:
 
 @app.command()
 def report(
-    experiment_id: str,
+    experiment_id: ExperimentId,
     out: Annotated[Path, typer.Option(help="directory to write report.html into")] = Path("."),
     api: ApiUrl = DEFAULT_URL,
     token: Token = None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from service.states import TERMINAL_EXPERIMENT
 
@@ -65,6 +66,42 @@ def format_detail(detail: Any) -> str:
     return str(detail)
 
 
+def segment(value: str | int, what: str = "an experiment id") -> str:
+    """``value`` as one path segment of a URL: every reserved character quoted, so an id such
+    as ``../presets`` or ``a?b`` names that (missing) experiment instead of another route, and
+    a segment of dots only as well (a client would drop ``.`` or ``..`` from the path). An
+    empty one (``what``, named in the message) is a ``ValueError``: ``/experiments/`` is the
+    list, not an experiment."""
+    text = str(value)
+    if not text:
+        raise ValueError(f"{what} cannot be empty")
+    quoted = quote(text, safe="")
+    return quoted.replace(".", "%2E") if quoted.strip(".") == "" else quoted
+
+
+NOT_HEADER_TEXT = "must be printable ASCII text: it is sent as an HTTP header"
+
+
+def header_text(value: str) -> bool:
+    """``value`` can be an HTTP header's value: printable ASCII (headers are bytes, so a
+    non-ASCII character cannot be sent, and a control character such as a newline would end
+    the header)."""
+    return all(" " <= char <= "~" for char in value)
+
+
+def check_header_value(what: str, value: str) -> str:
+    """``value``, if an HTTP header can carry it; else a ``ValueError`` naming ``what``."""
+    if not header_text(value):
+        raise ValueError(f"{what} {NOT_HEADER_TEXT}")
+    return value
+
+
+def _snippet(text: str, width: int = 80) -> str:
+    """The start of an answer's body on one line, to recognise what answered."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 NO_TOKEN = (
     "no token was sent: pass --token or set DST_API_TOKEN; a local `dst serve` keeps its token "
     "in the api-token file of its storage path (DST_STORAGE_PATH, ~/.dst-lab)"
@@ -78,36 +115,62 @@ class ApiClient:
         import httpx
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if token:
+            check_header_value("the API token", token)
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
         self._errors = httpx.HTTPError
         self._has_token = bool(token)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """The API's 2xx answer; any other, or none, is an :class:`ApiError`."""
+        """The API's 2xx answer; any other (a redirect included: the API never redirects, so
+        one means ``url`` names something else), or none, is an :class:`ApiError`."""
         try:
             response = self.http.request(method, path, **kwargs)
         except self._errors as error:
             raise ApiError(0, f"cannot reach the API at {self.http.base_url}: {error}") from None
+        if 300 <= response.status_code < 400:
+            where = response.headers.get("location", "an address it does not give")
+            raise ApiError(
+                response.status_code,
+                f"{response.request.url} redirects to {where}: is {self.http.base_url} the "
+                f"API's address (--api, DST_API_URL)?",
+            )
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail", response.text)
+                body = response.json()
             except ValueError:
-                detail = response.text
+                body = None
+            detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
             if response.status_code == 401 and not self._has_token:
                 detail = f"{detail} ({NO_TOKEN})"
             raise ApiError(response.status_code, detail)
         return response
 
     def _call(self, method: str, path: str, raw: bool = False, **kwargs: Any) -> Any:
+        """The answer's body: its bytes if ``raw``, else its JSON; an answer that is not JSON
+        (a proxy's or another server's page) is an :class:`ApiError` naming the URL."""
         response = self._request(method, path, **kwargs)
-        return response.content if raw else response.json()
+        if raw:
+            return response.content
+        try:
+            return response.json()
+        except ValueError:
+            kind = response.headers.get("content-type", "no content type")
+            raise ApiError(
+                response.status_code,
+                f"{response.request.url} answered with no JSON ({kind}: "
+                f"{_snippet(response.text)!r}): is {self.http.base_url} the API's address "
+                f"(--api, DST_API_URL)?",
+            ) from None
 
     def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        headers = {}
+        if idempotency_key:
+            headers["Idempotency-Key"] = check_header_value("--idempotency-key", idempotency_key)
         return dict(self._call("POST", "/experiments", json=spec, headers=headers))
 
     def experiment(self, experiment_id: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/experiments/{experiment_id}"))
+        return dict(self._call("GET", f"/experiments/{segment(experiment_id)}"))
 
     def experiments(self, status: str | None = None, limit: int = 20) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}
@@ -117,30 +180,34 @@ class ApiClient:
 
     def spec(self, experiment_id: str) -> dict[str, Any]:
         """The experiment's study spec as stored (defaults filled in)."""
-        return dict(self._call("GET", f"/experiments/{experiment_id}/spec"))
+        return dict(self._call("GET", f"/experiments/{segment(experiment_id)}/spec"))
 
     def trials(self, experiment_id: str) -> list[dict[str, Any]]:
-        return list(self._call("GET", f"/experiments/{experiment_id}/trials"))
+        return list(self._call("GET", f"/experiments/{segment(experiment_id)}/trials"))
 
     def history(self, experiment_id: str, index: int) -> list[dict[str, float]]:
         """Trial ``index``'s metrics per epoch."""
-        return list(self._call("GET", f"/experiments/{experiment_id}/trials/{index}/history"))
+        return list(
+            self._call(
+                "GET", f"/experiments/{segment(experiment_id)}/trials/{segment(index)}/history"
+            )
+        )
 
     def cancel(self, experiment_id: str) -> dict[str, Any]:
-        return dict(self._call("POST", f"/experiments/{experiment_id}/cancel"))
+        return dict(self._call("POST", f"/experiments/{segment(experiment_id)}/cancel"))
 
     def results(self, experiment_id: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/experiments/{experiment_id}/results"))
+        return dict(self._call("GET", f"/experiments/{segment(experiment_id)}/results"))
 
     def analysis(self, experiment_id: str) -> dict[str, Any]:
-        return dict(self._call("GET", f"/experiments/{experiment_id}/analysis"))
+        return dict(self._call("GET", f"/experiments/{segment(experiment_id)}/analysis"))
 
     def log(self, experiment_id: str, tail: int = 200) -> str:
         """The last ``tail`` lines of the experiment's job driver output."""
         return self._log(experiment_id, {"tail": tail}).content.decode("utf-8")
 
     def _log(self, experiment_id: str, params: dict[str, int]) -> httpx.Response:
-        return self._request("GET", f"/experiments/{experiment_id}/log", params=params)
+        return self._request("GET", f"/experiments/{segment(experiment_id)}/log", params=params)
 
     def log_chunk(
         self, experiment_id: str, tail: int | None = None, since: int | None = None
@@ -160,7 +227,8 @@ class ApiClient:
     def figure(self, experiment_id: str, filename: str, dpi: int | None = None) -> bytes:
         """A figure's image (``NAME.png``, at ``dpi`` if given, or ``NAME.svg``)."""
         params = {"dpi": dpi} if dpi is not None else None
-        path = f"/experiments/{experiment_id}/figures/{filename}"
+        name = segment(filename, "a figure's name")
+        path = f"/experiments/{segment(experiment_id)}/figures/{name}"
         return bytes(self._call("GET", path, raw=True, params=params))
 
     def healthy(self) -> bool:

@@ -54,7 +54,7 @@ def write_report(
     try:
         analysis: dict[str, Any] | None = source.analysis(experiment_id)
     except ApiError as error:
-        if error.status != 409:  # 409: nothing has finished yet
+        if error.status != 409:  # 409: no trial has succeeded
             raise
         analysis = None
     names = [f["name"] for f in (analysis or {}).get("figures", [])]
@@ -184,14 +184,15 @@ def _results(results: dict[str, Any]) -> str:
         for r in results.get("rows", [])
     ]
     if not rows:
-        return "<p class='note'>no trial has finished yet</p>"
+        ended = "no trial succeeded" if results.get("complete") else "no trial has succeeded yet"
+        return f"<p class='note'>{ended}</p>"
     note = "" if results.get("complete") else "<p class='note'>partial: trials still run</p>"
     return _table(header, rows) + note
 
 
 def _rankings(analysis: dict[str, Any] | None) -> str:
     if analysis is None:
-        return "<p class='note'>nothing to rank before a trial has finished</p>"
+        return "<p class='note'>nothing to rank before a trial has succeeded</p>"
     parts = []
     if analysis.get("partial"):
         parts.append("<p class='note'>partial: computed over the trials finished so far</p>")

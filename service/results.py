@@ -8,6 +8,7 @@ schedule, model) gets one row per value instead of being averaged together.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ class ResultRow:
     ``config`` holds the value of every field the study varies (the study's ``group_by``).
     ``test_acc`` is the last epoch's test accuracy; ``test_acc_at_best_val`` is the test
     accuracy of the epoch with the best validation accuracy (what the paper's code reports).
-    A std is ``None`` when n = 1; a mean is ``None`` when no trial recorded that metric.
+    A std is ``None`` when n = 1; a mean is ``None`` when no trial recorded that metric; both
+    are NaN (``None`` in the API's JSON) when a seed's value is not a finite number.
     """
 
     config: dict[str, Any]
@@ -65,10 +67,17 @@ class ResultRow:
     test_loss_std: float | None
 
 
+def sample_std(values: Sequence[float]) -> float | None:
+    """The sample std over seeds: ``None`` for one seed, NaN when a value is not a finite
+    number (a diverged run's loss; ``statistics.stdev`` fails there), which the API's strict
+    JSON carries as ``None``."""
+    if len(values) < 2:
+        return None
+    return statistics.stdev(values) if all(math.isfinite(v) for v in values) else math.nan
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+    return (statistics.fmean(values) if values else None), sample_std(values)
 
 
 def _orderable(value: Any) -> tuple[int, float, str]:

@@ -435,7 +435,9 @@ def _label(spec: RunSpec) -> str:
 
 
 def expand(study: StudySpec) -> list[TrialPlan]:
-    """The study's trials: the grid's cartesian product, then baselines, duplicates removed."""
+    """The study's trials: the grid's cartesian product, then baselines, duplicates removed.
+    A combination or baseline that is not a valid run is a ``ValidationError`` at ``grid``
+    or at ``baselines.<mode>``."""
     base = study.base_run()
     keys = list(study.grid)
     runs: list[RunSpec] = []
@@ -447,7 +449,8 @@ def expand(study: StudySpec) -> list[TrialPlan]:
             runs.append(normalize(RunSpec.model_validate(data)))
         except ValidationError as error:
             chosen = dict(zip(keys, combo, strict=True))
-            raise ValueError(f"grid combination {chosen} is invalid: {_problems(error)}") from None
+            message = f"grid combination {chosen} is invalid: {_problems(error)}"
+            raise field_error(("grid",), message, chosen) from None
     dst_runs = [r for r in runs if r.sparsity.mode == "dst"]
     b = study.baselines
     if b.static:
@@ -474,7 +477,5 @@ def _as_mode(spec: RunSpec, mode: str, dropout: float = 0.0) -> RunSpec:
     try:
         return normalize(RunSpec.model_validate(data))
     except ValidationError as error:
-        raise ValueError(
-            f"baselines.{field}: the baseline of the {spec.model} runs is invalid: "
-            f"{_problems(error)}"
-        ) from None
+        message = f"the baseline of the {spec.model} runs is invalid: {_problems(error)}"
+        raise field_error(("baselines", field), f"baselines.{field}: {message}", data) from None

@@ -13,7 +13,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_STORAGE = "~/.dst-lab"
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     )
     max_trials: int = Field(1000, ge=1, description="largest study (trials) the API accepts")
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(8000, ge=1, le=65535)
     shutdown_wait_s: float = Field(
         5.0,
         ge=0,
@@ -101,6 +101,19 @@ class Settings(BaseSettings):
         "and removed once taken; 'head', the Ray head node's own environment (set from a "
         "Kubernetes Secret, say): the API hands the driver no secret at all",
     )
+
+    @field_validator("api_token")
+    @classmethod
+    def _check_token(cls, token: SecretStr) -> SecretStr:
+        """A token a bearer header can carry: visible ASCII, at least 8 characters (an empty
+        one would lock every client out; a header cannot send spaces or other text)."""
+        text = token.get_secret_value()
+        if len(text) < 8 or not all("!" <= c <= "~" for c in text):
+            raise ValueError(
+                "DST_API_TOKEN must be at least 8 visible ASCII characters without spaces "
+                "(e.g. the output of: python -c 'import secrets; print(secrets.token_hex(32))')"
+            )
+        return token
 
     def allowed_data_roots(self) -> list[Path]:
         """Where a study submitted over REST may point ``data.root``."""

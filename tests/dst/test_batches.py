@@ -62,6 +62,8 @@ def test_a_last_batch_smaller_than_the_world_is_dropped() -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="rank 2"):
         GlobalBatchSampler(10, 2, 0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="global batch of 2 cannot be split between 4"):
+        GlobalBatchSampler(10, 2, seed=0, rank=0, world_size=4)
     with pytest.raises(ValueError, match="batch_size >= 1"):
         GlobalBatchSampler(10, 0, 0)
 

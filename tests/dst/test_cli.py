@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from dst.cli import app
@@ -98,3 +99,24 @@ def test_every_shipped_run_spec_is_valid() -> None:
     """The example run specs (``dst run``) all validate."""
     for path in [*sorted((EXAMPLES / "paper").glob("*.yaml")), EXAMPLES / "digits_dst.yaml"]:
         RunSpec.model_validate(read_spec_file(path))
+
+
+def test_run_whose_download_fails_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dataset server that cannot be reached: a line naming the URL and how to run without
+    it, exit code 2, no traceback; nothing is trained."""
+    url = "http://127.0.0.1:9/cifar-10-python.tar.gz"  # the discard port: refused
+    monkeypatch.setattr("dst.loaders.CIFAR_URL", "http://127.0.0.1:9/{}.tar.gz")
+    spec = tmp_path / "run.yaml"
+    spec.write_text(f"model: small-cnn\ndataset: cifar10\ndata: {{root: {tmp_path / 'data'}}}\n")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["run", str(spec), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.splitlines()
+    assert line.startswith(f"dataset 'cifar10': downloading {url} failed (")
+    assert line.endswith(
+        f"put cifar-10-batches-py/ (that archive unpacked) under the data root "
+        f"{tmp_path / 'data'} (data.root, or $DST_DATA_DIR) and set data.download: false"
+    )
+    assert not (out / "metrics.jsonl").exists()

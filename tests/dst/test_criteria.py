@@ -62,6 +62,17 @@ def test_set_exhausts_a_small_sign_group_then_takes_the_other() -> None:
     assert pruned("set", w, None, 3) == {0, 1, 2}
 
 
+def test_set_ranks_are_exact_past_what_a_bf16_weight_can_count() -> None:
+    """400 distinct bf16 weights of one sign: ranks 0..399 exactly (bf16 holds integers
+    exactly only to 256), so the 300 pruned are the 300 smallest."""
+    w = (2.0 ** (-torch.arange(400.0) / 32)).bfloat16()  # distinct in bf16, descending
+    assert len(set(w.tolist())) == 400
+    mask = torch.ones(400, dtype=torch.bool)
+    scores = CRITERIA.get("set").score(w, None, mask, GEN)
+    assert sorted(scores.tolist()) == list(range(400))
+    assert set(select_pruned(scores, mask, 300).tolist()) == set(range(100, 400))
+
+
 def test_mest_adds_lambda_times_gradient() -> None:
     w, g = [0.1, 0.2, 0.3], [1.0, 0.0, 0.0]
     assert pruned("mest", w, g, 1, mest_lambda=1.0) == {1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,6 +98,15 @@ def test_history_series_averages_seeds_and_cuts_to_the_shortest() -> None:
     assert history_series("one seed", [a], "val_acc").std is None
     with pytest.raises(ValueError, match="no histories"):
         history_series("none", [], "val_acc")
+
+
+def test_a_diverged_seed_is_a_gap_in_the_curve_not_an_error() -> None:
+    """A seed whose loss went NaN at epoch 2: that epoch has no mean and no band."""
+    a = [{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": math.nan}]
+    b = [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.4}]
+    s = history_series("magnitude", [a, b], "train_loss")
+    assert s.y[0] == 0.75 and s.std is not None and s.std[0] == pytest.approx(0.5**0.5 / 2)
+    assert math.isnan(s.y[1]) and math.isnan(s.std[1])
 
 
 def row(

@@ -104,8 +104,15 @@ def test_nothing_to_analyse_before_a_trial_finished(client: TestClient) -> None:
     for path in ("analysis", "figures", "figures/accuracy_vs_density.png"):
         answer = client.get(f"/experiments/{experiment_id}/{path}", headers=AUTH)
         assert answer.status_code == 409, (path, answer.text)
-        assert "finished" in answer.json()["detail"]
+        assert "succeeded yet; retry later" in answer.json()["detail"]
     assert client.get("/experiments/nope/analysis", headers=AUTH).status_code == 404
+    client.post(f"/experiments/{experiment_id}/cancel", headers=AUTH)  # queued: ends at once
+    for path in ("analysis", "figures", "figures/accuracy_vs_density.png"):
+        answer = client.get(f"/experiments/{experiment_id}/{path}", headers=AUTH)
+        assert answer.status_code == 409, (path, answer.text)
+        assert answer.json()["detail"].endswith(
+            "it ended cancelled without one: nothing to analyse"
+        )
 
 
 def test_rankings_by_density_split(client: TestClient) -> None:
@@ -284,8 +291,11 @@ def test_the_report_is_one_file_with_every_figure(client: TestClient, tmp_path: 
 def test_a_report_before_anything_finished_says_so(client: TestClient, tmp_path: Path) -> None:
     experiment_id = submit(client)
     page = write_report(api_client(client), experiment_id, tmp_path).read_text()
-    assert "nothing to rank before a trial has finished" in page
-    assert "no figures for this study" in page
+    assert "nothing to rank before a trial has succeeded" in page
+    assert "no trial has succeeded yet" in page and "no figures for this study" in page
+    client.post(f"/experiments/{experiment_id}/cancel", headers=AUTH)
+    page = write_report(api_client(client), experiment_id, tmp_path).read_text()
+    assert "no trial succeeded<" in page
 
 
 def test_first_update_removal_sets_from_the_runs_metrics(client: TestClient) -> None:
@@ -876,3 +886,34 @@ def test_the_summary_names_the_best_criterion_by_the_ranking_metric() -> None:
     assert tags == {"best_criterion.density_0.1": "snip"}
     _, tags = summary(analyze(specs, trials, partial=False))
     assert tags == {"best_criterion.density_0.1": "magnitude"}
+
+
+def test_a_diverged_seed_leaves_its_metric_without_a_value(client: TestClient) -> None:
+    """A trial whose loss diverged (NaN, or infinite) is a finished trial like any other: the
+    results, the analysis, the figures and the report still answer; a row's statistic over
+    such a seed is not a number, which strict JSON carries as null, and the rankings rest on
+    the accuracies, which stay numbers."""
+    experiment_id = submit(client)
+    finish(client, experiment_id)
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    with Session(engine) as session:
+        trials = crud.list_trials(session, experiment_id)
+        specs = [RunSpec.model_validate_json(t.spec_json) for t in trials]
+        seed0 = [
+            t for t, s in zip(trials, specs, strict=True) if s.sparsity.mode == "dst" and not s.seed
+        ]
+        for trial, loss in zip(seed0[:2], (math.nan, math.inf), strict=True):
+            trial.metrics_json = json.dumps(json.loads(trial.metrics_json) | {"test_loss": loss})
+        session.commit()
+    path = f"/experiments/{experiment_id}"
+    for suffix in ("/trials", "/results", "/analysis", "/figures"):
+        answer = client.get(path + suffix, headers=AUTH)
+        assert answer.status_code == 200, (suffix, answer.text)
+    rows = client.get(f"{path}/results", headers=AUTH).json()["rows"]
+    losses = [(r["test_loss_mean"], r["test_loss_std"]) for r in rows]
+    assert losses.count((None, None)) == 2  # the two configurations with a diverged seed
+    assert all(r["test_acc_mean"] is not None for r in rows)
+    trials = client.get(f"{path}/trials", headers=AUTH).json()
+    assert sorted(str(t["metrics"]["test_loss"]) for t in trials)[-2:] == ["None", "None"]
+    analysis = client.get(f"{path}/analysis", headers=AUTH).json()
+    assert analysis["rankings"]["all"]["average_ranks"]["magnitude"] == 1.5

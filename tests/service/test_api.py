@@ -18,10 +18,13 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session
 
+from service import crud, lifecycle
 from service.core.config import Settings
 from service.execution import RayExecutor
 from service.main import create_app
+from service.states import ExperimentStatus
 from service.tracking import MlflowTracker
 from tests.service.conftest import fresh_database
 from tests.service.e2e import wait_for
@@ -159,8 +162,10 @@ INVALID: list[tuple[str, dict[str, Any], list[Any], str]] = [
     ("grid over unknown field", with_(grid={"sparsity.colour": [1]}), ["body", "grid"], "allowed fields"),
     ("bad grid value", with_(grid={"sparsity.criterion": ["snip", "biggest"]}), ["body", "grid"], "grid.sparsity.criterion[1]"),
     ("grid density out of range", with_(grid={"density": [0.1, 2]}), ["body", "grid"], "grid.sparsity.density[1]"),
-    ("incompatible model and dataset", with_(model="small-cnn", dataset="breast_cancer"), ["body"], "tabular"),
-    ("incompatible grid combination", with_(grid={"model": ["small-cnn"], "dataset": ["digits", "breast_cancer"]}), ["body"], "grid combination"),
+    ("incompatible model and dataset", with_(model="small-cnn", dataset="breast_cancer"), ["body", "dataset"], "tabular"),
+    ("incompatible grid combination", with_(grid={"model": ["small-cnn"], "dataset": ["digits", "breast_cancer"]}), ["body", "grid"], "grid combination {'model': 'small-cnn', 'dataset': 'breast_cancer'}"),
+    ("invalid dense dropout baseline", with_(model="small-cnn", baselines={"dense_dropout": 0.05}), ["body", "baselines", "dense_dropout"], "available for small-mlp"),
+    ("nesterov without momentum", with_(training__nesterov=True, training__momentum=0), ["body", "training", "nesterov"], "momentum > 0"),
     ("too many trials", with_(grid=MANY_SEEDS), ["body", "grid"], "limit is 20"),
     ("cuda without gpus", with_(device="cuda"), ["body", "resources", "gpus_per_trial"], "device 'cuda' needs"),
     ("gpu idle on cpu", with_(resources__gpus_per_trial=1), ["body", "device"], "GPU idle"),
@@ -325,6 +330,30 @@ def test_list_is_paginated_and_filtered_by_status(client: TestClient) -> None:
     assert {e["id"] for e in queued["items"]} == set(ids[1:])
     bad = client.get("/experiments", params={"status": "sleeping"}, headers=AUTH)
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "status"]
+
+
+def test_a_job_that_ends_while_being_cancelled_is_409_not_a_cancel(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The experiment read live, then its job ended before the cancel moved it: the answer
+    says it ended (409), not 200 with a "cancel" that did nothing."""
+    experiment_id = client.post("/experiments", json=valid_study(), headers=AUTH).json()["id"]
+    services = client.app.state.services  # type: ignore[attr-defined]
+    with Session(services.engine) as session:
+        crud.set_experiment_status(session, experiment_id, ExperimentStatus.RUNNING)
+        session.commit()
+    cancel = lifecycle.cancel
+
+    def job_ends_first(services: Any, experiment_id: str) -> bool:
+        with Session(services.engine) as session:
+            crud.set_experiment_status(session, experiment_id, ExperimentStatus.SUCCEEDED)
+            session.commit()
+        return cancel(services, experiment_id)
+
+    monkeypatch.setattr(lifecycle, "cancel", job_ends_first)
+    answer = client.post(f"/experiments/{experiment_id}/cancel", headers=AUTH)
+    assert answer.status_code == 409, answer.text
+    assert "already succeeded" in answer.json()["detail"]
 
 
 def test_unknown_experiment_is_404(client: TestClient) -> None:

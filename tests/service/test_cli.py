@@ -371,13 +371,17 @@ class GrowingLog:
     one step of ``script``, a (status, the log so far) pair; the log is None while Ray has no
     job for it (404), or an int: the API answers with that status."""
 
-    def __init__(self, script: list[tuple[str, str | int | None]]) -> None:
+    def __init__(self, script: list[tuple[str | int, str | int | None]]) -> None:
         self.script, self.step = script, -1
         self.reads: list[tuple[int | None, int | None]] = []
 
     def experiment(self, experiment_id: str) -> dict[str, Any]:
+        """The next step's status; an int: the API answers the state read with that status."""
         self.step = min(self.step + 1, len(self.script) - 1)
-        return {"id": experiment_id, "status": self.script[self.step][0]}
+        status = self.script[self.step][0]
+        if isinstance(status, int):
+            raise ApiError(status, "the database is unreachable; retry in a moment")
+        return {"id": experiment_id, "status": status}
 
     def log_chunk(
         self, experiment_id: str, tail: int | None = None, since: int | None = None
@@ -389,7 +393,9 @@ class GrowingLog:
         return log_part(log, tail, since), len(log)
 
 
-def followed(script: list[tuple[str, str | int | None]], tail: int = 2) -> tuple[str, GrowingLog]:
+def followed(
+    script: list[tuple[str | int, str | int | None]], tail: int = 2
+) -> tuple[str, GrowingLog]:
     api, out = GrowingLog(script), []
     follow_log(api, "e7", tail, out.append, poll=0)  # type: ignore[arg-type]
     return "".join(out), api
@@ -638,3 +644,293 @@ def test_a_stored_spec_saved_by_the_cli_reruns_the_same_trials(
         ]
         missing = runner.invoke(app, ["spec", "nope"])
         assert missing.exit_code == 2 and "nope" in missing.output
+
+
+class FailedApi(FakeApi):
+    """An experiment that failed, with trials that failed (a trace, a long one-line error),
+    one that resumed after an error, and one that never erred."""
+
+    TRACE = (
+        "Traceback (most recent call last):\n"
+        '  File "dst/training.py", line 210, in fit\n'
+        "    self.step()\n"
+        "ValueError: the mask has 3 layers, the model 4\n\n"
+    )
+    LONG = "RuntimeError: " + "x" * 200
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        counts = {"failed": 2, "succeeded": 1, "running": 1}
+        return {"id": experiment_id, "name": "s", "status": "failed", "notice": None,
+                "error": "2 of 4 trials failed", "trial_counts": counts, "mlflow": {}}  # fmt: skip
+
+    def trials(self, experiment_id: str) -> list[dict[str, Any]]:
+        base = {"epoch": 3, "epochs": 15, "metrics": None, "node": None,
+                "resumed_from_epoch": None, "error": None}  # fmt: skip
+        return [
+            base | {"index": 0, "state": "failed", "label": "snip", "error": self.TRACE},
+            base | {"index": 1, "state": "failed", "label": "set", "error": self.LONG},
+            base | {"index": 2, "state": "succeeded", "label": "mest"},
+            base | {"index": 3, "state": "running", "label": "rigl", "error": "OSError: lost",
+                    "resumed_from_epoch": 2},
+        ]  # fmt: skip
+
+
+def test_status_shows_why_an_experiment_and_its_trials_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The experiment's error under its line; under each trial's line the last line of its
+    error (a trace ends with the exception), cut to 160 characters."""
+    api = FailedApi()
+    monkeypatch.setattr("service.cli._client", lambda url, token: api)
+    result = runner.invoke(app, ["status", "e7"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "e7  s  failed  {'failed': 2, 'succeeded': 1, 'running': 1}",
+        "error: 2 of 4 trials failed",
+        "     0 failed     epoch 3/15  snip",
+        "        error: ValueError: the mask has 3 layers, the model 4",
+        "     1 failed     epoch 3/15  set",
+        "        error: RuntimeError: " + "x" * 145 + "…",
+        "     2 succeeded  epoch 3/15  mest",
+        "     3 running    epoch 3/15  rigl  (resumed after epoch 2)",
+        "        last error: OSError: lost",
+    ]
+
+
+def said(output: str) -> str:
+    """A usage error's words on one line, without the box drawn around them."""
+    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+COMMANDS_OF_ONE_EXPERIMENT = ["status", "cancel", "logs", "results", "spec", "report"]
+
+
+@pytest.mark.parametrize("command", COMMANDS_OF_ONE_EXPERIMENT)
+@pytest.mark.parametrize("experiment_id", ["", "  "])
+def test_an_empty_experiment_id_is_a_usage_error(command: str, experiment_id: str) -> None:
+    """``/experiments/`` is the list (the API redirects there): nothing is asked of it."""
+    args = [command, experiment_id, "--api", "http://127.0.0.1:9", "--token", "t"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for 'experiment_id': an experiment id cannot be empty or blank" in said(
+        result.output
+    )
+    assert "cannot reach the API" not in result.output
+
+
+def test_an_id_that_is_a_path_reaches_no_other_route(tmp_path: Path) -> None:
+    """Each id is one quoted path segment: ``../presets`` is not the presets, ``..`` not the
+    root, ``.`` not the list of experiments; each is an experiment the API does not hold."""
+    from fastapi.testclient import TestClient
+
+    from tests.service.test_analysis import api_client
+    from tests.service.test_api import unreachable_app
+
+    with TestClient(unreachable_app(tmp_path)) as http:
+        api = api_client(http)
+        for experiment_id, detail in [
+            ("../presets", "Not Found"),  # no route has a slash in an id
+            ("..", "no experiment '..'"),
+            (".", "no experiment '.'"),
+            ("a?b#c", "no experiment 'a?b#c'"),
+        ]:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr("service.cli._client", lambda url, token: api)
+                result = runner.invoke(app, ["status", experiment_id])
+            assert result.exit_code == 2, (experiment_id, result.output)
+            assert result.output.splitlines() == [f"HTTP 404: {detail}"]
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["status", "e1", "--token", "tökén"], "--token"),
+        (["status", "e1", "--token", "two\nlines"], "--token"),
+        (["submit", "SPEC", "--idempotency-key", "ключ"], "--idempotency-key"),
+    ],
+    ids=["token-not-ascii", "token-newline", "key-not-ascii"],
+)
+def test_a_header_option_http_cannot_carry_is_a_usage_error(
+    tmp_path: Path, args: list[str], option: str
+) -> None:
+    """A header is ASCII bytes: the option is named before anything is sent."""
+    spec = tmp_path / "study.yaml"
+    spec.write_text(SPEC)
+    args = [str(spec) if a == "SPEC" else a for a in args]
+    result = runner.invoke(app, [*args, "--api", "http://127.0.0.1:9"])
+    assert result.exit_code == 2, result.output
+    words = said(result.output)
+    assert f"Invalid value for '{option}'" in words
+    assert "must be printable ASCII text: it is sent as an HTTP header" in words
+    assert "cannot reach the API" not in words and result.exception is not None
+    assert isinstance(result.exception, SystemExit)  # a usage error, not a traceback
+
+
+def test_a_stored_token_http_cannot_carry_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DST_STORAGE_PATH", str(tmp_path))
+    monkeypatch.delenv("DST_API_TOKEN", raising=False)
+    (tmp_path / "api-token").write_text("tökén\n")
+    result = runner.invoke(app, ["status", "e1", "--api", "http://127.0.0.1:9"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "the API token must be printable ASCII text: it is sent as an HTTP header"
+    ]
+
+
+def test_yaml_keys_go_as_json_text_and_keys_json_cannot_carry_are_refused(
+    tmp_path: Path, fake_api: FakeApi
+) -> None:
+    """YAML reads an unquoted ``2024-01-01`` key as a date, ``7`` as a number and ``true`` as
+    a boolean; JSON's keys are text: each goes as JSON writes it. Binary data as a key has no
+    text, and two keys that become the same text would lose one: both are refused by field."""
+    import json
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC.replace("{purpose: test}", "{2024-01-01: new year, 7: seven, true: y}"))
+    result = runner.invoke(app, ["submit", str(spec)])
+    assert result.exit_code == 0, result.output
+    tags = fake_api.submitted[0]["tags"]
+    assert tags == {"2024-01-01": "new year", "7": "seven", "true": "y"}
+    assert json.loads(json.dumps(fake_api.submitted[0])) == fake_api.submitted[0]
+    for tags_yaml, message in [
+        ("{!!binary aGk=: x}", "tags: a bytes is not a key of a spec mapping"),
+        ("{2024-01-01: a, '2024-01-01': b}", "tags: two keys are both '2024-01-01' as text"),
+        ("{.nan: x}", "tags: the key nan is not a finite number"),
+    ]:
+        spec.write_text(SPEC.replace("{purpose: test}", tags_yaml))
+        result = runner.invoke(app, ["submit", str(spec)])
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines() == [message]
+    assert len(fake_api.submitted) == 1
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "0", "-1"])
+def test_serve_refuses_a_port_outside_1_to_65535(no_services: Path, port: str) -> None:
+    """Said as the arguments are read, before anything starts; 0 is not taken for unset."""
+    result = runner.invoke(app, ["serve", "--port", port])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--port'" in said(result.output)
+    assert not no_services.exists()
+
+
+@pytest.mark.parametrize(("port", "used"), [(["--port", "1"], 1), (["--port", "65535"], 65535),
+                                           ([], 8123)])  # fmt: skip
+def test_serve_listens_on_the_port_given_else_the_settings_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, port: list[str], used: int
+) -> None:
+    from service.cli import StartError
+
+    asked: list[int] = []
+
+    def running_api(settings: Settings, wait_for_app: bool = True) -> None:
+        asked.append(settings.port)
+        raise StartError("not started in this test")
+
+    monkeypatch.setattr("service.cli.running_api", running_api)
+    monkeypatch.setenv("DST_STORAGE_PATH", str(tmp_path))
+    monkeypatch.setenv("DST_PORT", "8123")
+    result = runner.invoke(app, ["serve", *port])
+    assert result.exit_code == 2 and asked == [used], result.output
+
+
+def test_serve_refuses_dst_port_0(no_services: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OS would pick a port no client is told of."""
+    monkeypatch.setenv("DST_PORT", "0")
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        "invalid settings: DST_PORT: Input should be greater than or equal to 1"
+    ]
+
+
+class Clock:
+    """``service.cli``'s time: sleeping moves it on at once, so a deadline passes in no time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+UNAVAILABLE = "the database is unreachable; retry in a moment"
+
+
+class UnavailableApi(EndingApi):
+    """An API that answers 503 to the first ``outage`` reads of the experiment's state (all of
+    them if None), then says the study succeeded."""
+
+    def __init__(self, outage: int | None) -> None:
+        super().__init__("succeeded")
+        self.outage, self.reads = outage, 0
+
+    def experiment(self, experiment_id: str) -> dict[str, Any]:
+        self.reads += 1
+        if self.outage is None or self.reads <= self.outage:
+            raise ApiError(503, UNAVAILABLE)
+        return super().experiment(experiment_id)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr("service.cli.time", clock)
+    return clock
+
+
+def test_submit_wait_rides_out_503_answers_and_notes_it_once(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api = UnavailableApi(outage=3)
+    monkeypatch.setattr("service.cli._client", lambda url, token: api)
+    spec = tmp_path / "study.yaml"
+    spec.write_text(SPEC)
+    with caplog.at_level("WARNING", logger="dst.service"):
+        result = runner.invoke(app, ["submit", str(spec), "--wait"])
+    assert result.exit_code == 0, result.output
+    assert "status: succeeded\n" in result.stdout
+    assert api.reads == 4 and clock.now == 3.0  # three 503s, a second apart, then the answer
+    assert [r.getMessage() for r in caplog.records] == [
+        f"HTTP 503: {UNAVAILABLE}; asking again for up to 300 s"
+    ]
+
+
+def test_submit_wait_gives_up_when_the_503s_outlast_its_patience(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: Clock
+) -> None:
+    """Asked every second from 0 s: the read at 300 s is the last one the 300 s allow."""
+    api = UnavailableApi(outage=None)
+    monkeypatch.setattr("service.cli._client", lambda url, token: api)
+    spec = tmp_path / "study.yaml"
+    spec.write_text(SPEC)
+    result = runner.invoke(app, ["submit", str(spec), "--wait"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines()[-1] == f"HTTP 503: {UNAVAILABLE}"
+    assert api.reads == 301 and clock.now == 300.0
+
+
+@pytest.mark.parametrize("status", [503, 500])
+def test_following_rides_out_503s_of_the_experiments_state_only(status: int) -> None:
+    """The state answers 503 twice: the follower asks again and reads the log on; any other
+    error is said at once."""
+    script: list[tuple[str | int, str | int | None]] = [
+        ("running", "a\n"),
+        (status, None),
+        (status, None),
+        ("succeeded", "a\nb\n"),
+    ]
+    if status != 503:
+        with pytest.raises(ApiError) as raised:
+            followed(script)
+        assert raised.value.status == status
+        return
+    out, api = followed(script)
+    assert out == "a\nb\n" and api.reads == [(2, None), (None, 2)]

@@ -37,3 +37,12 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DST_MAX_TRIALS", "0")
     with pytest.raises(ValueError, match="max_trials"):
         Settings()
+
+
+@pytest.mark.parametrize("token", ["", "short", "has a space in it", "tökenwithumlaut"])
+def test_a_token_no_client_could_send_is_refused(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    monkeypatch.setenv("DST_API_TOKEN", token)
+    with pytest.raises(ValueError, match="DST_API_TOKEN must be at least 8 visible ASCII"):
+        Settings()

@@ -87,6 +87,13 @@ def test_bad_preset_requests_name_the_field_and_store_nothing(client: TestClient
     )
     assert outside.status_code == 422
     assert outside.json()["detail"][0]["loc"] == ["body", "overrides", "data", "root"]
+    misspelt = client.post(  # not the whole preset, launched without the override meant
+        "/presets/fig6-structure/experiments",
+        json={"override": {"training.epochs": 1}},
+        headers=AUTH,
+    )
+    assert misspelt.status_code == 422, misspelt.text
+    assert misspelt.json()["detail"][0]["loc"] == ["body", "override"]
     assert client.get("/experiments", headers=AUTH).json()["total"] == 0
 
 

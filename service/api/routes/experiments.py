@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -127,8 +128,10 @@ def _plans(study: StudySpec, settings: Settings, where: list[str]) -> list[Trial
         raise _unprocessable([*where, "grid"], too_many.format(size, limit), "too_many_trials")
     try:
         plans = expand(study)  # every combination must be a valid run (e.g. model x dataset)
-    except ValueError as error:
-        raise _unprocessable(where, str(error), "value_error") from None
+    except ValidationError as error:
+        [problem] = error.errors()
+        loc = [*where, *map(str, problem["loc"])]
+        raise _unprocessable(loc, problem["msg"], "value_error") from None
     if len(plans) > limit:
         raise _unprocessable(
             [*where, "grid"], too_many.format(len(plans), limit), "too_many_trials"
@@ -308,16 +311,19 @@ def cancel_experiment(
     """Stop a live experiment: it becomes ``cancelling`` at once, its Ray job is stopped in
     the background, and its unfinished trials become ``cancelled`` once they have stopped (then
     the experiment is ``cancelled``). Cancelling a cancelled experiment is a no-op; a finished
-    one answers 409."""
-    experiment = _get(session, experiment_id)
-    if experiment.status in (ExperimentStatus.SUCCEEDED, ExperimentStatus.FAILED):
+    one answers 409, as does one whose job ended while it was being cancelled."""
+    ended = (ExperimentStatus.SUCCEEDED, ExperimentStatus.FAILED)
+    if _get(session, experiment_id).status not in ended and lifecycle.cancel(
+        services, experiment_id
+    ):
+        dispatcher.request(experiment_id)
+    session.expire_all()
+    experiment = _get(session, experiment_id)  # what the move found, read after it
+    if experiment.status in ended:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"experiment {experiment_id} already {experiment.status}"
         )
-    if lifecycle.cancel(services, experiment_id):
-        dispatcher.request(experiment_id)
-    session.expire_all()
-    return experiment_out(session, services, _get(session, experiment_id))
+    return experiment_out(session, services, experiment)
 
 
 @router.get("/{experiment_id}/results", responses=NOT_FOUND)
@@ -431,14 +437,14 @@ def last_lines(text: str, n: int) -> str:
 
 FIGURE_TYPES = {"png": "image/png", "svg": "image/svg+xml"}
 NOTHING_FINISHED: dict[int | str, dict[str, Any]] = {
-    409: {"model": Problem, "description": "no trial has finished yet: nothing to analyse"},
+    409: {"model": Problem, "description": "no trial has succeeded (yet): nothing to analyse"},
 }
 
 
 def _analysis(
     session: SessionDep, settings: Settings, analyses: AnalysisCache, experiment_id: str
 ) -> StudyAnalysis:
-    _get(session, experiment_id)
+    experiment = _get(session, experiment_id)
     masks = experiment_masks_dir(settings.storage_path, experiment_id)
     analysis = analyses.get(
         experiment_id,
@@ -446,9 +452,15 @@ def _analysis(
         lambda: crud.study_analysis(session, experiment_id, masks),
     )
     if analysis.n_finished == 0:
+        status_ = ExperimentStatus(experiment.status)
+        later = (
+            f"it ended {status_.value} without one: nothing to analyse"
+            if status_.terminal
+            else "retry later"
+        )
         raise HTTPException(
             status.HTTP_409_CONFLICT,
-            f"no trial of experiment {experiment_id!r} has finished yet; retry later",
+            f"no trial of experiment {experiment_id!r} has succeeded yet; {later}",
         )
     return analysis
 

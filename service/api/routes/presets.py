@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Response, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.api.deps import DispatcherDep, ServicesDep, SessionDep, SettingsDep
 from service.api.routes import experiments
@@ -29,6 +29,8 @@ class PresetOut(BaseModel):
 
 
 class PresetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is a 422, not the bare preset
+
     overrides: dict[str, Any] = Field(
         default_factory=dict,
         max_length=100,
