@@ -88,9 +88,15 @@ def history_series(
     length = min(len(h) for h in histories)
     columns = [[h[i][metric] for h in histories] for i in range(length)]
     xs = [histories[0][i][x] for i in range(length)]
-    means = [statistics.fmean(c) for c in columns]
+    means = [_mean(c) for c in columns]
     stds = [_std(c) for c in columns] if len(histories) > 1 else None
     return Series(label, xs, means, stds)
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean; NaN (a gap) when a value is not a finite number (``statistics.fmean``
+    fails on +inf with -inf, e.g. a loss gap whose either loss diverged)."""
+    return statistics.fmean(values) if all(math.isfinite(v) for v in values) else math.nan
 
 
 def _std(values: Sequence[float]) -> float:

@@ -10,6 +10,7 @@ import logging
 import pickle
 import shutil
 import tarfile
+import tempfile
 import urllib.error
 import zipfile
 from collections.abc import Callable, Iterator
@@ -82,6 +83,46 @@ def downloading(
             f"To run without downloading, put {expected} under the data root {root} "
             f"(data.root, or $DST_DATA_DIR) and set data.download: false"
         ) from None
+
+
+def lock_file(root: Path, name: str) -> Path:
+    """The file whose lock one process holds while it downloads dataset ``name`` into
+    ``root`` (left in place: removing a lock file others wait on would break the lock)."""
+    return root / f".{name}.download.lock"
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (made if missing) for the block: the trials
+    of a study start together and would otherwise download into the same place at once."""
+    import fcntl
+
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def fetch_once(
+    name: str,
+    target: Path,
+    url: str,
+    root: Path,
+    expected: str,
+    download: Callable[[], object],
+    partial: Path | None = None,
+) -> None:
+    """Run ``download`` (dataset ``name`` from ``url`` into ``root``) unless ``target``
+    exists, one process at a time: a process that waited finds what the first one
+    downloaded. Failures are one line, as :func:`downloading` says."""
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(lock_file(root, name)):
+        if target.exists():
+            return
+        with downloading(name, url, root, expected, partial):
+            download()
 
 
 # -- splitting helpers ------------------------------------------------------------------
@@ -201,8 +242,11 @@ def load_higgs_splits(config: DataConfig) -> DataSplits:
     if not path.exists():
         if not config.download:
             raise _unavailable("higgs", path, f"Get it from {HIGGS_URL}.")
-        with downloading("higgs", HIGGS_URL, config.root, f"{HIGGS_FILE} (arrays X and y)"):
-            fetch_higgs(config.root)
+        expected = f"{HIGGS_FILE} (arrays X and y)"
+        fetch_once(
+            "higgs", path, HIGGS_URL, config.root, expected,
+            lambda: fetch_higgs(config.root), partial=path,
+        )  # fmt: skip
     with np.load(path) as data:
         x, y = data["X"].astype(np.float64), data["y"].astype(np.int64)
     parts = stratified_split(y, (0.7, 0.15, 0.15), config.split_seed)
@@ -272,30 +316,26 @@ def _read_cifar_batches(files: list[Path], label_key: bytes) -> tuple[np.ndarray
     return np.concatenate(images).transpose(0, 2, 3, 1), np.concatenate(labels)
 
 
-def download_archive(
-    name: str, url: str, root: Path, expected: str, md5: str | None = None
-) -> None:
+def download_archive(url: str, root: Path, md5: str | None = None) -> None:
     """Download the archive at ``url`` into ``root`` (checked against ``md5`` if known) and
-    unpack it there; a failed download, or an archive cut short or corrupt, is a one-line
-    :class:`DatasetUnavailableError` (see :func:`downloading`). It is unpacked beside its
-    place first and moved in whole, so an unpacking cut short leaves no folder a later run
-    would take for the data; a corrupt archive is removed, so a later run downloads it again."""
+    unpack it there (inside :func:`fetch_once`, which makes failures one line). It is
+    unpacked beside its place, in a folder of this process's own, and moved in whole, so an
+    unpacking cut short leaves no folder a later run would take for the data; an archive cut
+    short or corrupt is removed, so a later run downloads it again."""
     from torchvision.datasets.utils import download_url, extract_archive
 
     archive = root / url.rsplit("/", 1)[-1]
-    staging = root / f".{archive.name}.unpacking"
-    with downloading(name, url, root, expected, partial=archive):
-        download_url(url, str(root), md5=md5)
+    download_url(url, str(root), md5=md5)
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{archive.name}."))
+    try:
+        extract_archive(str(archive), str(staging))
+        for item in staging.iterdir():
+            item.rename(root / item.name)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
+        archive.unlink(missing_ok=True)
+        raise RuntimeError(f"the archive is cut short or corrupt: {error}") from None
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        try:
-            extract_archive(str(archive), str(staging))
-            for item in staging.iterdir():
-                item.rename(root / item.name)
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError) as error:
-            archive.unlink(missing_ok=True)
-            raise RuntimeError(f"the archive is cut short or corrupt: {error}") from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _load_cifar(config: DataConfig, info: DataInfo, archive: str, folder: str) -> DataSplits:
@@ -308,7 +348,11 @@ def _load_cifar(config: DataConfig, info: DataInfo, archive: str, folder: str) -
             raise _unavailable(info.name, directory, f"Get it from {url}.")
         md5 = (tvd.CIFAR10 if info.num_classes == 10 else tvd.CIFAR100).tgz_md5
         expected = f"{folder}/ (that archive unpacked)"
-        download_archive(info.name, url, config.root, expected, md5=md5)
+        archive_path = config.root / url.rsplit("/", 1)[-1]
+        fetch_once(
+            info.name, directory, url, config.root, expected,
+            lambda: download_archive(url, config.root, md5=md5), partial=archive_path,
+        )  # fmt: skip
     pad_mode: PadMode
     if info.num_classes == 10:
         train_files = [directory / f"data_batch_{i}" for i in range(1, 6)]
@@ -365,8 +409,10 @@ def load_fashion_mnist(config: DataConfig) -> DataSplits:
             )
         url = " or ".join(tvd.FashionMNIST.mirrors)
         expected = "FashionMNIST/raw/ with its four unpacked *-ubyte files"
-        with downloading("fashion-mnist", url, config.root, expected):
-            tvd.FashionMNIST(str(config.root), train=True, download=True)  # all four files
+        fetch_once(
+            "fashion-mnist", raw / "train-images-idx3-ubyte", url, config.root, expected,
+            lambda: tvd.FashionMNIST(str(config.root), train=True, download=True),  # all four
+        )  # fmt: skip
     train = tvd.FashionMNIST(str(config.root), train=True, download=config.download)
     test = tvd.FashionMNIST(str(config.root), train=False, download=config.download)
     normalize = T.Compose([T.ToTensor(), T.Normalize(FASHION_NORM.mean, FASHION_NORM.std)])
@@ -422,7 +468,11 @@ def load_tiny_imagenet(config: DataConfig) -> DataSplits:
         if not config.download:
             raise _unavailable("tiny-imagenet", root, f"Get it from {TINY_URL}.")
         expected = "tiny-imagenet-200/ (that archive unpacked)"
-        download_archive("tiny-imagenet", TINY_URL, config.root, expected)
+        fetch_once(
+            "tiny-imagenet", root, TINY_URL, config.root, expected,
+            lambda: download_archive(TINY_URL, config.root),
+            partial=config.root / TINY_URL.rsplit("/", 1)[-1],
+        )  # fmt: skip
     train = tvd.ImageFolder(str(root / "train"))
     normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     augment = [T.RandomHorizontalFlip()] if config.augment else []

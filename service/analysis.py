@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import re
-import statistics
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -29,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from dst.spec import RunSpec
-from service.results import Results, grouped_stats, run_config, sample_std, summarize
+from service.results import (
+    Results,
+    grouped_stats,
+    run_config,
+    sample_mean,
+    sample_std,
+    summarize,
+)
 
 CRITERION, GROWTH, DENSITY, MODE = (
     "sparsity.criterion",
@@ -165,10 +171,6 @@ def _setting(trial: FinishedTrial, within: Sequence[str]) -> str:
 
 def _is_dst(trial: FinishedTrial) -> bool:
     return trial.spec.sparsity.mode == "dst"
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return statistics.fmean(values) if values else None
 
 
 def _defined(values: Iterable[float | None]) -> list[float]:
@@ -425,7 +427,7 @@ def _first_update_cell(
         if found is not None:
             return found
     defined = _defined(values)
-    return _mean(defined), sample_std(defined)
+    return sample_mean(defined), sample_std(defined)
 
 
 def _first_removal_layers(mask_dir: Path | None, index: int) -> dict[str, dict[str, float]] | None:
@@ -502,8 +504,8 @@ def end_mask_structure(
         stats = end_mask_jaccard_over_seeds(per_seed, [*names, "init"])
         j_init = initial_mask_reference(initials) if len(initials) > 1 else None
         shares = {
-            "kept_by_all": {"mean": _mean(kept), "std": sample_std(kept)},
-            "removed_by_all": {"mean": _mean(removed), "std": sample_std(removed)},
+            "kept_by_all": {"mean": sample_mean(kept), "std": sample_std(kept)},
+            "removed_by_all": {"mean": sample_mean(removed), "std": sample_std(removed)},
         }
         out.append(
             {
@@ -709,7 +711,7 @@ def learning_curves(
         for label, trials in lines.items():
             curves[label] = _curve([t.history for t in trials])
             accuracies = [t.metrics["test_acc"] for t in trials if "test_acc" in t.metrics]
-            curves[label]["test_acc"] = _mean(accuracies)
+            curves[label]["test_acc"] = sample_mean(accuracies)
             curves[label]["test_acc_std"] = sample_std(accuracies)
         out.append({"setting": setting, "lines": curves})
     return out

@@ -57,9 +57,11 @@ def header_option(value: str | None) -> str | None:
 
 def experiment_id_argument(value: str | None) -> str | None:
     """An experiment id, checked as it is parsed: an empty (or blank) one would address the
-    list of experiments instead, so it is a usage error."""
+    list of experiments instead, one with ``/`` another route, so either is a usage error."""
     if value is not None and not value.strip():
         raise typer.BadParameter("an experiment id cannot be empty or blank")
+    if value is not None and "/" in value:
+        raise typer.BadParameter(f"an experiment id cannot contain '/': {value!r}")
     return value
 
 

@@ -71,10 +71,13 @@ def segment(value: str | int, what: str = "an experiment id") -> str:
     as ``../presets`` or ``a?b`` names that (missing) experiment instead of another route, and
     a segment of dots only as well (a client would drop ``.`` or ``..`` from the path). An
     empty one (``what``, named in the message) is a ``ValueError``: ``/experiments/`` is the
-    list, not an experiment."""
+    list, not an experiment; so is one holding ``/``, which servers decode from ``%2F``
+    before routing (``<id>/trials`` would reach the trials)."""
     text = str(value)
     if not text:
         raise ValueError(f"{what} cannot be empty")
+    if "/" in text:
+        raise ValueError(f"{what} cannot contain '/': {text!r}")
     quoted = quote(text, safe="")
     return quoted.replace(".", "%2E") if quoted.strip(".") == "" else quoted
 

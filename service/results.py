@@ -76,8 +76,16 @@ def sample_std(values: Sequence[float]) -> float | None:
     return statistics.stdev(values) if all(math.isfinite(v) for v in values) else math.nan
 
 
+def sample_mean(values: Sequence[float]) -> float | None:
+    """The mean over seeds: ``None`` for none, NaN when a value is not a finite number
+    (``statistics.fmean`` fails on +inf with -inf)."""
+    if not values:
+        return None
+    return statistics.fmean(values) if all(math.isfinite(v) for v in values) else math.nan
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    return (statistics.fmean(values) if values else None), sample_std(values)
+    return sample_mean(values), sample_std(values)
 
 
 def _orderable(value: Any) -> tuple[int, float, str]:

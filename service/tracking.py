@@ -139,8 +139,10 @@ class MlflowTracker:
         """Attach the results table (JSON and text), the analysis (rankings JSON and CSV,
         figures, summary metrics), end the child runs still running (``trial_runs``: child
         run id -> its trial's final state) and close the parent run."""
+        from dst.ranking import strict_json  # (imported once the analysis has run)
+
         assert analysis.results is not None
-        data = asdict(analysis.results)
+        data = strict_json(asdict(analysis.results))  # a diverged seed's NaN row: null, "-"
         self.client.log_dict(parent_run_id, data, "results.json")
         self.client.log_text(
             parent_run_id, format_table(data["group_by"], data["rows"]), "results.txt"

@@ -107,6 +107,9 @@ def test_a_diverged_seed_is_a_gap_in_the_curve_not_an_error() -> None:
     s = history_series("magnitude", [a, b], "train_loss")
     assert s.y[0] == 0.75 and s.std is not None and s.std[0] == pytest.approx(0.5**0.5 / 2)
     assert math.isnan(s.y[1]) and math.isnan(s.std[1])
+    gap = [[{"epoch": 1, "loss_gap": math.inf}], [{"epoch": 1, "loss_gap": -math.inf}]]
+    both = history_series("gap", gap, "loss_gap")  # either loss diverged: fmean would raise
+    assert math.isnan(both.y[0]) and both.std is not None and math.isnan(both.std[0])
 
 
 def row(

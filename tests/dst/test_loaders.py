@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 
 from dst.datasets import DataConfig, DatasetUnavailableError, load_dataset
-from dst.loaders import breast_cancer_arrays, digits_arrays, download_archive, download_problem
+from dst.loaders import (
+    breast_cancer_arrays,
+    digits_arrays,
+    download_archive,
+    download_problem,
+    fetch_once,
+    lock_file,
+)
 
 
 @pytest.mark.parametrize("name", ["digits", "breast_cancer"])
@@ -77,7 +84,8 @@ def test_a_failed_download_is_one_line_naming_the_url_and_how_to_run_offline(
         ),
         message,
     ), message
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no partial download
+    found = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert found == [lock_file(tmp_path, name)]  # no partial download, only the lock
 
 
 def test_a_download_problem_is_the_reason_on_one_line() -> None:
@@ -140,7 +148,7 @@ def test_a_download_cut_short_leaves_nothing_a_later_run_would_take_for_whole(
         f"dataset {name!r}: downloading {base}/{archive} failed ({problem}). To run without "
         "downloading, put "
     )
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [lock_file(tmp_path, name)]
 
 
 def test_a_whole_archive_is_unpacked_in_place(tmp_path: Path) -> None:
@@ -159,7 +167,7 @@ def test_a_whole_archive_is_unpacked_in_place(tmp_path: Path) -> None:
     root = tmp_path / "root"
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/data.tar.gz"
-        download_archive("data", url, root, "data/")
+        download_archive(url, root)
     finally:
         server.shutdown()
         server.server_close()
@@ -167,3 +175,79 @@ def test_a_whole_archive_is_unpacked_in_place(tmp_path: Path) -> None:
         "data", "data.tar.gz", "data/a.txt"
     ]  # fmt: skip
     assert (root / "data" / "a.txt").read_text() == "a"
+
+
+def test_trials_starting_together_download_once_and_all_find_the_whole_data(
+    tmp_path: Path,
+) -> None:
+    """Four trials on one node ask for the same missing dataset at once: one downloads and
+    unpacks it, the others wait and find all of it (the server is asked once)."""
+    import functools
+    import tarfile
+
+    served = tmp_path / "served"
+    (served / "data").mkdir(parents=True)
+    for i in range(40):
+        (served / "data" / f"{i}.txt").write_text(str(i) * 10_000)
+    with tarfile.open(served / "data.tar.gz", "w:gz") as tar:
+        tar.add(served / "data", arcname="data")
+    gets: list[str] = []
+
+    class Counting(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            gets.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Counting, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = tmp_path / "root"
+    url = f"http://127.0.0.1:{server.server_address[1]}/data.tar.gz"
+    errors: list[BaseException] = []
+
+    def trial() -> None:
+        try:
+            fetch_once(
+                "data", root / "data", url, root, "data/", lambda: download_archive(url, root)
+            )
+            assert len(list((root / "data").iterdir())) == 40  # whole when it returns
+        except BaseException as error:  # collected for the main thread
+            errors.append(error)
+
+    try:
+        threads = [threading.Thread(target=trial) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert errors == []
+    assert gets == ["/data.tar.gz"] * 2  # one download: torchvision GETs for redirects first
+    assert sorted(p.name for p in root.iterdir()) == [".data.download.lock", "data", "data.tar.gz"]
+
+
+def test_a_higgs_file_cut_short_by_a_full_disk_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saving the fetched arrays fails part way: no file is left that the next run would
+    open as the dataset (it would fail on a broken archive instead of downloading again)."""
+    import errno
+    import os
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(data=np.zeros((4, 24)), target=np.array(["a", "b", "a", "b"]))
+    monkeypatch.setattr("sklearn.datasets.fetch_openml", lambda **kwargs: data)
+
+    def disk_full(path: Path, **arrays: object) -> None:
+        Path(path).write_bytes(b"PK\x03\x04 cut")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("numpy.savez", disk_full)
+    with pytest.raises(DatasetUnavailableError, match=r"No space left on device"):
+        load_dataset("higgs", DataConfig(root=tmp_path, download=True))
+    assert not (tmp_path / "higgs" / "higgs.npz").exists()

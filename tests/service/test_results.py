@@ -121,3 +121,16 @@ def test_trials_without_a_metric_leave_its_mean_empty() -> None:
     rows = aggregate([(s, {"test_acc": 0.5, "test_loss": 0.1}) for s in specs], [])
     assert rows[0].n == 2 and rows[0].test_acc_at_best_val_mean is None
     assert varied_fields(specs) == []
+
+
+def test_a_loss_infinite_both_ways_is_no_number_not_an_error() -> None:
+    """``statistics.fmean`` fails on +inf with -inf; the row's statistic is NaN (null)."""
+    import math
+
+    spec = study(grid={"seed": [0, 1]})
+    specs, finished = finish(spec, lambda s: 0.5)
+    for (_, metrics), loss in zip(finished, (math.inf, -math.inf), strict=True):
+        metrics["test_loss"] = loss
+    [row] = summarize(specs, finished).rows
+    assert math.isnan(row.test_loss_mean or 0) and math.isnan(row.test_loss_std or 0)
+    assert row.test_acc_mean == 0.5

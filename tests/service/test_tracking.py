@@ -454,3 +454,36 @@ def test_a_trial_whose_row_could_not_be_read_gets_no_run(caplog: pytest.LogCaptu
     runs.log_epoch(0, {"epoch": 1, "test_acc": 0.1})
     assert runs.close(timeout=10)
     assert fake.created == [] and "trial 0 gets no MLflow run" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+def test_a_diverged_seed_leaves_the_parent_runs_results_strict_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed whose loss is NaN or infinite: results.json stays strict JSON (null, as the
+    REST API answers) and results.txt shows "-", as the CLI's table does."""
+    import json
+    import math
+
+    from service.analysis import FinishedTrial, analyze
+
+    monkeypatch.chdir(tmp_path)
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study = StudySpec.model_validate(
+        {"name": "s", "model": "small-mlp", "dataset": "digits", "grid": {"seed": [0, 1]}}
+    )
+    plans = expand(study)
+    _, parent = tracker.create_parent("exp-1", study, plans)
+    losses = (math.nan, math.inf)
+    finished = [
+        FinishedTrial(p.spec, {"test_acc": 0.9, "test_loss": loss})
+        for p, loss in zip(plans, losses, strict=True)
+    ]
+    analysis = analyze([p.spec for p in plans], finished, partial=False)
+    tracker.finish_parent(parent, "succeeded", analysis)
+    results = Path(tracker.client.download_artifacts(parent, "results.json", str(tmp_path)))
+    [row] = json.loads(results.read_text(), parse_constant=lambda c: pytest.fail(c))["rows"]
+    assert (row["test_loss_mean"], row["test_loss_std"]) == (None, None)
+    assert row["test_acc_mean"] == 0.9
+    table = Path(tracker.client.download_artifacts(parent, "results.txt", str(tmp_path)))
+    assert "nan" not in table.read_text() and "inf" not in table.read_text()
